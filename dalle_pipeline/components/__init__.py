@@ -1,0 +1,1 @@
+"""Pipeline stages as plain Python/PyTorch: nothing here imports Prefect."""

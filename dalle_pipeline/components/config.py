@@ -1,0 +1,327 @@
+"""Presets and validation: one pydantic model per stage, composed into `PipelineConfig`.
+
+Every field has a type, a default for the `tiny` preset and a one-line doc. A preset is a
+set of field overrides on top of those defaults; `resolve(preset, overrides)` builds and
+validates the whole config before any work starts, so a bad value fails with its field's
+dotted name.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class StageConfig(BaseModel):
+    """Base for stage configs: unknown fields are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusConfig(StageConfig):
+    num_images: int = Field(4000, ge=1, description="number of captioned training images to generate")
+    image_size: int = Field(32, ge=16, description="side of the generated square PNGs, in pixels")
+    max_shapes: int = Field(1, ge=1, le=3, description="most shapes drawn per image")
+    holdout: list[tuple[str, str]] = Field(
+        default_factory=lambda: [("red", "triangle"), ("blue", "circle")],
+        description="colour-shape pairs that never appear in training captions (zero-shot tests)",
+    )
+    seed: int = Field(0, description="seed of the generator")
+
+
+class DownloadConfig(StageConfig):
+    processes_count: int = Field(1, ge=1, description="img2dataset worker processes")
+    thread_count: int = Field(8, ge=1, description="img2dataset download threads per process")
+    samples_per_shard: int = Field(1000, ge=1, description="samples per webdataset shard")
+    timeout: int = Field(10, ge=1, description="seconds before a download is abandoned")
+    retries: int = Field(0, ge=0, description="retries per failed URL")
+    encode_format: Literal["png", "jpg", "webp"] = Field("png", description="image format in the shards")
+    resize_mode: Literal["no", "border", "keep_ratio", "center_crop"] = Field(
+        "center_crop", description="how img2dataset fits images to the preset's image size"
+    )
+    allow_file_urls: bool = Field(False, description="accept file:// URLs (the embedded corpus needs it)")
+
+
+class FilterConfig(StageConfig):
+    min_image_size: int = Field(16, ge=1, description="drop images whose shorter side is smaller")
+    min_caption_chars: int = Field(1, ge=0, description="drop captions shorter than this after stripping")
+    max_caption_chars: int = Field(1000, ge=1, description="drop captions longer than this")
+
+
+class TokenizerConfig(StageConfig):
+    vocab_size: int = Field(512, ge=260, description="byte-level BPE vocabulary size, specials included")
+    lowercase: bool = Field(True, description="lower-case captions before BPE")
+    text_len: int = Field(24, ge=4, description="text positions in the prior; longer captions are cut")
+
+
+class OptimConfig(StageConfig):
+    steps: int = Field(1000, ge=1, description="optimizer updates")
+    batch_size: int = Field(64, ge=1, description="global batch size")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr: float = Field(1e-5, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_steps: int = Field(50, ge=0, description="linear warmup updates")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
+    grad_clip: float = Field(1.0, gt=0, description="max global grad norm")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of weights (0 = off)")
+    log_every: int = Field(25, ge=1, description="log metrics every this many updates")
+    num_threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores)")
+
+
+class DVAEConfig(StageConfig):
+    codebook_size: int = Field(256, ge=2, description="number of image codes")
+    n_hid: int = Field(32, ge=4, description="base width; groups are 1, 2, 4, 8 x n_hid")
+    num_groups: int = Field(3, ge=2, le=4, description="residual groups; downsampling = 2**(num_groups-1)")
+    blocks_per_group: int = Field(1, ge=1, description="residual blocks per group")
+    temperature_start: float = Field(1.0, gt=0, description="gumbel-softmax temperature at step 0")
+    temperature_end: float = Field(1 / 16, gt=0, description="temperature after the anneal")
+    temperature_anneal_steps: int = Field(800, ge=1, description="cosine anneal length, updates")
+    kl_weight: float = Field(6.6, ge=0, description="final KL weight beta")
+    kl_warmup_steps: int = Field(200, ge=0, description="beta ramps 0 -> kl_weight over these updates")
+    logit_laplace_eps: float = Field(0.1, gt=0, lt=0.5, description="pixels are mapped into [eps, 1-eps]")
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, ema_decay=0.99)
+    )
+
+
+class PriorConfig(StageConfig):
+    layers: int = Field(4, ge=1, description="transformer layers")
+    d_model: int = Field(128, ge=8, description="model width")
+    heads: int = Field(4, ge=1, description="attention heads")
+    attention: Literal["dalle", "dense"] = Field(
+        "dalle", description="'dalle': row/column/conv image attention as the paper; 'dense': all causal"
+    )
+    conv_kernel: int = Field(11, ge=3, description="side of the causal convolutional attention window")
+    text_loss_weight: float = Field(1 / 8, ge=0, le=1, description="share of the loss on text tokens")
+    caption_dropout: float = Field(0.1, ge=0, lt=1, description="probability of a null caption (for guidance)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="residual dropout")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers")
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, weight_decay=0.01)
+    )
+    checkpoint_every: int = Field(250, ge=1, description="report a checkpoint to Ray every this many updates")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> PriorConfig:
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class ClipConfig(StageConfig):
+    pretrained: str | None = Field(
+        None, description="open_clip pretrained tag or local checkpoint path; None trains our own"
+    )
+    model_name: str = Field("dalle-tiny-clip", description="open_clip model config name")
+    embed_dim: int = Field(64, ge=8, description="joint embedding width")
+    vision_width: int = Field(64, ge=8, description="ViT width")
+    vision_layers: int = Field(2, ge=1, description="ViT layers")
+    patch_size: int = Field(8, ge=1, description="ViT patch side in pixels")
+    text_width: int = Field(64, ge=8, description="text transformer width")
+    text_layers: int = Field(2, ge=1, description="text transformer layers")
+    context_length: int = Field(24, ge=4, description="text positions of the CLIP text tower")
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(steps=300, batch_size=128, lr=2e-3, min_lr=1e-4, weight_decay=0.1)
+    )
+
+
+class SampleConfig(StageConfig):
+    num_prompts: int = Field(32, ge=1, description="held-out prompts sampled and evaluated")
+    candidates: int = Field(16, ge=1, description="candidates drawn per prompt")
+    keep: int = Field(4, ge=1, description="best candidates kept per prompt after CLIP reranking")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_k: int = Field(32, ge=0, description="keep the k most likely image tokens (0 = all)")
+    batch_size: int = Field(128, ge=1, description="sequences decoded at once")
+    grid_prompts: int = Field(8, ge=1, description="prompts shown in the sample grid")
+    seed: int = Field(1234, description="seed of the sampling generator and of the held-out prompts")
+
+    @model_validator(mode="after")
+    def _keep_le_candidates(self) -> SampleConfig:
+        if self.keep > self.candidates:
+            raise ValueError(f"keep ({self.keep}) must not exceed candidates ({self.candidates})")
+        return self
+
+
+class PipelineConfig(StageConfig):
+    preset: str = Field("tiny", description="name of the preset these values started from")
+    seed: int = Field(0, description="global seed")
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    download: DownloadConfig = Field(default_factory=lambda: DownloadConfig(allow_file_urls=True))
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    dvae: DVAEConfig = Field(default_factory=DVAEConfig)
+    prior: PriorConfig = Field(default_factory=PriorConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (self.dvae.num_groups - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.corpus.image_size // self.downsample
+
+    @model_validator(mode="after")
+    def _image_fits_grid(self) -> PipelineConfig:
+        if self.corpus.image_size % self.downsample:
+            raise ValueError(
+                f"corpus.image_size ({self.corpus.image_size}) must be divisible by the dVAE "
+                f"downsampling 2**(dvae.num_groups-1) = {self.downsample}"
+            )
+        if self.clip.pretrained is None and self.corpus.image_size % self.clip.patch_size:
+            raise ValueError(
+                f"corpus.image_size ({self.corpus.image_size}) must be divisible by clip.patch_size "
+                f"({self.clip.patch_size})"
+            )
+        return self
+
+
+# Presets are data: dotted-field overrides on top of the defaults (which are `tiny`).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    # micro: the tests' preset; every stage runs, nothing is expected to be learned well.
+    "micro": {
+        "corpus.num_images": 256,
+        "dvae.n_hid": 16,
+        "dvae.codebook_size": 64,
+        "dvae.optim.steps": 30,
+        "dvae.optim.batch_size": 32,
+        "dvae.temperature_anneal_steps": 30,
+        "dvae.kl_warmup_steps": 10,
+        "tokenizer.vocab_size": 300,
+        "prior.layers": 2,
+        "prior.d_model": 64,
+        "prior.heads": 2,
+        "prior.optim.steps": 30,
+        "prior.optim.batch_size": 32,
+        "prior.optim.warmup_steps": 5,
+        "prior.optim.log_every": 10,
+        "prior.checkpoint_every": 15,
+        "clip.optim.steps": 20,
+        "clip.optim.batch_size": 32,
+        "clip.optim.warmup_steps": 5,
+        "clip.optim.log_every": 10,
+        "dvae.optim.log_every": 10,
+        "dvae.optim.warmup_steps": 5,
+        "sample.num_prompts": 4,
+        "sample.candidates": 4,
+        "sample.keep": 2,
+        "sample.grid_prompts": 4,
+        "download.samples_per_shard": 100,
+    },
+    "small": {
+        "corpus.num_images": 100_000,
+        "corpus.image_size": 64,
+        "corpus.max_shapes": 2,
+        "dvae.codebook_size": 1024,
+        "dvae.n_hid": 64,
+        "dvae.num_groups": 3,
+        "dvae.blocks_per_group": 2,
+        "dvae.optim.steps": 20_000,
+        "dvae.temperature_anneal_steps": 15_000,
+        "dvae.kl_warmup_steps": 2_000,
+        "tokenizer.vocab_size": 4096,
+        "tokenizer.text_len": 64,
+        "prior.layers": 12,
+        "prior.d_model": 768,
+        "prior.heads": 12,
+        "prior.optim.steps": 50_000,
+        "prior.optim.lr": 3e-4,
+        "prior.optim.min_lr": 3e-5,
+        "clip.vision_width": 256,
+        "clip.vision_layers": 6,
+        "clip.text_width": 256,
+        "clip.text_layers": 6,
+        "clip.embed_dim": 256,
+        "clip.context_length": 64,
+        "clip.optim.steps": 10_000,
+        "sample.candidates": 64,
+        "sample.keep": 8,
+    },
+    "paper": {
+        "corpus.image_size": 256,
+        "dvae.codebook_size": 8192,
+        "dvae.n_hid": 256,
+        "dvae.num_groups": 4,
+        "dvae.blocks_per_group": 2,
+        "dvae.temperature_anneal_steps": 150_000,
+        "dvae.kl_warmup_steps": 5_000,
+        "dvae.optim.steps": 3_000_000,
+        "dvae.optim.lr": 1e-4,
+        "dvae.optim.min_lr": 1.25e-6,
+        "dvae.optim.ema_decay": 0.999,
+        "tokenizer.vocab_size": 16384,
+        "tokenizer.text_len": 256,
+        "prior.layers": 64,
+        "prior.d_model": 3968,
+        "prior.heads": 62,
+        "prior.optim.lr": 4.5e-4,
+        "prior.optim.betas": (0.9, 0.96),
+        "prior.optim.weight_decay": 4.5e-2,
+        "prior.optim.grad_clip": 4.0,
+        "clip.pretrained": "ViT-B-32/openai",
+        "clip.patch_size": 32,
+        "sample.candidates": 512,
+        "sample.keep": 32,
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A preset name or an override that cannot be applied; the message names the field."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{part}' is a value, not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`prior.layers=8` -> ("prior.layers", 8). Values are read as JSON when they parse, else as strings."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form field.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def resolve(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None) -> PipelineConfig:
+    """Build the validated config of `preset` with `overrides` (a dict of dotted fields or `k=v` strings)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(item) for item in overrides)
+    tree: dict[str, Any] = {"preset": preset}
+    for dotted, value in {**PRESETS[preset], **(overrides or {})}.items():
+        _set_dotted(tree, dotted, value)
+    # nested optim sections start from the stage's own defaults, not OptimConfig's
+    defaults = PipelineConfig().model_dump()
+    tree = _merge(defaults, tree)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"invalid config for preset {preset!r}: {problems}") from None
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
