@@ -96,3 +96,32 @@ def write_shard(path: str | Path, samples: Iterable[Sample]) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return count
+
+
+@dataclass
+class Corpus:
+    """A curated corpus held in memory: small presets train from RAM."""
+
+    keys: list[str]
+    captions: list[str]
+    images: np.ndarray  # (N, H, W, 3) uint8
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def load_corpus(shards_dir: str | Path, image_size: int, limit: int | None = None) -> Corpus:
+    """Every sample of the shards, images resized to `image_size` square if they are not already."""
+    keys, captions, images = [], [], []
+    for sample in iter_samples(shards_dir):
+        image = sample.image()
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        keys.append(sample.key)
+        captions.append(sample.caption)
+        images.append(np.asarray(image))
+        if limit is not None and len(keys) >= limit:
+            break
+    if not keys:
+        raise ValueError(f"no samples found in {shards_dir}")
+    return Corpus(keys=keys, captions=captions, images=np.stack(images))

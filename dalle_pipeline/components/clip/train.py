@@ -1,0 +1,79 @@
+"""Stage 7: a CLIP for reranking and evaluation, pretrained or trained contrastively on the corpus."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ClipConfig
+from ..images import to_float
+from ..shards import load_corpus
+from ..tracking import Tracker
+from ..training import TensorBatches, fit, seed_everything
+from ..training.loop import set_threads
+from .model import LOCAL_DIR, ClipScorer, architecture, register_architecture
+
+
+def contrastive_loss(scorer: ClipScorer):
+    """Symmetric InfoNCE over the batch; also reports in-batch retrieval accuracy."""
+
+    def loss_fn(model, batch, step):
+        pixels, tokens = batch
+        image = F.normalize(model.encode_image(scorer.normalise(to_float(pixels))), dim=-1)
+        text = F.normalize(model.encode_text(tokens), dim=-1)
+        logits = model.logit_scale.exp() * image @ text.T
+        labels = torch.arange(len(logits))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
+        return loss, {"retrieval_accuracy": accuracy, "logit_scale": model.logit_scale.exp().item()}
+
+    return loss_fn
+
+
+@dataclass
+class ClipResult:
+    source: str  # what `ClipScorer.load`/`build` takes: local-dir:... for ours
+    metrics: dict[str, float]
+
+
+def run(cfg: ClipConfig, curated_dir: Path, out_dir: Path, image_size: int, seed: int,
+        tracker: Tracker | None = None) -> ClipResult:
+    if cfg.pretrained is not None or cfg.model_name.startswith(LOCAL_DIR):
+        scorer = ClipScorer.build(cfg.model_name, cfg.pretrained)  # fails here if the weights are absent
+        source = f"{cfg.model_name}|{cfg.pretrained or ''}"
+        if tracker is not None:
+            tracker.set_tags({"clip_source": source})
+        return ClipResult(source=source, metrics={})
+
+    set_threads(cfg.optim.num_threads)
+    seed_everything(seed)
+    out_dir = Path(out_dir)
+    register_architecture(cfg, image_size, out_dir / "architecture")
+    scorer = ClipScorer.build(cfg.model_name)
+    corpus = load_corpus(curated_dir, image_size)
+    tokens = scorer.tokenizer(corpus.captions)
+    batch_size = min(cfg.optim.batch_size, len(corpus))
+    batches = iter(TensorBatches((torch.from_numpy(corpus.images), tokens), batch_size, seed=seed))
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        print(f"[clip] step {step}/{cfg.optim.steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=step)
+
+    result = fit(scorer.model, contrastive_loss(scorer), batches, cfg.optim, on_log=on_log, samples_per_batch=batch_size)
+    scorer.model = result.model.eval()
+    directory = scorer.save(out_dir / "model", architecture(cfg, image_size))
+    if tracker is not None:
+        tracker.log_artifact(directory, "clip")
+    return ClipResult(source=LOCAL_DIR + str(directory.resolve()), metrics=result.metrics)
+
+
+def load(source: str) -> ClipScorer:
+    """Inverse of `ClipResult.source`."""
+    if "|" in source:
+        model_name, pretrained = source.split("|", 1)
+        return ClipScorer.build(model_name, pretrained or None)
+    return ClipScorer.load(source)

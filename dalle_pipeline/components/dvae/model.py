@@ -1,0 +1,165 @@
+"""The discrete VAE after OpenAI's released `dall_e` layout, trained as the paper has it.
+
+Encoder: 7x7 input conv, `num_groups` groups of residual blocks (widths 1, 2, 4, 8 x n_hid) with
+2x max-pool between groups, then ReLU + 1x1 conv to codebook logits. Decoder: 1x1 conv from the
+(relaxed) one-hot codes, mirrored groups with nearest-neighbour upsampling, ReLU + 1x1 conv to
+6 channels: the logit-Laplace location and log-scale of each RGB pixel. Residual branches are
+scaled by 1 / (number of residual blocks)^2 so deep stacks start close to the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DVAEModelConfig:
+    image_size: int = 32
+    codebook_size: int = 256
+    n_hid: int = 32
+    num_groups: int = 3
+    blocks_per_group: int = 1
+    logit_laplace_eps: float = 0.1
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (self.num_groups - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _widths(cfg: DVAEModelConfig) -> list[int]:
+    return [cfg.n_hid * 2**i for i in range(cfg.num_groups)]
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, n_in: int, n_out: int, post_gain: float, first_kernel: int = 3) -> None:
+        super().__init__()
+        hidden = max(1, n_out // 4)
+        self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(n_in, hidden, first_kernel, padding=first_kernel // 2),
+            nn.ReLU(), nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(hidden, n_out, 1),
+        )
+        self.post_gain = post_gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: DVAEModelConfig) -> None:
+        super().__init__()
+        post_gain = float(__import__("os").environ.get("PG", 1 / (cfg.num_groups * cfg.blocks_per_group) ** 2))
+        layers: list[nn.Module] = [nn.Conv2d(3, cfg.n_hid, 7, padding=3)]
+        n_in = cfg.n_hid
+        for index, width in enumerate(_widths(cfg)):
+            for _ in range(cfg.blocks_per_group):
+                layers.append(ResidualBlock(n_in, width, post_gain))
+                n_in = width
+            if index < cfg.num_groups - 1:
+                layers.append(nn.MaxPool2d(2))
+        layers += [nn.ReLU(), nn.Conv2d(n_in, cfg.codebook_size, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DVAEModelConfig) -> None:
+        super().__init__()
+        post_gain = float(__import__("os").environ.get("PG", 1 / (cfg.num_groups * cfg.blocks_per_group) ** 2))
+        widths = list(reversed(_widths(cfg)))
+        layers: list[nn.Module] = [nn.Conv2d(cfg.codebook_size, widths[0] // 2, 1)]
+        n_in = widths[0] // 2
+        for index, width in enumerate(widths):
+            for _ in range(cfg.blocks_per_group):
+                layers.append(ResidualBlock(n_in, width, post_gain, first_kernel=1))
+                n_in = width
+            if index < cfg.num_groups - 1:
+                layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        layers += [nn.ReLU(), nn.Conv2d(n_in, 6, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.net(codes)
+
+
+class DiscreteVAE(nn.Module):
+    def __init__(self, cfg: DVAEModelConfig) -> None:
+        super().__init__()
+        if cfg.image_size % cfg.downsample:
+            raise ValueError(f"image_size {cfg.image_size} is not divisible by the downsampling {cfg.downsample}")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    # pixels <-> the logit-Laplace domain ------------------------------------------------------
+    def map_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] -> [eps, 1 - eps], so logit(x) stays finite."""
+        eps = self.cfg.logit_laplace_eps
+        return (1 - 2 * eps) * x + eps
+
+    def unmap_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.cfg.logit_laplace_eps
+        return ((x - eps) / (1 - 2 * eps)).clamp(0, 1)
+
+    # encode / decode --------------------------------------------------------------------------
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """images in [0, 1], (B, 3, H, W) -> codebook logits (B, K, h, w)."""
+        return self.encoder(self.map_pixels(images))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images in [0, 1] -> tokens (B, h*w), row-major argmax codes."""
+        return self.logits(images).argmax(dim=1).flatten(1)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """(relaxed) one-hot codes (B, K, h, w) -> decoder statistics (B, 6, H, W)."""
+        return self.decoder(codes)
+
+    def decode_stats_to_image(self, stats: torch.Tensor) -> torch.Tensor:
+        return self.unmap_pixels(torch.sigmoid(stats[:, :3]))
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, h*w) -> images in [0, 1], (B, 3, H, W)."""
+        grid = self.cfg.grid_size
+        one_hot = F.one_hot(tokens.long().view(-1, grid, grid), self.cfg.codebook_size)
+        codes = one_hot.permute(0, 3, 1, 2).to(next(self.parameters()).dtype)
+        return self.decode_stats_to_image(self.decode_codes(codes))
+
+
+def logit_laplace_nll(stats: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image NLL (nats) of `target` (already mapped into (eps, 1-eps)) under the logit-Laplace.
+
+    density: 1 / (2 b x (1 - x)) * exp(-|logit(x) - mu| / b), with mu, log b = the decoder's
+    6 output channels.
+    """
+    mu, log_b = stats[:, :3], stats[:, 3:].clamp(min=-7.0, max=7.0)
+    logit_x = torch.logit(target)
+    nll = (
+        math.log(2.0) + log_b + torch.log(target) + torch.log1p(-target)
+        + (logit_x - mu).abs() * torch.exp(-log_b)
+    )
+    return nll.flatten(1).sum(dim=1)
+
+
+def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """Per-image KL(q || uniform) summed over grid positions, q = softmax(logits) over the codebook."""
+    log_q = F.log_softmax(logits, dim=1)
+    kl = (log_q.exp() * log_q).sum(dim=1) + math.log(logits.shape[1])
+    return kl.flatten(1).sum(dim=1)

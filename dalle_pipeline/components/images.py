@@ -1,0 +1,56 @@
+"""Image conversions and captioned PNG grids shared by every stage that shows pictures."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .storage import atomic_path
+
+
+def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1]."""
+    tensor = torch.as_tensor(images)
+    return tensor.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) float in [0, 1] -> (N, H, W, 3) uint8."""
+    return images.detach().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    path: str | Path,
+    row_labels: Sequence[str] | None = None,
+    scale: int = 4,
+    label_width: int = 220,
+) -> Path:
+    """Save a PNG grid: one row per list of HxWx3 uint8 images, each row optionally captioned on its left."""
+    if not rows or not rows[0]:
+        raise ValueError("save_grid needs at least one image")
+    height, width = rows[0][0].shape[:2]
+    cell_h, cell_w, pad = height * scale, width * scale, 2
+    label_w = label_width if row_labels else 0
+    columns = max(len(row) for row in rows)
+    canvas = Image.new(
+        "RGB", (label_w + columns * (cell_w + pad) + pad, len(rows) * (cell_h + pad) + pad), (255, 255, 255)
+    )
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for r, row in enumerate(rows):
+        top = pad + r * (cell_h + pad)
+        if row_labels:
+            text = "\n".join(textwrap.wrap(row_labels[r], width=34)[:5])
+            draw.multiline_text((4, top + 4), text, fill=(0, 0, 0), font=font)
+        for c, image in enumerate(row):
+            tile = Image.fromarray(image).resize((cell_w, cell_h), Image.Resampling.NEAREST)
+            canvas.paste(tile, (label_w + pad + c * (cell_w + pad), top))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return Path(path)

@@ -1,0 +1,233 @@
+"""The DALL-E prior: a decoder-only transformer over [BOS, text tokens, image tokens].
+
+Input layout (length text_len + image_len): index 0 is BOS, indices 1..text_len hold the text
+tokens, indices text_len+1.. hold image tokens 0..image_len-2. The output at index p predicts
+token p of the target sequence [text tokens, image tokens]: indices < text_len predict text,
+the rest predict image tokens. Padding is a learned token per text position (the paper's
+choice), so the model knows where a caption ended and the null caption is all padding.
+
+Attention per layer, as the paper has it: text is causal; every image position sees all text;
+image-to-image is a row band, a column, or a causal conv window around the token the position
+holds. The masks are boolean (True = may attend), built once per shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PriorModelConfig:
+    text_vocab: int = 512
+    image_vocab: int = 256
+    text_len: int = 24
+    grid_size: int = 8
+    layers: int = 4
+    d_model: int = 128
+    heads: int = 4
+    attention: str = "dalle"  # "dalle" | "dense"
+    conv_kernel: int = 11
+    dropout: float = 0.0
+
+    @property
+    def image_len(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_len
+
+    @property
+    def bos_id(self) -> int:
+        """Text embedding rows: [text vocab | one pad token per position | BOS]."""
+        return self.text_vocab + self.text_len
+
+    def pad_id(self, position: int) -> int:
+        return self.text_vocab + position
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_attention_types(cfg: PriorModelConfig) -> list[str]:
+    """The paper's schedule: column where (i - 2) % 4 == 0, conv on the last layer, row elsewhere."""
+    if cfg.attention == "dense":
+        return ["dense"] * cfg.layers
+    kinds = ["column" if (i - 2) % 4 == 0 else "row" for i in range(cfg.layers)]
+    kinds[-1] = "conv"
+    return kinds
+
+
+def build_mask(cfg: PriorModelConfig, kind: str) -> torch.Tensor:
+    """(seq_len, seq_len) bool mask over input indices for one attention type."""
+    length, text_positions, grid = cfg.seq_len, cfg.text_len + 1, cfg.grid_size
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    if kind == "dense":
+        return causal
+    index = torch.arange(length)
+    held = index - text_positions  # image token held at each index (negative for text)
+    is_image = held >= 0
+    row, col = held.div(grid, rounding_mode="floor"), held.remainder(grid)
+    q_row, k_row = row[:, None], row[None, :]
+    q_col, k_col = col[:, None], col[None, :]
+    if kind == "row":
+        image_to_image = q_row == k_row
+    elif kind == "column":
+        image_to_image = q_col == k_col
+    elif kind == "conv":
+        half = cfg.conv_kernel // 2
+        image_to_image = ((q_row - k_row).abs() <= half) & ((q_col - k_col).abs() <= half)
+    else:
+        raise ValueError(f"unknown attention type {kind!r}")
+    mask = torch.where(is_image[:, None] & is_image[None, :], image_to_image, True)
+    return mask & causal
+
+
+def prior_loss(text_logits: torch.Tensor, image_logits: torch.Tensor, text_targets: torch.Tensor,
+               image_targets: torch.Tensor, text_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """text_weight x text cross-entropy + (1 - text_weight) x image cross-entropy, in nats per token.
+
+    A free function, not a method: under DDP the loss must be computed on the outputs of the
+    wrapped module's forward, or gradients are not synchronised.
+    """
+    text_loss = F.cross_entropy(text_logits.flatten(0, 1).float(), text_targets.flatten())
+    image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), image_targets.flatten())
+    loss = text_weight * text_loss + (1 - text_weight) * image_loss
+    return loss, {"text_loss": text_loss.item(), "image_loss": image_loss.item()}
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: decoding writes one position per step."""
+
+    def __init__(self, cfg: PriorModelConfig, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (cfg.layers, batch, cfg.heads, cfg.seq_len, cfg.d_model // cfg.heads)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: PriorModelConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                start: int = 0) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            cache.keys[layer, :, :, start : start + length] = k
+            cache.values[layer, :, :, start : start + length] = v
+            k = cache.keys[layer, :, :, : start + length]
+            v = cache.values[layer, :, :, : start + length]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: PriorModelConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model),
+            nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x, mask, cache=None, layer=0, start=0):
+        x = x + self.attn(self.norm1(x), mask, cache, layer, start)
+        return x + self.mlp(self.norm2(x))
+
+
+class Prior(nn.Module):
+    def __init__(self, cfg: PriorModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.text_embedding = nn.Embedding(cfg.text_vocab + cfg.text_len + 1, cfg.d_model)
+        self.text_position = nn.Embedding(cfg.text_len + 1, cfg.d_model)
+        self.image_embedding = nn.Embedding(cfg.image_vocab, cfg.d_model)
+        self.image_row = nn.Embedding(cfg.grid_size, cfg.d_model)
+        self.image_column = nn.Embedding(cfg.grid_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.text_head = nn.Linear(cfg.d_model, cfg.text_vocab + cfg.text_len, bias=False)
+        self.image_head = nn.Linear(cfg.d_model, cfg.image_vocab, bias=False)
+        self.apply(self._init)
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(param, std=0.02 / math.sqrt(2 * cfg.layers))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @cached_property
+    def _masks(self) -> dict[str, torch.Tensor]:
+        return {kind: build_mask(self.cfg, kind) for kind in set(layer_attention_types(self.cfg))}
+
+    def masks(self, device: torch.device) -> list[torch.Tensor]:
+        masks = self._masks
+        for kind, mask in masks.items():
+            if mask.device != device:
+                masks[kind] = mask.to(device)
+        return [masks[kind] for kind in layer_attention_types(self.cfg)]
+
+    def pad_text(self, text_tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Replace positions at or past each caption's length with that position's pad token."""
+        positions = torch.arange(self.cfg.text_len, device=text_tokens.device)
+        pads = self.cfg.text_vocab + positions
+        return torch.where(positions[None, :] < lengths[:, None], text_tokens, pads[None, :])
+
+    def embed(self, text: torch.Tensor, image: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Embed input indices [start, start + len): `text` covers indices < text_len+1, `image` the rest."""
+        cfg = self.cfg
+        parts = []
+        if text.shape[1]:
+            positions = torch.arange(start, start + text.shape[1], device=text.device)
+            parts.append(self.text_embedding(text) + self.text_position(positions))
+        if image.shape[1]:
+            first = max(start - cfg.text_len - 1, 0)
+            held = torch.arange(first, first + image.shape[1], device=image.device)
+            rows, cols = held // cfg.grid_size, held % cfg.grid_size
+            parts.append(self.image_embedding(image) + self.image_row(rows) + self.image_column(cols))
+        return torch.cat(parts, dim=1)
+
+    def input_text(self, text_tokens: torch.Tensor) -> torch.Tensor:
+        """[BOS, text tokens] (already padded)."""
+        bos = torch.full_like(text_tokens[:, :1], self.cfg.bos_id)
+        return torch.cat([bos, text_tokens], dim=1)
+
+    def forward(self, text_tokens: torch.Tensor, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass. Returns (text logits (B, text_len, V_t+T), image logits (B, image_len, V_i))."""
+        x = self.embed(self.input_text(text_tokens), image_tokens[:, :-1])
+        for block, mask in zip(self.blocks, self.masks(x.device)):
+            x = block(x, mask)
+        x = self.norm(x)
+        text_len = self.cfg.text_len
+        return self.text_head(x[:, :text_len]), self.image_head(x[:, text_len:])
+
+    # incremental decoding ------------------------------------------------------------------------
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
+        return KVCache(self.cfg, batch, device, dtype)
+
+    def step(self, text: torch.Tensor, image: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """Run input indices [start, start + n) through the cache; returns the image logits of the last one."""
+        x = self.embed(text, image, start)
+        end = start + x.shape[1]
+        for layer, (block, mask) in enumerate(zip(self.blocks, self.masks(x.device))):
+            x = block(x, mask[start:end, :end], cache, layer, start)
+        return self.image_head(self.norm(x[:, -1]))

@@ -1,0 +1,167 @@
+"""Train the prior on the token Parquet with Ray Train's TorchTrainer (DDP; gloo on CPU).
+
+`train_worker` is the thin Ray shell around the shared `fit` loop: it reads the token dataset,
+takes its rank's share of every batch, resumes from Ray's latest checkpoint when a worker was
+lost, logs to MLflow from rank 0 and reports checkpoints through `ray.train.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import checkpoint
+from ..config import PriorConfig
+from ..tokenize_corpus.run import read as read_tokens
+from ..tokenize_corpus.run import to_tensors
+from ..tracking import Tracker
+from ..training import TensorBatches, fit, seed_everything
+from ..training.loop import set_threads
+from .model import Prior, PriorModelConfig, prior_loss
+
+KIND = "prior"
+STATE_FILE = "train_state.pt"
+
+
+def model_config(cfg: PriorConfig, manifest: dict) -> PriorModelConfig:
+    return PriorModelConfig(
+        text_vocab=int(manifest["text_vocab"]), image_vocab=int(manifest["image_vocab"]),
+        text_len=int(manifest["text_len"]), grid_size=int(manifest["grid_size"]), layers=cfg.layers,
+        d_model=cfg.d_model, heads=cfg.heads, attention=cfg.attention, conv_kernel=cfg.conv_kernel,
+        dropout=cfg.dropout,
+    )
+
+
+def prior_loss_fn(cfg: PriorConfig):
+    """The loss callback for `fit`; drops whole captions with probability caption_dropout."""
+
+    def loss_fn(model, batch, step):
+        text, lengths, image = batch
+        if cfg.caption_dropout > 0:
+            dropped = torch.rand(len(lengths)) < cfg.caption_dropout
+            lengths = torch.where(dropped, torch.zeros_like(lengths), lengths)
+        inner = model.module if hasattr(model, "module") else model
+        text = inner.pad_text(text, lengths)
+        text_logits, image_logits = model(text, image)
+        return prior_loss(text_logits, image_logits, text, image, cfg.text_loss_weight)
+
+    return loss_fn
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function; `config` is plain data so it pickles to every worker."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    cfg = PriorConfig.model_validate(config["prior"])
+    set_threads(config["threads_per_worker"])
+    seed_everything(config["seed"], rank)
+
+    table, manifest = read_tokens(config["dataset_dir"])
+    text, lengths, image = to_tensors(table, int(manifest["text_len"]))
+    model_cfg = model_config(cfg, manifest)
+    model = ray.train.torch.prepare_model(Prior(model_cfg))
+
+    resume_state = None
+    if (latest := ray.train.get_checkpoint()) is not None:
+        with latest.as_directory() as directory:
+            resume_state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
+    start_step = int(resume_state["step"]) if resume_state else 0
+    per_rank_batch = max(1, cfg.optim.batch_size // world_size)
+    batches = TensorBatches((text, lengths, image), per_rank_batch, seed=config["seed"], rank=rank,
+                            world_size=world_size).from_step(start_step)
+    tracker = Tracker(**config["tracker"]) if rank == 0 and config.get("tracker") else None
+    tokens_per_sample = model_cfg.seq_len
+    latest_metrics: dict[str, float] = {}
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        metrics = dict(metrics)
+        if "samples_per_s" in metrics:
+            metrics["tokens_per_s"] = metrics.pop("samples_per_s") * tokens_per_sample * world_size
+        latest_metrics.update(metrics)
+        if rank == 0:
+            print(f"[prior] step {step}/{cfg.optim.steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+                  flush=True)
+            if tracker is not None:
+                tracker.log_metrics(metrics, step=step)
+
+    def on_checkpoint(step: int, state: dict[str, Any]) -> None:
+        metrics = {**latest_metrics, "step": step}
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(state, Path(directory) / STATE_FILE)
+            (Path(directory) / "model_config.json").write_text(json.dumps(model_cfg.to_dict()))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    fit(model, prior_loss_fn(cfg), batches, cfg.optim, on_log=on_log, on_checkpoint=on_checkpoint,
+        checkpoint_every=cfg.checkpoint_every, resume_state=resume_state, samples_per_batch=per_rank_batch)
+
+
+@dataclass
+class PriorResult:
+    checkpoint_dir: Path
+    metrics: dict[str, float]
+
+
+def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: Tracker | None = None,
+        ray_address: str | None = None) -> PriorResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out_dir = Path(out_dir).resolve()
+    _, manifest = read_tokens(dataset_dir)  # fail here, not in a worker, if the dataset is incomplete
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, configure_logging=False)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads_per_worker = max(1, cpus // cfg.num_workers)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "prior": cfg.model_dump(mode="json"),
+            "dataset_dir": str(Path(dataset_dir).resolve()),
+            "seed": seed,
+            "threads_per_worker": threads_per_worker,
+            "tracker": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id} if tracker else None,
+        },
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False,
+                                     resources_per_worker={"CPU": threads_per_worker}),
+        run_config=RunConfig(
+            name="prior",
+            storage_path=str(out_dir / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"prior training reported no checkpoint (error: {result.error})")
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
+    model_cfg = model_config(cfg, manifest)
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    checkpoint_dir = checkpoint.save(
+        out_dir / "checkpoint", KIND, state["model"], model_cfg.to_dict(),
+        meta={"step": state["step"], "dvae_hash": manifest["dvae_hash"], "tokenizer_hash": manifest["tokenizer_hash"],
+              **metrics},
+    )
+    if tracker is not None:
+        tracker.log_artifact(checkpoint_dir, "checkpoint")
+    return PriorResult(checkpoint_dir=checkpoint_dir, metrics=metrics)
+
+
+def load(checkpoint_dir: str | Path) -> Prior:
+    state, config, _ = checkpoint.load(checkpoint_dir, KIND)
+    model = Prior(PriorModelConfig(**config))
+    model.load_state_dict(state)
+    return model.eval()

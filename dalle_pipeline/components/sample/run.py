@@ -1,0 +1,102 @@
+"""Stage 8: draw candidates for prompts, decode them with the dVAE, rerank with CLIP, save grid + scores."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ..clip.model import ClipScorer
+from ..config import SampleConfig
+from ..dvae.model import DiscreteVAE
+from ..images import save_grid, to_uint8
+from ..prior.model import Prior
+from ..storage import atomic_path
+from ..text.tokenizer import TextTokenizer
+from ..tracking import Tracker
+from .generate import rerank, sample_image_tokens
+
+SAMPLES_FILE = "samples.npz"
+SCORES_FILE = "scores.parquet"
+
+
+@dataclass
+class SampleResult:
+    grid: Path
+    samples: Path  # npz: images (P, C, H, W, 3) uint8, clip_scores, log_likelihood, ranking (P, keep)
+    scores: Path
+
+
+def encode_prompts(tokenizer: TextTokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = tokenizer.encode(prompts)
+    text = torch.zeros(len(ids), tokenizer.text_len, dtype=torch.long)
+    lengths = torch.tensor([len(row) for row in ids], dtype=torch.long)
+    for row, values in enumerate(ids):
+        text[row, : len(values)] = torch.tensor(values, dtype=torch.long)
+    return text, lengths
+
+
+@torch.no_grad()
+def draw_candidates(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: DiscreteVAE,
+                    tokenizer: TextTokenizer, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> images (P, C, 3, H, W) in [0, 1] and log-likelihoods (P, C)."""
+    text, lengths = encode_prompts(tokenizer, prompts)
+    text = text.repeat_interleave(cfg.candidates, dim=0)
+    lengths = lengths.repeat_interleave(cfg.candidates, dim=0)
+    images, log_likelihoods = [], []
+    for start in range(0, len(text), cfg.batch_size):
+        tokens, log_likelihood = sample_image_tokens(
+            prior, text[start : start + cfg.batch_size], lengths[start : start + cfg.batch_size], generator,
+            temperature=cfg.temperature, top_k=cfg.top_k,
+        )
+        images.append(dvae.decode(tokens))
+        log_likelihoods.append(log_likelihood)
+    images_all = torch.cat(images)
+    return images_all.view(len(prompts), cfg.candidates, *images_all.shape[1:]), torch.cat(log_likelihoods).view(
+        len(prompts), cfg.candidates)
+
+
+def run(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: DiscreteVAE, tokenizer: TextTokenizer,
+        clip: ClipScorer, out_dir: Path, tracker: Tracker | None = None) -> SampleResult:
+    if not prompts:
+        raise ValueError("no prompts to sample")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images, log_likelihood = draw_candidates(cfg, prompts, prior, dvae, tokenizer, generator)
+    flat = images.flatten(0, 1)
+    clip_scores = clip.scores(flat, [p for p in prompts for _ in range(cfg.candidates)]).view(len(prompts), -1)
+    ranking = rerank(clip_scores, cfg.keep)
+    pixels = to_uint8(flat).reshape(len(prompts), cfg.candidates, *to_uint8(flat[:1]).shape[1:])
+
+    shown = range(min(cfg.grid_prompts, len(prompts)))
+    grid = save_grid([[pixels[p, c] for c in ranking[p].tolist()] for p in shown], out_dir / "samples.png",
+                     row_labels=[prompts[p] for p in shown])
+    with atomic_path(out_dir / SAMPLES_FILE) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, images=pixels, clip_scores=clip_scores.numpy(),
+                                log_likelihood=log_likelihood.numpy(), ranking=ranking.numpy())
+    rank_of = torch.full_like(clip_scores, -1, dtype=torch.long)
+    rank_of.scatter_(1, ranking, torch.arange(cfg.keep).expand_as(ranking))
+    table = pa.table({
+        "prompt_index": np.repeat(np.arange(len(prompts)), cfg.candidates),
+        "prompt": [p for p in prompts for _ in range(cfg.candidates)],
+        "candidate": np.tile(np.arange(cfg.candidates), len(prompts)),
+        "clip_score": clip_scores.flatten().numpy(),
+        "log_likelihood": log_likelihood.flatten().numpy(),
+        "rank": rank_of.flatten().numpy(),  # -1: not kept
+    })
+    with atomic_path(out_dir / SCORES_FILE) as tmp:
+        pq.write_table(table, tmp)
+    (out_dir / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    if tracker is not None:
+        tracker.log_artifact(grid)
+        tracker.log_artifact(out_dir / SCORES_FILE)
+        tracker.log_metrics({"clip_score_kept": float(clip_scores.gather(1, ranking).mean()),
+                             "clip_score_all": float(clip_scores.mean())})
+    return SampleResult(grid=grid, samples=out_dir / SAMPLES_FILE, scores=out_dir / SCORES_FILE)

@@ -1,0 +1,69 @@
+"""Byte-level BPE over captions (HF `tokenizers`), lower-cased, vocabulary size from the preset.
+
+Byte-level means no caption is ever out of vocabulary; training is deterministic for a given
+caption list, so the same corpus gives the same `tokenizer.json` (and the same hash).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from ..config import TokenizerConfig
+from ..storage import atomic_path, file_sha256
+
+FILENAME = "tokenizer.json"
+
+
+def train(captions: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if cfg.lowercase else [])
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(captions, trainer=trainer)
+    return tokenizer
+
+
+@dataclass
+class TextTokenizer:
+    """A trained BPE plus the prior's text length: encode cuts, decode drops nothing."""
+
+    tokenizer: Tokenizer
+    text_len: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, captions: Sequence[str]) -> list[list[int]]:
+        return [encoding.ids[: self.text_len] for encoding in self.tokenizer.encode_batch(list(captions))]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids)).strip()
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / FILENAME
+        with atomic_path(path) as tmp:
+            self.tokenizer.save(str(tmp))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, text_len: int) -> TextTokenizer:
+        return cls(Tokenizer.from_file(str(path)), text_len)
+
+
+def run(cfg: TokenizerConfig, captions: Sequence[str], out_dir: str | Path) -> tuple[Path, str]:
+    """Train on `captions`, save `tokenizer.json`; returns its path and sha256."""
+    if not captions:
+        raise ValueError("cannot train a tokenizer on an empty caption list")
+    path = TextTokenizer(train(captions, cfg), cfg.text_len).save(out_dir)
+    return path, file_sha256(path)

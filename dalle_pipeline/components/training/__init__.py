@@ -1,0 +1,6 @@
+"""The one training loop, shared by the dVAE, the prior and CLIP through a loss callback and hooks."""
+
+from .loop import FitResult, fit, seed_everything
+from .data import TensorBatches
+
+__all__ = ["FitResult", "TensorBatches", "fit", "seed_everything"]

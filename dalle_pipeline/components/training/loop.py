@@ -1,0 +1,174 @@
+"""`fit`: AdamW, warmup + cosine schedule, grad clipping, EMA, metrics and checkpoint hooks.
+
+Stages differ only in how a batch becomes a loss, so each passes a `loss_fn(model, batch, step)`
+returning the loss and the metrics to log; everything else (optimisation, schedules, EMA, timing,
+logging cadence, checkpoint cadence) lives here once. Under Ray Train the worker function builds
+the model and data for its rank and calls `fit` like any other caller.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import OptimConfig
+
+LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]]
+LogHook = Callable[[int, dict[str, float]], None]
+CheckpointHook = Callable[[int, dict[str, Any]], None]
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch; ranks get distinct but reproducible streams."""
+    value = seed * 1000 + rank
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+def set_threads(num_threads: int) -> None:
+    """0 means every core this process may use."""
+    if num_threads <= 0:
+        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(num_threads)
+
+
+def learning_rate(step: int, cfg: OptimConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `steps`."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings (parameters with fewer than 2 dims)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers, kept in a frozen copy."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        source = _unwrap(model).state_dict()
+        for name, value in self.model.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.lerp_(source[name].detach(), 1 - self.decay)
+            else:
+                value.copy_(source[name])
+
+
+@dataclass
+class FitResult:
+    step: int
+    metrics: dict[str, float]
+    model: nn.Module
+    ema_model: nn.Module | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterator[Any],
+    cfg: OptimConfig,
+    *,
+    on_log: LogHook | None = None,
+    on_checkpoint: CheckpointHook | None = None,
+    checkpoint_every: int | None = None,
+    resume_state: dict[str, Any] | None = None,
+    samples_per_batch: int | None = None,
+) -> FitResult:
+    """Train `model` for `cfg.steps` updates on `batches`; returns the final metrics and models.
+
+    `on_log(step, metrics)` receives averages over the last `cfg.log_every` updates, plus lr,
+    grad norm and samples/s. `on_checkpoint(step, state)` receives everything needed to resume:
+    pass that state back as `resume_state` to continue at the same step.
+    """
+    optimizer = make_optimizer(model, cfg)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    step = 0
+    if resume_state is not None:
+        _unwrap(model).load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if ema is not None and resume_state.get("ema") is not None:
+            ema.model.load_state_dict(resume_state["ema"])
+        step = int(resume_state["step"])
+
+    model.train()
+    window: dict[str, float] = {}
+    window_steps, window_start = 0, time.perf_counter()
+    history: list[dict[str, float]] = []
+    last: dict[str, float] = {}
+    while step < cfg.steps:
+        batch = next(batches)
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, metrics = loss_fn(model, batch, step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        step += 1
+
+        for key, value in {"loss": loss.item(), **metrics, "grad_norm": float(grad_norm)}.items():
+            window[key] = window.get(key, 0.0) + float(value)
+        window_steps += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - window_start
+            last = {key: value / window_steps for key, value in window.items()}
+            last["lr"] = lr
+            if samples_per_batch:
+                last["samples_per_s"] = samples_per_batch * window_steps / max(elapsed, 1e-9)
+            history.append({"step": step, **last})
+            if on_log is not None:
+                on_log(step, last)
+            window, window_steps, window_start = {}, 0, time.perf_counter()
+        if on_checkpoint is not None and checkpoint_every and (step % checkpoint_every == 0 or step == cfg.steps):
+            on_checkpoint(
+                step,
+                {
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "ema": ema.model.state_dict() if ema is not None else None,
+                    "step": step,
+                },
+            )
+    model.eval()
+    return FitResult(
+        step=step, metrics=last, model=_unwrap(model), ema_model=ema.model if ema else None, history=history
+    )

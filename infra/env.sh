@@ -1,0 +1,77 @@
+# Shared settings for infra/serve.sh and infra/stop.sh. Source it, don't run it:
+#
+#     source infra/env.sh && "$PREFECT_BIN" deployment run train-dalle/full
+#
+# gives a shell that talks to the servers serve.sh started (same API URL, same PREFECT_HOME).
+# Everything lives under one root, ROOT = $DALLE_HOME or <repo>/runs, so the user's ~/.prefect
+# and ~/.mlflow are never touched:
+#
+#     $ROOT/prefect/        PREFECT_HOME (Prefect's profiles and its server's sqlite database)
+#     $ROOT/mlflow.db       the MLflow store, shared by the MLflow server and the flows
+#     $ROOT/mlartifacts/    MLflow artifacts
+#     $ROOT/logs/*.log      one log per service
+#     $ROOT/pids/*.pid      one pid file per service; each pid leads its own process group
+#
+# Knobs (environment): DALLE_HOME, PREFECT_PORT (4200), MLFLOW_PORT (5000), PREFECT_POOL
+# (dalle-pool), VENV (<repo>/.venv), DALLE_PREFECT_HOME ($ROOT/prefect), DALLE_WORKER_LIMIT (1),
+# DALLE_START_TIMEOUT (180 s per service), DALLE_STOP_GRACE (5 s), DALLE_STOP_TIMEOUT (20 s).
+
+DALLE_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export DALLE_REPO
+
+# A relative DALLE_HOME is taken from the caller's directory, before any script changes it.
+if [[ -n "${DALLE_HOME:-}" ]]; then
+    mkdir -p "$DALLE_HOME"
+    ROOT="$(cd "$DALLE_HOME" && pwd)"
+else
+    ROOT="$DALLE_REPO/runs"
+fi
+export DALLE_HOME="$ROOT"
+
+VENV="${VENV:-$DALLE_REPO/.venv}"
+PREFECT_BIN="$VENV/bin/prefect"
+MLFLOW_BIN="$VENV/bin/mlflow"
+
+PREFECT_PORT="${PREFECT_PORT:-4200}"
+MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+export PREFECT_POOL="${PREFECT_POOL:-dalle-pool}"   # prefect.yaml reads it as {{ $PREFECT_POOL }}
+
+export PREFECT_HOME="${DALLE_PREFECT_HOME:-$ROOT/prefect}"
+export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+DALLE_PREFECT_UI="http://127.0.0.1:$PREFECT_PORT"
+
+MLFLOW_BACKEND_URI="sqlite:///$ROOT/mlflow.db"
+MLFLOW_ARTIFACTS="$ROOT/mlartifacts"
+MLFLOW_URL="http://127.0.0.1:$MLFLOW_PORT"
+
+LOG_DIR="$ROOT/logs"
+PID_DIR="$ROOT/pids"
+START_TIMEOUT="${DALLE_START_TIMEOUT:-180}"
+STOP_GRACE="${DALLE_STOP_GRACE:-5}"
+STOP_TIMEOUT="${DALLE_STOP_TIMEOUT:-20}"
+
+# The services serve.sh manages, in start order (stop.sh goes in reverse).
+DALLE_SERVICES=(prefect-server mlflow-server prefect-worker)
+
+# pid of a running service, or nothing (a stale pid file is removed).
+service_pid() {
+    local pidfile="$PID_DIR/$1.pid" pid
+    [[ -f "$pidfile" ]] || return 0
+    pid="$(<"$pidfile")"
+    if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+        echo "$pid"
+    else
+        rm -f "$pidfile"
+    fi
+}
+
+# True while any process of the group led by $1 is alive.
+group_alive() {
+    kill -0 -- "-$1" 2>/dev/null
+}
+
+# Last lines of a service's log, indented, for error messages.
+log_tail() {
+    [[ -f "$LOG_DIR/$1.log" ]] && tail -n "${2:-30}" "$LOG_DIR/$1.log" | sed 's/^/    | /'
+}

@@ -1,0 +1,200 @@
+"""The pipeline as a user drives it from servers: `infra/serve.sh`, then
+`prefect deployment run train-dalle/full`, then the MLflow store, then `infra/stop.sh`.
+
+Everything runs for real on loopback: a Prefect server, an MLflow server and a process worker,
+started by the infra scripts under a temporary DALLE_HOME (which also holds PREFECT_HOME), on free
+ports, so nothing of the user's ~/.prefect, runs/ or ports 4200/5000 is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dalle_pipeline.components.tracking import PARENT_RUN_TAG
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+SERVE_TIMEOUT_S = 420  # three services at up to ~40 s each on 2 busy cores, plus `prefect deploy`
+RUN_TIMEOUT_S = 360  # the micro preset through the worker, Completed
+FAILED_STATES = {"FAILED", "CRASHED", "CANCELLED"}
+FLOW_RUN_TAG = "prefect.flow_run_id"  # set by train_dalle on its parent MLflow run
+
+if sys.platform != "linux" or shutil.which("setsid") is None or shutil.which("curl") is None:
+    pytest.skip("infra/serve.sh needs Linux with setsid and curl", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _processes_with_env(name: str, value: str) -> list[int]:
+    """Pids of this user's processes started with `name=value` in their environment."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:  # gone, or not ours
+            continue
+        if needle in environ.split(b"\0"):
+            found.append(int(proc.name))
+    return found
+
+
+@dataclass
+class Served:
+    home: Path
+    env: dict[str, str]
+    prefect_api: str
+    mlflow_url: str
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.home}/mlflow.db"
+
+    def prefect(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """The Prefect CLI as a user runs it: `source infra/env.sh && $PREFECT_BIN ...`."""
+        script = 'source "$0" && exec "$PREFECT_BIN" "$@"'
+        return subprocess.run(
+            ["bash", "-c", script, str(INFRA / "env.sh"), *args],
+            env=self.env, capture_output=True, text=True, timeout=timeout,
+        )
+
+    def log_tail(self, service: str, lines: int = 60) -> str:
+        path = self.home / "logs" / f"{service}.log"
+        if not path.exists():
+            return f"(no {path})"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(INFRA / "stop.sh")], env=self.env, capture_output=True, text=True, timeout=180
+        )
+
+    def leftovers(self) -> list[int]:
+        """Pids still alive that were started under this home (servers, worker, flow runs, Ray)."""
+        return _processes_with_env("DALLE_HOME", str(self.home))
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(
+        DALLE_HOME=str(home),
+        PREFECT_PORT=str(_free_port()),
+        MLFLOW_PORT=str(_free_port()),
+        PREFECT_POOL="dalle-e2e",
+        PREFECT_WORKER_QUERY_SECONDS="2",  # pick the run up sooner than the default 10 s
+    )
+    # The scripts use the virtualenv running this test when it has the CLIs, else <repo>/.venv.
+    if (Path(sys.prefix) / "bin" / "prefect").exists():
+        env["VENV"] = sys.prefix
+    server = Served(
+        home=home,
+        env=env,
+        prefect_api=f"http://127.0.0.1:{env['PREFECT_PORT']}/api",
+        mlflow_url=f"http://127.0.0.1:{env['MLFLOW_PORT']}",
+    )
+    try:
+        started = time.monotonic()
+        proc = subprocess.run(
+            ["bash", str(INFRA / "serve.sh")], env=env, capture_output=True, text=True,
+            timeout=SERVE_TIMEOUT_S,
+        )
+        assert proc.returncode == 0, f"serve.sh failed:\n{proc.stdout}\n{proc.stderr}"
+        print(f"serve.sh took {time.monotonic() - started:.0f}s\n{proc.stderr}")
+        yield server
+    finally:
+        try:
+            server.stop()  # idempotent: a no-op when the test stopped everything already
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in server.leftovers():  # only processes started under this test's home
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_deployment_run_trains_and_logs_to_the_served_mlflow(served: Served) -> None:
+    # serve.sh is idempotent: a second call finds everything running and starts nothing new.
+    pids_before = {p.name: p.read_text() for p in (served.home / "pids").glob("*.pid")}
+    assert set(pids_before) == {"prefect-server.pid", "mlflow-server.pid", "prefect-worker.pid"}
+    again = subprocess.run(
+        ["bash", str(INFRA / "serve.sh")], env=served.env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, f"second serve.sh failed:\n{again.stdout}\n{again.stderr}"
+    assert again.stderr.count("already running") == 3, again.stderr
+    assert {p.name: p.read_text() for p in (served.home / "pids").glob("*.pid")} == pids_before
+
+    # --param values are read as JSON, falling back to a plain string (`preset=micro`).
+    created = served.prefect(
+        "deployment", "run", "train-dalle/full",
+        "--param", "preset=micro", "--param", 'overrides={"seed": 1}',
+    )
+    assert created.returncode == 0, f"deployment run failed:\n{created.stdout}\n{created.stderr}"
+    match = re.search(r"UUID: ([0-9a-f-]{36})", created.stdout)
+    assert match, created.stdout
+    flow_run_id = match.group(1)
+
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    state: dict = {}
+    while time.monotonic() < deadline:
+        flow_run = _get_json(f"{served.prefect_api}/flow_runs/{flow_run_id}")
+        state = flow_run.get("state") or {}
+        if state.get("type") == "COMPLETED" or state.get("type") in FAILED_STATES:
+            break
+        time.sleep(2)
+    if state.get("type") != "COMPLETED":
+        outcome = f"{state.get('name')}: {state.get('message')}" if state else "no state"
+        pytest.fail(
+            f"flow run {flow_run_id} did not complete within {RUN_TIMEOUT_S}s ({outcome}); "
+            f"last lines of the worker log:\n{served.log_tail('prefect-worker')}"
+        )
+    assert flow_run["parameters"] == {"preset": "micro", "overrides": {"seed": 1}}
+
+    # The flow logged into the store the worker was pointed at, under one parent run tagged with
+    # this flow run's id; and the MLflow server shows that same run.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=served.tracking_uri)
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    tagged = client.search_runs(
+        experiment_ids, filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'"
+    )
+    parents = [run for run in tagged if PARENT_RUN_TAG not in run.data.tags]
+    assert len(parents) == 1, f"expected one parent run tagged {flow_run_id}, got {tagged}"
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    shown = _get_json(f"{served.mlflow_url}/api/2.0/mlflow/runs/get?run_id={parent.info.run_id}")
+    assert shown["run"]["info"]["run_id"] == parent.info.run_id
+
+    stopped = served.stop()
+    assert stopped.returncode == 0, f"stop.sh failed:\n{stopped.stdout}\n{stopped.stderr}"
+    assert not list((served.home / "pids").glob("*.pid")), "stop.sh left pid files behind"
+    assert not served.leftovers(), f"processes left running after stop.sh: {served.leftovers()}"
