@@ -8,6 +8,7 @@ lost, logs to MLflow from rank 0 and reports checkpoints through `ray.train.repo
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,7 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
     out_dir = Path(out_dir).resolve()
     _, manifest = read_tokens(dataset_dir)  # fail here, not in a worker, if the dataset is incomplete
     if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a training job
         ray.init(address=ray_address, include_dashboard=False, configure_logging=False)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads_per_worker = max(1, cpus // cfg.num_workers)

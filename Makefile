@@ -1,0 +1,63 @@
+# dalle-pipeline: `make demo` trains a text-to-image model end to end on the embedded shapes corpus;
+# `make test` runs the tests. Both install into .venv first (idempotent).
+PYTHON ?= python3
+VENV ?= $(CURDIR)/.venv
+PY = $(VENV)/bin/python
+PRESET ?= tiny
+STAMP = $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE = 1
+
+.PHONY: install demo test test-slow test-all bench clean
+
+# torch first, pinned: pip takes 2.14.1/0.29.1 from this machine's disk; the project's ranges then
+# admit them, so nothing is downloaded again. img2dataset drags in the `dataclasses` backport,
+# which shadows the standard library in subprocesses (Prefect's ephemeral server dies on it).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip uninstall -y -q dataclasses || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/dalle-pipeline train --preset $(PRESET)
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+bench: install
+	$(PY) bench/prior.py
+
+clean:
+	rm -rf runs
+
+ROOT ?= $(if $(DALLE_HOME),$(abspath $(DALLE_HOME)),$(CURDIR)/runs)
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+PREFECT_POOL ?= dalle-pool
+SERVE_ENV = DALLE_HOME=$(ROOT) VENV=$(VENV) PREFECT_PORT=$(PREFECT_PORT) MLFLOW_PORT=$(MLFLOW_PORT) PREFECT_POOL=$(PREFECT_POOL)
+
+.PHONY: serve stop ui
+serve:
+	$(SERVE_ENV) infra/serve.sh
+
+stop:
+	$(SERVE_ENV) infra/stop.sh
+
+# `mlflow ui` is `mlflow server` in MLflow 3. Flows write artifacts as local files under
+# $(ROOT)/mlartifacts, which the UI reads in place; --default-artifact-root keeps experiments the UI
+# creates there too (not at mlflow-artifacts:/). No job runner: it is 8 processes for GenAI jobs.
+ui:
+	mkdir -p $(ROOT)/mlartifacts
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
+		--workers 1 --backend-store-uri sqlite:///$(ROOT)/mlflow.db \
+		--default-artifact-root $(ROOT)/mlartifacts --artifacts-destination $(ROOT)/mlartifacts

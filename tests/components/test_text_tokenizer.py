@@ -1,0 +1,30 @@
+from dalle_pipeline.components.config import TokenizerConfig
+from dalle_pipeline.components.text.tokenizer import TextTokenizer, run
+
+CAPTIONS = ["a small red circle in the top left", "a large blue square in the center",
+            "a small green triangle at the bottom"] * 20
+
+
+def test_same_captions_give_the_same_tokenizer(tmp_path):
+    cfg = TokenizerConfig(vocab_size=300)
+    path_a, hash_a = run(cfg, CAPTIONS, tmp_path / "a")
+    path_b, hash_b = run(cfg, CAPTIONS, tmp_path / "b")
+    assert hash_a == hash_b
+    assert path_a.name == "tokenizer.json"
+
+
+def test_round_trip_lowercases_and_cuts_to_text_len(tmp_path):
+    path, _ = run(TokenizerConfig(vocab_size=300), CAPTIONS, tmp_path)
+    tokenizer = TextTokenizer.load(path, text_len=24)
+    ids = tokenizer.encode(["A Small RED circle in the top left"])[0]
+    assert tokenizer.decode(ids) == "a small red circle in the top left"
+    assert len(tokenizer.encode(["red " * 100])[0]) == 24
+    # byte-level: unseen characters still encode, nothing is out of vocabulary
+    assert tokenizer.decode(tokenizer.encode(["zébra ☂"])[0]) == "zébra ☂"
+
+
+def test_empty_caption_list_is_refused(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="empty caption list"):
+        run(TokenizerConfig(), [], tmp_path)

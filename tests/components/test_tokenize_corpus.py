@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dalle_pipeline.components import checkpoint
+from dalle_pipeline.components.config import TokenizerConfig
+from dalle_pipeline.components.dvae.model import DiscreteVAE, DVAEModelConfig
+from dalle_pipeline.components.dvae.train import KIND
+from dalle_pipeline.components.images import to_float
+from dalle_pipeline.components.shards import load_corpus
+from dalle_pipeline.components.text.tokenizer import TextTokenizer
+from dalle_pipeline.components.text.tokenizer import run as train_tokenizer
+from dalle_pipeline.components.tokenize_corpus.run import MANIFEST, read, run, to_tensors
+
+
+@pytest.fixture(scope="module")
+def inputs(curated_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenize")
+    torch.manual_seed(0)
+    model_cfg = DVAEModelConfig(image_size=32, codebook_size=64, n_hid=8, num_groups=3)
+    dvae_dir = checkpoint.save(root / "dvae", KIND, DiscreteVAE(model_cfg).state_dict(), model_cfg.to_dict())
+    corpus = load_corpus(curated_shards, 32)
+    tokenizer_path, _ = train_tokenizer(TokenizerConfig(vocab_size=300), corpus.captions, root / "tok")
+    return curated_shards, dvae_dir, tokenizer_path, corpus
+
+
+def test_schema_metadata_and_round_trip(inputs, tmp_path):
+    curated, dvae_dir, tokenizer_path, corpus = inputs
+    result = run(curated, dvae_dir, tokenizer_path, tmp_path / "tokens", text_len=24)
+    assert result.rows == len(corpus) == 96
+    part = pq.read_table(tmp_path / "tokens" / "00000.parquet")
+    assert part.schema.field("text_tokens").type == pa.list_(pa.uint16())
+    assert part.schema.field("image_tokens").type == pa.list_(pa.uint16(), 64)
+    meta = {k.decode(): v.decode() for k, v in part.schema.metadata.items()}
+    assert meta["dvae_hash"] == checkpoint.weights_hash(dvae_dir)
+    assert meta["grid_size"] == "8" and meta["image_vocab"] == "64"
+    assert pq.ParquetFile(tmp_path / "tokens" / "00000.parquet").metadata.row_group(0).column(0).compression == "ZSTD"
+
+    table, manifest = read(tmp_path / "tokens")
+    assert manifest["rows"] == 96 and [p["rows"] for p in manifest["parts"]] == [64, 32]
+    # round trip: the stored image tokens are the dVAE's codes of the corpus images, captions decode back
+    by_key = {key: i for i, key in enumerate(corpus.keys)}
+    order = [by_key[k] for k in table.column("key").to_pylist()]
+    text, lengths, image = to_tensors(table, 24)
+    model = DiscreteVAE(DVAEModelConfig(**json.loads((dvae_dir / "config.json").read_text())["config"]))
+    model.load_state_dict(checkpoint.load(dvae_dir, KIND)[0])
+    expected = model.eval().encode(to_float(corpus.images[order]))
+    assert torch.equal(image, expected)
+    tokenizer = TextTokenizer.load(tokenizer_path, 24)
+    assert tokenizer.decode(text[0, : lengths[0]].tolist()) == corpus.captions[order[0]].lower()
+
+
+def test_rerun_skips_parts_already_written(inputs, tmp_path):
+    curated, dvae_dir, tokenizer_path, _ = inputs
+    run(curated, dvae_dir, tokenizer_path, tmp_path, text_len=24)
+    first = tmp_path / "00000.parquet"
+    stamp = first.stat().st_mtime_ns
+    (tmp_path / "00001.parquet").unlink()  # as if a run died after the first part
+    (tmp_path / MANIFEST).unlink()
+    result = run(curated, dvae_dir, tokenizer_path, tmp_path, text_len=24)
+    assert first.stat().st_mtime_ns == stamp
+    assert result.rows == 96 and (tmp_path / "00001.parquet").exists()
+
+
+def test_a_dataset_without_manifest_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="_manifest.json"):
+        read(tmp_path)
+
+
+def test_corrupt_images_are_skipped_not_fatal(inputs, tmp_path):
+    from dalle_pipeline.components.shards import Sample, read_shard, write_shard
+
+    curated, dvae_dir, tokenizer_path, _ = inputs
+    samples = list(read_shard(curated / "00001.tar"))[:5]
+    samples.append(Sample(key="broken", image_bytes=b"not a png", image_ext="png", caption="a red circle"))
+    write_shard(tmp_path / "in" / "00000.tar", samples)
+    result = run(tmp_path / "in", dvae_dir, tokenizer_path, tmp_path / "out", text_len=24)
+    assert result.rows == 5
+    assert np.all(np.array(read(tmp_path / "out")[0].column("key").to_pylist()) != "broken")

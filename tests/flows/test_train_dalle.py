@@ -1,0 +1,81 @@
+"""The whole `train-dalle` flow on the micro preset, as `make demo` runs it (Prefect's ephemeral mode),
+checked from the MLflow store it wrote: one parent run, a nested run per stage, metrics, artifacts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dalle_pipeline.components.tracking import EXPERIMENT_NAME, PARENT_RUN_TAG
+
+pytestmark = pytest.mark.e2e
+
+STAGES = {"corpus", "download", "filter", "text-tokenizer", "dvae", "tokenize-corpus", "prior", "clip", "sample",
+          "evaluate"}
+
+
+def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_micro_flow_end_to_end(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DALLE_HOME": str(tmp_path / "runs")}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dalle_pipeline.cli", "train", "--preset", "micro"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "MLflow run id" in proc.stdout and "sample grid" in proc.stdout
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if PARENT_RUN_TAG not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.params["preset"] == "micro" and parent.data.params["prior.layers"] == "2"
+    assert parent.info.run_id in proc.stdout
+
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get(PARENT_RUN_TAG) == parent.info.run_id}
+    assert set(children) == STAGES
+    assert all(child.info.status == "FINISHED" for child in children.values())
+
+    # metrics per step from the training stages, the headline metrics on the parent
+    prior_history = client.get_metric_history(children["prior"].info.run_id, "image_loss")
+    assert [m.step for m in prior_history] == [10, 20, 30]
+    assert len(client.get_metric_history(children["dvae"].info.run_id, "recon_mse")) >= 3
+    for name in ("fd_clip_reranked", "clip_score_reranked", "oracle_colour_reranked", "oracle_shape_reranked",
+                 "oracle_position_reranked", "holdout_oracle_colour_reranked"):
+        assert name in parent.data.metrics, name
+    assert children["download"].data.metrics["successes"] == 256
+
+    # artifacts: config, sample grid, reconstruction grid, checkpoints
+    assert {"config.json", "samples.png"} <= _artifact_paths(client, parent.info.run_id)
+    dvae_artifacts = _artifact_paths(client, children["dvae"].info.run_id)
+    assert {"reconstructions.png", "checkpoint/model.safetensors", "checkpoint/config.json"} <= dvae_artifacts
+    assert "checkpoint/model.safetensors" in _artifact_paths(client, children["prior"].info.run_id)
+    assert "filter_report.parquet" in _artifact_paths(client, children["filter"].info.run_id)
+    assert Path(parent.data.tags["run_dir"], "samples", "samples.png").exists()
+
+
+def test_bad_override_fails_before_any_work(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DALLE_HOME": str(tmp_path / "runs")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dalle_pipeline.cli", "train", "--preset", "micro", "--set", "prior.heads=3"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "prior" in proc.stderr and "divisible by heads" in proc.stderr
+    assert not (tmp_path / "runs").exists()
