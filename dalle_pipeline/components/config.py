@@ -81,6 +81,10 @@ class DVAEConfig(StageConfig):
     kl_weight: float = Field(6.6, ge=0, description="final KL weight beta")
     kl_warmup_steps: int = Field(200, ge=0, description="beta ramps 0 -> kl_weight over these updates")
     logit_laplace_eps: float = Field(0.1, gt=0, lt=0.5, description="pixels are mapped into [eps, 1-eps]")
+    recon_loss: Literal["logit_laplace", "mse"] = Field(
+        "mse", description="pixel likelihood: the paper's logit-Laplace, or a Gaussian with fixed sigma (mse)"
+    )
+    mse_sigma: float = Field(0.1, gt=0, description="sigma of the Gaussian likelihood when recon_loss is mse")
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, ema_decay=0.99)
     )
@@ -99,7 +103,7 @@ class PriorConfig(StageConfig):
     dropout: float = Field(0.0, ge=0, lt=1, description="residual dropout")
     num_workers: int = Field(1, ge=1, description="Ray Train workers")
     optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, weight_decay=0.01)
+        default_factory=lambda: OptimConfig(steps=700, batch_size=64, lr=2e-3, min_lr=1e-4, weight_decay=0.01)
     )
     checkpoint_every: int = Field(250, ge=1, description="report a checkpoint to Ray every this many updates")
 
@@ -218,6 +222,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "corpus.max_shapes": 2,
         "dvae.codebook_size": 1024,
         "dvae.n_hid": 64,
+        "dvae.recon_loss": "logit_laplace",
         "dvae.num_groups": 3,
         "dvae.blocks_per_group": 2,
         "dvae.optim.steps": 20_000,
@@ -245,6 +250,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "corpus.image_size": 256,
         "dvae.codebook_size": 8192,
         "dvae.n_hid": 256,
+        "dvae.recon_loss": "logit_laplace",
         "dvae.num_groups": 4,
         "dvae.blocks_per_group": 2,
         "dvae.temperature_anneal_steps": 150_000,

@@ -13,7 +13,7 @@ from ..images import to_float
 from ..shards import load_corpus
 from ..tracking import Tracker
 from ..training import TensorBatches, fit, seed_everything
-from ..training.loop import set_threads
+from ..training.loop import progress_logger, set_threads
 from .model import LOCAL_DIR, ClipScorer, architecture, register_architecture
 
 
@@ -58,12 +58,8 @@ def run(cfg: ClipConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     batch_size = min(cfg.optim.batch_size, len(corpus))
     batches = iter(TensorBatches((torch.from_numpy(corpus.images), tokens), batch_size, seed=seed))
 
-    def on_log(step: int, metrics: dict[str, float]) -> None:
-        print(f"[clip] step {step}/{cfg.optim.steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
-        if tracker is not None:
-            tracker.log_metrics(metrics, step=step)
-
-    result = fit(scorer.model, contrastive_loss(scorer), batches, cfg.optim, on_log=on_log, samples_per_batch=batch_size)
+    result = fit(scorer.model, contrastive_loss(scorer), batches, cfg.optim,
+                 on_log=progress_logger("clip", cfg.optim.steps, tracker), samples_per_batch=batch_size)
     scorer.model = result.model.eval()
     directory = scorer.save(out_dir / "model", architecture(cfg, image_size))
     if tracker is not None:

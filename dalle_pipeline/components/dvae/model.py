@@ -62,7 +62,7 @@ class ResidualBlock(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: DVAEModelConfig) -> None:
         super().__init__()
-        post_gain = float(__import__("os").environ.get("PG", 1 / (cfg.num_groups * cfg.blocks_per_group) ** 2))
+        post_gain = 1 / (cfg.num_groups * cfg.blocks_per_group) ** 2
         layers: list[nn.Module] = [nn.Conv2d(3, cfg.n_hid, 7, padding=3)]
         n_in = cfg.n_hid
         for index, width in enumerate(_widths(cfg)):
@@ -81,7 +81,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: DVAEModelConfig) -> None:
         super().__init__()
-        post_gain = float(__import__("os").environ.get("PG", 1 / (cfg.num_groups * cfg.blocks_per_group) ** 2))
+        post_gain = 1 / (cfg.num_groups * cfg.blocks_per_group) ** 2
         widths = list(reversed(_widths(cfg)))
         layers: list[nn.Module] = [nn.Conv2d(cfg.codebook_size, widths[0] // 2, 1)]
         n_in = widths[0] // 2

@@ -16,7 +16,7 @@ from ..images import save_grid, to_float, to_uint8
 from ..shards import load_corpus
 from ..tracking import Tracker
 from ..training import TensorBatches, fit, seed_everything
-from ..training.loop import set_threads
+from ..training.loop import progress_logger, set_threads
 from .model import DiscreteVAE, DVAEModelConfig, kl_to_uniform, logit_laplace_nll
 
 KIND = "dvae"
@@ -48,7 +48,14 @@ def psnr(mse: float) -> float:
 
 
 def dvae_loss(cfg: DVAEConfig):
-    """The loss callback for `fit`: logit-Laplace NLL + beta * KL(q || uniform), per pixel dimension."""
+    """The loss callback for `fit`: pixel NLL + beta * KL(q || uniform), both per pixel dimension.
+
+    The NLL is the paper's logit-Laplace, or (recon_loss="mse") a Gaussian with fixed sigma. At the
+    tiny preset's few hundred updates the logit-Laplace pays only log(error) for a wrong colour
+    while it gains without bound by sharpening the background, and the codes learn shapes in grey:
+    measured on the shapes corpus (1000 updates) PSNR 16.6 dB, grey reconstructions, against
+    21.7 dB with colours for the Gaussian after 600.
+    """
 
     def loss_fn(model: DiscreteVAE, batch: tuple[torch.Tensor], step: int):
         (pixels,) = batch
@@ -59,7 +66,10 @@ def dvae_loss(cfg: DVAEConfig):
         codes = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1)
         stats = model.decode_codes(codes)
         dims = images[0].numel()
-        nll = logit_laplace_nll(stats, mapped).mean() / dims
+        if cfg.recon_loss == "mse":
+            nll = F.mse_loss(model.decode_stats_to_image(stats), images) / (2 * cfg.mse_sigma**2)
+        else:
+            nll = logit_laplace_nll(stats, mapped).mean() / dims
         kl = kl_to_uniform(logits).mean() / dims
         with torch.no_grad():
             mse = F.mse_loss(model.decode_stats_to_image(stats), images).item()
@@ -103,11 +113,10 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     batch_size = min(cfg.optim.batch_size, len(corpus))
     batches = iter(TensorBatches((torch.from_numpy(corpus.images),), batch_size, seed=seed))
 
+    log_progress = progress_logger("dvae", cfg.optim.steps, tracker)
+
     def on_log(step: int, metrics: dict[str, float]) -> None:
-        metrics = {**metrics, "psnr": psnr(metrics["recon_mse"])}
-        print(f"[dvae] step {step}/{cfg.optim.steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
-        if tracker is not None:
-            tracker.log_metrics(metrics, step=step)
+        log_progress(step, {**metrics, "psnr": psnr(metrics["recon_mse"])})
 
     result = fit(model, dvae_loss(cfg), batches, cfg.optim, on_log=on_log, samples_per_batch=batch_size)
     final_model = result.ema_model or result.model

@@ -22,7 +22,7 @@ from ..tokenize_corpus.run import read as read_tokens
 from ..tokenize_corpus.run import to_tensors
 from ..tracking import Tracker
 from ..training import TensorBatches, fit, seed_everything
-from ..training.loop import set_threads
+from ..training.loop import progress_logger, set_threads
 from .model import Prior, PriorModelConfig, prior_loss
 
 KIND = "prior"
@@ -79,19 +79,16 @@ def train_worker(config: dict[str, Any]) -> None:
     batches = TensorBatches((text, lengths, image), per_rank_batch, seed=config["seed"], rank=rank,
                             world_size=world_size).from_step(start_step)
     tracker = Tracker(**config["tracker"]) if rank == 0 and config.get("tracker") else None
-    tokens_per_sample = model_cfg.seq_len
+    log_progress = progress_logger("prior", cfg.optim.steps, tracker)
     latest_metrics: dict[str, float] = {}
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         metrics = dict(metrics)
         if "samples_per_s" in metrics:
-            metrics["tokens_per_s"] = metrics.pop("samples_per_s") * tokens_per_sample * world_size
+            metrics["tokens_per_s"] = metrics.pop("samples_per_s") * model_cfg.seq_len * world_size
         latest_metrics.update(metrics)
-        if rank == 0:
-            print(f"[prior] step {step}/{cfg.optim.steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
-                  flush=True)
-            if tracker is not None:
-                tracker.log_metrics(metrics, step=step)
+        if rank == 0:  # one line and one MLflow write per step, not one per worker
+            log_progress(step, metrics)
 
     def on_checkpoint(step: int, state: dict[str, Any]) -> None:
         metrics = {**latest_metrics, "step": step}

@@ -87,6 +87,18 @@ class EMA:
                 value.copy_(source[name])
 
 
+def progress_logger(stage: str, total_steps: int, tracker: Any = None) -> LogHook:
+    """The usual `on_log`: one progress line per log window, and the metrics to the stage's tracker."""
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        print(f"[{stage}] step {step}/{total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+              flush=True)
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=step)
+
+    return on_log
+
+
 @dataclass
 class FitResult:
     step: int
