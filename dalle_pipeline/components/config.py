@@ -103,7 +103,7 @@ class PriorConfig(StageConfig):
     dropout: float = Field(0.0, ge=0, lt=1, description="residual dropout")
     num_workers: int = Field(1, ge=1, description="Ray Train workers")
     optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(steps=700, batch_size=64, lr=2e-3, min_lr=1e-4, weight_decay=0.01)
+        default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, weight_decay=0.01)
     )
     checkpoint_every: int = Field(250, ge=1, description="report a checkpoint to Ray every this many updates")
 

@@ -1,0 +1,127 @@
+"""Prior training throughput: our Prior (the paper's masks) against a plain eager GPT of the same dims.
+
+Runs with torch alone (no Prefect, Ray or MLflow), so it runs on a lent GPU machine as is:
+
+    python bench/prior.py --layers 6 --d-model 192 --heads 6 --text-len 24 --grid 8 \
+        --text-vocab 1000 --image-vocab 256 --batch 64 --steps 5
+
+Prints one JSON object: tokens/s of each, the ratio, and the settings. The baseline is measured in
+the same process, so the ratio compares like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dalle_pipeline.components.prior.model import Prior, PriorModelConfig, prior_loss  # noqa: E402
+
+
+class PlainGPT(nn.Module):
+    """The baseline: pre-LN transformer, dense causal SDPA, one vocabulary, nothing else."""
+
+    def __init__(self, vocab: int, seq_len: int, d_model: int, heads: int, layers: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Embedding(vocab, d_model)
+        self.position = nn.Embedding(seq_len, d_model)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({
+                "norm1": nn.LayerNorm(d_model), "qkv": nn.Linear(d_model, 3 * d_model),
+                "proj": nn.Linear(d_model, d_model), "norm2": nn.LayerNorm(d_model),
+                "mlp": nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model)),
+            }) for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length = tokens.shape
+        x = self.embed(tokens) + self.position(torch.arange(length, device=tokens.device))
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["norm1"](x)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + block["proj"](attn.transpose(1, 2).reshape(batch, length, -1))
+            x = x + block["mlp"](block["norm2"](x))
+        return self.head(self.norm(x))
+
+
+def time_steps(step, steps: int, device: torch.device) -> float:
+    step()  # warm-up: allocator, kernels
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for flag, default in [("--layers", 6), ("--d-model", 192), ("--heads", 6), ("--text-len", 24), ("--grid", 8),
+                          ("--text-vocab", 1000), ("--image-vocab", 256), ("--batch", 64), ("--steps", 5)]:
+        parser.add_argument(flag, type=int, default=default)
+    parser.add_argument("--attention", choices=["dalle", "dense"], default="dalle")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    cfg = PriorModelConfig(text_vocab=args.text_vocab, image_vocab=args.image_vocab, text_len=args.text_len,
+                           grid_size=args.grid, layers=args.layers, d_model=args.d_model, heads=args.heads,
+                           attention=args.attention)
+    tokens_per_step = args.batch * cfg.seq_len
+    text = torch.randint(0, args.text_vocab, (args.batch, args.text_len), device=device)
+    image = torch.randint(0, args.image_vocab, (args.batch, cfg.image_len), device=device)
+
+    ours = Prior(cfg).to(device)
+    ours_optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+
+    def ours_step() -> None:
+        loss, _ = prior_loss(*ours(text, image), text, image, 1 / 8)
+        ours_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ours_optimizer.step()
+
+    vocab = args.text_vocab + args.image_vocab
+    baseline = PlainGPT(vocab, cfg.seq_len, args.d_model, args.heads, args.layers).to(device)
+    baseline_optimizer = torch.optim.AdamW(baseline.parameters(), lr=1e-4)
+    sequence = torch.cat([text, image + args.text_vocab], dim=1)
+
+    def baseline_step() -> None:
+        logits = baseline(sequence[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), sequence[:, 1:].flatten())
+        baseline_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        baseline_optimizer.step()
+
+    baseline_s = time_steps(baseline_step, args.steps, device)
+    ours_s = time_steps(ours_step, args.steps, device)
+    result = {
+        "bench": "prior_train",
+        "settings": vars(args),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "ours_tokens_per_s": tokens_per_step * args.steps / ours_s,
+        "baseline_tokens_per_s": tokens_per_step * args.steps / baseline_s,
+        "baseline": "plain eager GPT, dense causal SDPA, same dims, AdamW",
+    }
+    result["ours_over_baseline"] = result["ours_tokens_per_s"] / result["baseline_tokens_per_s"]
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
