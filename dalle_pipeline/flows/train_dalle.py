@@ -1,6 +1,7 @@
 """The `train-dalle` flow: every stage of DESIGN.md, each a thin task around one component's `run`.
 
-Tasks take and return paths, ids and configs, never tensors. Each opens a nested MLflow run under
+Imports are absolute: Prefect loads a deployment's entrypoint as a script by its file path, where
+relative imports fail. Tasks take and return paths, ids and configs, never tensors. Each opens a nested MLflow run under
 the flow's parent run (tagged with the Prefect flow run id), so the MLflow UI shows one run per
 pipeline execution with one child per stage.
 """
@@ -15,16 +16,16 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from ..components import config as config_module
-from ..components.config import PipelineConfig
-from ..components.tracking import Tracker, default_root, default_tracking_uri, stage_run
+from dalle_pipeline.components import config as config_module
+from dalle_pipeline.components.config import PipelineConfig
+from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri, stage_run
 
 STAGE_TASK = {"cache_policy": NO_CACHE}
 
 
 @task(name="corpus", **STAGE_TASK)
 def make_corpus(cfg: PipelineConfig, run_dir: Path, parent: Tracker) -> Path:
-    from ..components.corpus import generate
+    from dalle_pipeline.components.corpus import generate
 
     with stage_run(parent, "corpus", cfg.corpus.model_dump(mode="json")) as tracker:
         result = generate(cfg.corpus, run_dir / "corpus")
@@ -34,7 +35,7 @@ def make_corpus(cfg: PipelineConfig, run_dir: Path, parent: Tracker) -> Path:
 
 @task(name="download", retries=1, **STAGE_TASK)
 def download(cfg: PipelineConfig, url_list: Path, run_dir: Path, parent: Tracker) -> Path:
-    from ..components.download.run import run
+    from dalle_pipeline.components.download.run import run
 
     with stage_run(parent, "download", cfg.download.model_dump(mode="json")) as tracker:
         result = run(cfg.download, url_list, run_dir / "download", image_size=cfg.corpus.image_size)
@@ -45,7 +46,7 @@ def download(cfg: PipelineConfig, url_list: Path, run_dir: Path, parent: Tracker
 
 @task(name="filter", **STAGE_TASK)
 def filter_corpus(cfg: PipelineConfig, shards_dir: Path, run_dir: Path, parent: Tracker) -> Path:
-    from ..components.filter.run import run
+    from dalle_pipeline.components.filter.run import run
 
     with stage_run(parent, "filter", cfg.filter.model_dump(mode="json")) as tracker:
         result = run(cfg.filter, shards_dir, run_dir / "curated")
@@ -57,8 +58,8 @@ def filter_corpus(cfg: PipelineConfig, shards_dir: Path, run_dir: Path, parent: 
 
 @task(name="text-tokenizer", **STAGE_TASK)
 def train_text_tokenizer(cfg: PipelineConfig, curated_dir: Path, run_dir: Path, parent: Tracker) -> Path:
-    from ..components.shards import iter_samples
-    from ..components.text.tokenizer import run
+    from dalle_pipeline.components.shards import iter_samples
+    from dalle_pipeline.components.text.tokenizer import run
 
     with stage_run(parent, "text-tokenizer", cfg.tokenizer.model_dump(mode="json")) as tracker:
         captions = [sample.caption for sample in iter_samples(curated_dir)]
@@ -70,7 +71,7 @@ def train_text_tokenizer(cfg: PipelineConfig, curated_dir: Path, run_dir: Path, 
 
 @task(name="dvae", **STAGE_TASK)
 def train_dvae(cfg: PipelineConfig, curated_dir: Path, run_dir: Path, parent: Tracker) -> Path:
-    from ..components.dvae.train import run
+    from dalle_pipeline.components.dvae.train import run
 
     with stage_run(parent, "dvae", cfg.dvae.model_dump(mode="json")) as tracker:
         result = run(cfg.dvae, curated_dir, run_dir / "dvae", cfg.corpus.image_size, cfg.seed, tracker)
@@ -80,7 +81,7 @@ def train_dvae(cfg: PipelineConfig, curated_dir: Path, run_dir: Path, parent: Tr
 @task(name="tokenize-corpus", **STAGE_TASK)
 def tokenize_corpus(cfg: PipelineConfig, curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, run_dir: Path,
                     parent: Tracker) -> Path:
-    from ..components.tokenize_corpus.run import run
+    from dalle_pipeline.components.tokenize_corpus.run import run
 
     with stage_run(parent, "tokenize-corpus") as tracker:
         result = run(curated_dir, dvae_dir, tokenizer_path, run_dir / "tokens", cfg.tokenizer.text_len)
@@ -93,7 +94,7 @@ def tokenize_corpus(cfg: PipelineConfig, curated_dir: Path, dvae_dir: Path, toke
 def train_prior(cfg: PipelineConfig, dataset_dir: Path, run_dir: Path, parent: Tracker) -> Path:
     import ray
 
-    from ..components.prior.train import run
+    from dalle_pipeline.components.prior.train import run
 
     started_ray = not ray.is_initialized()
     try:
@@ -107,7 +108,7 @@ def train_prior(cfg: PipelineConfig, dataset_dir: Path, run_dir: Path, parent: T
 
 @task(name="clip", **STAGE_TASK)
 def train_clip(cfg: PipelineConfig, curated_dir: Path, run_dir: Path, parent: Tracker) -> str:
-    from ..components.clip.train import run
+    from dalle_pipeline.components.clip.train import run
 
     with stage_run(parent, "clip", cfg.clip.model_dump(mode="json")) as tracker:
         result = run(cfg.clip, curated_dir, run_dir / "clip", cfg.corpus.image_size, cfg.seed, tracker)
@@ -119,13 +120,13 @@ def sample_and_evaluate(cfg: PipelineConfig, prior_dir: Path, dvae_dir: Path, to
                         clip_source: str, run_dir: Path, parent: Tracker) -> dict[str, Any]:
     import numpy as np
 
-    from ..components.clip.train import load as load_clip
-    from ..components.corpus import eval_set
-    from ..components.dvae.train import load as load_dvae
-    from ..components.evaluate.run import run as evaluate
-    from ..components.prior.train import load as load_prior
-    from ..components.sample.run import run as sample
-    from ..components.text.tokenizer import TextTokenizer
+    from dalle_pipeline.components.clip.train import load as load_clip
+    from dalle_pipeline.components.corpus import eval_set
+    from dalle_pipeline.components.dvae.train import load as load_dvae
+    from dalle_pipeline.components.evaluate.run import run as evaluate
+    from dalle_pipeline.components.prior.train import load as load_prior
+    from dalle_pipeline.components.sample.run import run as sample
+    from dalle_pipeline.components.text.tokenizer import TextTokenizer
 
     items = eval_set(cfg.corpus, cfg.sample.num_prompts, seed=cfg.sample.seed)
     holdout_items = eval_set(cfg.corpus, max(1, cfg.sample.num_prompts // 2), seed=cfg.sample.seed, holdout_only=True)
