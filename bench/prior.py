@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
                           ("--text-vocab", 1000), ("--image-vocab", 256), ("--batch", 64), ("--steps", 5)]:
         parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--attention", choices=["dalle", "dense"], default="dalle")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast for ours")
+    parser.add_argument("--compile", action="store_true", help="torch.compile ours")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -88,9 +90,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     ours = Prior(cfg).to(device)
     ours_optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    ours_forward = torch.compile(ours) if args.compile else ours
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def ours_step() -> None:
-        loss, _ = prior_loss(*ours(text, image), text, image, 1 / 8)
+        with autocast:
+            loss, _ = prior_loss(*ours_forward(text, image), text, image, 1 / 8)
         ours_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         ours_optimizer.step()

@@ -68,6 +68,11 @@ class OptimConfig(StageConfig):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of weights (0 = off)")
     log_every: int = Field(25, ge=1, description="log metrics every this many updates")
     num_threads: int = Field(0, ge=0, description="torch CPU threads (0 = all cores)")
+    grad_accum_steps: int = Field(1, ge=1, description="batches whose gradients make one update")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="bf16 autocast, weights stay fp32; 'auto': bf16 where the device has bf16 units"
+    )
+    compile: bool | None = Field(None, description="torch.compile the model; None = on for CUDA only")
 
 
 class DVAEConfig(StageConfig):
@@ -103,9 +108,17 @@ class PriorConfig(StageConfig):
     dropout: float = Field(0.0, ge=0, lt=1, description="residual dropout")
     num_workers: int = Field(1, ge=1, description="Ray Train workers")
     optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, weight_decay=0.01)
+        default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, weight_decay=0.01,
+                                            precision="auto")
     )
     checkpoint_every: int = Field(250, ge=1, description="report a checkpoint to Ray every this many updates")
+    keep_checkpoints: int = Field(2, ge=1, description="Ray keeps the best k checkpoints by validation loss")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of token rows held out for validation")
+    val_rows_max: int = Field(1024, ge=1, description="most validation rows (validation runs every checkpoint)")
+    attention_backend: Literal["auto", "flex", "sdpa", "math"] = Field(
+        "auto", description="'auto': FlexAttention block masks on CUDA, plain math attention on CPU"
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> PriorConfig:
@@ -137,6 +150,8 @@ class SampleConfig(StageConfig):
     keep: int = Field(4, ge=1, description="best candidates kept per prompt after CLIP reranking")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_k: int = Field(32, ge=0, description="keep the k most likely image tokens (0 = all)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep tokens holding this much mass")
+    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance with the null caption (1 = off)")
     batch_size: int = Field(128, ge=1, description="sequences decoded at once")
     grid_prompts: int = Field(8, ge=1, description="prompts shown in the sample grid")
     seed: int = Field(1234, description="seed of the sampling generator and of the held-out prompts")

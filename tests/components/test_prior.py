@@ -110,3 +110,76 @@ def test_loss_falls_on_a_learnable_mapping():
                  OptimConfig(steps=120, lr=3e-3, warmup_steps=10, log_every=20))
     image_losses = [row["image_loss"] for row in result.history]
     assert image_losses[-1] < 0.5 * image_losses[0]
+
+
+@pytest.mark.parametrize("backend", ["flex", "math"])
+def test_attention_paths_agree_with_sdpa(backend):
+    """FlexAttention block masks (the CUDA path) and plain math attention (the CPU path) compute
+    what SDPA with the boolean masks does."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    cfg = replace(CFG, layers=4)
+    sdpa = Prior(replace(cfg, attention_backend="sdpa")).eval()
+    flex = Prior(replace(cfg, attention_backend=backend)).eval()
+    flex.load_state_dict(sdpa.state_dict())
+    text = torch.randint(0, cfg.text_vocab, (2, cfg.text_len))
+    image = torch.randint(0, cfg.image_vocab, (2, cfg.image_len))
+    with torch.no_grad():
+        for a, b in zip(sdpa(text, image), flex(text, image)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    from dalle_pipeline.components.config import OptimConfig
+    from dalle_pipeline.components.training import fit
+
+    torch.manual_seed(0)
+    text = torch.randint(0, CFG.text_vocab, (8, CFG.text_len))
+    image = torch.randint(0, CFG.image_vocab, (8, CFG.image_len))
+
+    def loss_fn(m, batch, step):
+        t, i = batch
+        return prior_loss(*m(t, i), t, i, 1 / 8)
+
+    start = Prior(CFG).state_dict()
+    results = []
+    for accumulate, batches in ((1, [(text, image)]), (2, [(text[:4], image[:4]), (text[4:], image[4:])])):
+        model = Prior(CFG)
+        model.load_state_dict(start)
+        fit(model, loss_fn, iter(batches), OptimConfig(steps=1, lr=1e-2, warmup_steps=0, grad_accum_steps=accumulate))
+        results.append(model.state_dict())
+    for name in start:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_top_p_keeps_the_smallest_set_holding_the_mass():
+    from dalle_pipeline.components.sample.generate import filter_logits
+
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).log_softmax(-1)  # probs ~ .64 .24 .09 .03 .01
+    kept = filter_logits(logits, 1.0, top_p=0.8).isfinite()
+    assert kept.tolist() == [[True, True, False, False, False]]
+    assert filter_logits(logits, 1.0, top_p=0.1).isfinite().sum() == 1
+
+
+def test_guidance_mixes_conditional_and_null_caption_logits_and_prefix_is_kept():
+    torch.manual_seed(0)
+    model = Prior(CFG).eval()
+    text, lengths = torch.randint(0, 50, (3, CFG.text_len)), torch.tensor([1, 2, 3])
+    scale = 3.0
+    greedy, _ = sample_image_tokens(model, text, lengths, torch.Generator().manual_seed(3), top_k=1,
+                                    guidance_scale=scale)
+    with torch.no_grad():
+        first = []
+        for caption_lengths in (lengths, torch.zeros_like(lengths)):
+            cache = model.new_cache(3, torch.device("cpu"))
+            first.append(model.step(model.input_text(model.pad_text(text, caption_lengths)), text[:, :0], cache, 0))
+    conditional, unconditional = first
+    expected = (unconditional + scale * (conditional - unconditional)).argmax(-1)
+    assert torch.equal(greedy[:, 0], expected)
+    assert not torch.equal(expected, conditional.argmax(-1)) or not torch.equal(expected, unconditional.argmax(-1))
+
+    prefix = torch.randint(0, CFG.image_vocab, (3, CFG.grid_size))  # the top row of an image
+    with_prefix, _ = sample_image_tokens(model, text, lengths, torch.Generator().manual_seed(3), image_prefix=prefix,
+                                         guidance_scale=2.0)
+    assert torch.equal(with_prefix[:, : CFG.grid_size], prefix)

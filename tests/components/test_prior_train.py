@@ -1,5 +1,11 @@
 """Prior training for real on Ray Train: a local Ray, two CPU workers, gloo DDP, MLflow from rank 0."""
 
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -60,3 +66,47 @@ def test_two_ray_workers_train_the_prior_and_rank_zero_logs(tmp_path, local_ray)
     model = load(result.checkpoint_dir)
     assert model.cfg.grid_size == 3 and model.cfg.text_len == 6
     assert result.metrics["step"] == 80
+
+
+def _ray_train_worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_killed_worker_resumes_from_the_latest_checkpoint(tmp_path, local_ray):
+    """SIGKILL one of two workers after the first checkpoint: Ray restarts the group, which resumes
+    from that checkpoint (not from step 0) and finishes every update."""
+    from dalle_pipeline.components.prior.train import run
+
+    dataset = write_learnable_dataset(tmp_path / "tokens", rows=512)
+    tracker = Tracker.start(f"sqlite:///{tmp_path}/mlflow.db", "prior-kill",
+                            artifact_root=(tmp_path / "artifacts").as_uri())
+    cfg = PriorConfig(layers=2, d_model=32, heads=2, num_workers=2, caption_dropout=0.0, checkpoint_every=20,
+                      max_failures=1)
+    cfg.optim.steps, cfg.optim.batch_size, cfg.optim.log_every = 400, 32, 10
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run(cfg, dataset, tmp_path / "prior", 0, tracker)))
+    thread.start()
+    # a checkpoint folder appears before Ray's controller has registered the report; once the
+    # second one is there, the first is registered for sure
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list((tmp_path / "prior" / "ray").rglob("checkpoint_*"))) < 2:
+        time.sleep(0.5)
+    time.sleep(2)
+    victims = _ray_train_worker_pids()
+    assert victims, "no Ray Train worker process found"
+    os.kill(victims[-1], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and "result" in outcome
+
+    resumed = tracker.client.get_metric_history(tracker.run_id, "resumed_from_step")
+    assert resumed and resumed[0].value >= 20, "the restarted workers began again from step 0"
+    assert outcome["result"].metrics["step"] == 400
+    assert max(m.step for m in tracker.client.get_metric_history(tracker.run_id, "image_loss")) == 400

@@ -22,7 +22,8 @@ from ..tokenize_corpus.run import read as read_tokens
 from ..tokenize_corpus.run import to_tensors
 from ..tracking import Tracker
 from ..training import TensorBatches, fit, seed_everything
-from ..training.loop import progress_logger, set_threads
+from ..training.flops import measured_matmul_peak, transformer_flops_per_token
+from ..training.loop import progress_logger, set_threads, uses_bf16
 from .model import Prior, PriorModelConfig, prior_loss
 
 KIND = "prior"
@@ -34,8 +35,35 @@ def model_config(cfg: PriorConfig, manifest: dict) -> PriorModelConfig:
         text_vocab=int(manifest["text_vocab"]), image_vocab=int(manifest["image_vocab"]),
         text_len=int(manifest["text_len"]), grid_size=int(manifest["grid_size"]), layers=cfg.layers,
         d_model=cfg.d_model, heads=cfg.heads, attention=cfg.attention, conv_kernel=cfg.conv_kernel,
-        dropout=cfg.dropout,
+        dropout=cfg.dropout, attention_backend=cfg.attention_backend,
     )
+
+
+def split_validation(num_rows: int, cfg: PriorConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train rows, validation rows): a seeded draw, the same on every rank and every resume."""
+    count = min(cfg.val_rows_max, int(num_rows * cfg.val_fraction))
+    if count and num_rows - count < 1:
+        raise ValueError(f"val_fraction {cfg.val_fraction} leaves no training rows out of {num_rows}")
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+    return order[count:].sort().values, order[:count].sort().values
+
+
+def validation_loss(text, lengths, image, cfg: PriorConfig, batch_size: int = 256):
+    """The evaluate hook for `fit`: mean text / image / weighted loss over the held-out rows (no dropout)."""
+
+    def evaluate(model: Prior) -> dict[str, float]:
+        totals = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
+        for start in range(0, len(text), batch_size):
+            rows = slice(start, start + batch_size)
+            padded = model.pad_text(text[rows], lengths[rows])
+            loss, metrics = prior_loss(*model(padded, image[rows]), padded, image[rows], cfg.text_loss_weight)
+            share = len(padded) / len(text)
+            totals["loss"] += loss.item() * share
+            totals["text_loss"] += metrics["text_loss"] * share
+            totals["image_loss"] += metrics["image_loss"] * share
+        return totals
+
+    return evaluate
 
 
 def prior_loss_fn(cfg: PriorConfig):
@@ -44,7 +72,7 @@ def prior_loss_fn(cfg: PriorConfig):
     def loss_fn(model, batch, step):
         text, lengths, image = batch
         if cfg.caption_dropout > 0:
-            dropped = torch.rand(len(lengths)) < cfg.caption_dropout
+            dropped = torch.rand(len(lengths), device=lengths.device) < cfg.caption_dropout
             lengths = torch.where(dropped, torch.zeros_like(lengths), lengths)
         inner = model.module if hasattr(model, "module") else model
         text = inner.pad_text(text, lengths)
@@ -67,8 +95,12 @@ def train_worker(config: dict[str, Any]) -> None:
 
     table, manifest = read_tokens(config["dataset_dir"])
     text, lengths, image = to_tensors(table, int(manifest["text_len"]))
+    train_rows, val_rows = split_validation(len(text), cfg, config["seed"])
     model_cfg = model_config(cfg, manifest)
     model = ray.train.torch.prepare_model(Prior(model_cfg))
+    device = next(model.parameters()).device
+    flops_per_token = transformer_flops_per_token(model, model_cfg.layers, model_cfg.seq_len, model_cfg.d_model)
+    peak = measured_matmul_peak(device, torch.bfloat16 if uses_bf16(cfg.optim, device.type) else torch.float32)
 
     resume_state = None
     if (latest := ray.train.get_checkpoint()) is not None:
@@ -76,9 +108,16 @@ def train_worker(config: dict[str, Any]) -> None:
             resume_state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
     start_step = int(resume_state["step"]) if resume_state else 0
     per_rank_batch = max(1, cfg.optim.batch_size // world_size)
-    batches = TensorBatches((text, lengths, image), per_rank_batch, seed=config["seed"], rank=rank,
-                            world_size=world_size).from_step(start_step)
+    batches = TensorBatches(
+        tuple(t[train_rows].to(device) for t in (text, lengths, image)), per_rank_batch, seed=config["seed"],
+        rank=rank, world_size=world_size,
+    ).from_step(start_step * cfg.optim.grad_accum_steps)
+    validate = validation_loss(*(t[val_rows].to(device) for t in (text, lengths, image)), cfg) if len(val_rows) else None
     tracker = Tracker(**config["tracker"]) if rank == 0 and config.get("tracker") else None
+    if resume_state is not None and rank == 0:
+        print(f"[prior] resuming from the checkpoint of step {start_step}", flush=True)
+        if tracker is not None:
+            tracker.log_metrics({"resumed_from_step": start_step}, step=start_step)
     log_progress = progress_logger("prior", cfg.optim.steps, tracker)
     latest_metrics: dict[str, float] = {}
 
@@ -86,9 +125,17 @@ def train_worker(config: dict[str, Any]) -> None:
         metrics = dict(metrics)
         if "samples_per_s" in metrics:
             metrics["tokens_per_s"] = metrics.pop("samples_per_s") * model_cfg.seq_len * world_size
+            # each worker against its own device's measured matmul peak
+            metrics["mfu"] = metrics["tokens_per_s"] / world_size * flops_per_token / peak
         latest_metrics.update(metrics)
         if rank == 0:  # one line and one MLflow write per step, not one per worker
             log_progress(step, metrics)
+
+    def evaluate(unwrapped: Prior) -> dict[str, float]:
+        """Validation runs right before each checkpoint, so every report carries its val_loss."""
+        metrics = validate(unwrapped)
+        latest_metrics.update({f"val_{key}": value for key, value in metrics.items()})
+        return metrics
 
     def on_checkpoint(step: int, state: dict[str, Any]) -> None:
         metrics = {**latest_metrics, "step": step}
@@ -101,7 +148,8 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     fit(model, prior_loss_fn(cfg), batches, cfg.optim, on_log=on_log, on_checkpoint=on_checkpoint,
-        checkpoint_every=cfg.checkpoint_every, resume_state=resume_state, samples_per_batch=per_rank_batch)
+        checkpoint_every=cfg.checkpoint_every, resume_state=resume_state, samples_per_batch=per_rank_batch,
+        evaluate=evaluate if validate else None, eval_every=cfg.checkpoint_every)
 
 
 @dataclass
@@ -138,14 +186,19 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
         run_config=RunConfig(
             name="prior",
             storage_path=str(out_dir / "ray"),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=2),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute="val_loss" if cfg.val_fraction > 0 else None,
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"prior training reported no checkpoint (error: {result.error})")
-    with result.checkpoint.as_directory() as directory:
+    best = result.get_best_checkpoint("val_loss", "min") if cfg.val_fraction > 0 else None
+    with (best or result.checkpoint).as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
     model_cfg = model_config(cfg, manifest)
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

@@ -52,7 +52,7 @@ def draw_candidates(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: D
     for start in range(0, len(text), cfg.batch_size):
         tokens, log_likelihood = sample_image_tokens(
             prior, text[start : start + cfg.batch_size], lengths[start : start + cfg.batch_size], generator,
-            temperature=cfg.temperature, top_k=cfg.top_k,
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, guidance_scale=cfg.guidance_scale,
         )
         images.append(dvae.decode(tokens))
         log_likelihoods.append(log_likelihood)

@@ -8,6 +8,7 @@ the model and data for its rank and calls `fit` like any other caller.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -108,6 +109,50 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def _device_type(model: nn.Module) -> str:
+    return next(model.parameters()).device.type
+
+
+def bf16_supported(device_type: str) -> bool:
+    """Whether bf16 matmuls run natively (CUDA Ampere+, or a CPU with AVX512-BF16/AMX via oneDNN)."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def uses_bf16(cfg: OptimConfig, device_type: str) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device_type))
+
+
+def _precision_context(cfg: OptimConfig, device_type: str):
+    if uses_bf16(cfg, device_type):
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _should_compile(cfg: OptimConfig, device_type: str) -> bool:
+    return cfg.compile if cfg.compile is not None else device_type == "cuda"
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch, NumPy and Python RNG states as tensors and lists, loadable with weights_only=True."""
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+        "python": [version, list(python_state), gauss],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -119,12 +164,17 @@ def fit(
     checkpoint_every: int | None = None,
     resume_state: dict[str, Any] | None = None,
     samples_per_batch: int | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    eval_every: int | None = None,
 ) -> FitResult:
     """Train `model` for `cfg.steps` updates on `batches`; returns the final metrics and models.
 
-    `on_log(step, metrics)` receives averages over the last `cfg.log_every` updates, plus lr,
-    grad norm and samples/s. `on_checkpoint(step, state)` receives everything needed to resume:
-    pass that state back as `resume_state` to continue at the same step.
+    Each update accumulates gradients over `cfg.grad_accum_steps` batches (under DDP, only the last
+    micro-batch synchronises), in `cfg.precision`, through `torch.compile` where `cfg.compile` says.
+    `on_log(step, metrics)` receives averages over the last `cfg.log_every` updates, plus lr, grad
+    norm, samples/s and, every `eval_every` updates, `evaluate(model)`'s metrics prefixed `val_`.
+    `on_checkpoint(step, state)` receives everything needed to resume (weights, optimizer, EMA,
+    RNG): pass that state back as `resume_state` to continue at the same step.
     """
     optimizer = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -134,42 +184,62 @@ def fit(
         optimizer.load_state_dict(resume_state["optimizer"])
         if ema is not None and resume_state.get("ema") is not None:
             ema.model.load_state_dict(resume_state["ema"])
+        if resume_state.get("rng") is not None:
+            set_rng_state(resume_state["rng"])
         step = int(resume_state["step"])
 
+    device_type = _device_type(model)
+    forward_model = torch.compile(model) if _should_compile(cfg, device_type) else model
+    accumulate = cfg.grad_accum_steps
     model.train()
     window: dict[str, float] = {}
     window_steps, window_start = 0, time.perf_counter()
     history: list[dict[str, float]] = []
     last: dict[str, float] = {}
+    validation: dict[str, float] = {}
     while step < cfg.steps:
-        batch = next(batches)
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, metrics = loss_fn(model, batch, step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_metrics: dict[str, float] = {}
+        for micro in range(accumulate):
+            # under DDP, forward and backward of all but the last micro-batch skip the all-reduce
+            sync = micro == accumulate - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with _precision_context(cfg, device_type):
+                    loss, metrics = loss_fn(forward_model, next(batches), step)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+                (loss / accumulate).backward()
+            for key, value in {"loss": loss.item(), **metrics}.items():
+                step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / accumulate
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         if ema is not None:
             ema.update(model)
         step += 1
 
-        for key, value in {"loss": loss.item(), **metrics, "grad_norm": float(grad_norm)}.items():
-            window[key] = window.get(key, 0.0) + float(value)
+        for key, value in {**step_metrics, "grad_norm": float(grad_norm)}.items():
+            window[key] = window.get(key, 0.0) + value
         window_steps += 1
+        if evaluate is not None and eval_every and (step % eval_every == 0 or step == cfg.steps):
+            model.eval()
+            with torch.no_grad(), _precision_context(cfg, device_type):
+                validation = {f"val_{key}": value for key, value in evaluate(_unwrap(model)).items()}
+            model.train()
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - window_start
             last = {key: value / window_steps for key, value in window.items()}
             last["lr"] = lr
             if samples_per_batch:
-                last["samples_per_s"] = samples_per_batch * window_steps / max(elapsed, 1e-9)
+                last["samples_per_s"] = samples_per_batch * accumulate * window_steps / max(elapsed, 1e-9)
+            last.update(validation)
             history.append({"step": step, **last})
             if on_log is not None:
                 on_log(step, last)
             window, window_steps, window_start = {}, 0, time.perf_counter()
+            validation = {}
         if on_checkpoint is not None and checkpoint_every and (step % checkpoint_every == 0 or step == cfg.steps):
             on_checkpoint(
                 step,
@@ -177,6 +247,7 @@ def fit(
                     "model": _unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "ema": ema.model.state_dict() if ema is not None else None,
+                    "rng": rng_state(),
                     "step": step,
                 },
             )
