@@ -107,6 +107,9 @@ class PriorConfig(StageConfig):
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="probability of a null caption (for guidance)")
     dropout: float = Field(0.0, ge=0, lt=1, description="residual dropout")
     num_workers: int = Field(1, ge=1, description="Ray Train workers")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="data parallel (replicas) or FSDP2 (parameters, grads and optimizer state sharded)"
+    )
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, weight_decay=0.01,
                                             precision="auto")

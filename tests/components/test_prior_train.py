@@ -47,13 +47,15 @@ def local_ray():
     ray.shutdown()
 
 
-def test_two_ray_workers_train_the_prior_and_rank_zero_logs(tmp_path, local_ray):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ray_workers_train_the_prior_and_rank_zero_logs(tmp_path, local_ray, parallel):
     from dalle_pipeline.components.prior.train import load, run
 
     dataset = write_learnable_dataset(tmp_path / "tokens")
     tracker = Tracker.start(f"sqlite:///{tmp_path}/mlflow.db", "prior-test",
                             artifact_root=(tmp_path / "artifacts").as_uri())
-    cfg = PriorConfig(layers=2, d_model=32, heads=2, num_workers=2, caption_dropout=0.0, checkpoint_every=40)
+    cfg = PriorConfig(layers=2, d_model=32, heads=2, num_workers=2, caption_dropout=0.0, checkpoint_every=40,
+                      parallel=parallel)
     cfg.optim.steps, cfg.optim.batch_size, cfg.optim.lr, cfg.optim.log_every = 80, 32, 3e-3, 10
     result = run(cfg, dataset, tmp_path / "prior", seed=0, tracker=tracker)
 
@@ -80,7 +82,8 @@ def _ray_train_worker_pids() -> list[int]:
     return pids
 
 
-def test_a_killed_worker_resumes_from_the_latest_checkpoint(tmp_path, local_ray):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_killed_worker_resumes_from_the_latest_checkpoint(tmp_path, local_ray, parallel):
     """SIGKILL one of two workers after the first checkpoint: Ray restarts the group, which resumes
     from that checkpoint (not from step 0) and finishes every update."""
     from dalle_pipeline.components.prior.train import run
@@ -89,7 +92,7 @@ def test_a_killed_worker_resumes_from_the_latest_checkpoint(tmp_path, local_ray)
     tracker = Tracker.start(f"sqlite:///{tmp_path}/mlflow.db", "prior-kill",
                             artifact_root=(tmp_path / "artifacts").as_uri())
     cfg = PriorConfig(layers=2, d_model=32, heads=2, num_workers=2, caption_dropout=0.0, checkpoint_every=20,
-                      max_failures=1)
+                      max_failures=1, parallel=parallel)
     cfg.optim.steps, cfg.optim.batch_size, cfg.optim.log_every = 400, 32, 10
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=run(cfg, dataset, tmp_path / "prior", 0, tracker)))

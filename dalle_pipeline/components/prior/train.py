@@ -82,6 +82,21 @@ def prior_loss_fn(cfg: PriorConfig):
     return loss_fn
 
 
+def distribute(model: Prior, parallel: str) -> torch.nn.Module:
+    """DDP through Ray, or FSDP2: each transformer block sharded on its own, then the rest."""
+    import ray.train.torch
+
+    if parallel == "ddp":
+        return ray.train.torch.prepare_model(model)
+    from torch.distributed.fsdp import fully_shard
+
+    model = model.to(ray.train.torch.get_device())
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function; `config` is plain data so it pickles to every worker."""
     import ray.train
@@ -97,7 +112,7 @@ def train_worker(config: dict[str, Any]) -> None:
     text, lengths, image = to_tensors(table, int(manifest["text_len"]))
     train_rows, val_rows = split_validation(len(text), cfg, config["seed"])
     model_cfg = model_config(cfg, manifest)
-    model = ray.train.torch.prepare_model(Prior(model_cfg))
+    model = distribute(Prior(model_cfg), cfg.parallel)
     device = next(model.parameters()).device
     flops_per_token = transformer_flops_per_token(model, model_cfg.layers, model_cfg.seq_len, model_cfg.d_model)
     peak = measured_matmul_peak(device, torch.bfloat16 if uses_bf16(cfg.optim, device.type) else torch.float32)

@@ -100,6 +100,48 @@ def progress_logger(stage: str, total_steps: int, tracker: Any = None) -> LogHoo
     return on_log
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """True for a model sharded with FSDP2 (`fully_shard`): its parameters are DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def model_state(model: nn.Module) -> dict[str, Any]:
+    """The whole (unsharded) state dict; for a sharded model, complete on rank 0 only."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_full_state_options())
+    return _unwrap(model).state_dict()
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=_full_state_options())
+    return optimizer.state_dict()
+
+
+def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Inverse of `model_state` + `optimizer_state`: every rank passes the full dicts, FSDP shards them."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        return
+    _unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+
+
 @dataclass
 class FitResult:
     step: int
@@ -176,12 +218,13 @@ def fit(
     `on_checkpoint(step, state)` receives everything needed to resume (weights, optimizer, EMA,
     RNG): pass that state back as `resume_state` to continue at the same step.
     """
+    if cfg.ema_decay > 0 and is_sharded(model):
+        raise ValueError("ema_decay > 0 is not supported with FSDP sharding yet; set optim.ema_decay=0")
     optimizer = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     step = 0
     if resume_state is not None:
-        _unwrap(model).load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
+        load_training_state(model, optimizer, resume_state)
         if ema is not None and resume_state.get("ema") is not None:
             ema.model.load_state_dict(resume_state["ema"])
         if resume_state.get("rng") is not None:
@@ -215,6 +258,8 @@ def fit(
             for key, value in {"loss": loss.item(), **metrics}.items():
                 step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / accumulate
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         if ema is not None:
             ema.update(model)
@@ -244,8 +289,8 @@ def fit(
             on_checkpoint(
                 step,
                 {
-                    "model": _unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
+                    "model": model_state(model),
+                    "optimizer": optimizer_state(model, optimizer),
                     "ema": ema.model.state_dict() if ema is not None else None,
                     "rng": rng_state(),
                     "step": step,
