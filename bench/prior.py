@@ -11,20 +11,15 @@ the same process, so the ratio compares like with like.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import prior_config, prior_parser, timed
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dalle_pipeline.components.prior.model import Prior, PriorModelConfig, prior_loss  # noqa: E402
+from dalle_pipeline.components.prior.model import Prior, prior_loss
 
 
 class PlainGPT(nn.Module):
@@ -56,34 +51,16 @@ class PlainGPT(nn.Module):
         return self.head(self.norm(x))
 
 
-def time_steps(step, steps: int, device: torch.device) -> float:
-    step()  # warm-up: allocator, kernels
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for flag, default in [("--layers", 6), ("--d-model", 192), ("--heads", 6), ("--text-len", 24), ("--grid", 8),
-                          ("--text-vocab", 1000), ("--image-vocab", 256), ("--batch", 64), ("--steps", 5)]:
-        parser.add_argument(flag, type=int, default=default)
-    parser.add_argument("--attention", choices=["dalle", "dense"], default="dalle")
+    parser = prior_parser(__doc__.splitlines()[0], layers=6, d_model=192, heads=6, text_len=24, grid=8,
+                          text_vocab=1000, image_vocab=256, batch=64, steps=5)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast for ours")
     parser.add_argument("--compile", action="store_true", help="torch.compile ours")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    cfg = PriorModelConfig(text_vocab=args.text_vocab, image_vocab=args.image_vocab, text_len=args.text_len,
-                           grid_size=args.grid, layers=args.layers, d_model=args.d_model, heads=args.heads,
-                           attention=args.attention)
+    cfg = prior_config(args)
     tokens_per_step = args.batch * cfg.seq_len
     text = torch.randint(0, args.text_vocab, (args.batch, args.text_len), device=device)
     image = torch.randint(0, args.image_vocab, (args.batch, cfg.image_len), device=device)
@@ -112,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
         loss.backward()
         baseline_optimizer.step()
 
-    baseline_s = time_steps(baseline_step, args.steps, device)
-    ours_s = time_steps(ours_step, args.steps, device)
+    baseline_s = timed(baseline_step, device, args.steps)
+    ours_s = timed(ours_step, device, args.steps)
     result = {
         "bench": "prior_train",
         "settings": vars(args),

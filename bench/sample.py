@@ -10,19 +10,14 @@ Prints one JSON object with images/s for both and the speed-up.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import prior_config, prior_parser, timed
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dalle_pipeline.components.prior.model import Prior, PriorModelConfig  # noqa: E402
-from dalle_pipeline.components.sample.generate import filter_logits, sample_image_tokens  # noqa: E402
+from dalle_pipeline.components.prior.model import Prior
+from dalle_pipeline.components.sample.generate import filter_logits, sample_image_tokens
 
 
 @torch.no_grad()
@@ -38,27 +33,13 @@ def sample_by_recomputing(prior: Prior, text, lengths, generator, top_k: int) ->
     return tokens
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for flag, default in [("--layers", 4), ("--d-model", 128), ("--heads", 4), ("--text-len", 24), ("--grid", 8),
-                          ("--text-vocab", 512), ("--image-vocab", 256), ("--batch", 64), ("--top-k", 32)]:
-        parser.add_argument(flag, type=int, default=default)
-    parser.add_argument("--attention", choices=["dalle", "dense"], default="dalle")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = prior_parser(__doc__.splitlines()[0], layers=4, d_model=128, heads=4, text_len=24, grid=8,
+                          text_vocab=512, image_vocab=256, batch=64, top_k=32)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = PriorModelConfig(text_vocab=args.text_vocab, image_vocab=args.image_vocab, text_len=args.text_len,
-                           grid_size=args.grid, layers=args.layers, d_model=args.d_model, heads=args.heads,
-                           attention=args.attention)
+    cfg = prior_config(args)
     prior = Prior(cfg).to(device).eval()
     text = torch.randint(0, args.text_vocab, (args.batch, args.text_len), device=device)
     lengths = torch.randint(1, args.text_len + 1, (args.batch,), device=device)
@@ -69,8 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     def recomputed() -> None:
         sample_by_recomputing(prior, text, lengths, torch.Generator(device).manual_seed(0), args.top_k)
 
-    cached()  # warm-up
-    cached_s, recomputed_s = timed(cached), timed(recomputed)
+    cached_s, recomputed_s = timed(cached, device), timed(recomputed, device)
     result = {
         "bench": "sample",
         "settings": vars(args),

@@ -1,0 +1,48 @@
+"""What the benchmarks share: prior-size flags, the config they build, and device-synchronised timing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dalle_pipeline.components.prior.model import PriorModelConfig  # noqa: E402
+
+PRIOR_FLAGS = ("layers", "d_model", "heads", "text_len", "grid", "text_vocab", "image_vocab", "batch")
+
+
+def prior_parser(description: str, **defaults: int) -> argparse.ArgumentParser:
+    """Flags for every prior dimension (defaults given by the caller), attention type and device."""
+    parser = argparse.ArgumentParser(description=description)
+    for name in PRIOR_FLAGS:
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=defaults.pop(name))
+    for name, default in defaults.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    parser.add_argument("--attention", choices=["dalle", "dense"], default="dalle")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def prior_config(args: argparse.Namespace) -> PriorModelConfig:
+    return PriorModelConfig(text_vocab=args.text_vocab, image_vocab=args.image_vocab, text_len=args.text_len,
+                            grid_size=args.grid, layers=args.layers, d_model=args.d_model, heads=args.heads,
+                            attention=args.attention)
+
+
+def timed(fn: Callable[[], None], device: torch.device, repeats: int = 1) -> float:
+    """Seconds for `repeats` calls of `fn`, after one warm-up call, with the device synchronised."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
