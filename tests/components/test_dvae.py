@@ -55,9 +55,11 @@ def test_one_hot_decode_path_equals_argmax_token_path():
 
 def test_loss_falls_and_checkpoint_rebuilds_the_model(curated_shards, tmp_path, micro_config):
     cfg = micro_config.dvae.model_copy(deep=True)
-    cfg.optim.steps, cfg.optim.log_every = 40, 10
+    cfg.optim.steps, cfg.optim.log_every, cfg.recon_grid_every = 40, 10, 20
     result = dvae_train.run(cfg, curated_shards, tmp_path / "dvae", micro_config.corpus.image_size, seed=0)
     assert result.recon_grid.exists()
+    grids = sorted(p.name for p in (tmp_path / "dvae" / "reconstructions").iterdir())
+    assert grids == ["step_0000020.png", "step_0000040.png"]
     model = dvae_train.load(result.checkpoint_dir)
     assert model.cfg.codebook_size == cfg.codebook_size
     assert "eval_psnr" in result.metrics and result.metrics["eval_psnr"] > 0

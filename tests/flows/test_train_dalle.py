@@ -65,6 +65,9 @@ def test_micro_flow_end_to_end(tmp_path):
     assert {"config.json", "samples.png"} <= _artifact_paths(client, parent.info.run_id)
     dvae_artifacts = _artifact_paths(client, children["dvae"].info.run_id)
     assert {"reconstructions.png", "checkpoint/model.safetensors", "checkpoint/config.json"} <= dvae_artifacts
+    assert any(path.startswith("reconstructions/step_") for path in dvae_artifacts)  # grids during training
+    assert client.get_metric_history(children["dvae"].info.run_id, "codebook_perplexity")
+    assert client.get_metric_history(children["prior"].info.run_id, "val_image_loss")
     assert "checkpoint/model.safetensors" in _artifact_paths(client, children["prior"].info.run_id)
     assert "filter_report.parquet" in _artifact_paths(client, children["filter"].info.run_id)
     assert Path(parent.data.tags["run_dir"], "samples", "samples.png").exists()

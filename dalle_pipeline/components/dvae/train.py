@@ -73,7 +73,8 @@ def dvae_loss(cfg: DVAEConfig):
         kl = kl_to_uniform(logits).mean() / dims
         with torch.no_grad():
             mse = F.mse_loss(model.decode_stats_to_image(stats), images).item()
-        metrics = {"nll": nll.item(), "kl": kl.item(), "recon_mse": mse, "temperature": tau, "beta": beta}
+            usage = codebook_usage(logits.argmax(dim=1), logits.shape[1])  # of this batch's hard codes
+        metrics = {"nll": nll.item(), "kl": kl.item(), "recon_mse": mse, "temperature": tau, "beta": beta, **usage}
         return nll + beta * kl, metrics
 
     return loss_fn
@@ -100,6 +101,12 @@ def evaluate(model: DiscreteVAE, images: np.ndarray, batch_size: int = 256) -> t
     return {"eval_recon_mse": mse, "eval_psnr": psnr(mse), **codebook_usage(tokens_all, model.cfg.codebook_size)}, tokens_all
 
 
+def reconstruction_grid(model: DiscreteVAE, images: np.ndarray, path: Path) -> Path:
+    """Originals above their reconstructions from hard (argmax) codes: what the prior will see."""
+    recon = to_uint8(model.decode(model.encode(to_float(images))))
+    return save_grid([list(images), list(recon)], path, row_labels=["originals", "dVAE reconstructions"])
+
+
 def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed: int,
         tracker: Tracker | None = None) -> DVAEResult:
     set_threads(cfg.optim.num_threads)
@@ -113,21 +120,27 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     batch_size = min(cfg.optim.batch_size, len(corpus))
     batches = iter(TensorBatches((torch.from_numpy(corpus.images),), batch_size, seed=seed))
 
+    out_dir = Path(out_dir)
     log_progress = progress_logger("dvae", cfg.optim.steps, tracker)
+    shown = corpus.images[:8]
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         log_progress(step, {**metrics, "psnr": psnr(metrics["recon_mse"])})
 
-    result = fit(model, dvae_loss(cfg), batches, cfg.optim, on_log=on_log, samples_per_batch=batch_size)
+    def during_training(current: DiscreteVAE, step: int) -> dict[str, float]:
+        """Every recon_grid_every updates: hard-code reconstruction quality and a grid in MLflow."""
+        grid = reconstruction_grid(current, shown, out_dir / "reconstructions" / f"step_{step:07d}.png")
+        if tracker is not None:
+            tracker.log_artifact(grid, "reconstructions")
+        metrics, _ = evaluate(current, corpus.images[:256])
+        return {"hard_psnr": metrics["eval_psnr"], "hard_codes_used": metrics["codes_used"]}
+
+    result = fit(model, dvae_loss(cfg), batches, cfg.optim, on_log=on_log, samples_per_batch=batch_size,
+                 evaluate=during_training, eval_every=cfg.recon_grid_every)
     final_model = result.ema_model or result.model
     eval_images = corpus.images[: min(len(corpus), 1024)]
     eval_metrics, _ = evaluate(final_model, eval_images)
-
-    out_dir = Path(out_dir)
-    shown = eval_images[:8]
-    recon = to_uint8(final_model.decode(final_model.encode(to_float(shown))))
-    recon_grid = save_grid([list(shown), list(recon)], out_dir / "reconstructions.png",
-                           row_labels=["originals", "dVAE reconstructions"])
+    recon_grid = reconstruction_grid(final_model, shown, out_dir / "reconstructions.png")
     checkpoint_dir = checkpoint.save(
         out_dir / "checkpoint", KIND, final_model.state_dict(), model_cfg.to_dict(),
         meta={"step": result.step, "ema": result.ema_model is not None, **eval_metrics},

@@ -49,7 +49,7 @@ def split_validation(num_rows: int, cfg: PriorConfig, seed: int) -> tuple[torch.
 
 
 def validation_loss(text, lengths, image, cfg: PriorConfig, batch_size: int = 256):
-    """The evaluate hook for `fit`: mean text / image / weighted loss over the held-out rows (no dropout)."""
+    """Mean text / image / weighted loss over the held-out rows (no caption dropout)."""
 
     def evaluate(model: Prior) -> dict[str, float]:
         totals = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
@@ -146,7 +146,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if rank == 0:  # one line and one MLflow write per step, not one per worker
             log_progress(step, metrics)
 
-    def evaluate(unwrapped: Prior) -> dict[str, float]:
+    def evaluate(unwrapped: Prior, step: int) -> dict[str, float]:
         """Validation runs right before each checkpoint, so every report carries its val_loss."""
         metrics = validate(unwrapped)
         latest_metrics.update({f"val_{key}": value for key, value in metrics.items()})

@@ -206,7 +206,7 @@ def fit(
     checkpoint_every: int | None = None,
     resume_state: dict[str, Any] | None = None,
     samples_per_batch: int | None = None,
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
     eval_every: int | None = None,
 ) -> FitResult:
     """Train `model` for `cfg.steps` updates on `batches`; returns the final metrics and models.
@@ -214,7 +214,7 @@ def fit(
     Each update accumulates gradients over `cfg.grad_accum_steps` batches (under DDP, only the last
     micro-batch synchronises), in `cfg.precision`, through `torch.compile` where `cfg.compile` says.
     `on_log(step, metrics)` receives averages over the last `cfg.log_every` updates, plus lr, grad
-    norm, samples/s and, every `eval_every` updates, `evaluate(model)`'s metrics prefixed `val_`.
+    norm, samples/s and, every `eval_every` updates, `evaluate(model, step)`'s metrics prefixed `val_`.
     `on_checkpoint(step, state)` receives everything needed to resume (weights, optimizer, EMA,
     RNG): pass that state back as `resume_state` to continue at the same step.
     """
@@ -271,7 +271,7 @@ def fit(
         if evaluate is not None and eval_every and (step % eval_every == 0 or step == cfg.steps):
             model.eval()
             with torch.no_grad(), _precision_context(cfg, device_type):
-                validation = {f"val_{key}": value for key, value in evaluate(_unwrap(model)).items()}
+                validation = {f"val_{key}": value for key, value in evaluate(_unwrap(model), step).items()}
             model.train()
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - window_start
