@@ -21,6 +21,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                        help="override one config field, e.g. prior.layers=8 (repeatable)")
     train.add_argument("--root", default=None, help="artifact root (default: $DALLE_HOME or ./runs)")
+    generate = commands.add_parser("generate", help="images from a trained model, best of its candidates by CLIP")
+    generate.add_argument("prompts", nargs="+")
+    generate.add_argument("--model", default="models:/dalle@champion",
+                          help="an MLflow model URI (default models:/dalle@champion) or a bundle folder")
+    generate.add_argument("-n", "--num-images", type=int, default=4)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--temperature", type=float, default=None)
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--guidance-scale", type=float, default=None)
+    generate.add_argument("--out", default="grid.png", help="PNG grid, one row per prompt")
+    generate.add_argument("--root", default=None, help="artifact root whose mlflow.db holds the registry")
     show = commands.add_parser("config", help="print the resolved config of a preset as JSON")
     show.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
@@ -29,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "generate":
+        return generate_images(args)
     try:
         overrides = dict(parse_override(item) for item in args.overrides)
         cfg = resolve(args.preset, overrides)
@@ -48,6 +62,44 @@ def main(argv: list[str] | None = None) -> int:
     for name in sorted(metrics):
         if name.endswith("_reranked") or name.endswith("_all"):
             print(f"  {name:40s} {metrics[name]:.4f}")
+    return 0
+
+
+def load_bundle(model: str, root: str | None):
+    from pathlib import Path
+
+    from .components.register.bundle import Bundle
+
+    if Path(model).is_dir():
+        return Bundle.load(model)
+    import mlflow.pyfunc
+
+    from .components.tracking import default_tracking_uri
+
+    uri = default_tracking_uri(Path(root) if root else None)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.pyfunc.load_model(model).unwrap_python_model().bundle
+
+
+def generate_images(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .components.images import save_grid
+
+    try:
+        bundle = load_bundle(args.model, args.root)
+    except Exception as err:  # an unknown alias, a missing folder: say which model could not be loaded
+        print(f"error: cannot load model {args.model!r}: {err}", file=sys.stderr)
+        return 2
+    rows = []
+    for prompt in tqdm(args.prompts, desc="generating", unit="prompt"):
+        images, scores = bundle.generate([prompt], num_images=args.num_images, seed=args.seed,
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         guidance_scale=args.guidance_scale)
+        rows.append(list(images[0]))
+    path = save_grid(rows, args.out, row_labels=args.prompts)
+    print(f"wrote {path} ({len(args.prompts)} prompts x {args.num_images} images)")
     return 0
 
 

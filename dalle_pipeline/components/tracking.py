@@ -138,6 +138,18 @@ class Tracker:
             target.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
             self.log_artifact(target)
 
+    def log_registered_pyfunc(self, name: str, python_model: Any, artifacts: Mapping[str, str]) -> str:
+        """Log an MLflow pyfunc model into this run, register it under `name`; returns the version."""
+        import mlflow
+        import mlflow.pyfunc
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pyfunc.log_model(name=name, python_model=python_model, artifacts=dict(artifacts),
+                                           registered_model_name=name)
+        return str(info.registered_model_version)
+
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri
 

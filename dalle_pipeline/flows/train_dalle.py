@@ -142,13 +142,29 @@ def sample_and_evaluate(cfg: PipelineConfig, prior_dir: Path, dvae_dir: Path, to
             run_dir / "evaluation", specs=[item.specs for item in items + holdout_items],
             holdout=[False] * len(items) + [True] * len(holdout_items), tracker=tracker,
         )
-    return {"grid": str(samples.grid), "metrics": metrics}
+    return {"grid": str(samples.grid), "metrics": metrics, "prompts": prompts}
+
+
+@task(name="register", **STAGE_TASK)
+def register(cfg: PipelineConfig, dvae_dir: Path, prior_dir: Path, tokenizer_path: Path, clip_source: str,
+             evaluation: dict[str, Any], run_dir: Path, parent: Tracker) -> dict[str, Any]:
+    from dalle_pipeline.components.register.bundle import build
+    from dalle_pipeline.components.register.run import run
+
+    bundle_dir = build(run_dir / "bundle", cfg, dvae_dir, prior_dir, tokenizer_path, clip_source)
+    with stage_run(parent, "register") as tracker:
+        # the model is logged into the pipeline's parent run, so it sits beside the metrics it was judged by
+        registration = run(bundle_dir, evaluation["metrics"], evaluation["prompts"], parent)
+        tracker.set_tags({"champion_decision": registration.decision, "model_version": registration.version})
+    return {"model_version": registration.version, "promoted": registration.promoted,
+            "champion_decision": registration.decision}
 
 
 @flow(name="train-dalle", log_prints=True)
 def train_dalle(preset: str = "tiny", overrides: dict[str, Any] | None = None, root: str | None = None) -> dict:
     """Train a DALL-E-style model end to end: corpus -> download -> filter -> tokenizers -> dVAE ->
-    token Parquet -> prior (Ray Train) -> CLIP -> samples reranked by CLIP -> evaluation."""
+    token Parquet -> prior (Ray Train) -> CLIP -> samples reranked by CLIP -> evaluation -> the
+    registered model `dalle` (champion alias when it beats the current champion)."""
     cfg = config_module.resolve(preset, overrides)  # a bad value fails here, before any work
     logger = get_run_logger()
     root_dir = Path(root).resolve() if root else default_root()
@@ -175,6 +191,7 @@ def train_dalle(preset: str = "tiny", overrides: dict[str, Any] | None = None, r
         prior_dir = train_prior(cfg, dataset_dir, run_dir, parent)
         clip_source = train_clip(cfg, curated_dir, run_dir, parent)
         evaluation = sample_and_evaluate(cfg, prior_dir, dvae_dir, tokenizer_path, clip_source, run_dir, parent)
+        registration = register(cfg, dvae_dir, prior_dir, tokenizer_path, clip_source, evaluation, run_dir, parent)
     except BaseException:
         parent.end("FAILED")
         raise
@@ -188,6 +205,7 @@ def train_dalle(preset: str = "tiny", overrides: dict[str, Any] | None = None, r
         "sample_grid": evaluation["grid"],
         "metrics": evaluation["metrics"],
         "seconds": round(time.perf_counter() - started, 1),
+        **registration,
     }
     headline = {k: round(v, 3) for k, v in evaluation["metrics"].items()
                 if k.startswith(("oracle_", "holdout_oracle_", "fd_clip", "clip_score")) and k.endswith("reranked")}

@@ -3,20 +3,28 @@ checked from the MLflow store it wrote: one parent run, a nested run per stage, 
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from dalle_pipeline.components.tracking import EXPERIMENT_NAME, PARENT_RUN_TAG
 
 pytestmark = pytest.mark.e2e
 
 STAGES = {"corpus", "download", "filter", "text-tokenizer", "dvae", "tokenize-corpus", "prior", "clip", "sample",
-          "evaluate"}
+          "evaluate", "register"}
 
 
 def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
@@ -26,7 +34,10 @@ def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) 
     return found
 
 
-def test_micro_flow_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """One run of `dalle-pipeline train --preset micro` in a fresh DALLE_HOME, shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("micro")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DALLE_HOME": str(tmp_path / "runs")}
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -35,6 +46,11 @@ def test_micro_flow_end_to_end(tmp_path):
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp_path, env, proc
+
+
+def test_micro_flow_end_to_end(micro_run):
+    tmp_path, _, proc = micro_run
     assert "MLflow run id" in proc.stdout and "sample grid" in proc.stdout
 
     client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
@@ -82,3 +98,60 @@ def test_bad_override_fails_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "prior" in proc.stderr and "divisible by heads" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_registered_champion_generates_from_the_cli_and_serves_over_http(micro_run):
+    tmp_path, env, _ = micro_run
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    champion = client.get_model_version_by_alias("dalle", "champion")
+    assert str(champion.version) == "1" and "no champion yet" in champion.tags["champion_decision"]
+
+    out = tmp_path / "grid.png"
+    generated = subprocess.run(
+        [sys.executable, "-m", "dalle_pipeline.cli", "generate", "a small red circle in the center",
+         "--model", "models:/dalle@champion", "-n", "3", "--out", str(out)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert Image.open(out).size[0] > 3 * 32
+
+    port = _free_port()
+    serve_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/runs/mlflow.db",
+                 "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/dalle@champion", "--env-manager",
+         "local", "--host", "127.0.0.1", "-p", str(port)],
+        env=serve_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/ping", server)
+        body = json.dumps({"dataframe_records": [{"prompt": "a large blue square at the top", "num_images": 2}]})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            predictions = json.load(response)["predictions"]
+        assert [p["rank"] for p in predictions] == [0, 1]
+        image = Image.open(io.BytesIO(base64.b64decode(predictions[0]["image_png"])))
+        assert image.size == (32, 32)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited: {server.stdout.read().decode()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {timeout}s")

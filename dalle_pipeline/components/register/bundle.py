@@ -1,0 +1,100 @@
+"""The trained model as one folder (dVAE, prior, tokenizer, CLIP, config) and prompts -> images from it.
+
+The bundle is what MLflow registers as the pyfunc model `dalle`, what `dalle generate` loads, and
+what `mlflow models serve` answers from.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..clip.model import LOCAL_DIR, ClipScorer
+from ..clip.train import load as load_clip
+from ..config import PipelineConfig, SampleConfig
+from ..dvae.model import DiscreteVAE
+from ..dvae.train import load as load_dvae
+from ..images import to_uint8
+from ..prior.model import Prior
+from ..prior.train import load as load_prior
+from ..sample.generate import rerank
+from ..sample.run import draw_candidates
+from ..storage import atomic_path
+from ..text.tokenizer import TextTokenizer
+
+CONFIG_FILE = "pipeline_config.json"
+
+
+def build(directory: Path, cfg: PipelineConfig, dvae_dir: Path, prior_dir: Path, tokenizer_path: Path,
+          clip_source: str) -> Path:
+    """Copy every part the model needs into one folder, written atomically."""
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        shutil.copytree(dvae_dir, tmp / "dvae")
+        shutil.copytree(prior_dir, tmp / "prior")
+        shutil.copy2(tokenizer_path, tmp / "tokenizer.json")
+        if clip_source.startswith(LOCAL_DIR):
+            shutil.copytree(clip_source[len(LOCAL_DIR):], tmp / "clip")
+            clip_source = "bundle"
+        (tmp / CONFIG_FILE).write_text(json.dumps({"config": cfg.model_dump(mode="json"), "clip_source": clip_source},
+                                                  indent=2))
+    return Path(directory)
+
+
+@dataclass
+class Bundle:
+    cfg: PipelineConfig
+    dvae: DiscreteVAE
+    prior: Prior
+    tokenizer: TextTokenizer
+    clip: ClipScorer
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Bundle:
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{directory} is not a dalle bundle: {CONFIG_FILE} is missing")
+        document = json.loads((directory / CONFIG_FILE).read_text())
+        cfg = PipelineConfig.model_validate(document["config"])
+        clip_source = document["clip_source"]
+        clip = load_clip(LOCAL_DIR + str((directory / "clip").resolve()) if clip_source == "bundle" else clip_source)
+        return cls(cfg=cfg, dvae=load_dvae(directory / "dvae"), prior=load_prior(directory / "prior"),
+                   tokenizer=TextTokenizer.load(directory / "tokenizer.json", cfg.tokenizer.text_len), clip=clip)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], num_images: int = 1, seed: int = 0,
+                 **sampling: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Best `num_images` of the preset's candidates per prompt by CLIP score.
+
+        Returns images (P, num_images, H, W, 3) uint8 and their CLIP scores (P, num_images).
+        `sampling` overrides SampleConfig fields (temperature, top_k, top_p, guidance_scale, candidates).
+        """
+        if not prompts:
+            raise ValueError("no prompts given")
+        fields = {**self.cfg.sample.model_dump(), **{k: v for k, v in sampling.items() if v is not None}}
+        fields["candidates"] = max(fields["candidates"], num_images)
+        fields["keep"] = num_images
+        cfg = SampleConfig.model_validate(fields)
+        generator = torch.Generator().manual_seed(seed)
+        images, _ = draw_candidates(cfg, prompts, self.prior, self.dvae, self.tokenizer, generator)
+        scores = self.clip.scores(images.flatten(0, 1), [p for p in prompts for _ in range(cfg.candidates)])
+        scores = scores.view(len(prompts), -1)
+        best = rerank(scores, num_images)
+        chosen = images[torch.arange(len(prompts))[:, None], best]
+        pixels = to_uint8(chosen.flatten(0, 1)).reshape(len(prompts), num_images, *images.shape[-2:], 3)
+        return pixels, scores.gather(1, best).numpy()
+
+
+def png_base64(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -1,0 +1,100 @@
+"""Stage 10: log the bundle as the MLflow pyfunc model `dalle`, register it, and move the `champion`
+alias to the new version only when its primary metric beats the champion's on the same evaluation set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from ..tracking import Tracker
+
+MODEL_NAME = "dalle"
+CHAMPION = "champion"
+PRIMARY_METRICS = ("oracle_colour_reranked", "clip_score_reranked")  # first one present decides; higher wins
+
+
+class DallePyfunc(mlflow.pyfunc.PythonModel):
+    """Input: a DataFrame with `prompt` and optional `num_images`, `seed`, `temperature`, `top_k`, `top_p`,
+    `guidance_scale` (taken from the first row). Output: one row per image with the prompt, the image's
+    rank, its CLIP score and the PNG as base64."""
+
+    def load_context(self, context) -> None:
+        from .bundle import Bundle
+
+        self.bundle = Bundle.load(context.artifacts["bundle"])
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import pandas as pd
+
+        from .bundle import png_base64
+
+        if "prompt" not in model_input.columns:
+            raise ValueError(f"input needs a 'prompt' column, got {list(model_input.columns)}")
+        first = model_input.iloc[0].to_dict()
+        options = {key: first[key] for key in ("temperature", "top_k", "top_p", "guidance_scale")
+                   if key in first and pd.notna(first[key])}
+        num_images = int(first.get("num_images", 1) if pd.notna(first.get("num_images", 1)) else 1)
+        seed = int(first.get("seed", 0) if pd.notna(first.get("seed", 0)) else 0)
+        prompts = [str(p) for p in model_input["prompt"]]
+        images, scores = self.bundle.generate(prompts, num_images=num_images, seed=seed, **options)
+        rows = [
+            {"prompt": prompt, "rank": rank, "clip_score": float(scores[p, rank]), "image_png": png_base64(images[p, rank])}
+            for p, prompt in enumerate(prompts) for rank in range(num_images)
+        ]
+        return pd.DataFrame(rows)
+
+
+def primary_metric(metrics: dict[str, float]) -> tuple[str, float]:
+    for name in PRIMARY_METRICS:
+        if name in metrics:
+            return name, float(metrics[name])
+    raise ValueError(f"no primary metric among {PRIMARY_METRICS} in {sorted(metrics)}")
+
+
+def evaluation_fingerprint(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Registration:
+    version: str
+    promoted: bool
+    decision: str
+
+
+def run(bundle_dir: Path, metrics: dict[str, float], prompts: list[str], tracker: Tracker) -> Registration:
+    """Log + register the bundle under `tracker`'s run, then decide champion/challenger."""
+    name, value = primary_metric(metrics)
+    fingerprint = evaluation_fingerprint(prompts)
+    version = tracker.log_registered_pyfunc(MODEL_NAME, DallePyfunc(), {"bundle": str(bundle_dir)})
+    client = tracker.client
+    for key, tag in {"primary_metric": name, "primary_value": value, "evaluation_set": fingerprint}.items():
+        client.set_model_version_tag(MODEL_NAME, version, key, str(tag))
+
+    try:
+        champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+    except Exception:  # no champion yet
+        champion = None
+    if champion is None:
+        promoted, decision = True, f"no champion yet: version {version} becomes champion ({name}={value:.4f})"
+    elif champion.tags.get("evaluation_set") != fingerprint or champion.tags.get("primary_metric") != name:
+        promoted, decision = False, (f"champion v{champion.version} was evaluated on another set or metric; "
+                                     f"kept (challenger v{version}: {name}={value:.4f})")
+    else:
+        best = float(champion.tags["primary_value"])
+        promoted = value > best
+        verb = "beats" if promoted else "does not beat"
+        decision = f"challenger v{version} {name}={value:.4f} {verb} champion v{champion.version} {best:.4f}"
+    if promoted:
+        client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+    client.set_model_version_tag(MODEL_NAME, version, "champion_decision", decision)
+    tracker.set_tags({"champion_decision": decision, "model_version": version})
+    tracker.log_metrics({"promoted": float(promoted)})
+    print(decision, flush=True)
+    return Registration(version=version, promoted=promoted, decision=decision)

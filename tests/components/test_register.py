@@ -1,0 +1,79 @@
+"""The registered model: bundle round trip, pyfunc predictions, champion/challenger decisions."""
+
+import pytest
+import torch
+
+from dalle_pipeline.components import checkpoint
+from dalle_pipeline.components.clip.model import LOCAL_DIR, ClipScorer, architecture, register_architecture
+from dalle_pipeline.components.config import ClipConfig, TokenizerConfig, resolve
+from dalle_pipeline.components.dvae.model import DiscreteVAE, DVAEModelConfig
+from dalle_pipeline.components.prior.model import Prior, PriorModelConfig
+from dalle_pipeline.components.register.bundle import Bundle, build
+from dalle_pipeline.components.register.run import CHAMPION, MODEL_NAME, run
+from dalle_pipeline.components.text.tokenizer import run as train_tokenizer
+from dalle_pipeline.components.tracking import Tracker
+
+CAPTIONS = ["a small red circle in the center", "a large blue square at the top"] * 10
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    """A bundle of randomly initialised models: what matters here is the plumbing, not the pictures."""
+    root = tmp_path_factory.mktemp("bundle")
+    cfg = resolve("micro")
+    torch.manual_seed(0)
+    dvae_cfg = DVAEModelConfig(image_size=32, codebook_size=64, n_hid=8, num_groups=3)
+    dvae_dir = checkpoint.save(root / "dvae", "dvae", DiscreteVAE(dvae_cfg).state_dict(), dvae_cfg.to_dict())
+    tokenizer_path, _ = train_tokenizer(TokenizerConfig(vocab_size=300), CAPTIONS, root / "tok")
+    prior_cfg = PriorModelConfig(text_vocab=300, image_vocab=64, text_len=24, grid_size=8, layers=1, d_model=32,
+                                 heads=2)
+    prior_dir = checkpoint.save(root / "prior", "prior", Prior(prior_cfg).state_dict(), prior_cfg.to_dict())
+    clip_cfg = ClipConfig(model_name="register-test-clip", embed_dim=16, vision_width=32, vision_layers=1,
+                          text_width=32, text_layers=1)
+    register_architecture(clip_cfg, 32, root / "arch")
+    clip_dir = ClipScorer.build(clip_cfg.model_name).save(root / "clip", architecture(clip_cfg, 32))
+    return build(root / "bundle", cfg, dvae_dir, prior_dir, tokenizer_path, LOCAL_DIR + str(clip_dir))
+
+
+def test_bundle_generates_the_best_images_by_clip_score(bundle_dir):
+    bundle = Bundle.load(bundle_dir)
+    images, scores = bundle.generate(["a small red circle", "a blue square"], num_images=3, seed=1)
+    assert images.shape == (2, 3, 32, 32, 3) and images.dtype.name == "uint8"
+    assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
+    again, _ = bundle.generate(["a small red circle", "a blue square"], num_images=3, seed=1)
+    assert (again == images).all()  # seeded
+
+
+def test_champion_moves_only_to_a_better_model_on_the_same_evaluation_set(bundle_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    artifacts = (tmp_path / "artifacts").as_uri()
+    prompts = ["a small red circle in the center"]
+
+    def register(value, eval_prompts=prompts):
+        tracker = Tracker.start(uri, "pipeline", artifact_root=artifacts)
+        return run(bundle_dir, {"oracle_colour_reranked": value}, eval_prompts, tracker)
+
+    first = register(0.5)
+    assert first.promoted and "no champion yet" in first.decision
+    worse = register(0.4)
+    assert not worse.promoted and "does not beat" in worse.decision
+    better = register(0.7)
+    assert better.promoted and "beats" in better.decision
+    other_set = register(0.9, ["another prompt"])
+    assert not other_set.promoted and "another set" in other_set.decision
+
+    tracker = Tracker.start(uri, "check", artifact_root=artifacts)
+    champion = tracker.client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+    assert str(champion.version) == better.version == "3"
+    assert tracker.client.get_model_version(MODEL_NAME, worse.version).tags["champion_decision"] == worse.decision
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}")
+    predictions = model.predict(pd.DataFrame({"prompt": ["a red circle", "a blue square"], "num_images": [2, 2]}))
+    assert list(predictions["rank"]) == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="'prompt' column"):
+        model.predict(pd.DataFrame({"caption": ["a red circle"]}))
