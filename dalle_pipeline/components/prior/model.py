@@ -152,8 +152,9 @@ class SelfAttention(nn.Module):
         if cache is not None:
             cache.keys[layer, :, :, start : start + length] = k
             cache.values[layer, :, :, start : start + length] = v
-            k = cache.keys[layer, :, :, : start + length]
-            v = cache.values[layer, :, :, : start + length]
+            # attend over the whole preallocated cache: shapes stay the same at every step (what CUDA
+            # graphs and torch.compile need); the mask rows hide the positions not written yet
+            k, v = cache.keys[layer], cache.values[layer]
         if isinstance(mask, torch.Tensor) or mask is None:
             dropout = self.dropout if self.training else 0.0
             if self.backend == "math" or (self.backend == "auto" and not q.is_cuda):
@@ -287,5 +288,5 @@ class Prior(nn.Module):
         x = self.embed(text, image, start)
         end = start + x.shape[1]
         for layer, (block, mask) in enumerate(zip(self.blocks, self.masks(x.device))):
-            x = block(x, mask[start:end, :end], cache, layer, start)
+            x = block(x, mask[start:end], cache, layer, start)
         return self.image_head(self.norm(x[:, -1]))
