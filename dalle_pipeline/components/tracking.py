@@ -37,7 +37,33 @@ def default_tracking_uri(root: str | Path | None = None) -> str:
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    # the registry lives in the same store; naming it keeps a process-wide registry URI out
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@contextmanager
+def _fluent_store(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide (fluent) tracking and registry URIs at one store for the block,
+    then put back what was there: set_tracking_uri/set_registry_uri also set MLFLOW_TRACKING_URI and
+    MLFLOW_REGISTRY_URI, which later clients, subprocesses and `default_tracking_uri` would inherit."""
+    import mlflow
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    saved_env = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved_tracking, saved_registry = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_tracking)
+        registry_utils._registry_uri = saved_registry
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def ensure_experiment(tracking_uri: str, name: str = EXPERIMENT_NAME, artifact_root: str | None = None) -> str:
@@ -143,9 +169,7 @@ class Tracker:
         import mlflow
         import mlflow.pyfunc
 
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=self.run_id):
+        with _fluent_store(self.tracking_uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.pyfunc.log_model(name=name, python_model=python_model, artifacts=dict(artifacts),
                                            registered_model_name=name)
         return str(info.registered_model_version)

@@ -1,5 +1,9 @@
 """The registered model: bundle round trip, pyfunc predictions, champion/challenger decisions."""
 
+import os
+
+import mlflow
+import mlflow.pyfunc
 import pytest
 import torch
 
@@ -11,7 +15,7 @@ from dalle_pipeline.components.prior.model import Prior, PriorModelConfig
 from dalle_pipeline.components.register.bundle import Bundle, build
 from dalle_pipeline.components.register.run import CHAMPION, MODEL_NAME, run
 from dalle_pipeline.components.text.tokenizer import run as train_tokenizer
-from dalle_pipeline.components.tracking import Tracker
+from dalle_pipeline.components.tracking import Tracker, _fluent_store
 
 CAPTIONS = ["a small red circle in the center", "a large blue square at the top"] * 10
 
@@ -53,7 +57,11 @@ def test_champion_moves_only_to_a_better_model_on_the_same_evaluation_set(bundle
         tracker = Tracker.start(uri, "pipeline", artifact_root=artifacts)
         return run(bundle_dir, {"oracle_colour_reranked": value}, eval_prompts, tracker)
 
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     first = register(0.5)
+    # registering must not repoint the process: later clients and subprocesses keep their own store
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
+    assert mlflow.get_registry_uri() != uri
     assert first.promoted and "no champion yet" in first.decision
     worse = register(0.4)
     assert not worse.promoted and "does not beat" in worse.decision
@@ -67,12 +75,10 @@ def test_champion_moves_only_to_a_better_model_on_the_same_evaluation_set(bundle
     assert str(champion.version) == better.version == "3"
     assert tracker.client.get_model_version(MODEL_NAME, worse.version).tags["champion_decision"] == worse.decision
 
-    import mlflow.pyfunc
     import pandas as pd
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}")
+    with _fluent_store(uri):
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}")
     predictions = model.predict(pd.DataFrame({"prompt": ["a red circle", "a blue square"], "num_images": [2, 2]}))
     assert list(predictions["rank"]) == [0, 1, 0, 1]
     with pytest.raises(ValueError, match="'prompt' column"):

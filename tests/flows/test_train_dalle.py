@@ -102,7 +102,8 @@ def test_bad_override_fails_before_any_work(tmp_path):
 
 def test_registered_champion_generates_from_the_cli_and_serves_over_http(micro_run):
     tmp_path, env, _ = micro_run
-    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    store = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    client = MlflowClient(store, registry_uri=store)
     champion = client.get_model_version_by_alias("dalle", "champion")
     assert str(champion.version) == "1" and "no champion yet" in champion.tags["champion_decision"]
 
