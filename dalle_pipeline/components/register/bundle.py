@@ -26,8 +26,7 @@ from ..dvae.train import load as load_dvae
 from ..images import to_uint8
 from ..prior.model import Prior
 from ..prior.train import load as load_prior
-from ..sample.generate import rerank
-from ..sample.run import draw_candidates
+from ..sample.run import draw_candidates, score_and_rank
 from ..storage import atomic_path
 from ..text.tokenizer import TextTokenizer
 
@@ -86,9 +85,7 @@ class Bundle:
         cfg = SampleConfig.model_validate(fields)
         generator = torch.Generator().manual_seed(seed)
         images, _ = draw_candidates(cfg, prompts, self.prior, self.dvae, self.tokenizer, generator)
-        scores = self.clip.scores(images.flatten(0, 1), [p for p in prompts for _ in range(cfg.candidates)])
-        scores = scores.view(len(prompts), -1)
-        best = rerank(scores, num_images)
+        scores, best = score_and_rank(self.clip, images, prompts, num_images)
         chosen = images[torch.arange(len(prompts))[:, None], best]
         pixels = to_uint8(chosen.flatten(0, 1)).reshape(len(prompts), num_images, *images.shape[-2:], 3)
         return pixels, scores.gather(1, best).numpy()

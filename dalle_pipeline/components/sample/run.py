@@ -61,6 +61,16 @@ def draw_candidates(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: D
         len(prompts), cfg.candidates)
 
 
+def score_and_rank(clip: ClipScorer, images: torch.Tensor, prompts: list[str],
+                   keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (P, C, 3, H, W) -> CLIP score of each candidate with its prompt (P, C), and the indices of
+    the `keep` best per prompt, best first (P, keep)."""
+    candidates = images.shape[1]
+    scores = clip.scores(images.flatten(0, 1), [p for p in prompts for _ in range(candidates)])
+    scores = scores.view(len(prompts), candidates)
+    return scores, rerank(scores, keep)
+
+
 def run(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: DiscreteVAE, tokenizer: TextTokenizer,
         clip: ClipScorer, out_dir: Path, tracker: Tracker | None = None) -> SampleResult:
     if not prompts:
@@ -69,10 +79,9 @@ def run(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: DiscreteVAE, 
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(cfg.seed)
     images, log_likelihood = draw_candidates(cfg, prompts, prior, dvae, tokenizer, generator)
-    flat = images.flatten(0, 1)
-    clip_scores = clip.scores(flat, [p for p in prompts for _ in range(cfg.candidates)]).view(len(prompts), -1)
-    ranking = rerank(clip_scores, cfg.keep)
-    pixels = to_uint8(flat).reshape(len(prompts), cfg.candidates, *to_uint8(flat[:1]).shape[1:])
+    clip_scores, ranking = score_and_rank(clip, images, prompts, cfg.keep)
+    flat_pixels = to_uint8(images.flatten(0, 1))
+    pixels = flat_pixels.reshape(len(prompts), cfg.candidates, *flat_pixels.shape[1:])
 
     shown = range(min(cfg.grid_prompts, len(prompts)))
     grid = save_grid([[pixels[p, c] for c in ranking[p].tolist()] for p in shown], out_dir / "samples.png",
