@@ -36,11 +36,10 @@ class DallePyfunc(mlflow.pyfunc.PythonModel):
 
         if "prompt" not in model_input.columns:
             raise ValueError(f"input needs a 'prompt' column, got {list(model_input.columns)}")
-        first = model_input.iloc[0].to_dict()
-        options = {key: first[key] for key in ("temperature", "top_k", "top_p", "guidance_scale")
-                   if key in first and pd.notna(first[key])}
-        num_images = int(first.get("num_images", 1) if pd.notna(first.get("num_images", 1)) else 1)
-        seed = int(first.get("seed", 0) if pd.notna(first.get("seed", 0)) else 0)
+        # options come from the first row; a column left empty (NaN) means the default
+        first = {key: value for key, value in model_input.iloc[0].to_dict().items() if pd.notna(value)}
+        options = {key: first[key] for key in ("temperature", "top_k", "top_p", "guidance_scale") if key in first}
+        num_images, seed = int(first.get("num_images", 1)), int(first.get("seed", 0))
         prompts = [str(p) for p in model_input["prompt"]]
         images, scores = self.bundle.generate(prompts, num_images=num_images, seed=seed, **options)
         rows = [
