@@ -234,8 +234,8 @@ class Prior(nn.Module):
             from torch.nn.attention.flex_attention import create_block_mask
 
             built = {}
-            for kind in set(layer_attention_types(self.cfg)):
-                allowed = build_mask(self.cfg, kind).to(device)
+            boolean = dict(zip(layer_attention_types(self.cfg), self.masks(device)))  # the masks built once
+            for kind, allowed in boolean.items():
 
                 def mask_mod(batch, head, q_index, kv_index, allowed=allowed):
                     return allowed[q_index, kv_index]
