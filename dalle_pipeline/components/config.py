@@ -32,28 +32,69 @@ class CorpusConfig(StageConfig):
 
 
 class DownloadConfig(StageConfig):
-    processes_count: int = Field(1, ge=1, description="img2dataset worker processes")
+    url_col: str = Field("url", min_length=1, description="URL list column holding the image URLs")
+    caption_col: str = Field("caption", min_length=1, description="URL list column holding the captions")
+    processes_count: int = Field(1, ge=1, description="img2dataset worker processes (or Ray tasks at once)")
     thread_count: int = Field(8, ge=1, description="img2dataset download threads per process")
     samples_per_shard: int = Field(1000, ge=1, description="samples per webdataset shard")
     timeout: int = Field(10, ge=1, description="seconds before a download is abandoned")
-    retries: int = Field(0, ge=0, description="retries per failed URL")
+    retries: int = Field(1, ge=0, description="retries of a URL that can succeed later (timeout, 429, 5xx)")
+    max_retry_after: float = Field(30.0, ge=0, description="longest Retry-After (s) waited for before a retry")
     encode_format: Literal["png", "jpg", "webp"] = Field("png", description="image format in the shards")
+    encode_quality: int | None = Field(
+        None, ge=0, le=100, description="JPEG/WebP quality 0-100 or PNG zlib level 0-9 (None: 95 or 6)"
+    )
     resize_mode: Literal["no", "border", "keep_ratio", "center_crop"] = Field(
         "center_crop", description="how img2dataset fits images to the preset's image size"
+    )
+    min_image_size: int = Field(0, ge=0, description="img2dataset drops images whose shorter side is smaller")
+    max_aspect_ratio: float | None = Field(None, ge=1, description="img2dataset drops longer/shorter above this")
+    compute_hash: Literal["sha256", "md5", "sha512"] | None = Field(
+        "sha256", description="hash of the downloaded bytes in each sample's metadata (exact dedupe uses sha256)"
+    )
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that forbid an image; [] ignores the header",
+    )
+    user_agent_token: str | None = Field(None, description="token added to the User-Agent, matched in X-Robots-Tag")
+    distributor: Literal["multiprocessing", "ray"] = Field(
+        "multiprocessing", description="img2dataset's workers: processes on this machine, or Ray tasks on a cluster"
+    )
+    max_image_bytes: int = Field(20_000_000, ge=1, description="larger downloads are refused (too_large)")
+    max_image_pixels: int = Field(
+        89_478_485, ge=1, description="images with more pixels are refused before decoding (decompression_bomb)"
     )
     allow_file_urls: bool = Field(False, description="accept file:// URLs (the embedded corpus needs it)")
 
 
 class FilterConfig(StageConfig):
-    min_image_size: int = Field(16, ge=1, description="drop images whose shorter side is smaller")
+    min_image_size: int = Field(16, ge=1, description="drop images whose original shorter side is smaller")
+    max_aspect_ratio: float = Field(3.0, ge=1, description="drop images whose original longer/shorter side is above")
     min_caption_chars: int = Field(1, ge=0, description="drop captions shorter than this after stripping")
     max_caption_chars: int = Field(1000, ge=1, description="drop captions longer than this")
+    caption_blocklist: list[str] = Field(
+        default_factory=list, description="drop captions containing any of these words or phrases (any case)"
+    )
+    drop_exact_duplicates: bool = Field(True, description="drop an image whose sha256 was kept before, in any run")
+    near_duplicate_distance: int | None = Field(
+        None, ge=0, le=15, description="drop an image whose perceptual hash is within this many bits of a kept one"
+    )
+    clip_model: str | None = Field(
+        None, description="open_clip model for the CLIP-score filter: a name (e.g. ViT-B-32) or local-dir:/path"
+    )
+    clip_pretrained: str | None = Field(None, description="its pretrained tag (e.g. laion2b_s34b_b79k) or weights file")
+    clip_min_score: float = Field(
+        0.28, ge=-1, le=1, description="drop below this image-caption cosine (LAION: 0.28 for ViT-B/32)"
+    )
 
 
 class TokenizerConfig(StageConfig):
     vocab_size: int = Field(512, ge=260, description="byte-level BPE vocabulary size, specials included")
     lowercase: bool = Field(True, description="lower-case captions before BPE")
     text_len: int = Field(24, ge=4, description="text positions in the prior; longer captions are cut")
+    bpe_dropout: float = Field(
+        0.0, ge=0, lt=1, description="BPE dropout when tokenizing the training corpus (paper: 0.1); sampling never drops"
+    )
 
 
 class OptimConfig(StageConfig):
@@ -172,7 +213,8 @@ class PipelineConfig(StageConfig):
     seed: int = Field(0, description="global seed")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     download: DownloadConfig = Field(default_factory=lambda: DownloadConfig(allow_file_urls=True))
-    filter: FilterConfig = Field(default_factory=FilterConfig)
+    # the embedded corpus draws a few hundred distinct scenes, so one picture recurs under many captions
+    filter: FilterConfig = Field(default_factory=lambda: FilterConfig(drop_exact_duplicates=False))
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     dvae: DVAEConfig = Field(default_factory=DVAEConfig)
     prior: PriorConfig = Field(default_factory=PriorConfig)
@@ -280,6 +322,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dvae.optim.ema_decay": 0.999,
         "tokenizer.vocab_size": 16384,
         "tokenizer.text_len": 256,
+        "tokenizer.bpe_dropout": 0.1,
         "prior.layers": 64,
         "prior.d_model": 3968,
         "prior.heads": 62,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,15 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+# keys become tar member names (and file names wherever a shard is unpacked): plain names only
+SAFE_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")
+
+
+def check_key(key: str, where: str | Path) -> str:
+    """`key` if it is a plain name (no separator, no dot, no leading dash), else ValueError."""
+    if not SAFE_KEY.fullmatch(key):
+        raise ValueError(f"{where}: sample key {key!r} is not a plain name ([A-Za-z0-9_-], at most 128)")
+    return key
 
 
 @dataclass
@@ -53,6 +63,7 @@ def read_shard(path: str | Path) -> Iterator[Sample]:
             key, _, ext = member.name.rpartition(".")
             if not key:
                 continue
+            check_key(key, path)
             if key not in groups:
                 groups[key] = {}
                 order.append(key)
@@ -81,6 +92,7 @@ def write_shard(path: str | Path, samples: Iterable[Sample]) -> int:
     try:
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
             for sample in samples:
+                check_key(sample.key, path)
                 members = {
                     sample.image_ext: sample.image_bytes,
                     "txt": sample.caption.encode("utf-8"),

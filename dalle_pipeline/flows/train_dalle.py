@@ -39,13 +39,17 @@ def download(cfg: PipelineConfig, url_list: Path, run_dir: Path, parent: Tracker
 
     with stage_run(parent, "download", cfg.download.model_dump(mode="json")) as tracker:
         result = run(cfg.download, url_list, run_dir / "download", image_size=cfg.corpus.image_size)
-        tracker.log_metrics({"successes": result.successes, "failures": result.failures})
-        print(f"downloaded {result.successes} images, {result.failures} failed {result.failures_by_reason}")
+        tracker.log_metrics({"successes": result.successes, "failures": result.failures, "new_urls": result.new_urls,
+                             **{f"failed_{k}": v for k, v in result.failures_by_reason.items()}})
+        print(f"downloaded {result.successes} images ({result.new_urls} URLs new), {result.failures} failed "
+              f"{result.failures_by_reason}")
     return result.shards_dir
 
 
 @task(name="filter", **STAGE_TASK)
 def filter_corpus(cfg: PipelineConfig, shards_dir: Path, run_dir: Path, parent: Tracker) -> Path:
+    from prefect.artifacts import create_table_artifact
+
     from dalle_pipeline.components.filter.run import run
 
     with stage_run(parent, "filter", cfg.filter.model_dump(mode="json")) as tracker:
@@ -53,6 +57,10 @@ def filter_corpus(cfg: PipelineConfig, shards_dir: Path, run_dir: Path, parent: 
         tracker.log_metrics({"kept": result.kept, **{f"dropped_{k}": v for k, v in result.dropped_by_reason.items()}})
         tracker.log_artifact(result.report_path)
         print(f"kept {result.kept} samples, dropped {result.dropped_by_reason}")
+    rows = [{"stage": "filter", "reason": "kept", "samples": result.kept}]
+    rows += [{"stage": "filter", "reason": k, "samples": v} for k, v in result.dropped_by_reason.items()]
+    rows += [{"stage": "download", "reason": k, "samples": v} for k, v in result.download_failures_by_reason.items()]
+    create_table_artifact(rows, key="filter-report", description="Samples kept and dropped, by reason")
     return result.curated_dir
 
 
@@ -84,7 +92,8 @@ def tokenize_corpus(cfg: PipelineConfig, curated_dir: Path, dvae_dir: Path, toke
     from dalle_pipeline.components.tokenize_corpus.run import run
 
     with stage_run(parent, "tokenize-corpus") as tracker:
-        result = run(curated_dir, dvae_dir, tokenizer_path, run_dir / "tokens", cfg.tokenizer.text_len)
+        result = run(curated_dir, dvae_dir, tokenizer_path, run_dir / "tokens", cfg.tokenizer.text_len,
+                     bpe_dropout=cfg.tokenizer.bpe_dropout)
         tracker.log_metrics({"rows": result.rows})
         tracker.log_artifact(result.dataset_dir / "_manifest.json")
     return result.dataset_dir

@@ -1,25 +1,32 @@
-"""Download stage: real img2dataset runs on file:// URLs and on a loopback HTTP server."""
+"""Download stage: real img2dataset runs on file:// URLs and on a loopback HTTP server full of faults."""
 
 from __future__ import annotations
 
-import functools
-import http.server
+import gzip
+import hashlib
+import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dalle_pipeline.components.config import CorpusConfig, DownloadConfig
+from dalle_pipeline.components.config import CorpusConfig, DownloadConfig, FilterConfig
 from dalle_pipeline.components.corpus import generate
-from dalle_pipeline.components.download import run
-from dalle_pipeline.components.shards import iter_samples, shard_paths
+from dalle_pipeline.components.download import batch_shards, finished_batches, read_url_list, run
+from dalle_pipeline.components.filter import read_report
+from dalle_pipeline.components.filter import run as filter_run
+from dalle_pipeline.components.shards import iter_samples, read_shard, shard_paths
+from faulty_server import FAULTS, MAX_BYTES, FaultyServer
 
 IMAGE_SIZE = 32
 FAST = dict(processes_count=1, thread_count=4, samples_per_shard=16)
@@ -30,86 +37,151 @@ def corpus(tmp_path_factory: pytest.TempPathFactory):
     return generate(CorpusConfig(num_images=40, max_shapes=2, seed=3), tmp_path_factory.mktemp("corpus"))
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves the corpus images; a request whose query says `noai` gets an X-Robots-Tag: noai header."""
-
-    def end_headers(self) -> None:
-        if "noai" in self.path:
-            self.send_header("X-Robots-Tag", "noai")
-        super().end_headers()
-
-    def log_message(self, *args) -> None:  # keep test output readable
-        pass
-
-
-@pytest.fixture()
-def image_server(corpus) -> Iterator[str]:
-    handler = functools.partial(_Handler, directory=str(corpus.images_dir))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_file_urls_arrive_with_caption_and_extra_columns(corpus, tmp_path):
     out_dir = tmp_path / "shards"
     result = run(DownloadConfig(allow_file_urls=True, **FAST), corpus.url_list, out_dir, IMAGE_SIZE)
 
-    assert (result.successes, result.failures, result.failures_by_reason) == (40, 0, {})
-    assert len(shard_paths(out_dir)) == len(result.stats_files) == 3  # 16 + 16 + 8
+    assert (result.successes, result.failures, result.failures_by_reason, result.new_urls) == (40, 0, {}, 40)
+    assert [batch.name for batch in result.batches] == ["batch-00000"]
+    assert len(shard_paths(out_dir / "batch-00000")) == len(result.stats_files) == 3  # 16 + 16 + 8
     expected = {row["url"]: row for row in pq.read_table(corpus.url_list).to_pylist()}
-    samples = list(iter_samples(out_dir))
+    samples = _samples(out_dir)
     assert sorted(s.meta["url"] for s in samples) == sorted(expected)
     for sample in samples:
         row = expected[sample.meta["url"]]
         assert sample.caption == row["caption"]
         assert json.loads(sample.meta["objects"]) == json.loads(row["objects"])
-        source = np.asarray(Image.open(sample.meta["url"].removeprefix("file://")).convert("RGB"))
+        source_bytes = Path(sample.meta["url"].removeprefix("file://")).read_bytes()
+        assert sample.meta["sha256"] == hashlib.sha256(source_bytes).hexdigest()
+        source = np.asarray(Image.open(io.BytesIO(source_bytes)).convert("RGB"))
         assert np.array_equal(sample.pixels(), source)  # same size, PNG: nothing may change
-    assert (out_dir / "_SUCCESS").is_file()
-    assert not list(tmp_path.glob(".*partial"))  # the staging folder became out_dir
+    assert (out_dir / "batch-00000" / "_SUCCESS").is_file()
+    assert not list(out_dir.glob(".*partial"))  # the staging folder became the batch
 
 
-def test_a_finished_download_is_reused_and_a_half_finished_one_is_not(corpus, tmp_path):
+def _samples(download_dir: Path) -> list:
+    return [sample for batch in finished_batches(download_dir) for tar, _ in batch_shards(batch)
+            for sample in read_shard(tar)]
+
+
+def test_a_rerun_adds_nothing_and_a_longer_list_adds_only_its_new_rows(corpus, tmp_path):
     cfg = DownloadConfig(allow_file_urls=True, **FAST)
+    rows = pq.read_table(corpus.url_list)
+    first_list = tmp_path / "first.parquet"
+    pq.write_table(rows.slice(0, 30), first_list)
     out_dir = tmp_path / "shards"
     out_dir.mkdir()
-    (out_dir / "00000.tar").write_bytes(b"half a shard")  # a crashed run's debris, no _SUCCESS
-    first = run(cfg, corpus.url_list, out_dir, IMAGE_SIZE)
-    assert first.successes == 40 and len(list(iter_samples(out_dir))) == 40
+    (out_dir / ".batch-00000.partial").mkdir()  # a crashed run's debris for another request
+    (out_dir / ".batch-00000.partial" / "00000.tar").write_bytes(b"half a shard")
 
-    marker_time = (out_dir / "_SUCCESS").stat().st_mtime_ns
-    again = run(cfg.model_copy(update={"thread_count": 2}), corpus.url_list, out_dir, IMAGE_SIZE)
-    assert again == first
-    assert (out_dir / "_SUCCESS").stat().st_mtime_ns == marker_time  # nothing was downloaded again
+    first = run(cfg, first_list, out_dir, IMAGE_SIZE)
+    assert (first.successes, first.new_urls, len(_samples(out_dir))) == (30, 30, 30)
+
+    again = run(cfg.model_copy(update={"thread_count": 2}), first_list, out_dir, IMAGE_SIZE)
+    assert again.new_urls == 0 and again.batches == first.batches and again.successes == 30
+
+    # the next crawl: the whole list, in another order, with one URL twice: only the 10 new URLs are fetched
+    longer_list = tmp_path / "longer.parquet"
+    pq.write_table(pa.concat_tables([rows.slice(35), rows.slice(0, 35), rows.slice(38, 1)]), longer_list)
+    longer = run(cfg, longer_list, out_dir, IMAGE_SIZE)
+    assert (longer.new_urls, longer.successes, [b.name for b in longer.batches]) == (10, 40, ["batch-00000", "batch-00001"])
+    assert sorted(s.meta["url"] for s in _samples(out_dir)) == sorted(rows.column("url").to_pylist())
+
+    with pytest.raises(ValueError, match=r"other settings \(image_size: 32 -> 16\)"):
+        run(cfg, longer_list, out_dir, 16)
 
 
-def test_http_successes_and_failures_are_counted_from_a_worker_thread(corpus, image_server, tmp_path):
-    names = sorted(path.name for path in corpus.images_dir.iterdir())[:10]
-    urls = [f"{image_server}/{name}" for name in names]
-    urls += [f"{image_server}/missing.png", f"{image_server}/{names[0]}?noai"]
-    url_list = tmp_path / "urls.csv"
-    pa_csv.write_csv(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))]}), url_list)
+def _fault_rows(server: FaultyServer, names: list[str]) -> list[tuple[str, bytes]]:
+    """(url, caption bytes) rows: good images, their other URLs, every fault, and bad captions."""
+    good = [(f"{server.url}/good/{name}", f"good {i}".encode()) for i, name in enumerate(names[:10])]
+    return good + [
+        (f"{server.url}/dup/{names[0]}", b"the same picture, another url"),
+        (f"{server.url}/redirect/{names[10]}", b"moved"),
+        (f"{server.url}/flaky/{names[11]}", b"rate limited once"),
+        (f"{server.url}/slow/0.5/{names[12]}", "caf\u00e9 in latin-1".encode("latin-1")),
+        (f"{server.url}/slow/0/{names[13]}", b"long " * 2000),
+    ] + [(f"{server.url}{path}", f"fault {path}".encode()) for path in FAULTS]
 
-    outcome: dict = {}
-    cfg = DownloadConfig(**FAST)  # http only: file:// stays refused
-    # Prefect runs submitted tasks on worker threads, where img2dataset cannot install its SIGINT handler
-    worker = threading.Thread(target=lambda: outcome.update(result=run(cfg, url_list, tmp_path / "out", IMAGE_SIZE)))
-    worker.start()
-    worker.join(timeout=120)
-    result = outcome["result"]
 
-    assert result.successes == 10
-    assert result.failures == 2
-    assert result.failures_by_reason == {
-        "HTTP Error 404: File not found": 1,
-        "Use of image disallowed by X-Robots-Tag directive": 1,
-    }
-    assert sorted(s.caption for s in iter_samples(result.shards_dir)) == sorted(f"caption {i}" for i in range(10))
+def _write_csv(path: Path, rows: list[tuple[str, bytes]]) -> Path:
+    lines = [b"url,caption"] + [url.encode() + b',"' + caption.replace(b'"', b'""') + b'"' for url, caption in rows]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_a_crawl_full_of_faults_keeps_every_good_image_and_names_every_bad_one(corpus, tmp_path):
+    names = sorted(path.name for path in corpus.images_dir.iterdir())
+    cfg = DownloadConfig(**FAST, timeout=2, retries=1, max_retry_after=5, max_image_bytes=MAX_BYTES)  # http only
+    with FaultyServer(corpus.images_dir) as server:
+        url_list = _write_csv(tmp_path / "urls.csv", _fault_rows(server, names))
+        outcome: dict = {}
+        # Prefect runs submitted tasks on worker threads, where img2dataset cannot install its SIGINT handler
+        worker = threading.Thread(target=lambda: outcome.update(result=run(cfg, url_list, tmp_path / "dl", IMAGE_SIZE)))
+        worker.start()
+        worker.join(timeout=300)
+        result = outcome["result"]
+        good_requests = sum(count for path, count in server.requests.items() if path.startswith("/good/"))
+
+        assert result.successes == 15  # 10 good, the duplicate, the redirect, the flaky one, the 2 bad captions
+        assert result.failures_by_reason == {reason: 1 for reason in FAULTS.values()}
+        assert server.requests[f"/flaky/{names[11]}"] == 2  # waited out Retry-After: 1, then got it
+        assert server.requests["/rate-limited.png"] == 1  # Retry-After: 86400 is not worth waiting for
+        assert server.requests["/missing.png"] == 1  # a 404 is not retried
+        assert server.requests["/error.png"] == 2  # a 500 is, once
+
+        again = run(cfg, url_list, tmp_path / "dl", IMAGE_SIZE)
+        assert again.new_urls == 0 and again.successes == 15
+        assert sum(count for path, count in server.requests.items() if path.startswith("/good/")) == good_requests
+
+    curated = filter_run(FilterConfig(), result.shards_dir, tmp_path / "curated")
+    report = {row["url"].removeprefix(server.url): row for row in read_report(curated.report_path).to_pylist()}
+    assert len(report) == len(_fault_rows(server, names))
+    assert {path: report[path]["reason"] for path in FAULTS} == FAULTS
+    assert all(report[path]["stage"] == "download" for path in FAULTS)
+    expected_kept = [f"/good/{name}" for name in names[:10]] + [f"/redirect/{names[10]}", f"/flaky/{names[11]}"]
+    assert sorted(path for path, row in report.items() if row["kept"]) == sorted(expected_kept)
+    assert report[f"/dup/{names[0]}"]["reason"] == "duplicate"
+    assert report[f"/slow/0.5/{names[12]}"]["reason"] == "caption_not_utf8"
+    assert report[f"/slow/0/{names[13]}"]["reason"] == "caption_too_long"
+    assert curated.kept == 12 and sum(1 for _ in iter_samples(curated.curated_dir)) == 12
+    assert curated.download_failures_by_reason == {reason: 1 for reason in FAULTS.values()}
+
+
+def test_a_download_killed_midway_resumes_to_the_same_corpus(corpus, tmp_path):
+    names = sorted(path.name for path in corpus.images_dir.iterdir())
+    cfg = DownloadConfig(processes_count=1, thread_count=2, samples_per_shard=4, timeout=5)
+    with FaultyServer(corpus.images_dir) as server:
+        url_list = tmp_path / "urls.parquet"
+        urls = [f"{server.url}/slow/0.1/{name}" for name in names]
+        pq.write_table(pa.table({"url": urls, "caption": [f"image {i}" for i in range(len(urls))]}), url_list)
+        clean = run(cfg, url_list, tmp_path / "clean", IMAGE_SIZE)
+
+        killed_dir = tmp_path / "killed"
+        script = (
+            "import sys; from dalle_pipeline.components.config import DownloadConfig; "
+            "from dalle_pipeline.components.download import run; "
+            f"run(DownloadConfig.model_validate_json(sys.argv[1]), {str(url_list)!r}, {str(killed_dir)!r}, {IMAGE_SIZE})"
+        )
+        child = subprocess.Popen([sys.executable, "-c", script, cfg.model_dump_json()], start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        staging = killed_dir / ".batch-00000.partial"
+        deadline = time.monotonic() + 120
+        while len(list(staging.glob("*_stats.json"))) < 2 and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.05)
+        os.killpg(child.pid, signal.SIGKILL)  # the whole job: the process and img2dataset's workers
+        child.wait()
+        assert 2 <= len(list(staging.glob("*_stats.json"))) < 10  # it stopped partway
+        assert finished_batches(killed_dir) == []  # nothing half-done is visible to later stages
+        with pytest.raises(FileNotFoundError, match="no finished download batch"):
+            filter_run(FilterConfig(), killed_dir, tmp_path / "too-early")
+
+        resumed = run(cfg, url_list, killed_dir, IMAGE_SIZE)
+
+    assert (resumed.successes, resumed.failures) == (clean.successes, clean.failures) == (40, 0)
+    def corpus_of(download_dir: Path, name: str) -> list:
+        result = filter_run(FilterConfig(), download_dir, tmp_path / name)
+        return sorted((s.key, s.caption, hashlib.sha256(s.image_bytes).hexdigest()) for s in iter_samples(result.curated_dir))
+    assert corpus_of(killed_dir, "curated-killed") == corpus_of(tmp_path / "clean", "curated-clean")
 
 
 def test_file_urls_are_refused_unless_allowed(corpus, tmp_path):
@@ -148,3 +220,42 @@ def test_bad_url_lists_fail_before_downloading(tmp_path, name, columns, message)
 def test_a_missing_url_list_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.parquet"):
         run(DownloadConfig(), tmp_path / "nowhere.parquet", tmp_path / "out", IMAGE_SIZE)
+
+
+LIST_ROWS = [{"link": "https://e.com/a.png", "text": "a red circle", "licence": "cc-by"},
+             {"link": "https://e.com/b.png", "text": None, "licence": "cc0"}]
+
+
+def _write_any(path: Path, rows: list[dict]) -> Path:
+    kind = path.name.removesuffix(".gz").rsplit(".", 1)[1]
+    table = pa.Table.from_pylist(rows)
+    if kind == "parquet":
+        pq.write_table(table, path)
+        return path
+    if kind in ("csv", "tsv"):
+        sep = "\t" if kind == "tsv" else ","
+        lines = [sep.join(table.column_names)] + [sep.join(str(v) if v is not None else "" for v in row.values())
+                                                 for row in rows]
+        data = "\n".join(lines).encode()
+    elif kind == "json":
+        data = json.dumps(rows).encode()
+    else:
+        data = "\n".join(json.dumps(row) for row in rows).encode()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["l.parquet", "l.csv", "l.tsv", "l.json", "l.jsonl", "l.csv.gz", "l.jsonl.gz"])
+def test_every_url_list_format_reads_the_same_rows(tmp_path, name):
+    table = read_url_list(_write_any(tmp_path / name, LIST_ROWS), "link", "text", allow_file_urls=False)
+    assert table.column("link").to_pylist() == ["https://e.com/a.png", "https://e.com/b.png"]
+    assert table.column("text").to_pylist() == ["a red circle", ""]  # a missing caption becomes empty
+    assert table.column("licence").to_pylist() == ["cc-by", "cc0"]  # extra columns are carried through
+
+
+def test_an_unreadable_url_list_is_named(tmp_path):
+    broken = tmp_path / "urls.jsonl.gz"
+    broken.write_bytes(gzip.compress(b'{"url": "https://e.com/a", "caption": "a"}\n')[:-6])
+    with pytest.raises(ValueError, match=r"urls.jsonl.gz: cannot read it as jsonl.gz"):
+        run(DownloadConfig(**FAST), broken, tmp_path / "out", IMAGE_SIZE)
+    assert not (tmp_path / "out").exists()

@@ -1,94 +1,205 @@
-"""Filter stage: hand-built shards with good and bad samples; each bad one is dropped for its reason."""
+"""Filter stage: hand-built download batches with good and bad samples; each bad one is dropped for its reason."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import random
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageDraw
 
-from dalle_pipeline.components.config import FilterConfig
-from dalle_pipeline.components.filter import read_report, run
-from dalle_pipeline.components.shards import Sample, read_shard, shard_paths, write_shard
+from dalle_pipeline.components.clip.model import LOCAL_DIR, ClipScorer, architecture, register_architecture
+from dalle_pipeline.components.config import ClipConfig, FilterConfig
+from dalle_pipeline.components.filter import NearDuplicateIndex, perceptual_hash, read_report, run
+from dalle_pipeline.components.shards import Sample, iter_samples, read_shard, shard_paths, write_shard
 
-CFG = FilterConfig(min_image_size=16, min_caption_chars=5, max_caption_chars=40)
+CFG = FilterConfig(min_image_size=16, min_caption_chars=5, max_caption_chars=40, caption_blocklist=["nsfw", "for sale"],
+                   near_duplicate_distance=4)
 
 
-def _image_bytes(side: int, fmt: str = "PNG") -> bytes:
+def _picture(seed: int, side: int = 32) -> Image.Image:
+    """A distinct picture per seed: a few random rectangles and ellipses."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (side, side), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x0, y0 = rng.randrange(side - 8), rng.randrange(side - 8)
+        box = (x0, y0, x0 + rng.randrange(6, side - x0), y0 + rng.randrange(6, side - y0))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape(box, fill=tuple(rng.randrange(256) for _ in range(3)))
+    return image
+
+
+def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (side, side), (200, 40, 40)).save(buffer, format=fmt)
+    image.save(buffer, format=fmt, quality=90)
     return buffer.getvalue()
 
 
-def _sample(key: str, caption: str = "a small red circle", image: bytes | None = None, ext: str = "png") -> Sample:
-    return Sample(key, _image_bytes(32) if image is None else image, ext, caption, meta={"url": f"u/{key}"})
+def _sample(key: str, caption: str = "a small red circle", image: bytes | None = None, ext: str = "png",
+            original: tuple[int, int] = (64, 64), seed: int | None = None) -> Sample:
+    image = _encode(_picture(int(key) if seed is None else seed)) if image is None else image
+    meta = {"url": f"https://e.com/{key}", "sha256": hashlib.sha256(image).hexdigest(),
+            "original_width": original[0], "original_height": original[1]}
+    return Sample(key, image, ext, caption, meta=meta)
 
 
-# key -> (sample, expected reason)
+# key -> (sample, expected reason); batch keys get the batch number in front
 CASES = {
-    "00000000": (_sample("00000000"), "kept"),
-    "00000001": (_sample("00000001", caption="   \n"), "empty_caption"),
-    "00000002": (_sample("00000002", caption=" abc "), "caption_too_short"),
-    "00000003": (_sample("00000003", caption="a" * 41), "caption_too_long"),
-    "00000004": (_sample("00000004", image=_image_bytes(8)), "too_small"),
-    "00000005": (_sample("00000005", image=b"certainly not an image"), "undecodable"),
-    "00010000": (_sample("00010000", image=_image_bytes(32)[:60]), "undecodable"),  # truncated PNG
-    "00010001": (_sample("00010001", image=_image_bytes(16, "JPEG"), ext="jpg"), "kept"),
-    "00010002": (_sample("00010002", caption="  " + "b" * 40 + "  "), "kept"),  # length after strip
-    "00010003": (_sample("00010003", caption="", image=b"junk"), "empty_caption"),  # caption checked first
+    "000000000": (_sample("000000000"), "kept"),
+    "000000001": (_sample("000000001", caption="   \n"), "empty_caption"),
+    "000000002": (_sample("000000002", caption=" abc "), "caption_too_short"),
+    "000000003": (_sample("000000003", caption="a" * 41), "caption_too_long"),
+    "000000004": (_sample("000000004", caption="caf\ufffd au lait"), "caption_not_utf8"),
+    "000000005": (_sample("000000005", caption="Poster FOR  SALE now".replace("  ", " ")), "blocked_caption"),
+    "000000006": (_sample("000000006", original=(8, 64)), "too_small"),
+    "000000007": (_sample("000000007", original=(200, 50)), "aspect_ratio"),
+    "000000008": (_sample("000000008", image=b"certainly not an image"), "undecodable"),
+    "000010000": (_sample("000010000", image=_encode(_picture(9))[:60]), "undecodable"),  # truncated PNG
+    "000010001": (_sample("000010001", image=_encode(_picture(11), "JPEG"), ext="jpg"), "kept"),
+    "000010002": (_sample("000010002", caption="  " + "b" * 40 + "  "), "kept"),  # length after strip
+    "000010003": (_sample("000010003", caption="", image=b"junk"), "empty_caption"),  # caption checked first
+    "000010004": (_sample("000010004", caption="a sale for nsfwish minds"), "kept"),  # whole words only
+    "000010005": (_sample("000010005", seed=0, caption="same bytes, other url"), "duplicate"),
+    "000010006": (_sample("000010006", image=_encode(_picture(11).resize((48, 48)), "JPEG"), ext="jpg"),
+                  "near_duplicate"),  # 000010001 resized and re-encoded
 }
 
 
+def _write_batch(download_dir: Path, number: int, shards: dict[str, list[Sample]], failures: int = 0) -> Path:
+    """A finished download batch as the download stage leaves it, with img2dataset's per-URL parquet."""
+    batch = download_dir / f"batch-{number:05d}"
+    for shard_name, samples in shards.items():
+        write_shard(batch / f"{shard_name}.tar", samples)
+        rows = [{"key": s.key, "url": s.meta["url"], "status": "success", "error_message": None} for s in samples]
+        rows += [{"key": f"{shard_name}9999{i}", "url": f"https://e.com/gone/{shard_name}/{i}",
+                  "status": "failed_to_download", "error_message": "http_404"} for i in range(failures)]
+        pq.write_table(pa.Table.from_pylist(rows), batch / f"{shard_name}.parquet")
+    (batch / "_SUCCESS").write_text(json.dumps({"settings": {}, "urls": 0}))
+    return batch
+
+
 @pytest.fixture()
-def shards_dir(tmp_path):
+def download_dir(tmp_path):
     folder = tmp_path / "download"
-    for shard_name, prefix in (("00000.tar", "0000"), ("00001.tar", "0001")):
-        write_shard(folder / shard_name, [sample for key, (sample, _) in CASES.items() if key.startswith(prefix)])
-    (folder / "00000_stats.json").write_text("{}")  # img2dataset's files beside the shards are ignored
+    shards = {name: [sample for key, (sample, _) in CASES.items() if key.startswith(prefix)]
+              for name, prefix in (("00000", "00000"), ("00001", "00001"))}
+    _write_batch(folder, 0, shards, failures=1)
+    (folder / ".batch-00001.partial").mkdir()  # an unfinished batch is never read
+    write_shard(folder / ".batch-00001.partial" / "00000.tar", [_sample("000000000")])
     return folder
 
 
-def test_each_sample_is_reported_with_its_reason_and_only_good_ones_are_kept(shards_dir, tmp_path):
-    result = run(CFG, shards_dir, tmp_path / "curated")
+def test_each_sample_is_reported_with_its_reason_and_only_good_ones_are_kept(download_dir, tmp_path):
+    result = run(CFG, download_dir, tmp_path / "curated")
 
     report = read_report(result.report_path).to_pylist()
-    assert {row["key"]: row["reason"] for row in report} == {key: reason for key, (_, reason) in CASES.items()}
-    assert all(row["kept"] == (row["reason"] == "kept") for row in report)
-    assert result.kept == 3
-    assert result.dropped_by_reason == {
-        "empty_caption": 2,
-        "undecodable": 2,
-        "caption_too_long": 1,
-        "caption_too_short": 1,
-        "too_small": 1,
+    by_key = {row["key"]: row for row in report}
+    assert {k: row["reason"] for k, row in by_key.items() if row["stage"] == "filter"} == {
+        "00000" + key: reason for key, (_, reason) in CASES.items()
     }
+    assert {k: row["reason"] for k, row in by_key.items() if row["stage"] == "download"} == {
+        "00000000009999" + "0": "http_404", "00000000019999" + "0": "http_404"
+    }
+    assert all(row["kept"] == (row["reason"] == "kept") for row in report)
+    assert result.kept == 4
+    assert result.download_failures_by_reason == {"http_404": 2}
+    assert sum(result.dropped_by_reason.values()) == len(CASES) - 4 and result.dropped_by_reason["undecodable"] == 2
+    assert by_key["00000000000000"]["sha256"] == CASES["000000000"][0].meta["sha256"]
+    assert by_key["00000000000000"]["phash"] == perceptual_hash(_picture(0))
 
-    assert [path.name for path in shard_paths(result.curated_dir)] == ["00000.tar", "00001.tar"]
+    assert [path.name for path in shard_paths(result.curated_dir)] == ["batch-00000-00000.tar", "batch-00000-00001.tar"]
     curated = {s.key: s for path in shard_paths(result.curated_dir) for s in read_shard(path)}
-    assert sorted(curated) == ["00000000", "00010001", "00010002"]
+    assert sorted(curated) == ["00000000000000", "00000000010001", "00000000010002", "00000000010004"]
     for key, sample in curated.items():
-        original = CASES[key][0]
+        original = CASES[key.removeprefix("00000")][0]
         assert (sample.caption, sample.image_bytes, sample.image_ext, sample.meta) == (
-            original.caption,
-            original.image_bytes,
-            original.image_ext,
-            original.meta,
-        )
+            original.caption, original.image_bytes, original.image_ext, original.meta)
 
 
-def test_a_rerun_replaces_the_previous_output(shards_dir, tmp_path):
+def test_a_rerun_reuses_finished_shards_and_a_new_batch_is_deduplicated_against_them(download_dir, tmp_path):
     out_dir = tmp_path / "curated"
-    write_shard(out_dir / "00007.tar", [_sample("00070000")])  # from some earlier, larger download
-    run(CFG, shards_dir, out_dir)
+    write_shard(out_dir / "batch-00007-00000.tar", [_sample("000070000")])  # from some earlier download folder
+    first = run(CFG, download_dir, out_dir)
+    assert first.reused_shards == 0 and not (out_dir / "batch-00007-00000.tar").exists()
+    first_report = read_report(first.report_path)
 
-    stricter = run(CFG.model_copy(update={"min_image_size": 20}), shards_dir, out_dir)
-    assert [path.name for path in shard_paths(out_dir)] == ["00000.tar", "00001.tar"]
-    assert stricter.kept == 2 and stricter.dropped_by_reason["too_small"] == 2
-    assert read_report(stricter.report_path).num_rows == len(CASES)
+    again = run(CFG, download_dir, out_dir)
+    assert again.reused_shards == 2 and read_report(again.report_path).equals(first_report)
+
+    # the next crawl brings a copy of a kept image (new URL), a near copy, and a new picture
+    _write_batch(download_dir, 1, {"00000": [
+        _sample("000000000", seed=0, caption="the first image, crawled again"),
+        _sample("000000001", image=_encode(_picture(10).resize((40, 40)), "JPEG"), ext="jpg", caption="picture ten"),
+        _sample("000000002", seed=99, caption="a brand new picture"),
+    ]})
+    grown = run(CFG, download_dir, out_dir)
+    assert grown.reused_shards == 2
+    new_rows = {row["key"]: row["reason"] for row in read_report(grown.report_path).to_pylist()
+                if row["key"].startswith("00001")}
+    # picture 0 was kept in the first run; picture 10 is new, however close its pixels are to others
+    assert new_rows == {"00001000000000": "duplicate", "00001000000001": "kept", "00001000000002": "kept"}
+    assert grown.kept == first.kept + 2
+
+    stricter = run(CFG.model_copy(update={"min_image_size": 100}), download_dir, out_dir)
+    assert stricter.reused_shards == 0 and stricter.kept == 0 and stricter.dropped_by_reason["too_small"] > 0
+    assert sum(1 for _ in iter_samples(out_dir)) == 0
 
 
-def test_a_folder_without_shards_is_an_error(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no \\*.tar shards"):
+def test_perceptual_hash_is_near_for_copies_and_far_for_other_pictures():
+    base = _picture(3, 64)
+    copies = [base.resize((32, 32)), Image.open(io.BytesIO(_encode(base, "JPEG"))), base.resize((96, 96))]
+    others = [_picture(seed, 64) for seed in range(20, 40)]
+    distance = lambda a, b: (perceptual_hash(a) ^ perceptual_hash(b)).bit_count()  # noqa: E731
+    assert max(distance(base, copy) for copy in copies) <= 4
+    assert min(distance(base, other) for other in others) > 8
+
+
+def test_near_duplicate_index_finds_exactly_what_a_full_scan_finds():
+    rng = np.random.default_rng(0)
+    stored = [int(v) for v in rng.integers(0, 2**63, 300, dtype=np.int64)]
+    queries = stored[:50] + [v ^ (1 << int(b)) ^ (1 << int(c)) for v, b, c in zip(stored[50:100], rng.integers(0, 64, 50),
+                                                                               rng.integers(0, 64, 50))]
+    queries += [int(v) for v in rng.integers(0, 2**63, 100, dtype=np.int64)]
+    for max_distance in (0, 2, 5):
+        index = NearDuplicateIndex(max_distance)
+        for value in stored:
+            index.add(value)
+        for query in queries:
+            expected = any((query ^ value).bit_count() <= max_distance for value in stored)
+            assert index.contains_near(query) == expected
+
+
+def test_clip_score_threshold_drops_the_worst_matches_and_records_every_score(tmp_path):
+    torch.manual_seed(0)
+    clip_cfg = ClipConfig(model_name="filter-test-clip", embed_dim=16, vision_width=32, vision_layers=1,
+                          text_width=32, text_layers=1, patch_size=8)
+    register_architecture(clip_cfg, 32, tmp_path / "arch")
+    clip_dir = ClipScorer.build(clip_cfg.model_name).save(tmp_path / "clip", architecture(clip_cfg, 32))
+    samples = [_sample(f"0000000{i:02d}", caption=f"picture number {i}") for i in range(12)]
+    _write_batch(tmp_path / "download", 0, {"00000": samples})
+
+    loose = FilterConfig(clip_model=LOCAL_DIR + str(clip_dir), clip_min_score=-1.0)
+    scores = {row["key"]: row["clip_score"] for row in read_report(run(loose, tmp_path / "download",
+                                                                       tmp_path / "all").report_path).to_pylist()}
+    assert all(score is not None for score in scores.values())
+    threshold = float(np.median(list(scores.values())))
+    result = run(loose.model_copy(update={"clip_min_score": threshold}), tmp_path / "download", tmp_path / "some")
+    report = read_report(result.report_path).to_pylist()
+    assert {row["key"] for row in report if row["reason"] == "low_clip_score"} == {
+        key for key, score in scores.items() if score < threshold}
+    assert 0 < result.dropped_by_reason["low_clip_score"] < len(samples)
+
+
+def test_a_folder_without_finished_batches_is_an_error(tmp_path):
+    (tmp_path / "empty" / ".batch-00000.partial").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no finished download batch"):
         run(CFG, tmp_path / "empty", tmp_path / "curated")
     assert not (tmp_path / "curated").exists()

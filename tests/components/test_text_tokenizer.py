@@ -28,3 +28,18 @@ def test_empty_caption_list_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="empty caption list"):
         run(TokenizerConfig(), [], tmp_path)
+
+
+def test_bpe_dropout_varies_the_segmentation_not_the_text_and_never_touches_the_saved_tokenizer(tmp_path):
+    path, digest = run(TokenizerConfig(vocab_size=300), CAPTIONS, tmp_path)
+    plain = TextTokenizer.load(path, text_len=64)
+    caption = "a small red circle in the top left"
+    dropping = plain.with_dropout(0.5)
+    segmentations = {tuple(dropping.encode([caption])[0]) for _ in range(20)}
+    assert len(segmentations) > 1
+    assert all(plain.decode(ids) == caption for ids in segmentations)
+    assert all(len(ids) >= len(plain.encode([caption])[0]) for ids in segmentations)  # merges are only skipped
+    assert {tuple(plain.encode([caption])[0]) for _ in range(5)} == {tuple(plain.encode([caption])[0])}
+    from dalle_pipeline.components.storage import file_sha256
+
+    assert file_sha256(path) == digest

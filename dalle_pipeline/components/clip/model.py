@@ -96,6 +96,11 @@ class ClipScorer:
             raise FileNotFoundError(f"{folder} holds no CLIP weights: {WEIGHTS_FILE} is missing")
         return cls.build(source)
 
+    @classmethod
+    def from_spec(cls, model: str, pretrained: str | None = None) -> ClipScorer:
+        """`local-dir:/path`, or an open_clip model name with its pretrained tag or weights file."""
+        return cls.load(model) if model.startswith(LOCAL_DIR) else cls.build(model, pretrained)
+
     def save(self, directory: str | Path, model_cfg: dict[str, Any]) -> Path:
         from safetensors.torch import save_file
 

@@ -1,5 +1,6 @@
-"""Stage 1: a URL list (parquet/csv/tsv/json/jsonl) into webdataset shards, through img2dataset."""
+"""Stage 1: a URL list (parquet/csv/tsv/json/jsonl, optionally .gz) into batches of webdataset shards."""
 
-from .run import DownloadResult, inspect_url_list, run, summarise
+from .fetch import REASONS
+from .run import DownloadResult, batch_shards, finished_batches, read_url_list, run, summarise
 
-__all__ = ["DownloadResult", "inspect_url_list", "run", "summarise"]
+__all__ = ["REASONS", "DownloadResult", "batch_shards", "finished_batches", "read_url_list", "run", "summarise"]

@@ -1,26 +1,35 @@
-"""Download a URL list into webdataset shards with img2dataset, so that only a finished download counts.
+"""Download a URL list into webdataset shards with img2dataset: only new URLs, only finished batches.
 
-img2dataset writes shards straight into its output folder and, in incremental mode, decides what
-is done from the `*_stats.json` it writes after each shard. We let it work in a staging folder
-beside `out_dir` with a stable name (so a crashed run resumes where it stopped), check that every
-shard has its stats, write `_SUCCESS` last and only then rename the staging folder onto `out_dir`.
-A run that finds `_SUCCESS` for the same request returns the existing result without downloading.
+A download folder holds batches, `batch-00000/`, `batch-00001/`..., each one img2dataset run over
+the URLs that no earlier batch attempted (a re-run of the same list adds nothing; a longer list that
+overlaps the last one downloads only its new rows). A batch is built in a hidden staging folder
+beside its final name (`.batch-00001.partial`), so a crashed run resumes where it stopped
+(img2dataset's incremental mode skips shards whose `*_stats.json` exists); when every shard has its
+stats, `_SUCCESS` is written last and the folder renamed into place. Later stages read finished
+batches only, so they never see a partial shard. A lock keeps two runs out of one folder.
+
+Every batch's `_SUCCESS` records the settings that shape its images (size, resize, format...);
+adding to a folder with other settings is refused rather than mixing two kinds of image.
 """
 
 from __future__ import annotations
 
+import fcntl
+import gzip
 import hashlib
 import json
 import math
 import multiprocessing
 import os
 import shutil
-import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
@@ -28,10 +37,12 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from ..config import DownloadConfig
-from ..storage import file_sha256
+from .fetch import FetchPolicy, reason_code
 
 SUCCESS_MARKER = "_SUCCESS"
-# URL-list file extensions img2dataset reads, by its input_format name
+BATCH_PREFIX = "batch-"
+BATCH_URL_LIST = "_url_list.parquet"  # the rows a batch was asked for (not *.json: img2dataset reads those)
+# URL-list file extensions we read, by img2dataset's input_format name
 INPUT_FORMATS = ("parquet", "csv", "tsv", "json", "jsonl")
 # img2dataset's encode_quality means JPEG/WebP quality (0-100) but PNG zlib level (0-9)
 ENCODE_QUALITY = {"jpg": 95, "webp": 95, "png": 6}
@@ -39,49 +50,71 @@ ENCODE_QUALITY = {"jpg": 95, "webp": 95, "png": 6}
 RESERVED_COLUMNS = frozenset(
     "key url caption width height original_width original_height status error_message exif md5 sha256 sha512".split()
 )
+# settings that do not change what a batch holds, so batches made with other values mix freely
+TRANSIENT_SETTINGS = {"processes_count", "thread_count", "timeout", "retries", "max_retry_after", "distributor",
+                      "samples_per_shard"}
 
 
 @dataclass(frozen=True)
 class DownloadResult:
-    """What arrived: shards in `shards_dir`, and img2dataset's per-shard stats summed up."""
+    """What the download folder holds: finished batches, img2dataset's per-shard stats summed up."""
 
     shards_dir: Path
     successes: int
     failures: int
     failures_by_reason: dict[str, int]
     stats_files: list[Path]
+    batches: list[Path]
+    new_urls: int = 0  # URLs this call attempted (0 when the list held nothing new)
 
 
-def run(
-    cfg: DownloadConfig,
-    url_list: str | Path,
-    out_dir: str | Path,
-    image_size: int,
-    url_col: str = "url",
-    caption_col: str = "caption",
-) -> DownloadResult:
-    """Download every URL of `url_list` resized to `image_size`, into shards under `out_dir`.
+def run(cfg: DownloadConfig, url_list: str | Path, out_dir: str | Path, image_size: int) -> DownloadResult:
+    """Download the URLs of `url_list` that no batch of `out_dir` attempted, resized to `image_size`.
 
     The list is validated before any download starts (columns, emptiness, URL schemes); a bad
     list raises ValueError naming the column, row and URL. A URL that fails to download is not
-    an error: it is counted in `failures_by_reason` under img2dataset's message.
+    an error: it is counted in `failures_by_reason` under its reason code (see `fetch.REASONS`).
     """
     url_list, out_dir = Path(url_list).resolve(), Path(out_dir).resolve()
-    listing = inspect_url_list(url_list, url_col, caption_col, cfg.allow_file_urls)
-    request = _request_fingerprint(cfg, url_list, image_size, url_col, caption_col)
-    if _finished_request(out_dir) == request:
-        return summarise(out_dir)
+    table = read_url_list(url_list, cfg.url_col, cfg.caption_col, cfg.allow_file_urls)
+    settings = _settings(cfg, image_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir):
+        batches = finished_batches(out_dir)
+        _check_same_settings(batches, settings)
+        new_rows = _unattempted(table, cfg.url_col, batches)
+        if new_rows.num_rows == 0:
+            return summarise(out_dir)
+        batch = out_dir / f"{BATCH_PREFIX}{_next_batch_number(batches):05d}"
+        _download_batch(cfg, new_rows, batch, image_size, settings)
+    return summarise(out_dir, new_urls=new_rows.num_rows)
 
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    if _finished_request(staging, marker="_REQUEST") != request:
+
+def finished_batches(out_dir: str | Path) -> list[Path]:
+    """The batches of a download folder that finished, oldest first."""
+    return sorted(path for path in Path(out_dir).glob(f"{BATCH_PREFIX}*") if (path / SUCCESS_MARKER).is_file())
+
+
+def batch_shards(batch: Path) -> list[tuple[Path, Path | None]]:
+    """(shard tar, img2dataset's per-URL parquet of that shard) for each shard of a batch."""
+    return [(tar, tar.with_suffix(".parquet") if tar.with_suffix(".parquet").is_file() else None)
+            for tar in sorted(batch.glob("[0-9]*.tar"))]
+
+
+def _download_batch(cfg: DownloadConfig, rows: pa.Table, batch: Path, image_size: int, settings: dict) -> None:
+    staging = batch.with_name(f".{batch.name}.partial")
+    request = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + _table_digest(rows)).hexdigest()
+    if _read_marker(staging, "_REQUEST") != request:
         shutil.rmtree(staging, ignore_errors=True)  # another request's leftovers: start afresh
     staging.mkdir(parents=True, exist_ok=True)
+    batch_list = staging / BATCH_URL_LIST
+    if not batch_list.is_file():
+        pq.write_table(rows, batch_list)
     (staging / "_REQUEST").write_text(request)
 
-    arguments = _img2dataset_arguments(cfg, listing, url_list, staging, image_size, url_col, caption_col)
-    _call_img2dataset(arguments)
+    _call_img2dataset(_img2dataset_arguments(cfg, rows, batch_list, staging, image_size), _fetch_policy(cfg))
 
-    expected_shards = math.ceil(listing.num_rows / cfg.samples_per_shard)
+    expected_shards = math.ceil(rows.num_rows / cfg.samples_per_shard)
     finished_shards = len(list(staging.glob("*_stats.json")))
     if finished_shards != expected_shards:
         raise RuntimeError(
@@ -89,24 +122,71 @@ def run(
             "run again to resume the missing ones"
         )
     (staging / "_REQUEST").unlink()
-    (staging / SUCCESS_MARKER).write_text(request)  # last: its presence means complete
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
-    return summarise(out_dir)
+    (staging / SUCCESS_MARKER).write_text(json.dumps({"settings": settings, "urls": rows.num_rows}, sort_keys=True))
+    os.replace(staging, batch)
 
 
-@dataclass(frozen=True)
-class UrlListing:
-    """What validation learned about a URL list and img2dataset needs to be told."""
+def _unattempted(table: pa.Table, url_col: str, batches: list[Path]) -> pa.Table:
+    """The rows whose URL no finished batch attempted, each URL once (its first row)."""
+    numbered = table.append_column("__row", pa.array(np.arange(table.num_rows)))
+    first_rows = numbered.group_by(url_col, use_threads=False).aggregate([("__row", "min")]).column("__row_min")
+    if len(first_rows) < table.num_rows:
+        table = table.take(np.sort(first_rows.to_numpy()))
+    attempted = [pq.read_table(path, columns=["url"]).column("url") for batch in batches
+                 for path in sorted(batch.glob("[0-9]*.parquet"))]
+    if attempted:
+        seen = pa.chunked_array([chunk for column in attempted for chunk in column.chunks], pa.string())
+        table = table.filter(pc.invert(pc.is_in(table.column(url_col), value_set=seen.combine_chunks())))
+    return table
 
-    input_format: str
-    num_rows: int
-    extra_columns: list[str]
+
+def _table_digest(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).digest()
+
+
+def _settings(cfg: DownloadConfig, image_size: int) -> dict[str, Any]:
+    return {"image_size": image_size, **cfg.model_dump(mode="json", exclude=TRANSIENT_SETTINGS)}
+
+
+def _check_same_settings(batches: list[Path], settings: dict[str, Any]) -> None:
+    for batch in batches:
+        recorded = json.loads((batch / SUCCESS_MARKER).read_text())["settings"]
+        differing = sorted(key for key in settings.keys() | recorded.keys() if settings.get(key) != recorded.get(key))
+        if differing:
+            changes = ", ".join(f"{key}: {recorded.get(key)!r} -> {settings.get(key)!r}" for key in differing)
+            raise ValueError(
+                f"{batch.parent} holds downloads made with other settings ({changes}); "
+                "download into a new folder, or delete this one to start again"
+            )
+
+
+def _next_batch_number(batches: list[Path]) -> int:
+    return 1 + max((int(batch.name.removeprefix(BATCH_PREFIX)) for batch in batches), default=-1)
+
+
+@contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    with open(out_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another download is writing to {out_dir}; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_marker(folder: Path, marker: str) -> str | None:
+    path = folder / marker
+    return path.read_text() if path.is_file() else None
 
 
 def input_format_of(url_list: Path) -> str:
-    """img2dataset's input_format from the file name: `x.parquet`, `x.csv`, `x.jsonl.gz`..."""
+    """The list's format from its file name: `x.parquet`, `x.csv`, `x.jsonl.gz`..."""
     suffixes = [suffix.lstrip(".").lower() for suffix in url_list.suffixes]
     if suffixes[-1:] == ["gz"] and len(suffixes) >= 2 and suffixes[-2] in INPUT_FORMATS[1:]:
         return f"{suffixes[-2]}.gz"
@@ -120,39 +200,49 @@ def _read_table(url_list: Path, input_format: str) -> pa.Table:
     try:
         if kind == "parquet":
             return pq.read_table(url_list)
-        if kind in ("csv", "tsv"):
-            delimiter = "\t" if kind == "tsv" else ","
-            return pa_csv.read_csv(url_list, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
-        if kind == "jsonl":
-            return pa_json.read_json(url_list)
-        import pandas  # what img2dataset reads a JSON array with
-
-        return pa.Table.from_pandas(pandas.read_json(url_list), preserve_index=False)
-    except (pa.ArrowException, ValueError, OSError) as err:
+        data = gzip.decompress(url_list.read_bytes()) if input_format.endswith(".gz") else url_list.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:  # a crawl's captions come in any encoding: keep the row, mark the bytes
+            text = data.decode("utf-8", errors="replace")
+        return _parse_text(text.encode("utf-8"), kind)
+    except (pa.ArrowException, ValueError, OSError, EOFError) as err:
         raise ValueError(f"{url_list}: cannot read it as {input_format}: {err}") from err
 
 
-def inspect_url_list(url_list: Path, url_col: str, caption_col: str, allow_file_urls: bool) -> UrlListing:
-    """Refuse a URL list img2dataset would choke on or that asks for what we do not allow.
+def _parse_text(data: bytes, kind: str) -> pa.Table:
+    if kind in ("csv", "tsv"):
+        parse = pa_csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True)
+        return pa_csv.read_csv(pa.BufferReader(data), parse_options=parse)
+    if kind == "jsonl":
+        return pa_json.read_json(pa.BufferReader(data))
+    rows = json.loads(data)
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError("a .json URL list must be an array of objects")
+    return pa.Table.from_pylist(rows)
+
+
+def read_url_list(url_list: Path, url_col: str, caption_col: str, allow_file_urls: bool) -> pa.Table:
+    """The list as a table, or ValueError if img2dataset would choke on it or it asks for what we refuse.
 
     Checks: readable, the url and caption columns exist, at least one row, no column name that
-    img2dataset reserves, and every URL http(s) (or file:// when `allow_file_urls`).
+    img2dataset reserves, and every URL http(s) (or file:// when `allow_file_urls`). Captions
+    become strings (a missing caption an empty one, which the filter drops).
     """
     if not url_list.is_file():
         raise FileNotFoundError(f"URL list {url_list} does not exist")
-    input_format = input_format_of(url_list)
-    table = _read_table(url_list, input_format)
+    table = _read_table(url_list, input_format_of(url_list))
     for role, column in (("url", url_col), ("caption", caption_col)):
         if column not in table.column_names:
             raise ValueError(f"{url_list}: no {role} column {column!r}; columns are {table.column_names}")
     if table.num_rows == 0:
         raise ValueError(f"{url_list}: the URL list is empty")
-    extra_columns = [name for name in table.column_names if name not in (url_col, caption_col)]
-    reserved = sorted(RESERVED_COLUMNS.intersection(extra_columns))
+    reserved = sorted(RESERVED_COLUMNS.intersection(set(table.column_names) - {url_col, caption_col}))
     if reserved:
         raise ValueError(f"{url_list}: columns {reserved} are reserved by img2dataset; rename them")
     _check_url_schemes(url_list, table.column(url_col), url_col, allow_file_urls)
-    return UrlListing(input_format=input_format, num_rows=table.num_rows, extra_columns=extra_columns)
+    captions = pc.fill_null(pc.cast(table.column(caption_col), pa.string()), "")
+    return table.set_column(table.column_names.index(caption_col), caption_col, captions)
 
 
 def _check_url_schemes(url_list: Path, urls: pa.ChunkedArray, url_col: str, allow_file_urls: bool) -> None:
@@ -171,106 +261,89 @@ def _check_url_schemes(url_list: Path, urls: pa.ChunkedArray, url_col: str, allo
     )
 
 
-def summarise(shards_dir: str | Path) -> DownloadResult:
-    """Sum img2dataset's `*_stats.json` of a download folder; failure reasons are its messages."""
+def summarise(shards_dir: str | Path, new_urls: int = 0) -> DownloadResult:
+    """Sum the `*_stats.json` of every finished batch; failure reasons are reason codes."""
     shards_dir = Path(shards_dir)
-    stats_files = sorted(shards_dir.glob("*_stats.json"))
+    batches = finished_batches(shards_dir)
+    stats_files = [path for batch in batches for path in sorted(batch.glob("*_stats.json"))]
     successes = failures = 0
     reasons: dict[str, int] = {}
     for path in stats_files:
         stats = json.loads(path.read_text())
         successes += stats["successes"]
         failures += stats["failed_to_download"] + stats["failed_to_resize"]
-        for reason, count in stats["status_dict"].items():
-            if reason != "success":
-                reasons[reason] = reasons.get(reason, 0) + count
+        for message, count in stats["status_dict"].items():
+            if message != "success":
+                reasons[reason_code(message)] = reasons.get(reason_code(message), 0) + count
     return DownloadResult(
         shards_dir=shards_dir,
         successes=successes,
         failures=failures,
         failures_by_reason=dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0]))),
         stats_files=stats_files,
+        batches=batches,
+        new_urls=new_urls,
     )
 
 
-def _finished_request(folder: Path, marker: str = SUCCESS_MARKER) -> str | None:
-    path = folder / marker
-    return path.read_text() if path.is_file() else None
-
-
-def _request_fingerprint(
-    cfg: DownloadConfig, url_list: Path, image_size: int, url_col: str, caption_col: str
-) -> str:
-    """What decides the shards' content; parallelism, timeouts and retries do not count."""
-    settings = cfg.model_dump(exclude={"processes_count", "thread_count", "timeout", "retries"})
-    request = {
-        "url_list_sha256": file_sha256(url_list),
-        "image_size": image_size,
-        "url_col": url_col,
-        "caption_col": caption_col,
-        **settings,
-    }
-    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+def _fetch_policy(cfg: DownloadConfig) -> FetchPolicy:
+    return FetchPolicy(timeout=cfg.timeout, retries=cfg.retries, max_bytes=cfg.max_image_bytes,
+                       max_pixels=cfg.max_image_pixels, max_retry_after=cfg.max_retry_after,
+                       allow_file_urls=cfg.allow_file_urls)
 
 
 def _img2dataset_arguments(
-    cfg: DownloadConfig,
-    listing: UrlListing,
-    url_list: Path,
-    output_folder: Path,
-    image_size: int,
-    url_col: str,
-    caption_col: str,
+    cfg: DownloadConfig, rows: pa.Table, batch_list: Path, output_folder: Path, image_size: int
 ) -> dict[str, Any]:
+    extra_columns = [name for name in rows.column_names if name not in (cfg.url_col, cfg.caption_col)]
     return dict(
-        url_list=str(url_list),
-        input_format=listing.input_format,
-        url_col=url_col,
-        caption_col=caption_col,
-        save_additional_columns=listing.extra_columns or None,
+        url_list=str(batch_list),
+        input_format="parquet",
+        url_col=cfg.url_col,
+        caption_col=cfg.caption_col,
+        save_additional_columns=extra_columns or None,
         output_folder=str(output_folder),
         output_format="webdataset",
         image_size=image_size,
         resize_mode=cfg.resize_mode,
         encode_format=cfg.encode_format,
-        encode_quality=ENCODE_QUALITY[cfg.encode_format],
+        encode_quality=ENCODE_QUALITY[cfg.encode_format] if cfg.encode_quality is None else cfg.encode_quality,
+        min_image_size=cfg.min_image_size,
+        max_aspect_ratio=float("inf") if cfg.max_aspect_ratio is None else cfg.max_aspect_ratio,
+        compute_hash=cfg.compute_hash,
         processes_count=cfg.processes_count,
         thread_count=cfg.thread_count,
         number_sample_per_shard=cfg.samples_per_shard,
         timeout=cfg.timeout,
-        retries=cfg.retries,
-        distributor="multiprocessing",
+        retries=cfg.retries,  # unused by our fetch, which reads them from the policy
+        distributor=cfg.distributor,
         incremental_mode="incremental",
         enable_wandb=False,
-        # None keeps img2dataset's default: honour X-Robots-Tag noai/noimageai/noindex/noimageindex
-        disallowed_header_directives=None,
+        user_agent_token=cfg.user_agent_token,
+        # img2dataset reads an empty list as "ignore the header" and None as its default list
+        disallowed_header_directives=list(cfg.disallowed_header_directives),
     )
 
 
-def _call_img2dataset(arguments: dict[str, Any]) -> None:
-    """Run img2dataset.download, in a child process when we are not on the main thread.
+def _call_img2dataset(arguments: dict[str, Any], policy: FetchPolicy) -> None:
+    """Run img2dataset with our fetch, in a child process when we are not on the main thread.
 
     img2dataset installs a SIGINT handler, which Python allows only on the main thread (Prefect
-    runs submitted tasks on worker threads), and leaves it installed: on the main thread we put
-    the previous handler back afterwards.
+    runs submitted tasks on worker threads).
     """
     if threading.current_thread() is not threading.main_thread():
-        child = multiprocessing.get_context("spawn").Process(target=_download, args=(arguments,))
+        child = multiprocessing.get_context("spawn").Process(target=_download, args=(arguments, policy))
         child.start()
         child.join()
         if child.exitcode != 0:
             raise RuntimeError(f"img2dataset child process exited with code {child.exitcode}")
         return
-    previous_handler = signal.getsignal(signal.SIGINT)
-    try:
-        _download(arguments)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
+    _download(arguments, policy)
 
 
-def _download(arguments: dict[str, Any]) -> None:
+def _download(arguments: dict[str, Any], policy: FetchPolicy) -> None:
     # else albumentations asks PyPI for updates at import; img2dataset's spawned workers inherit it
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset import download  # slow import (~4 s): only when a download happens
+    from .adapter import download  # slow import (~4 s): only when a download happens
 
-    download(**arguments)
+    download(arguments, policy)

@@ -1,5 +1,5 @@
-"""Stage 2: download shards into curated shards plus `filter_report.parquet` (key, kept, reason)."""
+"""Stage 2: download batches into curated shards plus `filter_report.parquet` (one reason per URL)."""
 
-from .run import FilterResult, caption_problem, image_problem, read_report, run, verdict
+from .run import FilterResult, NearDuplicateIndex, caption_problem, perceptual_hash, read_report, run
 
-__all__ = ["FilterResult", "caption_problem", "image_problem", "read_report", "run", "verdict"]
+__all__ = ["FilterResult", "NearDuplicateIndex", "caption_problem", "perceptual_hash", "read_report", "run"]

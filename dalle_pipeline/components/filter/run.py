@@ -1,29 +1,64 @@
 """Keep the downloaded samples a model can learn from, and say why each of the others was dropped.
 
-Every sample gets exactly one reason in `filter_report.parquet`, so a user can see what a
-threshold costs before changing it. Curated shards keep their input names (a curated shard
-maps to one download shard); the report is written last, so its presence means the stage is done.
+`filter_report.parquet` has one row per URL the download stage attempted: the download failures
+(stage `download`, with the fetch's reason code) and every downloaded sample (stage `filter`),
+kept or dropped for exactly one reason, so a user can see what a threshold costs before changing
+it. The checks, cheapest first:
+
+- caption: empty, too short or long (after stripping), undecodable bytes (U+FFFD), blocklisted;
+- image: undecodable, original shorter side below `min_image_size`, original aspect ratio above
+  `max_aspect_ratio` (img2dataset records the size before resizing);
+- CLIP: image-caption cosine below `clip_min_score`, when `clip_model` is set;
+- duplicates, in corpus order: the same sha256 (of the downloaded bytes) as a kept sample, then
+  (when `near_duplicate_distance` is set) a perceptual hash within that many bits of a kept one.
+
+Work is per download shard: curated shard `<batch>-<shard>.tar`, then its report part in `_parts/`
+(the part's presence means the shard is done). A re-run with the same config reuses every part
+whose source shard is unchanged, reading the kept hashes back from the parts so duplicates are
+still caught across runs; new batches (a longer URL list) are filtered against everything kept
+before. A changed config redoes everything. The whole report is written last.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import re
+import shutil
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
 from ..config import FilterConfig
+from ..download.fetch import reason_code
+from ..download.run import batch_shards, finished_batches
 from ..shards import Sample, read_shard, shard_paths, write_shard
-from ..storage import atomic_path
+from ..storage import atomic_path, write_json
 
 REPORT_NAME = "filter_report.parquet"
+PARTS_DIR = "_parts"
+SETTINGS_NAME = "_filter_settings.json"
+FILTER_VERSION = 2  # bump when a change to this module changes verdicts: old parts are then redone
 KEPT = "kept"
-REPORT_SCHEMA = pa.schema([("key", pa.string()), ("kept", pa.bool_()), ("reason", pa.string())])
+REPORT_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("url", pa.string()),
+    ("stage", pa.string()),
+    ("kept", pa.bool_()),
+    ("reason", pa.string()),
+    ("sha256", pa.string()),
+    ("phash", pa.uint64()),
+    ("clip_score", pa.float32()),
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+])
 
 
 @dataclass(frozen=True)
@@ -34,9 +69,11 @@ class FilterResult:
     report_path: Path
     kept: int
     dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    download_failures_by_reason: dict[str, int] = field(default_factory=dict)
+    reused_shards: int = 0
 
 
-def caption_problem(caption: str, cfg: FilterConfig) -> str | None:
+def caption_problem(caption: str, cfg: FilterConfig, blocklist: re.Pattern[str] | None = None) -> str | None:
     """Why a caption is unusable, or None. Length is counted after stripping whitespace."""
     text = caption.strip()
     if not text:
@@ -45,76 +82,279 @@ def caption_problem(caption: str, cfg: FilterConfig) -> str | None:
         return "caption_too_short"
     if len(text) > cfg.max_caption_chars:
         return "caption_too_long"
+    if "\ufffd" in text:
+        return "caption_not_utf8"
+    if blocklist is not None and blocklist.search(text):
+        return "blocked_caption"
     return None
 
 
-def image_problem(image_bytes: bytes, cfg: FilterConfig) -> str | None:
-    """Why an image is unusable, or None. Decodes fully: a truncated file fails here, not in training."""
-    try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
-            image.load()
-            width, height = image.size
-    except Exception:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
+def blocklist_pattern(words: Iterable[str]) -> re.Pattern[str] | None:
+    """One case-insensitive pattern matching any listed word or phrase as whole words."""
+    words = [word.strip() for word in words if word.strip()]
+    if not words:
+        return None
+    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(word) for word in words) + r")(?!\w)", re.IGNORECASE)
+
+
+def image_problem(image: Image.Image | None, original_size: tuple[int, int], cfg: FilterConfig) -> str | None:
+    """Why an image is unusable, or None; `image` None means it did not decode."""
+    if image is None:
         return "undecodable"
+    width, height = original_size
     if min(width, height) < cfg.min_image_size:
         return "too_small"
+    if max(width, height) / max(1, min(width, height)) > cfg.max_aspect_ratio:
+        return "aspect_ratio"
     return None
 
 
-def verdict(sample: Sample, cfg: FilterConfig) -> str:
-    """`kept`, or the first reason to drop the sample (caption checks first: they are cheap)."""
-    return caption_problem(sample.caption, cfg) or image_problem(sample.image_bytes, cfg) or KEPT
+def decode(image_bytes: bytes) -> Image.Image | None:
+    """The RGB image, fully decoded (a truncated file fails here, not in training), or None."""
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            return image.convert("RGB")
+    except Exception:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
+        return None
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k, i = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    matrix = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2 / n)
+    matrix[0] /= np.sqrt(2)
+    return matrix
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def perceptual_hash(image: Image.Image) -> int:
+    """64-bit pHash: the signs of the 8x8 lowest DCT frequencies of a 32x32 grey image about their median."""
+    grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    low = (_DCT32 @ grey @ _DCT32.T)[:8, :8].ravel()
+    bits = low > np.median(low)
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+class NearDuplicateIndex:
+    """Hashes within `max_distance` bits of a stored one, found without comparing against all of them.
+
+    Pigeonhole: split 64 bits into max_distance + 1 bands; two hashes that differ in at most
+    max_distance bits agree exactly on at least one band, so only hashes sharing a band are compared.
+    """
+
+    def __init__(self, max_distance: int) -> None:
+        self.max_distance = max_distance
+        bands = max_distance + 1
+        edges = np.linspace(0, 64, bands + 1).astype(int)
+        self.bands = [(int(lo), int(hi - lo)) for lo, hi in zip(edges[:-1], edges[1:])]
+        self.tables: list[dict[int, list[int]]] = [{} for _ in self.bands]
+
+    def _keys(self, value: int) -> list[int]:
+        return [(value >> shift) & ((1 << width) - 1) for shift, width in self.bands]
+
+    def contains_near(self, value: int) -> bool:
+        for table, key in zip(self.tables, self._keys(value)):
+            for other in table.get(key, ()):
+                if (value ^ other).bit_count() <= self.max_distance:
+                    return True
+        return False
+
+    def add(self, value: int) -> None:
+        for table, key in zip(self.tables, self._keys(value)):
+            table.setdefault(key, []).append(value)
+
+
+class _Deduplicator:
+    """What was kept so far, by sha256 and perceptual hash, across shards, batches and runs."""
+
+    def __init__(self, cfg: FilterConfig) -> None:
+        self.exact = cfg.drop_exact_duplicates
+        self.digests: set[str] = set()
+        self.near = None if cfg.near_duplicate_distance is None else NearDuplicateIndex(cfg.near_duplicate_distance)
+
+    def verdict(self, digest: str, phash: int) -> str | None:
+        if self.exact and digest in self.digests:
+            return "duplicate"
+        if self.near is not None and self.near.contains_near(phash):
+            return "near_duplicate"
+        return None
+
+    def keep(self, digest: str, phash: int) -> None:
+        self.digests.add(digest)
+        if self.near is not None:
+            self.near.add(phash)
 
 
 def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path) -> FilterResult:
-    """Filter every `*.tar` shard of `shards_dir` into `out_dir` and write the report last.
-
-    Re-running redoes the work: the old report goes first (so a crash never leaves a report that
-    describes other shards), and curated shards without a counterpart in `shards_dir` are removed.
-    """
+    """Filter every finished batch of the download folder `shards_dir` into `out_dir`; report last."""
     shards_dir, out_dir = Path(shards_dir), Path(out_dir)
-    inputs = shard_paths(shards_dir)
-    if not inputs:
-        raise FileNotFoundError(f"no *.tar shards in {shards_dir}")
+    sources = [(batch, tar, parquet) for batch in finished_batches(shards_dir) for tar, parquet in batch_shards(batch)]
+    if not sources:
+        raise FileNotFoundError(f"no finished download batch with *.tar shards in {shards_dir}")
     if out_dir.resolve() == shards_dir.resolve():
-        raise ValueError(f"out_dir must differ from shards_dir ({shards_dir}): shards keep their names")
+        raise ValueError(f"out_dir must differ from shards_dir ({shards_dir})")
     report_path = out_dir / REPORT_NAME
-    report_path.unlink(missing_ok=True)
-    _remove_stale_shards(out_dir, {path.name for path in inputs})
+    report_path.unlink(missing_ok=True)  # a crash must never leave a report describing other shards
+    parts_dir = out_dir / PARTS_DIR
+    settings = {"version": FILTER_VERSION, **cfg.model_dump(mode="json")}
+    if (out_dir / SETTINGS_NAME).is_file() and json.loads((out_dir / SETTINGS_NAME).read_text()) != settings:
+        shutil.rmtree(parts_dir, ignore_errors=True)  # other thresholds: every verdict may change
+    write_json(out_dir / SETTINGS_NAME, settings)
+    _remove_stale_outputs(out_dir, {_curated_name(batch, tar) for batch, tar, _ in sources})
 
-    rows: list[dict[str, object]] = []
-    for shard in inputs:
-        write_shard(out_dir / shard.name, _kept_samples(read_shard(shard), cfg, rows))
+    checker = _Checker(cfg)
+    parts, reused, reusable = [], 0, True
+    for batch, tar, parquet in sources:
+        name = _curated_name(batch, tar)
+        part_path, signature = parts_dir / f"{name}.parquet", _signature(tar, parquet)
+        part = _reusable_part(part_path, out_dir / f"{name}.tar", signature) if reusable else None
+        if part is None:
+            reusable = False  # verdicts depend on what was kept before: redo everything after
+            part = checker.filter_shard(batch, tar, parquet, out_dir / f"{name}.tar")
+            _write_part(part_path, part, signature)
+        else:
+            reused += 1
+            checker.remember(part)
+        parts.append(part)
 
+    report = pa.concat_tables(parts)
     with atomic_path(report_path) as staging:
-        pq.write_table(pa.Table.from_pylist(rows, schema=REPORT_SCHEMA), staging, compression="zstd")
-    reasons = Counter(str(row["reason"]) for row in rows)
-    kept = reasons.pop(KEPT, 0)
-    return FilterResult(
-        curated_dir=out_dir,
-        report_path=report_path,
-        kept=kept,
-        dropped_by_reason=dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0]))),
-    )
+        pq.write_table(report, staging, compression="zstd")
+    return _result(out_dir, report_path, report, reused)
 
 
-def _kept_samples(
-    samples: Iterable[Sample], cfg: FilterConfig, rows: list[dict[str, object]]
-) -> Iterator[Sample]:
-    """Yield the samples that pass, recording one report row per sample seen."""
-    for sample in samples:
-        reason = verdict(sample, cfg)
-        rows.append({"key": sample.key, "kept": reason == KEPT, "reason": reason})
-        if reason == KEPT:
-            yield sample
+class _Checker:
+    def __init__(self, cfg: FilterConfig) -> None:
+        self.cfg = cfg
+        self.blocklist = blocklist_pattern(cfg.caption_blocklist)
+        self.dedupe = _Deduplicator(cfg)
+        self._clip = None
+
+    def remember(self, part: pa.Table) -> None:
+        """Register a finished shard's kept samples (which may come from an earlier run)."""
+        kept = part.filter(part.column("kept"))
+        for digest, phash in zip(kept.column("sha256").to_pylist(), kept.column("phash").to_pylist()):
+            self.dedupe.keep(digest, phash)
+
+    def filter_shard(self, batch: Path, tar: Path, parquet: Path | None, curated: Path) -> pa.Table:
+        prefix = batch.name.removeprefix("batch-")
+        rows = _download_failures(parquet, prefix) if parquet is not None else []
+        samples, candidates = [], []
+        for sample in read_shard(tar):
+            sample.key = prefix + sample.key  # batches number their keys from 0 each
+            image = decode(sample.image_bytes)
+            original = _original_size(sample, image)
+            row = {
+                "key": sample.key, "url": sample.meta.get("url"), "stage": "filter",
+                "sha256": sample.meta.get("sha256") or hashlib.sha256(sample.image_bytes).hexdigest(),
+                "phash": None if image is None else perceptual_hash(image),
+                "original_width": original[0], "original_height": original[1], "clip_score": None,
+                "reason": caption_problem(sample.caption, self.cfg, self.blocklist)
+                or image_problem(image, original, self.cfg),
+            }
+            rows.append(row)
+            samples.append(sample)
+            if row["reason"] is None:
+                candidates.append((row, sample, image))
+        self._score_with_clip(candidates)
+        kept_keys = set()
+        for row, _, _ in candidates:
+            row["reason"] = row["reason"] or self.dedupe.verdict(row["sha256"], row["phash"]) or KEPT
+            if row["reason"] == KEPT:
+                self.dedupe.keep(row["sha256"], row["phash"])
+                kept_keys.add(row["key"])
+        for row in rows:
+            row["kept"] = row["reason"] == KEPT
+        write_shard(curated, (sample for sample in samples if sample.key in kept_keys))
+        return pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
+
+    def _score_with_clip(self, candidates: list[tuple[dict, Sample, Image.Image]], batch_size: int = 256) -> None:
+        if self.cfg.clip_model is None or not candidates:
+            return
+        import torch
+
+        from ..clip.model import ClipScorer
+
+        if self._clip is None:
+            self._clip = ClipScorer.from_spec(self.cfg.clip_model, self.cfg.clip_pretrained)
+        for start in range(0, len(candidates), batch_size):
+            chunk = candidates[start : start + batch_size]
+            size = self._clip.image_size
+            pixels = np.stack([np.asarray(image.resize((size, size), Image.Resampling.BICUBIC)) for _, _, image in chunk])
+            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+            scores = self._clip.scores(images, [sample.caption for _, sample, _ in chunk]).tolist()
+            for (row, _, _), score in zip(chunk, scores):
+                row["clip_score"] = score
+                if score < self.cfg.clip_min_score:
+                    row["reason"] = "low_clip_score"
 
 
-def _remove_stale_shards(out_dir: Path, wanted: set[str]) -> None:
-    for path in shard_paths(out_dir) if out_dir.is_dir() else []:
-        if path.name not in wanted:
+def _download_failures(parquet: Path, prefix: str) -> list[dict]:
+    """Report rows for the URLs img2dataset could not turn into a sample."""
+    table = pq.read_table(parquet, columns=["key", "url", "status", "error_message"])
+    return [
+        {"key": prefix + row["key"], "url": row["url"], "stage": "download", "reason": reason_code(row["error_message"])}
+        for row in table.to_pylist()
+        if row["status"] != "success"
+    ]
+
+
+def _original_size(sample: Sample, image: Image.Image | None) -> tuple[int, int]:
+    """The size before img2dataset resized it, as it recorded; else the stored size."""
+    width, height = sample.meta.get("original_width"), sample.meta.get("original_height")
+    if width and height:
+        return int(width), int(height)
+    return image.size if image is not None else (0, 0)
+
+
+def _curated_name(batch: Path, tar: Path) -> str:
+    return f"{batch.name}-{tar.stem}"
+
+
+def _signature(tar: Path, parquet: Path | None) -> str:
+    """What identifies a source shard's content cheaply: its files' sizes and modification times."""
+    stats = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in (tar, parquet) if path is not None]
+    return json.dumps(stats)
+
+
+def _reusable_part(part_path: Path, curated: Path, signature: str) -> pa.Table | None:
+    if not (part_path.is_file() and curated.is_file()):
+        return None
+    part = pq.read_table(part_path)
+    if (part.schema.metadata or {}).get(b"source") != signature.encode():
+        return None
+    return part.replace_schema_metadata(None).cast(REPORT_SCHEMA)
+
+
+def _write_part(part_path: Path, part: pa.Table, signature: str) -> None:
+    with atomic_path(part_path) as staging:
+        pq.write_table(part.replace_schema_metadata({"source": signature}), staging)
+
+
+def _remove_stale_outputs(out_dir: Path, wanted: set[str]) -> None:
+    """Curated shards and parts whose download shard is gone (a download folder started anew)."""
+    for path in [*shard_paths(out_dir), *sorted((out_dir / PARTS_DIR).glob("*.parquet"))]:
+        if path.stem not in wanted:
             path.unlink()
 
 
+def _result(out_dir: Path, report_path: Path, report: pa.Table, reused: int) -> FilterResult:
+    def counts(stage: str) -> dict[str, int]:
+        reasons = Counter(r for r, s in zip(report.column("reason").to_pylist(), report.column("stage").to_pylist())
+                          if s == stage and r != KEPT)
+        return dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0])))
+
+    return FilterResult(
+        curated_dir=out_dir,
+        report_path=report_path,
+        kept=int(np.sum(report.column("kept").to_numpy(zero_copy_only=False))),
+        dropped_by_reason=counts("filter"),
+        download_failures_by_reason=counts("download"),
+        reused_shards=reused,
+    )
+
+
 def read_report(report_path: str | Path) -> pa.Table:
-    """The report as a table (key, kept, reason)."""
+    """The report as a table (see REPORT_SCHEMA)."""
     return pq.read_table(report_path, schema=REPORT_SCHEMA)

@@ -1,4 +1,4 @@
-"""Byte-level BPE over captions (HF `tokenizers`), lower-cased, vocabulary size from the preset.
+"""Byte-level BPE over captions (HF `tokenizers`): vocabulary size, lower-casing and dropout from the preset.
 
 Byte-level means no caption is ever out of vocabulary; training is deterministic for a given
 caption list, so the same corpus gives the same `tokenizer.json` (and the same hash).
@@ -46,6 +46,16 @@ class TextTokenizer:
 
     def encode(self, captions: Sequence[str]) -> list[list[int]]:
         return [encoding.ids[: self.text_len] for encoding in self.tokenizer.encode_batch(list(captions))]
+
+    def with_dropout(self, dropout: float) -> TextTokenizer:
+        """A copy that skips each BPE merge with probability `dropout` (segmentations vary per call).
+
+        HF `tokenizers` draws the dropout from an unseeded RNG: a corpus tokenized with dropout
+        differs from run to run, though each written Parquet then stays fixed.
+        """
+        copy = Tokenizer.from_str(self.tokenizer.to_str())
+        copy.model.dropout = dropout or None
+        return TextTokenizer(copy, self.text_len)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids)).strip()

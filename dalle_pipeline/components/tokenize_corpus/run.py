@@ -53,16 +53,22 @@ def _encode_images(model, images: np.ndarray, batch_size: int) -> np.ndarray:
     return torch.cat(codes).numpy().astype(np.uint16)
 
 
+# a written part is reused when these match (its rows would otherwise come out different)
+REUSE_KEYS = ("dvae_hash", "tokenizer_hash", "bpe_dropout")
+
+
 def _part_metadata(path: Path) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
 
 
 def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, text_len: int,
-        batch_size: int = 256) -> TokenizedCorpus:
+        batch_size: int = 256, bpe_dropout: float = 0.0) -> TokenizedCorpus:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_dvae(dvae_dir)
     tokenizer = TextTokenizer.load(tokenizer_path, text_len)
+    if bpe_dropout:
+        tokenizer = tokenizer.with_dropout(bpe_dropout)
     grid = model.cfg.grid_size
     metadata = {
         "dvae_hash": checkpoint.weights_hash(dvae_dir),
@@ -70,11 +76,12 @@ def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, 
         "grid_size": str(grid),
         "image_vocab": str(model.cfg.codebook_size),
         "text_vocab": str(tokenizer.vocab_size),
+        "bpe_dropout": str(bpe_dropout),
     }
     parts, total = [], 0
     for shard in shard_paths(curated_dir):
         part = out_dir / f"{shard.stem}.parquet"
-        if part.exists() and all(_part_metadata(part).get(k) == metadata[k] for k in ("dvae_hash", "tokenizer_hash")):
+        if part.exists() and all(_part_metadata(part).get(k) == metadata[k] for k in REUSE_KEYS):
             rows = pq.read_metadata(part).num_rows  # already written by an earlier run
         else:
             rows = _tokenize_shard(shard, part, model, tokenizer, grid, metadata, batch_size)
