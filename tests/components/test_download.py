@@ -259,3 +259,20 @@ def test_an_unreadable_url_list_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"urls.jsonl.gz: cannot read it as jsonl.gz"):
         run(DownloadConfig(**FAST), broken, tmp_path / "out", IMAGE_SIZE)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_ray_distributor_downloads_the_same_samples_through_our_fetch(corpus, tmp_path):
+    """img2dataset's Ray distributor, each shard a Ray task on a local Ray, with our fetch inside."""
+    page = tmp_path / "page.png"
+    page.write_text("<html>an error page saved as .png</html>")
+    rows = pq.read_table(corpus.url_list)
+    extra = pa.table({"url": [page.as_uri()], "caption": ["not a picture"], "objects": ["[]"]})
+    url_list = tmp_path / "urls.parquet"
+    pq.write_table(pa.concat_tables([rows.select(["url", "caption", "objects"]), extra]), url_list)
+
+    cfg = DownloadConfig(allow_file_urls=True, distributor="ray", **FAST)
+    result = run(cfg, url_list, tmp_path / "ray", IMAGE_SIZE)
+    # img2dataset's own fetch would pass the page on to OpenCV ("resize_failed"); ours names it
+    assert (result.successes, result.failures_by_reason, len(result.stats_files)) == (40, {"not_an_image": 1}, 3)
+    expected = {row["url"]: row["caption"] for row in rows.to_pylist()}
+    assert {s.meta["url"]: s.caption for s in _samples(tmp_path / "ray")} == expected

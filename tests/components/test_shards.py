@@ -32,3 +32,40 @@ def test_plain_keys_round_trip(tmp_path):
     write_shard(tmp_path / "00000.tar", samples)
     assert [(s.key, s.image_bytes, s.caption) for s in read_shard(tmp_path / "00000.tar")] == [
         ("00000000012", b"img", "a caption"), ("batch_1-x", b"i", "b")]
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_fast_tar_reader_reads_what_tarfile_writes(tmp_path, tar_format):
+    from dalle_pipeline.components.shards import tar_members
+
+    members = [("000000001.png", b"\x89PNG" * 300), ("000000001.txt", "café".encode()), ("dir/" + "k" * 150 + ".json", b"{}"),
+               ("empty.txt", b""), ("exact.bin", bytes(512))]
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w", format=tar_format, encoding="utf-8") as tar:
+        directory = tarfile.TarInfo("a-directory")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)  # not a regular file: skipped
+        for name, data in members:
+            if tar_format == tarfile.USTAR_FORMAT and len(name) > 100:
+                name = name[:90] + ".json"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(shard) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    assert list(tar_members(shard)) == expected
+
+
+def test_a_damaged_tar_is_an_error(tmp_path):
+    from dalle_pipeline.components.shards import tar_members
+
+    write_shard(tmp_path / "good.tar", [Sample("000000001", b"img" * 1000, "png", "a caption")])
+    data = (tmp_path / "good.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:1500])
+    with pytest.raises(ValueError, match="runs past the end"):
+        list(tar_members(tmp_path / "cut.tar"))
+    damaged = bytearray(data)
+    damaged[10] ^= 0xFF
+    (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="damaged tar header at byte 0"):
+        list(tar_members(tmp_path / "damaged.tar"))

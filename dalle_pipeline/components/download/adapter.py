@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import os
 import signal
 from contextlib import contextmanager
 from typing import Any
@@ -55,10 +56,33 @@ def _policed(policy: FetchPolicy):
 
 
 def download(arguments: dict[str, Any], policy: FetchPolicy) -> None:
-    """`img2dataset.download(**arguments)` with our fetch; puts back the SIGINT handler it installs."""
+    """`img2dataset.download(**arguments)` with our fetch; puts back the SIGINT handler it installs.
+
+    With `distributor="ray"` each shard is a Ray task: on the cluster at RAY_ADDRESS when set
+    (its nodes need this package installed), else on a local Ray started and stopped here.
+    """
     previous_handler = signal.getsignal(signal.SIGINT)
+    with _ray_if(arguments["distributor"] == "ray"):
+        try:
+            with _policed(policy):
+                i2d_main.download(**arguments)
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+
+
+@contextmanager
+def _ray_if(needed: bool):
+    if not needed:
+        yield
+        return
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(include_dashboard=False, configure_logging=False)
     try:
-        with _policed(policy):
-            i2d_main.download(**arguments)
+        yield
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        if started:
+            ray.shutdown()

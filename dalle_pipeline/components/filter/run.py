@@ -10,7 +10,8 @@ it. The checks, cheapest first:
   `max_aspect_ratio` (img2dataset records the size before resizing);
 - CLIP: image-caption cosine below `clip_min_score`, when `clip_model` is set;
 - duplicates, in corpus order: the same sha256 (of the downloaded bytes) as a kept sample, then
-  (when `near_duplicate_distance` is set) a perceptual hash within that many bits of a kept one.
+  (when `near_duplicate_distance` is set, which is also when the pHash is computed) a perceptual
+  hash within that many bits of a kept one.
 
 Work is per download shard: curated shard `<batch>-<shard>.tar`, then its report part in `_parts/`
 (the part's presence means the shard is done). A re-run with the same config reuses every part
@@ -110,10 +111,11 @@ def image_problem(image: Image.Image | None, original_size: tuple[int, int], cfg
 
 
 def decode(image_bytes: bytes) -> Image.Image | None:
-    """The RGB image, fully decoded (a truncated file fails here, not in training), or None."""
+    """The image, fully decoded (a truncated file fails here, not in training), or None."""
     try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
-            return image.convert("RGB")
+        image = Image.open(io.BytesIO(image_bytes))
+        image.load()
+        return image
     except Exception:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
         return None
 
@@ -248,7 +250,7 @@ class _Checker:
             row = {
                 "key": sample.key, "url": sample.meta.get("url"), "stage": "filter",
                 "sha256": sample.meta.get("sha256") or hashlib.sha256(sample.image_bytes).hexdigest(),
-                "phash": None if image is None else perceptual_hash(image),
+                "phash": None if image is None or self.dedupe.near is None else perceptual_hash(image),
                 "original_width": original[0], "original_height": original[1], "clip_score": None,
                 "reason": caption_problem(sample.caption, self.cfg, self.blocklist)
                 or image_problem(image, original, self.cfg),
@@ -281,7 +283,8 @@ class _Checker:
         for start in range(0, len(candidates), batch_size):
             chunk = candidates[start : start + batch_size]
             size = self._clip.image_size
-            pixels = np.stack([np.asarray(image.resize((size, size), Image.Resampling.BICUBIC)) for _, _, image in chunk])
+            pixels = np.stack([np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+                               for _, _, image in chunk])
             images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
             scores = self._clip.scores(images, [sample.caption for _, sample, _ in chunk]).tolist()
             for (row, _, _), score in zip(chunk, scores):
@@ -292,7 +295,7 @@ class _Checker:
 
 def _download_failures(parquet: Path, prefix: str) -> list[dict]:
     """Report rows for the URLs img2dataset could not turn into a sample."""
-    table = pq.read_table(parquet, columns=["key", "url", "status", "error_message"])
+    table = pq.ParquetFile(parquet).read(columns=["key", "url", "status", "error_message"])
     return [
         {"key": prefix + row["key"], "url": row["url"], "stage": "download", "reason": reason_code(row["error_message"])}
         for row in table.to_pylist()
