@@ -40,6 +40,8 @@ test-all: install
 
 bench: install
 	$(PY) bench/prior.py
+	$(PY) bench/sample.py
+	$(PY) bench/download.py
 
 clean:
 	rm -rf runs

@@ -95,8 +95,11 @@ class Served:
         return _processes_with_env("DALLE_HOME", str(self.home))
 
 
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as response:
+def _get_json(url: str, body: dict | None = None) -> dict:
+    """GET `url`, or POST `body` to it as JSON."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)
 
 
@@ -177,6 +180,13 @@ def test_deployment_run_trains_and_logs_to_the_served_mlflow(served: Served) -> 
             f"last lines of the worker log:\n{served.log_tail('prefect-worker')}"
         )
     assert flow_run["parameters"] == {"preset": "micro", "overrides": {"seed": 1}}
+    artifacts = _get_json(f"{served.prefect_api}/artifacts/filter",
+                          {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+    tables = {a["key"]: a for a in artifacts if a["type"] == "table"}
+    assert "filter-report" in tables, artifacts
+    rows = tables["filter-report"]["data"]
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert {"stage": "filter", "reason": "kept"} == {k: rows[0][k] for k in ("stage", "reason")} and rows[0]["samples"] > 0
 
     # The flow logged into the store the worker was pointed at, under one parent run tagged with
     # this flow run's id; and the MLflow server shows that same run.
