@@ -21,6 +21,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                        help="override one config field, e.g. prior.layers=8 (repeatable)")
     train.add_argument("--root", default=None, help="artifact root (default: $DALLE_HOME or ./runs)")
+    train.add_argument("--retrain-from", default=None, metavar="MODEL_URI",
+                       help="fine-tune a registered model (e.g. models:/dalle@champion) on the configured data")
+    train.add_argument("--rerun", action="append", default=[], metavar="STAGE",
+                       help="run this stage even if its inputs are unchanged (repeatable; 'all' for every stage)")
     generate = commands.add_parser("generate", help="images from a trained model, best of its candidates by CLIP")
     generate.add_argument("prompts", nargs="+")
     generate.add_argument("--model", default="models:/dalle@champion",
@@ -54,11 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .flows.train_dalle import train_dalle
 
-    summary = train_dalle(preset=args.preset, overrides=overrides, root=args.root)
+    summary = train_dalle(preset=args.preset, overrides=overrides, root=args.root, rerun=args.rerun,
+                          retrain_from=args.retrain_from)
     metrics = summary["metrics"]
     print("\n=== train-dalle finished in %.0fs ===" % summary["seconds"])
     print(f"MLflow run id : {summary['mlflow_run_id']}  ({summary['tracking_uri']})")
     print(f"sample grid   : {summary['sample_grid']}")
+    if summary["reused_stages"]:
+        print(f"reused stages : {', '.join(summary['reused_stages'])} (inputs unchanged; --rerun STAGE to force)")
     for name in sorted(metrics):
         if name.endswith("_reranked") or name.endswith("_all"):
             print(f"  {name:40s} {metrics[name]:.4f}")

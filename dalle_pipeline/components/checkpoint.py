@@ -31,8 +31,8 @@ def save(directory: str | Path, kind: str, state_dict: dict[str, torch.Tensor], 
     return directory
 
 
-def load(directory: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Returns (state_dict, config, meta); refuses a checkpoint of another kind."""
+def read_config(directory: str | Path, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config, meta) without the weights; refuses a checkpoint of another kind."""
     directory = Path(directory)
     config_path = directory / CONFIG
     if not config_path.exists():
@@ -40,7 +40,13 @@ def load(directory: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dic
     document = json.loads(config_path.read_text())
     if document.get("kind") != kind:
         raise ValueError(f"{directory} holds a {document.get('kind')!r} checkpoint, expected {kind!r}")
-    return load_file(str(directory / WEIGHTS)), document["config"], document.get("meta", {})
+    return document["config"], document.get("meta", {})
+
+
+def load(directory: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Returns (state_dict, config, meta); refuses a checkpoint of another kind."""
+    config, meta = read_config(directory, kind)
+    return load_file(str(Path(directory) / WEIGHTS)), config, meta
 
 
 def weights_hash(directory: str | Path) -> str:

@@ -32,6 +32,9 @@ class CorpusConfig(StageConfig):
 
 
 class DownloadConfig(StageConfig):
+    url_list: str | None = Field(
+        None, description="your URL list (parquet/csv/tsv/json/jsonl[.gz]); None: the embedded shapes corpus"
+    )
     url_col: str = Field("url", min_length=1, description="URL list column holding the image URLs")
     caption_col: str = Field("caption", min_length=1, description="URL list column holding the captions")
     processes_count: int = Field(1, ge=1, description="img2dataset worker processes (or Ray tasks at once)")
@@ -163,6 +166,9 @@ class PriorConfig(StageConfig):
     val_rows_max: int = Field(1024, ge=1, description="most validation rows (validation runs every checkpoint)")
     attention_backend: Literal["auto", "flex", "sdpa", "math"] = Field(
         "auto", description="'auto': FlexAttention block masks on CUDA, plain math attention on CPU"
+    )
+    init_from: str | None = Field(
+        None, description="a prior checkpoint folder whose weights start training (fine-tuning); same architecture"
     )
 
     @model_validator(mode="after")
@@ -364,17 +370,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def resolve(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None) -> PipelineConfig:
-    """Build the validated config of `preset` with `overrides` (a dict of dotted fields or `k=v` strings)."""
-    if preset not in PRESETS:
+def resolve(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
+            base: dict[str, Any] | None = None) -> PipelineConfig:
+    """Build the validated config of `preset` with `overrides` (a dict of dotted fields or `k=v` strings).
+
+    `base`, a whole config (a trained model's, for fine-tuning it), replaces the preset: the
+    overrides then apply on top of it.
+    """
+    if base is None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if isinstance(overrides, list):
         overrides = dict(parse_override(item) for item in overrides)
     tree: dict[str, Any] = {"preset": preset}
-    for dotted, value in {**PRESETS[preset], **(overrides or {})}.items():
+    for dotted, value in {**(PRESETS[preset] if base is None else {}), **(overrides or {})}.items():
         _set_dotted(tree, dotted, value)
     # nested optim sections start from the stage's own defaults, not OptimConfig's
-    defaults = PipelineConfig().model_dump()
+    defaults = PipelineConfig().model_dump() if base is None else base
     tree = _merge(defaults, tree)
     try:
         return PipelineConfig.model_validate(tree)

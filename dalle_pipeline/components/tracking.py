@@ -42,7 +42,7 @@ def _client(tracking_uri: str):
 
 
 @contextmanager
-def _fluent_store(tracking_uri: str) -> Iterator[None]:
+def fluent_store(tracking_uri: str) -> Iterator[None]:
     """Point MLflow's process-wide (fluent) tracking and registry URIs at one store for the block,
     then put back what was there: set_tracking_uri/set_registry_uri also set MLFLOW_TRACKING_URI and
     MLFLOW_REGISTRY_URI, which later clients, subprocesses and `default_tracking_uri` would inherit."""
@@ -169,7 +169,7 @@ class Tracker:
         import mlflow
         import mlflow.pyfunc
 
-        with _fluent_store(self.tracking_uri), mlflow.start_run(run_id=self.run_id):
+        with fluent_store(self.tracking_uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.pyfunc.log_model(name=name, python_model=python_model, artifacts=dict(artifacts),
                                            registered_model_name=name)
         return str(info.registered_model_version)

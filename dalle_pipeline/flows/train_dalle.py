@@ -1,14 +1,19 @@
 """The `train-dalle` flow: every stage of DESIGN.md, each a thin task around one component's `run`.
 
 Imports are absolute: Prefect loads a deployment's entrypoint as a script by its file path, where
-relative imports fail. Tasks take and return paths, ids and configs, never tensors. Each opens a nested MLflow run under
-the flow's parent run (tagged with the Prefect flow run id), so the MLflow UI shows one run per
-pipeline execution with one child per stage.
+relative imports fail. Tasks take and return stage records (paths, ids, summary metrics), never
+tensors. Each opens a nested MLflow run under the flow's parent run (tagged with the Prefect flow
+run id), so the MLflow UI shows one run per pipeline execution with one child per stage; a stage
+whose inputs are unchanged is reused from `<root>/stages/` and its child run says so (`cache` tag).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,206 +23,386 @@ from prefect.runtime import flow_run
 
 from dalle_pipeline.components import config as config_module
 from dalle_pipeline.components.config import PipelineConfig
+from dalle_pipeline.components.stage_cache import StageCache
+from dalle_pipeline.components.storage import file_sha256
 from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri, stage_run
 
-STAGE_TASK = {"cache_policy": NO_CACHE}
+STAGE_TASK = {"cache_policy": NO_CACHE}  # our StageCache decides what to skip; Prefect's input cache would not log it
+Record = dict[str, Any]  # a finished stage: key, outputs, metrics, mlflow_run_id (see stage_cache)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What every stage task needs besides its inputs: the parent MLflow run and the stage cache."""
+
+    parent: Tracker
+    cache: StageCache
+    rerun: frozenset[str] = frozenset()  # stage names to run even when cached; "all" for every stage
+
+
+def run_stage(stages: Stages, name: str, config: dict[str, Any], inputs: dict[str, Record], code: tuple[str, ...],
+              build: Callable[[Path, Tracker], tuple[dict[str, Any], dict[str, float]]],
+              folder_config: dict[str, Any] | None = None) -> Record:
+    """Run `build(folder, tracker) -> (outputs, metrics)` in a nested MLflow run, unless the stage
+    already finished with the same key: then log that it was reused (tags `cache`, `built_by_run`,
+    its metrics again) and return its record. `folder_config` names the folder of a stage that
+    accumulates (by settings and source, not by inputs); by default the folder is the key's."""
+    key = stages.cache.key(name, config, {input_name: record["key"] for input_name, record in inputs.items()}, code)
+    folder_key = key if folder_config is None else stages.cache.key(name, folder_config, {}, code)
+    folder = stages.cache.folder(name, folder_key)
+    with stage_run(stages.parent, name, config) as tracker:
+        forced = name in stages.rerun or "all" in stages.rerun
+        record = None if forced else stages.cache.lookup(folder, key)
+        if record is not None:
+            tracker.set_tags({"cache": "hit", "cache_key": key, "built_by_run": record["mlflow_run_id"],
+                              "stage_dir": str(folder)})
+            tracker.log_metrics(record["metrics"])
+            print(f"{name}: inputs unchanged, reusing {folder} (built by MLflow run {record['mlflow_run_id']})")
+            return {**record, "reused": True}
+        tracker.set_tags({"cache": "forced" if forced else "miss", "cache_key": key, "stage_dir": str(folder)})
+        if forced:
+            shutil.rmtree(folder, ignore_errors=True)  # from scratch: no resuming from the last build's checkpoints
+        folder.mkdir(parents=True, exist_ok=True)  # an unfinished folder is kept: stages resume from it
+        outputs, metrics = build(folder, tracker)
+        record = stages.cache.commit(folder, name, key, {"outputs": outputs, "metrics": metrics,
+                                                         "mlflow_run_id": tracker.run_id, "finished": time.time()})
+        return {**record, "reused": False}
 
 
 @task(name="corpus", **STAGE_TASK)
-def make_corpus(cfg: PipelineConfig, run_dir: Path, parent: Tracker) -> Path:
+def make_corpus(cfg: PipelineConfig, stages: Stages) -> Record:
+    """The embedded shapes corpus, or your URL list (`download.url_list`), as the URL list to download."""
+    if cfg.download.url_list is not None:
+        url_list = Path(cfg.download.url_list).resolve()
+        if not url_list.is_file():
+            raise FileNotFoundError(f"download.url_list {url_list} does not exist")
+        config = {"url_list": str(url_list), "sha256": file_sha256(url_list)}
+        return run_stage(stages, "url-list", config, {}, (), lambda folder, tracker: ({"url_list": str(url_list)}, {}))
+
     from dalle_pipeline.components.corpus import generate
 
-    with stage_run(parent, "corpus", cfg.corpus.model_dump(mode="json")) as tracker:
-        result = generate(cfg.corpus, run_dir / "corpus")
+    def build(folder: Path, tracker: Tracker):
+        result = generate(cfg.corpus, folder)
         tracker.log_metrics({"num_images": result.num_images})
-    return result.url_list
+        return {"url_list": str(result.url_list)}, {"num_images": result.num_images}
+
+    return run_stage(stages, "corpus", cfg.corpus.model_dump(mode="json"), {}, ("corpus",), build)
 
 
 @task(name="download", retries=1, **STAGE_TASK)
-def download(cfg: PipelineConfig, url_list: Path, run_dir: Path, parent: Tracker) -> Path:
+def download(cfg: PipelineConfig, corpus: Record, stages: Stages) -> Record:
     from dalle_pipeline.components.download.run import run
 
-    with stage_run(parent, "download", cfg.download.model_dump(mode="json")) as tracker:
-        result = run(cfg.download, url_list, run_dir / "download", image_size=cfg.corpus.image_size)
-        tracker.log_metrics({"successes": result.successes, "failures": result.failures, "new_urls": result.new_urls,
-                             **{f"failed_{k}": v for k, v in result.failures_by_reason.items()}})
+    def build(folder: Path, tracker: Tracker):
+        result = run(cfg.download, corpus["outputs"]["url_list"], folder, image_size=cfg.corpus.image_size)
+        metrics = {"successes": result.successes, "failures": result.failures, "new_urls": result.new_urls,
+                   **{f"failed_{k}": v for k, v in result.failures_by_reason.items()}}
+        tracker.log_metrics(metrics)
         print(f"downloaded {result.successes} images ({result.new_urls} URLs new), {result.failures} failed "
               f"{result.failures_by_reason}")
-    return result.shards_dir
+        return {"shards_dir": str(result.shards_dir)}, metrics
+
+    config = {**cfg.download.model_dump(mode="json"), "image_size": cfg.corpus.image_size}
+    # one folder per URL list location and settings: a list that grows downloads only its new rows
+    folder_config = {**config, "url_list": corpus["outputs"]["url_list"]}
+    return run_stage(stages, "download", config, {"corpus": corpus}, ("download",), build, folder_config)
 
 
 @task(name="filter", **STAGE_TASK)
-def filter_corpus(cfg: PipelineConfig, shards_dir: Path, run_dir: Path, parent: Tracker) -> Path:
+def filter_corpus(cfg: PipelineConfig, downloaded: Record, stages: Stages) -> Record:
     from prefect.artifacts import create_table_artifact
 
     from dalle_pipeline.components.filter.run import run
 
-    with stage_run(parent, "filter", cfg.filter.model_dump(mode="json")) as tracker:
-        result = run(cfg.filter, shards_dir, run_dir / "curated")
-        tracker.log_metrics({"kept": result.kept, **{f"dropped_{k}": v for k, v in result.dropped_by_reason.items()}})
+    def build(folder: Path, tracker: Tracker):
+        result = run(cfg.filter, downloaded["outputs"]["shards_dir"], folder)
+        metrics = {"kept": result.kept, **{f"dropped_{k}": v for k, v in result.dropped_by_reason.items()}}
+        tracker.log_metrics(metrics)
         tracker.log_artifact(result.report_path)
         print(f"kept {result.kept} samples, dropped {result.dropped_by_reason}")
-    rows = [{"stage": "filter", "reason": "kept", "samples": result.kept}]
-    rows += [{"stage": "filter", "reason": k, "samples": v} for k, v in result.dropped_by_reason.items()]
-    rows += [{"stage": "download", "reason": k, "samples": v} for k, v in result.download_failures_by_reason.items()]
-    create_table_artifact(rows, key="filter-report", description="Samples kept and dropped, by reason")
-    return result.curated_dir
+        rows = [{"stage": "filter", "reason": "kept", "samples": result.kept}]
+        rows += [{"stage": "filter", "reason": k, "samples": v} for k, v in result.dropped_by_reason.items()]
+        rows += [{"stage": "download", "reason": k, "samples": v} for k, v in result.download_failures_by_reason.items()]
+        return {"curated_dir": str(result.curated_dir), "report_rows": rows}, metrics
+
+    config = cfg.filter.model_dump(mode="json")
+    record = run_stage(stages, "filter", config, {"download": downloaded}, ("filter", "download", "clip"), build,
+                       folder_config={**config, "source": downloaded["outputs"]["shards_dir"]})
+    create_table_artifact(record["outputs"]["report_rows"], key="filter-report",
+                          description="Samples kept and dropped, by reason")
+    return record
 
 
 @task(name="text-tokenizer", **STAGE_TASK)
-def train_text_tokenizer(cfg: PipelineConfig, curated_dir: Path, run_dir: Path, parent: Tracker) -> Path:
+def train_text_tokenizer(cfg: PipelineConfig, curated: Record, stages: Stages) -> Record:
     from dalle_pipeline.components.shards import iter_samples
     from dalle_pipeline.components.text.tokenizer import run
 
-    with stage_run(parent, "text-tokenizer", cfg.tokenizer.model_dump(mode="json")) as tracker:
-        captions = [sample.caption for sample in iter_samples(curated_dir)]
-        path, digest = run(cfg.tokenizer, captions, run_dir / "tokenizer")
+    def build(folder: Path, tracker: Tracker):
+        captions = [sample.caption for sample in iter_samples(curated["outputs"]["curated_dir"])]
+        path, digest = run(cfg.tokenizer, captions, folder)
         tracker.set_tags({"tokenizer_hash": digest})
         tracker.log_artifact(path)
-    return path
+        return {"tokenizer_path": str(path), "tokenizer_hash": digest}, {}
+
+    return run_stage(stages, "text-tokenizer", cfg.tokenizer.model_dump(mode="json"), {"filter": curated},
+                     ("text",), build)
 
 
 @task(name="dvae", **STAGE_TASK)
-def train_dvae(cfg: PipelineConfig, curated_dir: Path, run_dir: Path, parent: Tracker) -> Path:
+def train_dvae(cfg: PipelineConfig, curated: Record, stages: Stages) -> Record:
     from dalle_pipeline.components.dvae.train import run
 
-    with stage_run(parent, "dvae", cfg.dvae.model_dump(mode="json")) as tracker:
-        result = run(cfg.dvae, curated_dir, run_dir / "dvae", cfg.corpus.image_size, cfg.seed, tracker)
-    return result.checkpoint_dir
+    def build(folder: Path, tracker: Tracker):
+        result = run(cfg.dvae, curated["outputs"]["curated_dir"], folder, cfg.corpus.image_size, cfg.seed, tracker)
+        return {"checkpoint_dir": str(result.checkpoint_dir)}, result.metrics
+
+    config = {**cfg.dvae.model_dump(mode="json"), "image_size": cfg.corpus.image_size, "seed": cfg.seed}
+    return run_stage(stages, "dvae", config, {"filter": curated}, ("dvae", "training"), build)
 
 
 @task(name="tokenize-corpus", **STAGE_TASK)
-def tokenize_corpus(cfg: PipelineConfig, curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, run_dir: Path,
-                    parent: Tracker) -> Path:
+def tokenize_corpus(cfg: PipelineConfig, curated: Record, dvae: Record, tokenizer: Record, stages: Stages) -> Record:
     from dalle_pipeline.components.tokenize_corpus.run import run
 
-    with stage_run(parent, "tokenize-corpus") as tracker:
-        result = run(curated_dir, dvae_dir, tokenizer_path, run_dir / "tokens", cfg.tokenizer.text_len,
+    def build(folder: Path, tracker: Tracker):
+        result = run(curated["outputs"]["curated_dir"], dvae["outputs"]["checkpoint_dir"],
+                     tokenizer["outputs"]["tokenizer_path"], folder, cfg.tokenizer.text_len,
                      bpe_dropout=cfg.tokenizer.bpe_dropout)
         tracker.log_metrics({"rows": result.rows})
         tracker.log_artifact(result.dataset_dir / "_manifest.json")
-    return result.dataset_dir
+        return {"dataset_dir": str(result.dataset_dir)}, {"rows": result.rows}
+
+    config = {"text_len": cfg.tokenizer.text_len, "bpe_dropout": cfg.tokenizer.bpe_dropout}
+    # new curated shards add parts; another dVAE or tokenizer starts another folder
+    folder_config = {**config, "source": curated["outputs"]["curated_dir"], "dvae": dvae["key"],
+                     "tokenizer": tokenizer["key"]}
+    return run_stage(stages, "tokenize-corpus", config, {"filter": curated, "dvae": dvae, "text-tokenizer": tokenizer},
+                     ("tokenize_corpus", "dvae", "text"), build, folder_config)
 
 
 @task(name="prior", **STAGE_TASK)
-def train_prior(cfg: PipelineConfig, dataset_dir: Path, run_dir: Path, parent: Tracker) -> Path:
-    import ray
+def train_prior(cfg: PipelineConfig, dataset: Record, stages: Stages) -> Record:
+    def build(folder: Path, tracker: Tracker):
+        import ray
 
-    from dalle_pipeline.components.prior.train import run
+        from dalle_pipeline.components.prior.train import run
 
-    started_ray = not ray.is_initialized()
-    try:
-        with stage_run(parent, "prior", cfg.prior.model_dump(mode="json")) as tracker:
-            result = run(cfg.prior, dataset_dir, run_dir / "prior", cfg.seed, tracker)
-    finally:
-        if started_ray:
-            ray.shutdown()
-    return result.checkpoint_dir
+        started_ray = not ray.is_initialized()
+        try:
+            result = run(cfg.prior, dataset["outputs"]["dataset_dir"], folder, cfg.seed, tracker)
+        finally:
+            if started_ray:
+                ray.shutdown()
+        return {"checkpoint_dir": str(result.checkpoint_dir)}, result.metrics
+
+    config = {**cfg.prior.model_dump(mode="json"), "seed": cfg.seed}
+    return run_stage(stages, "prior", config, {"tokenize-corpus": dataset}, ("prior", "training"), build)
 
 
 @task(name="clip", **STAGE_TASK)
-def train_clip(cfg: PipelineConfig, curated_dir: Path, run_dir: Path, parent: Tracker) -> str:
+def train_clip(cfg: PipelineConfig, curated: Record, stages: Stages) -> Record:
     from dalle_pipeline.components.clip.train import run
 
-    with stage_run(parent, "clip", cfg.clip.model_dump(mode="json")) as tracker:
-        result = run(cfg.clip, curated_dir, run_dir / "clip", cfg.corpus.image_size, cfg.seed, tracker)
-    return result.source
+    def build(folder: Path, tracker: Tracker):
+        result = run(cfg.clip, curated["outputs"]["curated_dir"], folder, cfg.corpus.image_size, cfg.seed, tracker)
+        return {"clip_source": result.source}, result.metrics
+
+    config = {**cfg.clip.model_dump(mode="json"), "image_size": cfg.corpus.image_size, "seed": cfg.seed}
+    return run_stage(stages, "clip", config, {"filter": curated}, ("clip", "training"), build)
 
 
-@task(name="sample-and-evaluate", **STAGE_TASK)
-def sample_and_evaluate(cfg: PipelineConfig, prior_dir: Path, dvae_dir: Path, tokenizer_path: Path,
-                        clip_source: str, run_dir: Path, parent: Tracker) -> dict[str, Any]:
-    import numpy as np
+@task(name="base-model", **STAGE_TASK)
+def fetch_base_model(model_uri: str, stages: Stages) -> Record:
+    """The registered model a retrain starts from, downloaded into the stage cache."""
+    from dalle_pipeline.components.register.run import fetch_bundle, resolve_version
 
-    from dalle_pipeline.components.clip.train import load as load_clip
+    version = resolve_version(model_uri, stages.parent)
+    name = model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
+
+    def build(folder: Path, tracker: Tracker):
+        bundle = fetch_bundle(f"models:/{name}/{version}", stages.parent, folder)
+        print(f"retraining from {model_uri} (version {version}), bundle in {bundle}")
+        return {"bundle_dir": str(bundle), "version": version}, {}
+
+    config = {"model": name, "version": version, "tracking_uri": stages.parent.tracking_uri}
+    return run_stage(stages, "base-model", config, {}, ("register",), build)
+
+
+def base_model_parts(base: Record) -> tuple[Record, Record, Record]:
+    """The base model's tokenizer, dVAE and CLIP as the records of stages it does not run again."""
+    from dalle_pipeline.components.clip.model import LOCAL_DIR
+    from dalle_pipeline.components.register.bundle import CONFIG_FILE
+
+    bundle = Path(base["outputs"]["bundle_dir"])
+    clip_source = json.loads((bundle / CONFIG_FILE).read_text())["clip_source"]
+    clip_source = LOCAL_DIR + str(bundle / "clip") if clip_source == "bundle" else clip_source
+    parts = {"text-tokenizer": {"tokenizer_path": str(bundle / "tokenizer.json")},
+             "dvae": {"checkpoint_dir": str(bundle / "dvae")}, "clip": {"clip_source": clip_source}}
+    records = {stage: {"stage": stage, "key": f"{base['key']}/{stage}", "outputs": outputs, "metrics": {},
+                       "mlflow_run_id": base["mlflow_run_id"], "reused": True} for stage, outputs in parts.items()}
+    return records["text-tokenizer"], records["dvae"], records["clip"]
+
+
+def _prompts(cfg: PipelineConfig):
+    """The fixed evaluation set: held-out captions, then the zero-shot holdout pairs, and reference images."""
     from dalle_pipeline.components.corpus import eval_set
-    from dalle_pipeline.components.dvae.train import load as load_dvae
-    from dalle_pipeline.components.evaluate.run import run as evaluate
-    from dalle_pipeline.components.prior.train import load as load_prior
-    from dalle_pipeline.components.sample.run import run as sample
-    from dalle_pipeline.components.text.tokenizer import TextTokenizer
 
     items = eval_set(cfg.corpus, cfg.sample.num_prompts, seed=cfg.sample.seed)
     holdout_items = eval_set(cfg.corpus, max(1, cfg.sample.num_prompts // 2), seed=cfg.sample.seed, holdout_only=True)
     references = eval_set(cfg.corpus, max(256, cfg.sample.num_prompts), seed=cfg.sample.seed + 1)
-    prompts = [item.caption for item in items + holdout_items]
-    clip = load_clip(clip_source)
-    with stage_run(parent, "sample", cfg.sample.model_dump(mode="json")) as tracker:
-        samples = sample(cfg.sample, prompts, load_prior(prior_dir), load_dvae(dvae_dir),
-                         TextTokenizer.load(tokenizer_path, cfg.tokenizer.text_len), clip, run_dir / "samples", tracker)
-    with stage_run(parent, "evaluate") as tracker:
-        metrics = evaluate(
-            samples.samples, prompts, np.stack([np.asarray(item.image) for item in references]), clip,
-            run_dir / "evaluation", specs=[item.specs for item in items + holdout_items],
-            holdout=[False] * len(items) + [True] * len(holdout_items), tracker=tracker,
-        )
-    return {"grid": str(samples.grid), "metrics": metrics, "prompts": prompts}
+    return items, holdout_items, references
+
+
+@task(name="sample", **STAGE_TASK)
+def sample(cfg: PipelineConfig, prior: Record, dvae: Record, tokenizer: Record, clip: Record, stages: Stages) -> Record:
+    from dalle_pipeline.components.clip.train import load as load_clip
+    from dalle_pipeline.components.dvae.train import load as load_dvae
+    from dalle_pipeline.components.prior.train import load as load_prior
+    from dalle_pipeline.components.sample.run import run
+    from dalle_pipeline.components.text.tokenizer import TextTokenizer
+
+    def build(folder: Path, tracker: Tracker):
+        items, holdout_items, _ = _prompts(cfg)
+        prompts = [item.caption for item in items + holdout_items]
+        result = run(cfg.sample, prompts, load_prior(prior["outputs"]["checkpoint_dir"]),
+                     load_dvae(dvae["outputs"]["checkpoint_dir"]),
+                     TextTokenizer.load(tokenizer["outputs"]["tokenizer_path"], cfg.tokenizer.text_len),
+                     load_clip(clip["outputs"]["clip_source"]), folder, tracker)
+        return {"grid": str(result.grid), "samples": str(result.samples), "prompts": prompts}, {}
+
+    config = {**cfg.sample.model_dump(mode="json"), "corpus": cfg.corpus.model_dump(mode="json")}
+    return run_stage(stages, "sample", config, {"prior": prior, "dvae": dvae, "text-tokenizer": tokenizer,
+                                                "clip": clip}, ("sample", "prior", "dvae", "text", "clip", "corpus"),
+                     build)
+
+
+@task(name="evaluate", **STAGE_TASK)
+def evaluate(cfg: PipelineConfig, samples: Record, clip: Record, stages: Stages) -> Record:
+    import numpy as np
+
+    from dalle_pipeline.components.clip.train import load as load_clip
+    from dalle_pipeline.components.evaluate.run import run
+
+    def build(folder: Path, tracker: Tracker):
+        items, holdout_items, references = _prompts(cfg)
+        metrics = run(Path(samples["outputs"]["samples"]), samples["outputs"]["prompts"],
+                      np.stack([np.asarray(item.image) for item in references]),
+                      load_clip(clip["outputs"]["clip_source"]), folder,
+                      specs=[item.specs for item in items + holdout_items],
+                      holdout=[False] * len(items) + [True] * len(holdout_items), tracker=tracker)
+        return {}, metrics
+
+    config = {"corpus": cfg.corpus.model_dump(mode="json"), "sample_seed": cfg.sample.seed}
+    return run_stage(stages, "evaluate", config, {"sample": samples, "clip": clip}, ("evaluate", "clip", "corpus"),
+                     build)
 
 
 @task(name="register", **STAGE_TASK)
-def register(cfg: PipelineConfig, dvae_dir: Path, prior_dir: Path, tokenizer_path: Path, clip_source: str,
-             evaluation: dict[str, Any], run_dir: Path, parent: Tracker) -> dict[str, Any]:
-    from dalle_pipeline.components.register.bundle import build
+def register(cfg: PipelineConfig, dvae: Record, prior: Record, tokenizer: Record, clip: Record, samples: Record,
+             evaluation: Record, stages: Stages) -> Record:
+    from dalle_pipeline.components.register.bundle import build as build_bundle
     from dalle_pipeline.components.register.run import run
 
-    bundle_dir = build(run_dir / "bundle", cfg, dvae_dir, prior_dir, tokenizer_path, clip_source)
-    with stage_run(parent, "register") as tracker:
+    def build(folder: Path, tracker: Tracker):
+        bundle_dir = build_bundle(folder / "bundle", cfg, dvae["outputs"]["checkpoint_dir"],
+                                  prior["outputs"]["checkpoint_dir"], tokenizer["outputs"]["tokenizer_path"],
+                                  clip["outputs"]["clip_source"])
         # the model is logged into the pipeline's parent run, so it sits beside the metrics it was judged by
-        registration = run(bundle_dir, evaluation["metrics"], evaluation["prompts"], parent)
+        registration = run(bundle_dir, evaluation["metrics"], samples["outputs"]["prompts"], stages.parent)
         tracker.set_tags({"champion_decision": registration.decision, "model_version": registration.version})
-    return {"model_version": registration.version, "promoted": registration.promoted,
-            "champion_decision": registration.decision}
+        return {"model_version": registration.version, "promoted": registration.promoted,
+                "champion_decision": registration.decision}, {}
+
+    # registering into another MLflow store is another stage
+    config = {"tracking_uri": stages.parent.tracking_uri, "sample": cfg.sample.model_dump(mode="json"),
+              "text_len": cfg.tokenizer.text_len}
+    return run_stage(stages, "register", config, {"dvae": dvae, "prior": prior, "text-tokenizer": tokenizer,
+                                                  "clip": clip, "evaluate": evaluation}, ("register",), build)
 
 
 @flow(name="train-dalle", log_prints=True)
-def train_dalle(preset: str = "tiny", overrides: dict[str, Any] | None = None, root: str | None = None) -> dict:
+def train_dalle(preset: str = "tiny", overrides: dict[str, Any] | None = None, root: str | None = None,
+                rerun: list[str] | None = None, retrain_from: str | None = None) -> dict:
     """Train a DALL-E-style model end to end: corpus -> download -> filter -> tokenizers -> dVAE ->
     token Parquet -> prior (Ray Train) -> CLIP -> samples reranked by CLIP -> evaluation -> the
-    registered model `dalle` (champion alias when it beats the current champion)."""
-    cfg = config_module.resolve(preset, overrides)  # a bad value fails here, before any work
+    registered model `dalle` (champion alias when it beats the current champion).
+
+    A stage whose config, upstream stages and code are unchanged since a finished run is reused
+    (see `components/stage_cache.py`); `rerun` names stages to run anyway (`["all"]` for every one).
+    `retrain_from` (e.g. `models:/dalle@champion`) fine-tunes that model instead: its config is the
+    base for `overrides`, its tokenizer, dVAE and CLIP are kept, its prior starts the training, and
+    the new version is judged against the champion on the same evaluation set.
+    """
+    if retrain_from is None:
+        cfg = config_module.resolve(preset, overrides)  # a bad value fails here, before any work
+    rerun_set = frozenset(rerun or ())
+    unknown = sorted(rerun_set - set(STAGE_NAMES) - {"all"})
+    if unknown:
+        raise ValueError(f"rerun: unknown stages {unknown}; stages are {list(STAGE_NAMES)} or 'all'")
     logger = get_run_logger()
     root_dir = Path(root).resolve() if root else default_root()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = root_dir / "pipeline" / f"{stamp}-{flow_run.get_name() or 'local'}"
     tracking_uri = default_tracking_uri(root_dir)
+    kind = "retrain" if retrain_from else "train"
     parent = Tracker.start(
-        tracking_uri, run_name=f"train-dalle-{preset}-{stamp}",
-        tags={"prefect.flow_run_id": str(flow_run.get_id()), "preset": preset, "run_dir": str(run_dir)},
+        tracking_uri, run_name=f"{kind}-dalle-{preset}-{stamp}",
+        tags={"prefect.flow_run_id": str(flow_run.get_id()), "preset": preset, "stages_root": str(root_dir / "stages"),
+              **({"retrain_from": retrain_from} if retrain_from else {})},
         artifact_root=(root_dir / "mlartifacts").as_uri(),
     )
-    config_json = cfg.model_dump(mode="json")
-    parent.log_params(config_json)
-    parent.log_dict(config_json, "config.json")
-    logger.info("MLflow run %s at %s; outputs under %s", parent.run_id, tracking_uri, run_dir)
+    stages = Stages(parent=parent, cache=StageCache(root_dir / "stages"), rerun=rerun_set)
     started = time.perf_counter()
     try:
-        url_list = make_corpus(cfg, run_dir, parent)
-        shards_dir = download(cfg, url_list, run_dir, parent)
-        curated_dir = filter_corpus(cfg, shards_dir, run_dir, parent)
-        tokenizer_path = train_text_tokenizer(cfg, curated_dir, run_dir, parent)
-        dvae_dir = train_dvae(cfg, curated_dir, run_dir, parent)
-        dataset_dir = tokenize_corpus(cfg, curated_dir, dvae_dir, tokenizer_path, run_dir, parent)
-        prior_dir = train_prior(cfg, dataset_dir, run_dir, parent)
-        clip_source = train_clip(cfg, curated_dir, run_dir, parent)
-        evaluation = sample_and_evaluate(cfg, prior_dir, dvae_dir, tokenizer_path, clip_source, run_dir, parent)
-        registration = register(cfg, dvae_dir, prior_dir, tokenizer_path, clip_source, evaluation, run_dir, parent)
+        base = None
+        if retrain_from is not None:
+            base = fetch_base_model(retrain_from, stages)
+            base_config = json.loads((Path(base["outputs"]["bundle_dir"]) / "pipeline_config.json").read_text())
+            prior_init = {"prior.init_from": str(Path(base["outputs"]["bundle_dir"]) / "prior")}
+            cfg = config_module.resolve(preset, {**(overrides or {}), **prior_init}, base=base_config["config"])
+        config_json = cfg.model_dump(mode="json")
+        parent.log_params(config_json)
+        parent.log_dict(config_json, "config.json")
+        logger.info("MLflow run %s at %s; stage outputs under %s", parent.run_id, tracking_uri, root_dir / "stages")
+        corpus = make_corpus(cfg, stages)
+        downloaded = download(cfg, corpus, stages)
+        curated = filter_corpus(cfg, downloaded, stages)
+        if base is None:
+            tokenizer = train_text_tokenizer(cfg, curated, stages)
+            dvae = train_dvae(cfg, curated, stages)
+            clip = train_clip(cfg, curated, stages)
+        else:
+            tokenizer, dvae, clip = base_model_parts(base)
+        dataset = tokenize_corpus(cfg, curated, dvae, tokenizer, stages)
+        prior = train_prior(cfg, dataset, stages)
+        samples = sample(cfg, prior, dvae, tokenizer, clip, stages)
+        evaluation = evaluate(cfg, samples, clip, stages)
+        registration = register(cfg, dvae, prior, tokenizer, clip, samples, evaluation, stages)
     except BaseException:
         parent.end("FAILED")
         raise
-    parent.log_metrics({**evaluation["metrics"], "pipeline_seconds": time.perf_counter() - started})
-    parent.log_artifact(evaluation["grid"])
+    ran = [corpus, downloaded, curated, dataset, prior, samples, evaluation, registration]
+    ran += [tokenizer, dvae, clip] if base is None else [base]
+    reused = [record["stage"] for record in ran if record["reused"]]
+    metrics = evaluation["metrics"]
+    parent.log_metrics({**metrics, "pipeline_seconds": time.perf_counter() - started, "stages_reused": len(reused)})
+    parent.log_artifact(samples["outputs"]["grid"])
     parent.end("FINISHED")
     summary = {
         "mlflow_run_id": parent.run_id,
         "tracking_uri": tracking_uri,
-        "run_dir": str(run_dir),
-        "sample_grid": evaluation["grid"],
-        "metrics": evaluation["metrics"],
+        "reused_stages": reused,
+        "sample_grid": samples["outputs"]["grid"],
+        "metrics": metrics,
         "seconds": round(time.perf_counter() - started, 1),
-        **registration,
+        **registration["outputs"],
     }
-    headline = {k: round(v, 3) for k, v in evaluation["metrics"].items()
+    headline = {k: round(v, 3) for k, v in metrics.items()
                 if k.startswith(("oracle_", "holdout_oracle_", "fd_clip", "clip_score")) and k.endswith("reranked")}
-    logger.info("done in %.0fs: MLflow run %s, samples %s, %s", summary["seconds"], parent.run_id,
-                evaluation["grid"], headline)
+    logger.info("done in %.0fs (%d of %d stages reused): MLflow run %s, samples %s, %s", summary["seconds"],
+                len(reused), len(ran), parent.run_id, samples["outputs"]["grid"], headline)
     return summary
+
+
+STAGE_NAMES = ("corpus", "url-list", "download", "filter", "text-tokenizer", "dvae", "tokenize-corpus", "prior",
+               "clip", "sample", "evaluate", "register", "base-model")

@@ -15,7 +15,7 @@ from dalle_pipeline.components.prior.model import Prior, PriorModelConfig
 from dalle_pipeline.components.register.bundle import Bundle, build
 from dalle_pipeline.components.register.run import CHAMPION, MODEL_NAME, run
 from dalle_pipeline.components.text.tokenizer import run as train_tokenizer
-from dalle_pipeline.components.tracking import Tracker, _fluent_store
+from dalle_pipeline.components.tracking import Tracker, fluent_store
 
 CAPTIONS = ["a small red circle in the center", "a large blue square at the top"] * 10
 
@@ -77,7 +77,7 @@ def test_champion_moves_only_to_a_better_model_on_the_same_evaluation_set(bundle
 
     import pandas as pd
 
-    with _fluent_store(uri):
+    with fluent_store(uri):
         model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}")
     predictions = model.predict(pd.DataFrame({"prompt": ["a red circle", "a blue square"], "num_images": [2, 2]}))
     assert list(predictions["rank"]) == [0, 1, 0, 1]

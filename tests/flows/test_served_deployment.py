@@ -103,6 +103,31 @@ def _get_json(url: str, body: dict | None = None) -> dict:
         return json.load(response)
 
 
+def _run_deployment(served: Served, deployment: str, *params: str) -> tuple[str, dict]:
+    """`prefect deployment run` with `--param` each of `params`; waits for the run; (id, flow run)."""
+    arguments = [item for param in params for item in ("--param", param)]
+    created = served.prefect("deployment", "run", deployment, *arguments)
+    assert created.returncode == 0, f"deployment run failed:\n{created.stdout}\n{created.stderr}"
+    match = re.search(r"UUID: ([0-9a-f-]{36})", created.stdout)
+    assert match, created.stdout
+    flow_run_id = match.group(1)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    state: dict = {}
+    while time.monotonic() < deadline:
+        flow_run = _get_json(f"{served.prefect_api}/flow_runs/{flow_run_id}")
+        state = flow_run.get("state") or {}
+        if state.get("type") == "COMPLETED" or state.get("type") in FAILED_STATES:
+            break
+        time.sleep(2)
+    if state.get("type") != "COMPLETED":
+        outcome = f"{state.get('name')}: {state.get('message')}" if state else "no state"
+        pytest.fail(
+            f"{deployment} run {flow_run_id} did not complete within {RUN_TIMEOUT_S}s ({outcome}); "
+            f"last lines of the worker log:\n{served.log_tail('prefect-worker')}"
+        )
+    return flow_run_id, flow_run
+
+
 @pytest.fixture
 def served(tmp_path: Path):
     home = tmp_path / "home"
@@ -156,29 +181,7 @@ def test_deployment_run_trains_and_logs_to_the_served_mlflow(served: Served) -> 
     assert {p.name: p.read_text() for p in (served.home / "pids").glob("*.pid")} == pids_before
 
     # --param values are read as JSON, falling back to a plain string (`preset=micro`).
-    created = served.prefect(
-        "deployment", "run", "train-dalle/full",
-        "--param", "preset=micro", "--param", 'overrides={"seed": 1}',
-    )
-    assert created.returncode == 0, f"deployment run failed:\n{created.stdout}\n{created.stderr}"
-    match = re.search(r"UUID: ([0-9a-f-]{36})", created.stdout)
-    assert match, created.stdout
-    flow_run_id = match.group(1)
-
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    state: dict = {}
-    while time.monotonic() < deadline:
-        flow_run = _get_json(f"{served.prefect_api}/flow_runs/{flow_run_id}")
-        state = flow_run.get("state") or {}
-        if state.get("type") == "COMPLETED" or state.get("type") in FAILED_STATES:
-            break
-        time.sleep(2)
-    if state.get("type") != "COMPLETED":
-        outcome = f"{state.get('name')}: {state.get('message')}" if state else "no state"
-        pytest.fail(
-            f"flow run {flow_run_id} did not complete within {RUN_TIMEOUT_S}s ({outcome}); "
-            f"last lines of the worker log:\n{served.log_tail('prefect-worker')}"
-        )
+    flow_run_id, flow_run = _run_deployment(served, "train-dalle/full", "preset=micro", 'overrides={"seed": 1}')
     assert flow_run["parameters"] == {"preset": "micro", "overrides": {"seed": 1}}
     artifacts = _get_json(f"{served.prefect_api}/artifacts/filter",
                           {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
@@ -203,6 +206,18 @@ def test_deployment_run_trains_and_logs_to_the_served_mlflow(served: Served) -> 
     assert parent.info.status == "FINISHED"
     shown = _get_json(f"{served.mlflow_url}/api/2.0/mlflow/runs/get?run_id={parent.info.run_id}")
     assert shown["run"]["info"]["run_id"] == parent.info.run_id
+
+    # retrain: weekly, its schedule inactive until a URL list is set; forced to run now, it fine-tunes the
+    # champion on the list and registers a challenger with its decision
+    retrain = _get_json(f"{served.prefect_api}/deployments/name/train-dalle/retrain")
+    assert [(s["schedule"]["cron"], s["active"]) for s in retrain["schedules"]] == [("0 3 * * 1", False)]
+    (url_list,) = served.home.glob("stages/corpus/*/urls.parquet")
+    overrides = json.dumps({"download.url_list": str(url_list), "prior.optim.steps": 10})
+    _run_deployment(served, "train-dalle/retrain", "preset=micro", f"overrides={overrides}")
+    versions = {str(v.version): v for v in client.search_model_versions("name='dalle'")}
+    assert sorted(versions, key=int) == ["1", "2"]
+    assert "challenger v2" in versions["2"].tags["champion_decision"]
+    assert client.get_run(versions["2"].run_id).data.tags["retrain_from"] == "models:/dalle@champion"
 
     stopped = served.stop()
     assert stopped.returncode == 0, f"stop.sh failed:\n{stopped.stdout}\n{stopped.stderr}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import os
 import signal
 import socket
@@ -86,7 +87,8 @@ def test_micro_flow_end_to_end(micro_run):
     assert client.get_metric_history(children["prior"].info.run_id, "val_image_loss")
     assert "checkpoint/model.safetensors" in _artifact_paths(client, children["prior"].info.run_id)
     assert "filter_report.parquet" in _artifact_paths(client, children["filter"].info.run_id)
-    assert Path(parent.data.tags["run_dir"], "samples", "samples.png").exists()
+    assert {child.data.tags["cache"] for child in children.values()} == {"miss"}
+    assert Path(children["sample"].data.tags["stage_dir"], "samples.png").exists()
 
 
 def test_bad_override_fails_before_any_work(tmp_path):
@@ -139,6 +141,29 @@ def test_registered_champion_generates_from_the_cli_and_serves_over_http(micro_r
         server.wait(timeout=30)
 
 
+
+def _train_again(tmp_path: Path, env: dict, *args: str) -> dict[str, str]:
+    """Run `train --preset micro` again in the same DALLE_HOME; the cache tag of each stage of that run."""
+    proc = subprocess.run([sys.executable, "-m", "dalle_pipeline.cli", "train", "--preset", "micro", *args],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_id = re.search(r"MLflow run id : ([0-9a-f]{32})", proc.stdout).group(1)
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    runs = client.search_runs([client.get_run(run_id).info.experiment_id],
+                              f"tags.`{PARENT_RUN_TAG}` = '{run_id}'")
+    return {run.data.tags["stage"]: run.data.tags["cache"] for run in runs}
+
+
+def test_a_rerun_reuses_unchanged_stages_and_reruns_what_a_change_reaches(micro_run):
+    tmp_path, env, _ = micro_run
+    assert _train_again(tmp_path, env) == {stage: "hit" for stage in STAGES}
+
+    after_prior_change = _train_again(tmp_path, env, "--set", "prior.optim.lr=0.003", "--rerun", "clip")
+    downstream = {"prior", "sample", "evaluate", "register"}
+    assert after_prior_change == {stage: "miss" if stage in downstream else "forced" if stage == "clip" else "hit"
+                                  for stage in STAGES}
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -156,3 +181,35 @@ def _wait_for(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
         except OSError:
             time.sleep(1)
     raise AssertionError(f"{url} did not answer within {timeout}s")
+
+
+def test_retraining_the_champion_on_a_new_url_list_registers_a_judged_version(micro_run):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dalle_pipeline.components.config import resolve
+    from dalle_pipeline.components.corpus import generate
+
+    tmp_path, env, _ = micro_run
+    # the next crawl: the corpus the champion saw plus 64 images it never saw
+    (first_list,) = (tmp_path / "runs" / "stages" / "corpus").glob("*/urls.parquet")
+    more = generate(resolve("micro").corpus.model_copy(update={"num_images": 64, "seed": 7}), tmp_path / "more")
+    longer = tmp_path / "crawl.parquet"
+    pq.write_table(pa.concat_tables([pq.read_table(first_list), pq.read_table(more.url_list)]), longer)
+    store = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    client = MlflowClient(store, registry_uri=store)
+    versions_before = {v.version for v in client.search_model_versions("name='dalle'")}
+
+    caches = _train_again(tmp_path, env, "--retrain-from", "models:/dalle@champion",
+                          "--set", f"download.url_list={longer}", "--set", "prior.optim.steps=10")
+
+    # the tokenizer, dVAE and CLIP are the champion's; everything from the data to the decision runs
+    assert caches == {stage: "miss" for stage in ("base-model", "url-list", "download", "filter", "tokenize-corpus",
+                                                  "prior", "sample", "evaluate", "register")}
+    (new_version,) = [v for v in client.search_model_versions("name='dalle'") if v.version not in versions_before]
+    decision = new_version.tags["champion_decision"]
+    assert f"challenger v{new_version.version}" in decision and "champion v" in decision
+    retrain_run = client.get_run(new_version.run_id)
+    assert retrain_run.data.tags["retrain_from"] == "models:/dalle@champion"
+    assert retrain_run.data.params["prior.init_from"].endswith("prior")
+    assert retrain_run.data.params["download.url_list"] == str(longer)

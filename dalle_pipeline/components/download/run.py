@@ -50,9 +50,9 @@ ENCODE_QUALITY = {"jpg": 95, "webp": 95, "png": 6}
 RESERVED_COLUMNS = frozenset(
     "key url caption width height original_width original_height status error_message exif md5 sha256 sha512".split()
 )
-# settings that do not change what a batch holds, so batches made with other values mix freely
+# settings that do not shape a batch's images, so batches made with other values mix freely
 TRANSIENT_SETTINGS = {"processes_count", "thread_count", "timeout", "retries", "max_retry_after", "distributor",
-                      "samples_per_shard"}
+                      "samples_per_shard", "url_list", "allow_file_urls"}
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,23 @@ def prior_loss_fn(cfg: PriorConfig):
     return loss_fn
 
 
+def check_same_architecture(checkpoint_dir: str | Path, model_cfg: PriorModelConfig) -> None:
+    """ValueError unless the prior at `checkpoint_dir` has this architecture and these vocabularies."""
+    config, _ = checkpoint.read_config(checkpoint_dir, KIND)
+    ours = model_cfg.to_dict()
+    differing = sorted(k for k in ours if k not in ("dropout", "attention_backend") and config.get(k) != ours[k])
+    if differing:
+        raise ValueError(f"prior.init_from {checkpoint_dir}: its model differs in {differing}; "
+                         "fine-tuning needs the same architecture, dVAE and tokenizer")
+
+
+def initialise_from(model: Prior, checkpoint_dir: str | Path) -> None:
+    """Start from another prior's weights (fine-tuning)."""
+    check_same_architecture(checkpoint_dir, model.cfg)
+    state, _, _ = checkpoint.load(checkpoint_dir, KIND)
+    model.load_state_dict(state)
+
+
 def distribute(model: Prior, parallel: str) -> torch.nn.Module:
     """DDP through Ray, or FSDP2: each transformer block sharded on its own, then the rest."""
     import ray.train.torch
@@ -112,7 +129,10 @@ def train_worker(config: dict[str, Any]) -> None:
     text, lengths, image = to_tensors(table, int(manifest["text_len"]))
     train_rows, val_rows = split_validation(len(text), cfg, config["seed"])
     model_cfg = model_config(cfg, manifest)
-    model = distribute(Prior(model_cfg), cfg.parallel)
+    model = Prior(model_cfg)
+    if cfg.init_from and ray.train.get_checkpoint() is None:  # a resumed run has its own weights
+        initialise_from(model, cfg.init_from)
+    model = distribute(model, cfg.parallel)
     device = next(model.parameters()).device
     flops_per_token = transformer_flops_per_token(model, model_cfg.layers, model_cfg.seq_len, model_cfg.d_model)
     peak = measured_matmul_peak(device, torch.bfloat16 if uses_bf16(cfg.optim, device.type) else torch.float32)
@@ -181,6 +201,8 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
 
     out_dir = Path(out_dir).resolve()
     _, manifest = read_tokens(dataset_dir)  # fail here, not in a worker, if the dataset is incomplete
+    if cfg.init_from:
+        check_same_architecture(cfg.init_from, model_config(cfg, manifest))
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a training job
         ray.init(address=ray_address, include_dashboard=False, configure_logging=False)

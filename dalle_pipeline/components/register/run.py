@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 
-from ..tracking import Tracker
+from ..tracking import Tracker, fluent_store
 
 MODEL_NAME = "dalle"
 CHAMPION = "champion"
@@ -97,3 +98,31 @@ def run(bundle_dir: Path, metrics: dict[str, float], prompts: list[str], tracker
     tracker.log_metrics({"promoted": float(promoted)})
     print(decision, flush=True)
     return Registration(version=version, promoted=promoted, decision=decision)
+
+
+def resolve_version(model_uri: str, tracker: Tracker) -> str:
+    """The version number behind `models:/<name>@<alias>` or `models:/<name>/<n>`."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
+    if match is None:
+        raise ValueError(f"{model_uri!r} is not a registered model URI (models:/<name>@<alias> or models:/<name>/<n>)")
+    name, alias, number = match.groups()
+    if number is not None:
+        return number
+    try:
+        return str(tracker.client.get_model_version_by_alias(name, alias).version)
+    except Exception as err:  # MLflow raises RestException / MlflowException for a missing alias
+        raise ValueError(f"{model_uri}: no version of {name!r} has alias {alias!r} in {tracker.tracking_uri}") from err
+
+
+def fetch_bundle(model_uri: str, tracker: Tracker, directory: Path) -> Path:
+    """Download a registered `dalle` model's bundle into `directory`; returns the bundle folder."""
+    from mlflow.artifacts import download_artifacts
+
+    from .bundle import CONFIG_FILE
+
+    with fluent_store(tracker.tracking_uri):
+        local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(directory)))
+    found = sorted(local.rglob(CONFIG_FILE))
+    if not found:
+        raise FileNotFoundError(f"{model_uri} holds no dalle bundle ({CONFIG_FILE} not found under {local})")
+    return found[0].parent
