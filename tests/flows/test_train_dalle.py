@@ -213,3 +213,23 @@ def test_retraining_the_champion_on_a_new_url_list_registers_a_judged_version(mi
     assert retrain_run.data.tags["retrain_from"] == "models:/dalle@champion"
     assert retrain_run.data.params["prior.init_from"].endswith("prior")
     assert retrain_run.data.params["download.url_list"] == str(longer)
+
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
+def test_notebooks_execute_against_the_runs(micro_run, notebook, monkeypatch):
+    """Each notebook runs top to bottom on this module's runs, so none of them rots."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    tmp_path, env, _ = micro_run
+    monkeypatch.setenv("DALLE_HOME", env["DALLE_HOME"])
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # the kernel's python
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    document = nbformat.read(notebook, as_version=4)
+    NotebookClient(document, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [output for cell in document.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "error"]
+    assert any("image/png" in output.get("data", {}) for output in outputs)  # every notebook shows pictures
