@@ -370,6 +370,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+# the preset names as a type: Prefect turns it into a drop-down in a deployment's parameter form
+PresetName = Literal["tiny", "micro", "small", "paper"]
+assert set(PresetName.__args__) == set(PRESETS), "PresetName must list every preset"
+
+
 def resolve(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
             base: dict[str, Any] | None = None) -> PipelineConfig:
     """Build the validated config of `preset` with `overrides` (a dict of dotted fields or `k=v` strings).

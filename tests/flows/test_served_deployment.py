@@ -186,7 +186,12 @@ def test_deployment_run_trains_and_logs_to_the_served_mlflow(served: Served) -> 
     artifacts = _get_json(f"{served.prefect_api}/artifacts/filter",
                           {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
     tables = {a["key"]: a for a in artifacts if a["type"] == "table"}
-    assert "filter-report" in tables, artifacts
+    assert {"filter-report", "stage-timings"} <= set(tables), artifacts
+    summary = [a for a in artifacts if a["type"] == "markdown" and a["key"] == "train-dalle-summary"]
+    assert summary and "champion" in summary[0]["data"] and "data:image/png;base64," in summary[0]["data"]
+    timings = tables["stage-timings"]["data"]
+    timings = json.loads(timings) if isinstance(timings, str) else timings
+    assert [row["stage"] for row in timings if row["cache"] == "built"][:3] == ["corpus", "download", "filter"]
     rows = tables["filter-report"]["data"]
     rows = json.loads(rows) if isinstance(rows, str) else rows
     assert {"stage": "filter", "reason": "kept"} == {k: rows[0][k] for k in ("stage", "reason")} and rows[0]["samples"] > 0
