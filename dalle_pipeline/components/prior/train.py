@@ -208,6 +208,8 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
         ray.init(address=ray_address, include_dashboard=False, configure_logging=False)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads_per_worker = max(1, cpus // cfg.num_workers)
+    # a GPU per worker where the cluster has one for each (NCCL between them), else CPU workers over gloo
+    use_gpu = int(ray.cluster_resources().get("GPU", 0)) >= cfg.num_workers
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -217,8 +219,8 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
             "threads_per_worker": threads_per_worker,
             "tracker": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id} if tracker else None,
         },
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": threads_per_worker}),
         run_config=RunConfig(
             name="prior",

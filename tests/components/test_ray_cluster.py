@@ -1,0 +1,80 @@
+"""The prior on a two-node Ray cluster: `ray start --head`, a second `ray start --address` on this
+machine, one CPU each, so the two training workers can only run one on each node."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_prior_train import write_learnable_dataset
+
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Ray 2.60's `ray start --head` asks joining nodes for an auth token it keeps in ~/.ray; a loopback test
+# cluster does without (the driver in this process too, through the fixture's environment)
+NO_AUTH = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _ray(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **NO_AUTH}
+    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    for name, value in NO_AUTH.items():
+        monkeypatch.setenv(name, value)
+    address = f"127.0.0.1:{_free_port()}"
+    try:
+        head = _ray("start", "--head", f"--port={address.split(':')[1]}", "--node-ip-address=127.0.0.1",
+                    "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats")
+        assert head.returncode == 0, head.stdout + head.stderr
+        worker = _ray("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+        yield address
+    finally:
+        _ray("stop", "--force")  # both nodes; later tests start their own local Ray
+
+
+DRIVER = """
+import json, sys
+import ray
+from dalle_pipeline.components.config import PriorConfig
+from dalle_pipeline.components.prior.train import load, run
+
+address, dataset, out = sys.argv[1:]
+ray.init(address=address, include_dashboard=False, configure_logging=False)
+nodes = [node for node in ray.nodes() if node["Alive"]]
+cfg = PriorConfig(layers=2, d_model=32, heads=2, num_workers=2, caption_dropout=0.0, checkpoint_every=30)
+cfg.optim.steps, cfg.optim.batch_size, cfg.optim.lr, cfg.optim.log_every = 60, 32, 3e-3, 10
+result = run(cfg, dataset, out, seed=0)
+print("RESULT " + json.dumps({"cpus_per_node": [node["Resources"].get("CPU") for node in nodes],
+                              "metrics": result.metrics, "layers": load(result.checkpoint_dir).cfg.layers}))
+"""
+
+
+def test_the_prior_trains_across_both_nodes(tmp_path, two_node_cluster):
+    dataset = write_learnable_dataset(tmp_path / "tokens")
+    # the driver in its own process, as a pipeline run on a cluster has it (and clear of this process's Ray)
+    proc = subprocess.run([sys.executable, "-c", DRIVER, two_node_cluster, str(dataset), str(tmp_path / "prior")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **NO_AUTH})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    # two nodes of one CPU; each worker needs a whole CPU, so the run finishes only with one on each node
+    assert result["cpus_per_node"] == [1.0, 1.0]
+    assert result["metrics"]["step"] == 60
+    assert result["metrics"]["val_image_loss"] < 2.5  # chance over 32 image codes is ln 32 = 3.47
+    assert result["layers"] == 2
