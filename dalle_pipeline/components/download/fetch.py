@@ -113,7 +113,7 @@ def fetch(
     for attempt in range(policy.retries + 1):
         try:
             data = _fetch_once(opener, request, policy, user_agent_token, disallowed_directives)
-            problem = image_problem(data, policy.max_pixels)
+            problem = damaged_image_reason(data, policy.max_pixels)
             return (data, None) if problem is None else (None, problem)
         except _Refused as refused:
             if not refused.retry or attempt == policy.retries:
@@ -180,7 +180,7 @@ def _disallowed(headers: Any, user_agent_token: str | None, directives: frozense
     return False
 
 
-def image_problem(data: bytes, max_pixels: int) -> str | None:
+def damaged_image_reason(data: bytes, max_pixels: int) -> str | None:
     """A reason code if `data` is no usable image, else None; never decodes a bomb."""
     try:
         with Image.open(io.BytesIO(data)) as image:  # reads the header only

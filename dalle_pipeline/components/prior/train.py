@@ -206,10 +206,10 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a training job
         ray.init(address=ray_address, include_dashboard=False, configure_logging=False)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    threads_per_worker = max(1, cpus // cfg.num_workers)
+    resources = ray.cluster_resources()
+    threads_per_worker = max(1, int(resources.get("CPU", 1)) // cfg.num_workers)
     # a GPU per worker where the cluster has one for each (NCCL between them), else CPU workers over gloo
-    use_gpu = int(ray.cluster_resources().get("GPU", 0)) >= cfg.num_workers
+    use_gpu = int(resources.get("GPU", 0)) >= cfg.num_workers
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
