@@ -9,7 +9,6 @@ whose inputs are unchanged is reused from `<root>/stages/` and its child run say
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -236,12 +235,10 @@ def fetch_base_model(model_uri: str, stages: Stages) -> Record:
 
 def base_model_parts(base: Record) -> tuple[Record, Record, Record]:
     """The base model's tokenizer, dVAE and CLIP as the records of stages it does not run again."""
-    from dalle_pipeline.components.clip.model import LOCAL_DIR
-    from dalle_pipeline.components.register.bundle import CONFIG_FILE
+    from dalle_pipeline.components.register.bundle import read_manifest
 
     bundle = Path(base["outputs"]["bundle_dir"])
-    clip_source = json.loads((bundle / CONFIG_FILE).read_text())["clip_source"]
-    clip_source = LOCAL_DIR + str(bundle / "clip") if clip_source == "bundle" else clip_source
+    _, clip_source = read_manifest(bundle)
     parts = {"text-tokenizer": {"tokenizer_path": str(bundle / "tokenizer.json")},
              "dvae": {"checkpoint_dir": str(bundle / "dvae")}, "clip": {"clip_source": clip_source}}
     records = {stage: {"stage": stage, "key": f"{base['key']}/{stage}", "outputs": outputs, "metrics": {},
@@ -362,9 +359,11 @@ def train_dalle(preset: PresetName = "tiny", overrides: dict[str, Any] | None = 
         base = None
         if retrain_from is not None:
             base = fetch_base_model(retrain_from, stages)
-            base_config = json.loads((Path(base["outputs"]["bundle_dir"]) / "pipeline_config.json").read_text())
-            prior_init = {"prior.init_from": str(Path(base["outputs"]["bundle_dir"]) / "prior")}
-            cfg = config_module.resolve(preset, {**(overrides or {}), **prior_init}, base=base_config["config"])
+            from dalle_pipeline.components.register.bundle import read_manifest
+
+            bundle = Path(base["outputs"]["bundle_dir"])
+            prior_init = {"prior.init_from": str(bundle / "prior")}
+            cfg = config_module.resolve(preset, {**(overrides or {}), **prior_init}, base=read_manifest(bundle)[0])
         config_json = cfg.model_dump(mode="json")
         parent.log_params(config_json)
         parent.log_dict(config_json, "config.json")

@@ -49,6 +49,17 @@ def build(directory: Path, cfg: PipelineConfig, dvae_dir: Path, prior_dir: Path,
     return Path(directory)
 
 
+def read_manifest(directory: Path) -> tuple[dict[str, Any], str]:
+    """(the pipeline config the bundle was trained with, its CLIP source with `bundle` made a local-dir)."""
+    if not (directory / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{directory} is not a dalle bundle: {CONFIG_FILE} is missing")
+    document = json.loads((directory / CONFIG_FILE).read_text())
+    clip_source = document["clip_source"]
+    if clip_source == "bundle":
+        clip_source = LOCAL_DIR + str((directory / "clip").resolve())
+    return document["config"], clip_source
+
+
 @dataclass
 class Bundle:
     cfg: PipelineConfig
@@ -60,14 +71,11 @@ class Bundle:
     @classmethod
     def load(cls, directory: str | Path) -> Bundle:
         directory = Path(directory)
-        if not (directory / CONFIG_FILE).exists():
-            raise FileNotFoundError(f"{directory} is not a dalle bundle: {CONFIG_FILE} is missing")
-        document = json.loads((directory / CONFIG_FILE).read_text())
-        cfg = PipelineConfig.model_validate(document["config"])
-        clip_source = document["clip_source"]
-        clip = load_clip(LOCAL_DIR + str((directory / "clip").resolve()) if clip_source == "bundle" else clip_source)
+        config, clip_source = read_manifest(directory)
+        cfg = PipelineConfig.model_validate(config)
         return cls(cfg=cfg, dvae=load_dvae(directory / "dvae"), prior=load_prior(directory / "prior"),
-                   tokenizer=TextTokenizer.load(directory / "tokenizer.json", cfg.tokenizer.text_len), clip=clip)
+                   tokenizer=TextTokenizer.load(directory / "tokenizer.json", cfg.tokenizer.text_len),
+                   clip=load_clip(clip_source))
 
     @torch.no_grad()
     def generate(self, prompts: list[str], num_images: int = 1, seed: int = 0,
