@@ -206,6 +206,9 @@ class SampleConfig(StageConfig):
     batch_size: int = Field(128, ge=1, description="sequences decoded at once")
     grid_prompts: int = Field(8, ge=1, description="prompts shown in the sample grid")
     seed: int = Field(1234, description="seed of the sampling generator and of the held-out prompts")
+    inception_weights: str | None = Field(
+        None, description="torch-fidelity Inception weights file for FID; None: the torch hub cache, else no FID"
+    )
 
     @model_validator(mode="after")
     def _keep_le_candidates(self) -> SampleConfig:

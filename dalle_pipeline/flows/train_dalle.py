@@ -284,7 +284,10 @@ def evaluate(cfg: PipelineConfig, samples: Record, clip: Record, stages: Stages)
     import numpy as np
 
     from dalle_pipeline.components.clip.train import load as load_clip
-    from dalle_pipeline.components.evaluate.run import run
+    from dalle_pipeline.components.evaluate.run import find_inception_weights, run
+
+    # resolved here so that weights appearing in the torch cache later make the stage run again, with FID
+    inception_weights = find_inception_weights(cfg.sample.inception_weights)
 
     def build(folder: Path, tracker: Tracker):
         items, holdout_items, references = _prompts(cfg)
@@ -292,10 +295,12 @@ def evaluate(cfg: PipelineConfig, samples: Record, clip: Record, stages: Stages)
                       np.stack([np.asarray(item.image) for item in references]),
                       load_clip(clip["outputs"]["clip_source"]), folder,
                       specs=[item.specs for item in items + holdout_items],
-                      holdout=[False] * len(items) + [True] * len(holdout_items), tracker=tracker)
+                      holdout=[False] * len(items) + [True] * len(holdout_items), tracker=tracker,
+                      inception_weights=inception_weights)
         return {}, metrics
 
-    config = {"corpus": cfg.corpus.model_dump(mode="json"), "sample_seed": cfg.sample.seed}
+    config = {"corpus": cfg.corpus.model_dump(mode="json"), "sample_seed": cfg.sample.seed,
+              "inception_weights": str(inception_weights) if inception_weights else None}
     return run_stage(stages, "evaluate", config, {"sample": samples, "clip": clip}, ("evaluate", "clip", "corpus"),
                      build)
 

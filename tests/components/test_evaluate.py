@@ -1,7 +1,13 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
+import torch
 
-from dalle_pipeline.components.evaluate.run import frechet_distance
+from dalle_pipeline.components.evaluate.run import (_trace_sqrt_from_covariances, _trace_sqrt_from_samples,
+                                                     find_inception_weights, frechet_distance, inception_cache_path,
+                                                     inception_fid, run)
 
 
 def test_identical_sets_are_at_distance_zero():
@@ -17,6 +23,14 @@ def test_matches_the_closed_form_for_diagonal_gaussians():
     assert frechet_distance(a, b) == pytest.approx(6.0, rel=0.02)
 
 
+def test_sample_space_and_covariance_space_give_the_same_trace():
+    """frechet_distance takes the N1 x N2 route when samples are fewer than dimensions: same number."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(30, 40)), rng.normal(0.5, 2.0, size=(25, 40))
+    assert _trace_sqrt_from_samples(a, b) == pytest.approx(_trace_sqrt_from_covariances(a.T @ a, b.T @ b), rel=1e-7)
+    assert _trace_sqrt_from_samples(a, b) > 0
+
+
 def test_small_sample_gives_a_real_number_and_a_warning():
     rng = np.random.default_rng(0)
     with pytest.warns(UserWarning, match="rank-deficient"):
@@ -27,3 +41,146 @@ def test_small_sample_gives_a_real_number_and_a_warning():
 def test_needs_two_samples():
     with pytest.raises(ValueError, match="at least 2 generated"):
         frechet_distance(np.zeros((10, 4)), np.zeros((1, 4)))
+
+
+# FID: torchmetrics with an Inception weights file written here, never downloaded
+
+
+def _shapes(count: int, colour: tuple[int, int, int], seed: int) -> np.ndarray:
+    """(count, 32, 32, 3) uint8: one filled square of `colour` per image on white, placed at random."""
+    rng = np.random.default_rng(seed)
+    images = np.full((count, 32, 32, 3), 255, np.uint8)
+    for image in images:
+        (row, col), half = rng.integers(6, 26, size=2), rng.integers(3, 7)
+        image[row - half : row + half, col - half : col + half] = colour
+    return images
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A randomly initialised torch-fidelity Inception saved the way its release file is: a plain dict of
+    tensors (no BatchNorm step counters), which its loader reads with torch.load. Kaiming-initialised
+    convolutions keep the 2048 pool features at a usable scale through the 40-odd random layers."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception_module
+
+    class RandomInception(inception_module.FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, *args, **kwargs):
+            if state_dict is not None:  # None: construction, where the random initialisation stays
+                return super().load_state_dict(state_dict, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:  # no download, whatever happens
+        patch.setattr(inception_module, "load_state_dict_from_url", lambda *args, **kwargs: None)
+        torch.manual_seed(0)
+        model = RandomInception("random-inception", ["2048"])
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save({k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_clip(tmp_path_factory):
+    from dalle_pipeline.components.clip.model import ClipScorer, register_architecture
+    from dalle_pipeline.components.config import ClipConfig
+
+    cfg = ClipConfig(model_name="evaluate-test-clip", embed_dim=16, vision_width=32, vision_layers=1, text_width=32,
+                     text_layers=1, patch_size=8)
+    register_architecture(cfg, 32, tmp_path_factory.mktemp("arch"))
+    torch.manual_seed(0)
+    return ClipScorer.build(cfg.model_name)
+
+
+@pytest.fixture(scope="module")
+def evaluation_inputs(tmp_path_factory):
+    """2 prompts x 4 candidates, 2 kept each. The kept candidates ARE the reference images (red squares);
+    the candidates reranking dropped are noise, so only `all` differs from the reference."""
+    references = _shapes(4, (255, 0, 0), seed=0)
+    noise = np.random.default_rng(1).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    images = np.stack([np.stack([noise[0], references[0], noise[1], references[1]]),
+                       np.stack([references[2], noise[2], references[3], noise[3]])])
+    ranking = np.array([[1, 3], [0, 2]])
+    clip_scores = np.zeros((2, 4), np.float32)
+    np.put_along_axis(clip_scores, ranking, 0.3, axis=1)
+    samples = tmp_path_factory.mktemp("samples") / "samples.npz"
+    np.savez(samples, images=images, clip_scores=clip_scores, ranking=ranking)
+    return samples, references
+
+
+def test_fid_is_zero_for_the_reference_images_and_grows_with_the_rejected_candidates(
+        inception_weights, random_clip, evaluation_inputs, tmp_path, recwarn):
+    samples, references = evaluation_inputs
+    metrics = run(samples, ["a red square"] * 2, references, random_clip, tmp_path,
+                  inception_weights=str(inception_weights))
+    assert metrics["fid_reranked"] == pytest.approx(0.0, abs=1e-2)  # the kept set is the reference set
+    assert metrics["fid_all"] > 10.0  # half of it is noise
+    assert json.loads((tmp_path / "metrics.json").read_text())["fid_all"] == pytest.approx(metrics["fid_all"])
+    assert "fid_skipped" not in json.loads((tmp_path / "metrics.json").read_text())
+    assert any("4 real samples for 2048-dim features" in str(w.message) for w in recwarn)
+
+
+def test_fid_is_the_value_torchmetrics_computes(inception_weights):
+    """Same features, torchmetrics' own compute(); at the 64-feature layer, where its D x D eigvals are cheap."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    reference, generated = _shapes(6, (255, 0, 0), seed=0), _shapes(6, (0, 0, 255), seed=1)
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        ours = inception_fid(inception_weights, reference, {"blue": generated}, feature=64)["blue"]
+    metric = FrechetInceptionDistance(feature=64, feature_extractor_weights_path=str(inception_weights))
+    metric.update(torch.from_numpy(reference).permute(0, 3, 1, 2), real=True)
+    metric.update(torch.from_numpy(generated).permute(0, 3, 1, 2), real=False)
+    assert ours > 0.01
+    assert ours == pytest.approx(metric.compute().item(), rel=1e-4)
+
+
+def test_fid_ranks_a_set_of_the_same_kind_closer_than_another_kind(inception_weights):
+    reference = _shapes(6, (255, 0, 0), seed=0)
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        scores = inception_fid(inception_weights, reference,
+                               {"same": reference, "red": _shapes(6, (255, 0, 0), seed=1),
+                                "blue": _shapes(6, (0, 0, 255), seed=1)})
+    assert scores["same"] == pytest.approx(0.0, abs=1e-2)
+    assert 0.0 < scores["red"] < scores["blue"]  # new red squares are nearer than blue ones
+
+
+@pytest.mark.filterwarnings("ignore:.*rank-deficient")  # fd_clip on 4 images
+def test_without_inception_weights_fid_is_skipped_with_one_line(random_clip, evaluation_inputs, tmp_path,
+                                                                 monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # an empty torch hub cache
+    samples, references = evaluation_inputs
+    metrics = run(samples, ["a red square"] * 2, references, random_clip, tmp_path / "out")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "fid skipped" in line]
+    assert len(lines) == 1 and "no Inception weights" in lines[0] and "empty-torch-home" in lines[0]
+    assert not any(key.startswith("fid") for key in metrics)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["fid_skipped"] == "no Inception weights"
+    assert not any(key.startswith("fid_") and key != "fid_skipped" for key in written)
+    assert "fd_clip_all" in metrics and "clip_score_reranked" in metrics  # the rest is still measured
+
+
+def test_inception_weights_are_found_in_the_torch_hub_cache(inception_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert find_inception_weights(None) is None
+    cached = inception_cache_path()
+    assert cached.parent == tmp_path / "hub" / "checkpoints"
+    cached.parent.mkdir(parents=True)
+    shutil.copy(inception_weights, cached)
+    assert find_inception_weights(None) == cached
+    assert find_inception_weights(inception_weights) == inception_weights  # a configured file wins
+
+
+def test_a_configured_weights_file_must_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="sample.inception_weights.*absent.pth"):
+        find_inception_weights(tmp_path / "absent.pth")
+
+
+class PickledObject:
+    """Stands for anything a weights_only load refuses: unpickling it could run code."""
+
+
+def test_a_weights_file_that_would_run_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "inception.pth"
+    torch.save({"weights": torch.zeros(1), "hook": PickledObject()}, path)
+    with pytest.raises(ValueError, match="not a plain state_dict"):
+        inception_fid(path, _shapes(2, (255, 0, 0), 0), {"all": _shapes(2, (255, 0, 0), 1)})
