@@ -53,6 +53,8 @@ PREFECT_POOL ?= dalle-pool
 SERVE_ENV = DALLE_HOME=$(ROOT) VENV=$(VENV) PREFECT_PORT=$(PREFECT_PORT) MLFLOW_PORT=$(MLFLOW_PORT) PREFECT_POOL=$(PREFECT_POOL)
 
 .PHONY: serve stop ui
+# The Prefect server runs on SQLite under $(ROOT) unless PREFECT_DATABASE_URL names a PostgreSQL
+# database (`make serve PREFECT_DATABASE_URL=postgresql+asyncpg://...`; make passes it on as it is).
 serve:
 	$(SERVE_ENV) infra/serve.sh
 

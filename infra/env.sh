@@ -6,7 +6,8 @@
 # Everything lives under one root, ROOT = $DALLE_HOME or <repo>/runs, so the user's ~/.prefect
 # and ~/.mlflow are never touched:
 #
-#     $ROOT/prefect/        PREFECT_HOME (Prefect's profiles and its server's sqlite database)
+#     $ROOT/prefect/        PREFECT_HOME (Prefect's profiles and, by default, its server's sqlite
+#                           database prefect.db)
 #     $ROOT/mlflow.db       the MLflow store, shared by the MLflow server and the flows
 #     $ROOT/mlartifacts/    MLflow artifacts
 #     $ROOT/logs/*.log      one log per service
@@ -14,7 +15,10 @@
 #
 # Knobs (environment): DALLE_HOME, PREFECT_PORT (4200), MLFLOW_PORT (5000), PREFECT_POOL
 # (dalle-pool), VENV (<repo>/.venv), DALLE_PREFECT_HOME ($ROOT/prefect), DALLE_WORKER_LIMIT (1),
-# DALLE_START_TIMEOUT (180 s per service), DALLE_STOP_GRACE (5 s), DALLE_STOP_TIMEOUT (20 s).
+# DALLE_START_TIMEOUT (180 s per service), DALLE_STOP_GRACE (5 s), DALLE_STOP_TIMEOUT (20 s),
+# PREFECT_DATABASE_URL (empty: SQLite under the root; else the Prefect server's PostgreSQL database
+# as postgresql+asyncpg://USER:PASSWORD@HOST:PORT/NAME, checked by serve.sh before the server
+# starts; PostgreSQL itself is yours to run: serve.sh and stop.sh never start or stop it).
 
 DALLE_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export DALLE_REPO
@@ -40,6 +44,11 @@ export PREFECT_HOME="${DALLE_PREFECT_HOME:-$ROOT/prefect}"
 export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 DALLE_PREFECT_UI="http://127.0.0.1:$PREFECT_PORT"
+# The Prefect server's database. Not a Prefect setting: serve.sh hands it to the server alone, as
+# PREFECT_SERVER_DATABASE_CONNECTION_URL (Prefect 3's name; PREFECT_API_DATABASE_CONNECTION_URL is
+# its older alias), so a password in it reaches no other process. The server needs an async
+# driver: aiosqlite or asyncpg, both Prefect dependencies.
+PREFECT_DATABASE_URL="${PREFECT_DATABASE_URL:-sqlite+aiosqlite:///$PREFECT_HOME/prefect.db}"
 
 MLFLOW_BACKEND_URI="sqlite:///$ROOT/mlflow.db"
 MLFLOW_ARTIFACTS="$ROOT/mlartifacts"
@@ -69,6 +78,11 @@ service_pid() {
 # True while any process of the group led by $1 is alive.
 group_alive() {
     kill -0 -- "-$1" 2>/dev/null
+}
+
+# A database URL with its password, if any, shown as ***: fit for logs and error messages.
+redact_url() {
+    sed -E 's#^([^:/]+://[^:/@]*):[^@/]*@#\1:***@#' <<<"$1"
 }
 
 # Last lines of a service's log, indented, for error messages.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start, on 127.0.0.1 only, what `prefect deployment run train-dalle/full` needs:
 #
-#   1. a Prefect server (API + UI), waited for on /api/health
+#   1. a Prefect server (API + UI) on SQLite under the root, or on the PostgreSQL database
+#      PREFECT_DATABASE_URL names (checked first), waited for on /api/health
 #   2. an MLflow server over the same store the flows log to, waited for on /health
 #   3. the process work pool $PREFECT_POOL (created if missing)
 #   4. the deployments of prefect.yaml (`prefect deploy --all`, re-applied on every call)
@@ -14,6 +15,8 @@ set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$DALLE_REPO"
+# The database URL (and its password) goes to the Prefect server only, not to MLflow or the worker.
+export -n PREFECT_DATABASE_URL
 
 for bin in "$PREFECT_BIN" "$MLFLOW_BIN"; do
     [[ -x "$bin" ]] || { echo "serve.sh: $bin not found; set VENV to the virtualenv to use" >&2; exit 1; }
@@ -83,8 +86,61 @@ http_ok() {
     curl -fsS --max-time 5 -o /dev/null "$1"
 }
 
-# 1. Prefect server.
-pid="$(start_service prefect-server "$PREFECT_PORT" \
+# check_database: fail, naming the URL without its password, unless the server's database takes a
+# login and a query. SQLite needs no check (the server creates the file under PREFECT_HOME). The URL
+# reaches Python through the environment, never through argv, which any user can read in ps.
+check_database() {
+    local shown
+    shown="$(redact_url "$PREFECT_DATABASE_URL")"
+    case "$PREFECT_DATABASE_URL" in
+    sqlite+aiosqlite://*) return 0 ;;
+    postgresql+asyncpg://*) ;;
+    *)
+        echo "serve.sh: PREFECT_DATABASE_URL=$shown: the Prefect server takes" \
+            "postgresql+asyncpg://USER:PASSWORD@HOST:PORT/NAME (or nothing, for SQLite under $ROOT)" >&2
+        return 1
+        ;;
+    esac
+    DALLE_DB_URL="$PREFECT_DATABASE_URL" DALLE_DB_SHOWN="$shown" "$VENV/bin/python" - <<'PY' >&2
+import asyncio, os, sys
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+async def check(dsn: str) -> None:
+    connection = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await connection.fetchval("SELECT 1")
+    finally:
+        await connection.close()
+
+try:
+    url = make_url(os.environ["DALLE_DB_URL"])
+except Exception:  # not a URL (a bad port, say); the message could quote the password
+    sys.exit(f"serve.sh: PREFECT_DATABASE_URL={os.environ['DALLE_DB_SHOWN']} is not a database URL")
+try:
+    # asyncpg takes the same URL under libpq's scheme (query options such as sslmode included).
+    asyncio.run(check(url.set(drivername="postgresql").render_as_string(hide_password=False)))
+except Exception as error:
+    reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    if url.password:
+        reason = reason.replace(url.password, "***")
+    sys.exit(
+        f"serve.sh: cannot log in to the Prefect server's database {os.environ['DALLE_DB_SHOWN']}"
+        f" ({reason}); start PostgreSQL and create the role and database, or unset"
+        " PREFECT_DATABASE_URL to use SQLite"
+    )
+PY
+    echo "prefect database: $shown reachable" >&2
+}
+
+# 1. Prefect server, on PREFECT_DATABASE_URL (handed over in its environment, so it stays out of the
+# log's command line).
+if [[ -z "$(service_pid prefect-server)" ]]; then
+    check_database
+fi
+pid="$(PREFECT_SERVER_DATABASE_CONNECTION_URL="$PREFECT_DATABASE_URL" \
+    start_service prefect-server "$PREFECT_PORT" \
     "$PREFECT_BIN" server start --host 127.0.0.1 --port "$PREFECT_PORT")"
 if [[ -n "$pid" ]]; then
     wait_until prefect-server "$pid" healthy http_ok "$PREFECT_API_URL/health"
@@ -142,7 +198,7 @@ fi
 cat <<EOF
 
 Prefect UI    $DALLE_PREFECT_UI
-Prefect API   $PREFECT_API_URL
+Prefect API   $PREFECT_API_URL   (database $(redact_url "$PREFECT_DATABASE_URL"))
 MLflow UI     $MLFLOW_URL   (store $MLFLOW_BACKEND_URI, artifacts $MLFLOW_ARTIFACTS)
 Work pool     $PREFECT_POOL (worker log $LOG_DIR/prefect-worker.log)
 
