@@ -24,6 +24,7 @@ from ..images import to_float
 from ..shards import read_shard, shard_paths
 from ..storage import atomic_path, file_sha256, write_json
 from ..text.tokenizer import TextTokenizer
+from ..training.stream import decode, to_int64
 
 MANIFEST = "_manifest.json"
 ROW_GROUP_SIZE = 4096
@@ -142,14 +143,4 @@ def read(dataset_dir: str | Path) -> tuple[pa.Table, dict]:
 
 def to_tensors(table: pa.Table, text_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(text tokens padded with 0 to text_len, their lengths, image tokens) as int64 tensors."""
-    texts = table.column("text_tokens").to_pylist()
-    text = torch.zeros(len(texts), text_len, dtype=torch.long)
-    lengths = torch.zeros(len(texts), dtype=torch.long)
-    for row, ids in enumerate(texts):
-        ids = ids[:text_len]
-        text[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        lengths[row] = len(ids)
-    image_column = table.column("image_tokens").combine_chunks()
-    grid_len = image_column.type.list_size
-    image = torch.from_numpy(image_column.flatten().to_numpy().astype(np.int64).reshape(-1, grid_len))
-    return text, lengths, image
+    return to_int64(*decode(table, text_len))

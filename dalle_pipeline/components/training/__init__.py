@@ -2,5 +2,6 @@
 
 from .loop import FitResult, fit, seed_everything
 from .data import TensorBatches
+from .stream import ParquetBatches, TokenParquet
 
-__all__ = ["FitResult", "TensorBatches", "fit", "seed_everything"]
+__all__ = ["FitResult", "ParquetBatches", "TensorBatches", "TokenParquet", "fit", "seed_everything"]

@@ -1,0 +1,294 @@
+"""Streaming batches of the token Parquet: row groups sharded by rank, a seeded shuffle buffer, step-exact resume.
+
+`TensorBatches` needs the whole corpus in memory; `ParquetBatches` holds one shuffle buffer per
+rank and reads row groups as it goes. A global row index is a row's position in manifest order
+(parts as the manifest lists them, rows in file order), the order `tokenize_corpus.run.read` returns,
+so a validation split drawn over `manifest["rows"]` keeps its meaning here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+COLUMNS = ["text_tokens", "image_tokens"]
+
+
+class TokenParquet:
+    """The token dataset's row groups, checked against its manifest; reads rows by global index."""
+
+    def __init__(self, dataset_dir: str | Path, text_len: int | None = None) -> None:
+        # imported here: tokenize_corpus imports the dVAE trainer, which imports this package
+        from ..tokenize_corpus.run import MANIFEST
+
+        self.dataset_dir = Path(dataset_dir)
+        manifest_path = self.dataset_dir / MANIFEST
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{self.dataset_dir} has no {MANIFEST}: the tokenization did not finish")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.text_len = int(text_len if text_len is not None else self.manifest["text_len"])
+        self.image_len = int(self.manifest["grid_size"]) ** 2
+        self.paths: list[Path] = []
+        self.metadata: list[pq.FileMetaData] = []
+        group_part, group_index, group_rows = [], [], []
+        for part_number, part in enumerate(self.manifest["parts"]):
+            path = self.dataset_dir / part["file"]
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is listed in {MANIFEST} but missing")
+            metadata = pq.read_metadata(path)
+            if metadata.num_rows != part["rows"]:
+                raise ValueError(f"{path} has {metadata.num_rows} rows, {MANIFEST} says {part['rows']}")
+            image_type = metadata.schema.to_arrow_schema().field("image_tokens").type
+            if image_type.list_size != self.image_len:
+                raise ValueError(f"{path} has {image_type.list_size} image tokens per row, "
+                                 f"the manifest's grid_size {self.manifest['grid_size']} needs {self.image_len}")
+            self.paths.append(path)
+            self.metadata.append(metadata)
+            for index in range(metadata.num_row_groups):
+                group_part.append(part_number)
+                group_index.append(index)
+                group_rows.append(metadata.row_group(index).num_rows)
+        # row group g is part group_part[g]'s row group group_index[g], rows [group_start[g], group_start[g + 1])
+        self.group_part = np.array(group_part, dtype=np.int64)
+        self.group_index = np.array(group_index, dtype=np.int64)
+        self.group_start = np.concatenate([[0], np.cumsum(group_rows, dtype=np.int64)])
+        self.num_rows = int(self.group_start[-1])
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_part)
+
+    @property
+    def max_group_rows(self) -> int:
+        return int(np.diff(self.group_start).max(initial=0))
+
+    def read_group(self, group: int, local_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(text uint16 [n, text_len] padded with 0, lengths int64 [n], image uint16 [n, grid²]) of some rows of a group."""
+        part = int(self.group_part[group])
+        with pq.ParquetFile(self.paths[part], metadata=self.metadata[part]) as parquet:
+            table = parquet.read_row_group(int(self.group_index[group]), columns=COLUMNS)
+        text, lengths, image = decode(table, self.text_len)
+        return text[local_rows], lengths[local_rows], image[local_rows]
+
+    def read_rows(self, rows: Iterable[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(text, lengths, image) int64 tensors of these global rows, in the order given (e.g. a validation set)."""
+        rows = as_row_indices(rows, self.num_rows)
+        text = np.zeros((len(rows), self.text_len), np.uint16)
+        lengths = np.zeros(len(rows), np.int64)
+        image = np.zeros((len(rows), self.image_len), np.uint16)
+        groups = np.searchsorted(self.group_start, rows, side="right") - 1
+        for group in np.unique(groups):
+            where = np.flatnonzero(groups == group)
+            text[where], lengths[where], image[where] = self.read_group(group, rows[where] - self.group_start[group])
+        return to_int64(text, lengths, image)
+
+
+def decode(table: pa.Table, text_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A token table's text padded with 0 (truncated to text_len), lengths and image tokens, as `to_tensors` has them."""
+    text_column = table.column("text_tokens").combine_chunks()
+    offsets = text_column.offsets.to_numpy().astype(np.int64)  # into .values, whatever the array's slice offset
+    values = text_column.values.to_numpy(zero_copy_only=False)
+    lengths = np.minimum(np.diff(offsets), text_len)
+    positions = np.arange(text_len)
+    filled = positions < lengths[:, None]
+    text = np.zeros((len(lengths), text_len), np.uint16)
+    text[filled] = values[(offsets[:-1, None] + positions)[filled]]
+    image_column = table.column("image_tokens").combine_chunks()
+    image = image_column.flatten().to_numpy(zero_copy_only=False).reshape(-1, image_column.type.list_size)
+    return text, lengths, image
+
+
+def to_int64(text: np.ndarray, lengths: np.ndarray, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.from_numpy(text.astype(np.int64)), torch.from_numpy(lengths.astype(np.int64)),
+            torch.from_numpy(image.astype(np.int64)))
+
+
+def as_row_indices(rows: Iterable[int] | np.ndarray | torch.Tensor, num_rows: int) -> np.ndarray:
+    if isinstance(rows, torch.Tensor):
+        rows = rows.detach().cpu().numpy()
+    elif isinstance(rows, (set, frozenset)):
+        rows = np.fromiter(rows, np.int64, len(rows))
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if len(rows) and (rows.min() < 0 or rows.max() >= num_rows):
+        raise ValueError(f"row indices must lie in [0, {num_rows}), got {rows.min()}..{rows.max()}")
+    return rows
+
+
+class _ShuffleBuffer:
+    """Rows waiting to be drawn: their global indices and, once materialised, their tokens.
+
+    Drawing removes rows by moving the buffer's last rows into the holes, so a draw costs O(batch)
+    and the random draws depend only on the buffer's size, never on its contents: the index-only
+    replay of `from_step` makes exactly the draws the data-carrying run makes.
+    """
+
+    def __init__(self, capacity: int, text_len: int, image_len: int, with_data: bool) -> None:
+        self.rows = np.empty(capacity, np.int64)
+        self.size = 0
+        self.shapes = (text_len, image_len)
+        self.data: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        if with_data:
+            self.allocate()
+
+    def allocate(self) -> None:
+        capacity, (text_len, image_len) = len(self.rows), self.shapes
+        self.data = (np.zeros((capacity, text_len), np.uint16), np.zeros(capacity, np.int64),
+                     np.zeros((capacity, image_len), np.uint16))
+
+    def append(self, rows: np.ndarray, data: tuple[np.ndarray, ...] | None) -> None:
+        end = self.size + len(rows)
+        self.rows[self.size : end] = rows
+        if data is not None:
+            for array, values in zip(self.data, data):
+                array[self.size : end] = values
+        self.size = end
+
+    def take(self, positions: np.ndarray) -> tuple[np.ndarray, ...] | None:
+        """The data at `positions` (None before materialising), which then leave the buffer."""
+        taken = tuple(array[positions] for array in self.data) if self.data is not None else None
+        tail = self.size - len(positions)
+        holes = positions[positions < tail]
+        taken_from_tail = np.zeros(len(positions), bool)
+        taken_from_tail[positions[positions >= tail] - tail] = True
+        fillers = tail + np.flatnonzero(~taken_from_tail)
+        for array in (self.rows, *(self.data or ())):
+            array[holes] = array[fillers]
+        self.size = tail
+        return taken
+
+
+class ParquetBatches:
+    """Yields (text, lengths, image) int64 batches of `per_rank_batch` rows of the token Parquet forever.
+
+    Every epoch, a permutation seeded by (seed, epoch), the same on every rank, orders the row
+    groups; their kept rows, concatenated, are cut into `world_size` equal shares, and this rank
+    reads its share group by group (a group straddling two shares is read by both, each keeping
+    its own rows). Rows pass through a shuffle buffer of `buffer_rows` rows drawn by a generator
+    seeded by (seed, epoch, rank). Each rank yields `steps_per_epoch` batches per epoch, the same
+    number on every rank (DDP would hang otherwise): up to world_size - 1 rows of the epoch and
+    up to per_rank_batch - 1 of each share are left out, different ones each epoch.
+
+    The shuffle only mixes rows within `buffer_rows`: keep it at several row groups (4096 rows
+    each as `tokenize_corpus` writes them) for a well-mixed order. `exclude_rows` (global row
+    indices, e.g. a validation split) are never yielded.
+    """
+
+    def __init__(
+        self,
+        dataset: TokenParquet | str | Path,
+        per_rank_batch: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        buffer_rows: int = 16384,
+        exclude_rows: Iterable[int] | np.ndarray | torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if per_rank_batch < 1 or buffer_rows < 0:
+            raise ValueError(f"per_rank_batch must be >= 1 and buffer_rows >= 0, got {per_rank_batch}, {buffer_rows}")
+        self.dataset = dataset if isinstance(dataset, TokenParquet) else TokenParquet(dataset)
+        self.per_rank_batch, self.buffer_rows = per_rank_batch, buffer_rows
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = torch.device(device) if device is not None else None
+        self._excluded = np.unique(as_row_indices(exclude_rows if exclude_rows is not None else [], self.dataset.num_rows))
+        starts = self.dataset.group_start
+        # per row group, how many rows are kept and where its excluded rows begin in self._excluded
+        self._excluded_from = np.searchsorted(self._excluded, starts)
+        kept = np.diff(starts) - np.diff(self._excluded_from)
+        self._groups = np.flatnonzero(kept)  # groups left with no row never enter a permutation
+        self._group_kept = kept[self._groups]
+        self.num_rows = int(kept.sum())
+        if self.num_rows < per_rank_batch * world_size:
+            raise ValueError(f"{self.num_rows} rows of {self.dataset.dataset_dir} (after {len(self._excluded)} "
+                             f"excluded) cannot fill one batch of {per_rank_batch} x {world_size} ranks")
+        self._share_rows = self.num_rows // world_size
+        self._seed = seed % 2**64  # numpy seeds must be non-negative; this keeps every int64 seed distinct
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._share_rows // self.per_rank_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return self.from_step(0)
+
+    def from_step(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Resume mid-epoch: the batch yielded first is the one step `step` would have seen.
+
+        The epoch's draws up to `step` are replayed on row indices only (no Parquet read); then
+        only the row groups still represented in the shuffle buffer are read.
+        """
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        while True:
+            yield from self._epoch(epoch, offset)
+            epoch, offset = epoch + 1, 0
+
+    def share(self, epoch: int) -> Iterator[tuple[int, np.ndarray]]:
+        """This rank's (row group, local row indices) of `epoch`, in reading order."""
+        permutation = np.random.default_rng([self._seed, epoch]).permutation(len(self._groups))
+        order, ends = self._groups[permutation], np.cumsum(self._group_kept[permutation])
+        low, high = self.rank * self._share_rows, (self.rank + 1) * self._share_rows
+        for position in range(np.searchsorted(ends, low, side="right"), len(order)):
+            group, end = int(order[position]), int(ends[position])
+            rows = self._kept_rows(group)
+            begin = end - len(rows)
+            if begin >= high:
+                break
+            yield group, rows[max(low - begin, 0) : min(high, end) - begin]
+
+    def _kept_rows(self, group: int) -> np.ndarray:
+        """Local indices of the rows of `group` not excluded."""
+        start, end = self.dataset.group_start[group : group + 2]
+        excluded = self._excluded[self._excluded_from[group] : self._excluded_from[group + 1]]
+        if not len(excluded):
+            return np.arange(end - start)
+        return np.setdiff1d(np.arange(end - start), excluded - start, assume_unique=True)
+
+    def _epoch(self, epoch: int, offset: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        rng = np.random.default_rng([self._seed, epoch, self.rank])
+        batch = self.per_rank_batch
+        threshold = max(self.buffer_rows, batch)  # draw once the buffer holds this many rows
+        starts = self.dataset.group_start
+        buffer = _ShuffleBuffer(threshold + self.dataset.max_group_rows, self.dataset.text_len,
+                                self.dataset.image_len, with_data=offset == 0)
+        step = 0
+
+        def draw(final: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            nonlocal step
+            while buffer.size >= (batch if final else threshold):
+                positions = rng.choice(buffer.size, batch, replace=False)
+                if step >= offset and buffer.data is None:
+                    self._materialise(buffer)
+                taken = buffer.take(positions)
+                step += 1
+                if taken is not None:
+                    yield self._to_device(to_int64(*taken))
+
+        for group, rows in self.share(epoch):
+            data = self.dataset.read_group(group, rows) if buffer.data is not None else None
+            buffer.append(starts[group] + rows, data)
+            yield from draw(final=False)
+        yield from draw(final=True)
+
+    def _materialise(self, buffer: _ShuffleBuffer) -> None:
+        """Read the tokens of the rows a replay left in the buffer: one read per row group they come from."""
+        buffer.allocate()
+        rows = buffer.rows[: buffer.size]
+        starts = self.dataset.group_start
+        groups = np.searchsorted(starts, rows, side="right") - 1
+        for group in np.unique(groups):
+            where = np.flatnonzero(groups == group)
+            for array, values in zip(buffer.data, self.dataset.read_group(group, rows[where] - starts[group])):
+                array[where] = values
+
+    def _to_device(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if self.device is None:
+            return batch
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
