@@ -37,3 +37,16 @@ def curated_shards(tmp_path_factory, micro_config) -> Path:
     write_shard(curated / "00000.tar", samples[:64])
     write_shard(curated / "00001.tar", samples[64:])
     return curated
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray of 2 CPUs for one test; one a component started earlier is shut down first."""
+    import ray
+
+    from dalle_pipeline.components.cluster import disconnect
+
+    disconnect()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()

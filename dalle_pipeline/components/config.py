@@ -119,7 +119,16 @@ class OptimConfig(StageConfig):
     compile: bool | None = Field(None, description="torch.compile the model; None = on for CUDA only")
 
 
-class DVAEConfig(StageConfig):
+class RayTrainConfig(StageConfig):
+    """What a stage trained under Ray Train's TorchTrainer needs besides its model and optimizer."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (a GPU each where the cluster has them)")
+    checkpoint_every: int = Field(250, ge=1, description="report a checkpoint to Ray every this many updates")
+    keep_checkpoints: int = Field(2, ge=1, description="Ray keeps this many checkpoints (the best, where scored)")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+
+
+class DVAEConfig(RayTrainConfig):
     codebook_size: int = Field(256, ge=2, description="number of image codes")
     n_hid: int = Field(32, ge=4, description="base width; groups are 1, 2, 4, 8 x n_hid")
     num_groups: int = Field(3, ge=2, le=4, description="residual groups; downsampling = 2**(num_groups-1)")
@@ -140,7 +149,7 @@ class DVAEConfig(StageConfig):
     )
 
 
-class PriorConfig(StageConfig):
+class PriorConfig(RayTrainConfig):
     layers: int = Field(4, ge=1, description="transformer layers")
     d_model: int = Field(128, ge=8, description="model width")
     heads: int = Field(4, ge=1, description="attention heads")
@@ -151,7 +160,6 @@ class PriorConfig(StageConfig):
     text_loss_weight: float = Field(1 / 8, ge=0, le=1, description="share of the loss on text tokens")
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="probability of a null caption (for guidance)")
     dropout: float = Field(0.0, ge=0, lt=1, description="residual dropout")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="data parallel (replicas) or FSDP2 (parameters, grads and optimizer state sharded)"
     )
@@ -159,9 +167,9 @@ class PriorConfig(StageConfig):
         default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, weight_decay=0.01,
                                             precision="auto")
     )
-    checkpoint_every: int = Field(250, ge=1, description="report a checkpoint to Ray every this many updates")
-    keep_checkpoints: int = Field(2, ge=1, description="Ray keeps the best k checkpoints by validation loss")
-    max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+    shuffle_buffer_rows: int = Field(
+        16_384, ge=0, description="token rows each worker shuffles in memory (the dataset is streamed)"
+    )
     val_fraction: float = Field(0.05, ge=0, lt=1, description="share of token rows held out for validation")
     val_rows_max: int = Field(1024, ge=1, description="most validation rows (validation runs every checkpoint)")
     attention_backend: Literal["auto", "flex", "sdpa", "math"] = Field(

@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from dalle_pipeline.components import config as config_module
+from dalle_pipeline.components.cluster import disconnect
 from dalle_pipeline.components.config import PipelineConfig, PresetName
 from dalle_pipeline.components.stage_cache import StageCache
 from dalle_pipeline.components.storage import file_sha256
@@ -162,7 +163,7 @@ def train_dvae(cfg: PipelineConfig, curated: Record, stages: Stages) -> Record:
         return {"checkpoint_dir": str(result.checkpoint_dir)}, result.metrics
 
     config = {**cfg.dvae.model_dump(mode="json"), "image_size": cfg.corpus.image_size, "seed": cfg.seed}
-    return run_stage(stages, "dvae", config, {"filter": curated}, ("dvae", "training"), build)
+    return run_stage(stages, "dvae", config, {"filter": curated}, ("dvae", "training", "cluster.py"), build)
 
 
 @task(name="tokenize-corpus", **STAGE_TASK)
@@ -188,20 +189,13 @@ def tokenize_corpus(cfg: PipelineConfig, curated: Record, dvae: Record, tokenize
 @task(name="prior", **STAGE_TASK)
 def train_prior(cfg: PipelineConfig, dataset: Record, stages: Stages) -> Record:
     def build(folder: Path, tracker: Tracker):
-        import ray
-
         from dalle_pipeline.components.prior.train import run
 
-        started_ray = not ray.is_initialized()
-        try:
-            result = run(cfg.prior, dataset["outputs"]["dataset_dir"], folder, cfg.seed, tracker)
-        finally:
-            if started_ray:
-                ray.shutdown()
+        result = run(cfg.prior, dataset["outputs"]["dataset_dir"], folder, cfg.seed, tracker)
         return {"checkpoint_dir": str(result.checkpoint_dir)}, result.metrics
 
     config = {**cfg.prior.model_dump(mode="json"), "seed": cfg.seed}
-    return run_stage(stages, "prior", config, {"tokenize-corpus": dataset}, ("prior", "training"), build)
+    return run_stage(stages, "prior", config, {"tokenize-corpus": dataset}, ("prior", "training", "cluster.py"), build)
 
 
 @task(name="clip", **STAGE_TASK)
@@ -390,6 +384,8 @@ def train_dalle(preset: PresetName = "tiny", overrides: dict[str, Any] | None = 
     except BaseException:
         parent.end("FAILED")
         raise
+    finally:
+        disconnect()  # the local Ray the training stages started, if they did
     ran = [corpus, downloaded, curated, dataset, prior, samples, evaluation, registration]
     ran += [tokenizer, dvae, clip] if base is None else [base]
     reused = [record["stage"] for record in ran if record["reused"]]

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from dalle_pipeline.components.cluster import disconnect
 from dalle_pipeline.components.config import CorpusConfig, DownloadConfig, FilterConfig
 from dalle_pipeline.components.corpus import generate
 from dalle_pipeline.components.download import batch_shards, finished_batches, read_url_list, run
@@ -272,7 +273,10 @@ def test_the_ray_distributor_downloads_the_same_samples_through_our_fetch(corpus
     pq.write_table(pa.concat_tables([rows.select(["url", "caption", "objects"]), extra]), url_list)
 
     cfg = DownloadConfig(allow_file_urls=True, distributor="ray", **FAST)
-    result = run(cfg, url_list, tmp_path / "ray", IMAGE_SIZE)
+    try:
+        result = run(cfg, url_list, tmp_path / "ray", IMAGE_SIZE)
+    finally:
+        disconnect()  # the local Ray the download started
     # img2dataset's own fetch would pass the page on to OpenCV ("resize_failed"); ours names it
     assert (result.successes, result.failures_by_reason, len(result.stats_files)) == (40, {"not_an_image": 1}, 3)
     expected = {row["url"]: row["caption"] for row in rows.to_pylist()}

@@ -1,4 +1,10 @@
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +14,35 @@ import torch.nn.functional as F
 from dalle_pipeline.components.config import DVAEConfig
 from dalle_pipeline.components.dvae import train as dvae_train
 from dalle_pipeline.components.dvae.model import DiscreteVAE, DVAEModelConfig, kl_to_uniform, logit_laplace_nll
+from dalle_pipeline.components.tracking import Tracker
+
+DRIVER = """
+import sys
+from pathlib import Path
+from dalle_pipeline.components.config import DVAEConfig
+from dalle_pipeline.components.dvae import train
+cfg = DVAEConfig.model_validate_json(sys.argv[1])
+train.run(cfg, Path(sys.argv[2]), Path(sys.argv[3]), 32, seed=0)
+"""
+
+
+def _train_in_a_driver(cfg: DVAEConfig, curated: Path, out_dir: Path, kill_after_checkpoints: int = 0) -> str:
+    """Train in a driver process of its own, as a pipeline run does; SIGKILL its whole process group
+    (driver, local Ray, workers) once `kill_after_checkpoints` checkpoints are on disk. Its output."""
+    log = out_dir.with_suffix(".log")
+    with log.open("wb") as output:
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER, cfg.model_dump_json(), str(curated), str(out_dir)],
+                                  stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while kill_after_checkpoints and driver.poll() is None and time.monotonic() < deadline:
+            if len([p for p in out_dir.glob("ray/*/checkpoint_*") if p.is_dir()]) >= kill_after_checkpoints:
+                os.killpg(driver.pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        code = driver.wait(timeout=300)
+    text = log.read_text(errors="replace")
+    assert code == (-signal.SIGKILL if kill_after_checkpoints else 0), text[-3000:]
+    return text
 
 
 def test_schedules_hit_their_endpoints():
@@ -53,10 +88,16 @@ def test_one_hot_decode_path_equals_argmax_token_path():
     assert model.encode(images).shape == (3, 8 * 8)
 
 
-def test_loss_falls_and_checkpoint_rebuilds_the_model(curated_shards, tmp_path, micro_config):
+def test_loss_falls_and_checkpoint_rebuilds_the_model(curated_shards, tmp_path, micro_config, local_ray):
+    """Two Ray Train workers (DDP over gloo), each with half of every batch."""
     cfg = micro_config.dvae.model_copy(deep=True)
-    cfg.optim.steps, cfg.optim.log_every, cfg.recon_grid_every = 40, 10, 20
-    result = dvae_train.run(cfg, curated_shards, tmp_path / "dvae", micro_config.corpus.image_size, seed=0)
+    cfg.optim.steps, cfg.optim.log_every, cfg.recon_grid_every, cfg.num_workers = 40, 10, 20, 2
+    tracker = Tracker.start(f"sqlite:///{tmp_path}/mlflow.db", "dvae-test", artifact_root=(tmp_path / "art").as_uri())
+    result = dvae_train.run(cfg, curated_shards, tmp_path / "dvae", micro_config.corpus.image_size, seed=0,
+                            tracker=tracker)
+    for metric in ("psnr", "kl", "temperature", "beta", "codebook_perplexity", "codes_used", "images_per_s"):
+        steps = [m.step for m in tracker.client.get_metric_history(tracker.run_id, metric)]
+        assert steps == [10, 20, 30, 40], f"{metric} logged once per window by rank 0 only: {steps}"
     assert result.recon_grid.exists()
     grids = sorted(p.name for p in (tmp_path / "dvae" / "reconstructions").iterdir())
     assert grids == ["step_0000020.png", "step_0000040.png"]
@@ -88,3 +129,22 @@ def test_training_history_shows_the_loss_falling(curated_shards, recon_loss):
                  cfg.optim)
     nll = [row["nll"] for row in result.history]
     assert nll[-1] < nll[0] - 0.5
+
+
+def test_a_killed_driver_resumes_at_the_same_step_with_the_same_weights(curated_shards, tmp_path):
+    """Kill the driver, its local Ray and both workers mid-run, start it again on the same folder:
+    Ray Train restores the latest checkpoint (weights, optimizer, EMA, every rank's RNG, step), the
+    data continue where they stopped, and the result equals an uninterrupted run bit for bit."""
+    cfg = DVAEConfig(n_hid=8, codebook_size=32, num_workers=2, checkpoint_every=10, temperature_anneal_steps=60,
+                     kl_warmup_steps=10, recon_grid_every=1000)
+    cfg.optim.steps, cfg.optim.batch_size, cfg.optim.log_every, cfg.optim.warmup_steps = 60, 32, 10, 5
+    _train_in_a_driver(cfg, curated_shards, tmp_path / "uninterrupted")
+    _train_in_a_driver(cfg, curated_shards, tmp_path / "killed", kill_after_checkpoints=2)
+    assert not (tmp_path / "killed" / "checkpoint").exists()
+    output = _train_in_a_driver(cfg, curated_shards, tmp_path / "killed")
+    resumed_at = [int(line.rsplit(" ", 1)[1]) for line in output.splitlines() if "resuming from the checkpoint" in line]
+    assert resumed_at and 0 < resumed_at[0] < 60, "the second run started again from step 0"
+    reference = dvae_train.load(tmp_path / "uninterrupted" / "checkpoint").state_dict()
+    resumed = dvae_train.load(tmp_path / "killed" / "checkpoint").state_dict()
+    for name, value in reference.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=f"{name} differs")

@@ -38,15 +38,6 @@ def write_learnable_dataset(directory, rows=256, text_len=6, grid=3, seed=0):
     return directory
 
 
-@pytest.fixture
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ray_workers_train_the_prior_and_rank_zero_logs(tmp_path, local_ray, parallel):
     from dalle_pipeline.components.prior.train import load, run

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import io
-import os
 import signal
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +21,7 @@ import img2dataset.downloader as i2d_downloader
 # the package's `main` attribute is its CLI function, which hides the module of the same name
 i2d_main = importlib.import_module("img2dataset.main")
 
+from ..cluster import connect
 from .fetch import FetchPolicy, fetch
 
 
@@ -59,30 +59,13 @@ def download(arguments: dict[str, Any], policy: FetchPolicy) -> None:
     """`img2dataset.download(**arguments)` with our fetch; puts back the SIGINT handler it installs.
 
     With `distributor="ray"` each shard is a Ray task: on the cluster at RAY_ADDRESS when set
-    (its nodes need this package installed), else on a local Ray started and stopped here.
+    (its nodes need this package installed), else on the pipeline's local Ray (`cluster.connect`).
     """
+    if arguments["distributor"] == "ray":
+        connect()
     previous_handler = signal.getsignal(signal.SIGINT)
-    with _ray_if(arguments["distributor"] == "ray"):
-        try:
-            with _policed(policy):
-                i2d_main.download(**arguments)
-        finally:
-            signal.signal(signal.SIGINT, previous_handler)
-
-
-@contextmanager
-def _ray_if(needed: bool):
-    if not needed:
-        yield
-        return
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(include_dashboard=False, configure_logging=False)
     try:
-        yield
+        with _policed(policy):
+            i2d_main.download(**arguments)
     finally:
-        if started:
-            ray.shutdown()
+        signal.signal(signal.SIGINT, previous_handler)

@@ -117,6 +117,13 @@ class DiscreteVAE(nn.Module):
         eps = self.cfg.logit_laplace_eps
         return ((x - eps) / (1 - 2 * eps)).clamp(0, 1)
 
+    def forward(self, images: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass: images in [0, 1] -> (codebook logits, decoder statistics of the
+        gumbel-softmax relaxed codes at `temperature`). Under DDP this call is what syncs gradients."""
+        logits = self.logits(images)
+        codes = F.gumbel_softmax(logits, tau=temperature, hard=False, dim=1)
+        return logits, self.decode_codes(codes)
+
     # encode / decode --------------------------------------------------------------------------
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """images in [0, 1], (B, 3, H, W) -> codebook logits (B, K, h, w)."""

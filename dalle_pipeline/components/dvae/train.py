@@ -1,10 +1,19 @@
-"""Train the dVAE on curated images with the gumbel-softmax relaxation and save its checkpoint."""
+"""Train the dVAE on curated images with the gumbel-softmax relaxation, on Ray Train, and save it.
+
+Each Ray Train worker loads the curated corpus, takes its rank's share of every batch and runs the
+shared `fit` loop (DDP over gloo on CPU, NCCL on GPUs, bf16 autocast and channels_last on CUDA).
+Checkpoints every `checkpoint_every` updates carry weights, optimizer, EMA, every rank's RNG and
+the step, so a run killed and started again resumes at the same step with the same data next.
+The checkpoint kept is the EMA's weights: those encode the corpus and decode samples.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,10 +22,10 @@ import torch.nn.functional as F
 from .. import checkpoint
 from ..config import DVAEConfig
 from ..images import save_grid, to_float, to_uint8
-from ..shards import load_corpus
+from ..shards import load_corpus, shard_paths
 from ..tracking import Tracker
-from ..training import TensorBatches, fit, seed_everything
-from ..training.loop import progress_logger, set_threads
+from ..training import TensorBatches, fit, ray_train
+from ..training.loop import progress_logger, unwrap
 from .model import DiscreteVAE, DVAEModelConfig, kl_to_uniform, logit_laplace_nll
 
 KIND = "dvae"
@@ -57,22 +66,23 @@ def dvae_loss(cfg: DVAEConfig):
     21.7 dB with colours for the Gaussian after 600.
     """
 
-    def loss_fn(model: DiscreteVAE, batch: tuple[torch.Tensor], step: int):
+    def loss_fn(model, batch: tuple[torch.Tensor], step: int):
         (pixels,) = batch
+        inner: DiscreteVAE = unwrap(model)
         images = to_float(pixels)
-        mapped = model.map_pixels(images)
-        logits = model.encoder(mapped)
+        if images.is_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
         tau, beta = temperature_at(step, cfg), kl_weight_at(step, cfg)
-        codes = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1)
-        stats = model.decode_codes(codes)
+        logits, stats = model(images, tau)
+        logits, stats = logits.float(), stats.float()  # the losses in fp32 under bf16 autocast
         dims = images[0].numel()
         if cfg.recon_loss == "mse":
-            nll = F.mse_loss(model.decode_stats_to_image(stats), images) / (2 * cfg.mse_sigma**2)
+            nll = F.mse_loss(inner.decode_stats_to_image(stats), images) / (2 * cfg.mse_sigma**2)
         else:
-            nll = logit_laplace_nll(stats, mapped).mean() / dims
+            nll = logit_laplace_nll(stats, inner.map_pixels(images)).mean() / dims
         kl = kl_to_uniform(logits).mean() / dims
         with torch.no_grad():
-            mse = F.mse_loss(model.decode_stats_to_image(stats), images).item()
+            mse = F.mse_loss(inner.decode_stats_to_image(stats), images).item()
             usage = codebook_usage(logits.argmax(dim=1), logits.shape[1])  # of this batch's hard codes
         metrics = {"nll": nll.item(), "kl": kl.item(), "recon_mse": mse, "temperature": tau, "beta": beta, **usage}
         return nll + beta * kl, metrics
@@ -90,66 +100,121 @@ class DVAEResult:
 @torch.no_grad()
 def evaluate(model: DiscreteVAE, images: np.ndarray, batch_size: int = 256) -> tuple[dict[str, float], torch.Tensor]:
     """Hard-code (argmax) reconstruction quality: what the prior's tokens can express."""
+    device = next(model.parameters()).device
     tokens, errors = [], []
     for start in range(0, len(images), batch_size):
-        batch = to_float(images[start : start + batch_size])
+        batch = to_float(images[start : start + batch_size]).to(device)
         batch_tokens = model.encode(batch)
         tokens.append(batch_tokens)
         errors.append(F.mse_loss(model.decode(batch_tokens), batch, reduction="none").flatten(1).mean(1))
-    tokens_all = torch.cat(tokens)
+    tokens_all = torch.cat(tokens).cpu()
     mse = float(torch.cat(errors).mean())
-    return {"eval_recon_mse": mse, "eval_psnr": psnr(mse), **codebook_usage(tokens_all, model.cfg.codebook_size)}, tokens_all
+    usage = {f"eval_{name}": value for name, value in codebook_usage(tokens_all, model.cfg.codebook_size).items()}
+    return {"eval_recon_mse": mse, "eval_psnr": psnr(mse), **usage}, tokens_all
 
 
 def reconstruction_grid(model: DiscreteVAE, images: np.ndarray, path: Path) -> Path:
     """Originals above their reconstructions from hard (argmax) codes: what the prior will see."""
-    recon = to_uint8(model.decode(model.encode(to_float(images))))
+    batch = to_float(images).to(next(model.parameters()).device)
+    recon = to_uint8(model.decode(model.encode(batch)))
     return save_grid([list(images), list(recon)], path, row_labels=["originals", "dVAE reconstructions"])
 
 
-def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed: int,
-        tracker: Tracker | None = None) -> DVAEResult:
-    set_threads(cfg.optim.num_threads)
-    seed_everything(seed)
-    corpus = load_corpus(curated_dir, image_size)
-    model_cfg = DVAEModelConfig(
+def model_config(cfg: DVAEConfig, image_size: int) -> DVAEModelConfig:
+    return DVAEModelConfig(
         image_size=image_size, codebook_size=cfg.codebook_size, n_hid=cfg.n_hid, num_groups=cfg.num_groups,
         blocks_per_group=cfg.blocks_per_group, logit_laplace_eps=cfg.logit_laplace_eps,
     )
-    model = DiscreteVAE(model_cfg)
-    batch_size = min(cfg.optim.batch_size, len(corpus))
-    batches = iter(TensorBatches((torch.from_numpy(corpus.images),), batch_size, seed=seed))
 
-    out_dir = Path(out_dir)
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function: this rank's share of every batch of the corpus through `fit`."""
+    import ray.train.torch
+
+    cfg = DVAEConfig.model_validate(config["dvae"])
+    rank, world_size = ray_train.worker_rank(config, config["seed"])
+    corpus = load_corpus(config["curated_dir"], config["image_size"])
+    model_cfg = model_config(cfg, config["image_size"])
+    device = ray.train.torch.get_device()
+    model = DiscreteVAE(model_cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    resume_state = ray_train.resume_state(rank, world_size)
+    start_step = int(resume_state["step"]) if resume_state else 0
+    per_rank_batch = max(1, min(cfg.optim.batch_size, len(corpus)) // world_size)
+    batches = TensorBatches((torch.from_numpy(corpus.images).to(device),), per_rank_batch, seed=config["seed"],
+                            rank=rank, world_size=world_size).from_step(start_step * cfg.optim.grad_accum_steps)
+    tracker = Tracker(**config["tracker"]) if rank == 0 and config.get("tracker") else None
+    if resume_state is not None and rank == 0:
+        print(f"[dvae] resuming from the checkpoint of step {start_step}", flush=True)
+        if tracker is not None:
+            tracker.log_metrics({"resumed_from_step": start_step}, step=start_step)
+
+    out_dir = Path(config["out_dir"])
     log_progress = progress_logger("dvae", cfg.optim.steps, tracker)
     shown = corpus.images[:8]
+    latest_metrics: dict[str, float] = {}
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
-        log_progress(step, {**metrics, "psnr": psnr(metrics["recon_mse"])})
+        metrics = {**metrics, "psnr": psnr(metrics["recon_mse"])}
+        if "samples_per_s" in metrics:
+            metrics["images_per_s"] = metrics.pop("samples_per_s") * world_size
+        latest_metrics.update(metrics)
+        if rank == 0:
+            log_progress(step, metrics)
 
     def during_training(current: DiscreteVAE, step: int) -> dict[str, float]:
-        """Every recon_grid_every updates: hard-code reconstruction quality and a grid in MLflow."""
+        """Every recon_grid_every updates, on rank 0: hard-code reconstruction quality and a grid."""
+        if rank != 0:
+            return {}
         grid = reconstruction_grid(current, shown, out_dir / "reconstructions" / f"step_{step:07d}.png")
         if tracker is not None:
             tracker.log_artifact(grid, "reconstructions")
         metrics, _ = evaluate(current, corpus.images[:256])
-        return {"hard_psnr": metrics["eval_psnr"], "hard_codes_used": metrics["codes_used"]}
+        return {"hard_psnr": metrics["eval_psnr"], "hard_codes_used": metrics["eval_codes_used"]}
 
-    result = fit(model, dvae_loss(cfg), batches, cfg.optim, on_log=on_log, samples_per_batch=batch_size,
-                 evaluate=during_training, eval_every=cfg.recon_grid_every)
-    final_model = result.ema_model or result.model
-    eval_images = corpus.images[: min(len(corpus), 1024)]
-    eval_metrics, _ = evaluate(final_model, eval_images)
-    recon_grid = reconstruction_grid(final_model, shown, out_dir / "reconstructions.png")
+    def on_checkpoint(step: int, state: dict[str, Any]) -> None:
+        ray_train.report_checkpoint(rank, {**latest_metrics, "step": step}, state,
+                                    {"model_config.json": json.dumps(model_cfg.to_dict())})
+
+    fit(model, dvae_loss(cfg), batches, cfg.optim, on_log=on_log, samples_per_batch=per_rank_batch,
+        evaluate=during_training, eval_every=cfg.recon_grid_every, on_checkpoint=on_checkpoint,
+        checkpoint_every=cfg.checkpoint_every, resume_state=resume_state)
+
+
+def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed: int,
+        tracker: Tracker | None = None, ray_address: str | None = None) -> DVAEResult:
+    """Train on Ray Train (resuming a run killed earlier in `out_dir`), then save the EMA weights."""
+    out_dir = Path(out_dir).resolve()
+    if not shard_paths(curated_dir):  # fail here, not in every worker and its restarts
+        raise FileNotFoundError(f"no curated shards (*.tar) in {curated_dir}")
+    model_cfg = model_config(cfg, image_size)
+    loop_config = {
+        "dvae": cfg.model_dump(mode="json"),
+        "curated_dir": str(Path(curated_dir).resolve()),
+        "image_size": image_size,
+        "seed": seed,
+        "out_dir": str(out_dir),
+        "tracker": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id} if tracker else None,
+    }
+    state, train_metrics = ray_train.train_on_ray("dvae", train_worker, loop_config, cfg, out_dir,
+                                                  ray_address=ray_address)
+    final_model = DiscreteVAE(model_cfg)
+    final_model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    final_model.eval()
+    corpus = load_corpus(curated_dir, image_size, limit=1024)
+    eval_metrics, _ = evaluate(final_model, corpus.images)
+    recon_grid = reconstruction_grid(final_model, corpus.images[:8], out_dir / "reconstructions.png")
     checkpoint_dir = checkpoint.save(
         out_dir / "checkpoint", KIND, final_model.state_dict(), model_cfg.to_dict(),
-        meta={"step": result.step, "ema": result.ema_model is not None, **eval_metrics},
+        meta={"step": state["step"], "ema": state.get("ema") is not None, **eval_metrics},
     )
     if tracker is not None:
-        tracker.log_metrics(eval_metrics, step=result.step)
+        tracker.log_metrics(eval_metrics, step=state["step"])
         tracker.log_artifact(recon_grid)
         tracker.log_artifact(checkpoint_dir, "checkpoint")
-    return DVAEResult(checkpoint_dir=checkpoint_dir, recon_grid=recon_grid, metrics={**result.metrics, **eval_metrics})
+    return DVAEResult(checkpoint_dir=checkpoint_dir, recon_grid=recon_grid, metrics={**train_metrics, **eval_metrics})
 
 
 def load(checkpoint_dir: str | Path) -> DiscreteVAE:

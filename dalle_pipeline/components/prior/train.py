@@ -1,15 +1,14 @@
-"""Train the prior on the token Parquet with Ray Train's TorchTrainer (DDP; gloo on CPU).
+"""Train the prior on the token Parquet with Ray Train's TorchTrainer (DDP or FSDP; gloo on CPU).
 
-`train_worker` is the thin Ray shell around the shared `fit` loop: it reads the token dataset,
-takes its rank's share of every batch, resumes from Ray's latest checkpoint when a worker was
-lost, logs to MLflow from rank 0 and reports checkpoints through `ray.train.report`.
+`train_worker` is the thin Ray shell around the shared `fit` loop: it streams its rank's share of
+the token dataset through a shuffle buffer (`ParquetBatches`), resumes from Ray's latest
+checkpoint when a worker or the driver was lost, logs to MLflow from rank 0 and reports
+checkpoints through `ray_train.report_checkpoint`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,13 @@ import torch
 
 from .. import checkpoint
 from ..config import PriorConfig
-from ..tokenize_corpus.run import read as read_tokens
-from ..tokenize_corpus.run import to_tensors
 from ..tracking import Tracker
-from ..training import TensorBatches, fit, seed_everything
+from ..training import ParquetBatches, TokenParquet, fit, ray_train
 from ..training.flops import measured_matmul_peak, transformer_flops_per_token
-from ..training.loop import progress_logger, set_threads, uses_bf16
+from ..training.loop import progress_logger, unwrap, uses_bf16
 from .model import Prior, PriorModelConfig, prior_loss
 
 KIND = "prior"
-STATE_FILE = "train_state.pt"
 
 
 def model_config(cfg: PriorConfig, manifest: dict) -> PriorModelConfig:
@@ -40,7 +36,8 @@ def model_config(cfg: PriorConfig, manifest: dict) -> PriorModelConfig:
 
 
 def split_validation(num_rows: int, cfg: PriorConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train rows, validation rows): a seeded draw, the same on every rank and every resume."""
+    """(train rows, validation rows) as global row indices of the token dataset: a seeded draw, the
+    same on every rank and every resume."""
     count = min(cfg.val_rows_max, int(num_rows * cfg.val_fraction))
     if count and num_rows - count < 1:
         raise ValueError(f"val_fraction {cfg.val_fraction} leaves no training rows out of {num_rows}")
@@ -74,8 +71,7 @@ def prior_loss_fn(cfg: PriorConfig):
         if cfg.caption_dropout > 0:
             dropped = torch.rand(len(lengths), device=lengths.device) < cfg.caption_dropout
             lengths = torch.where(dropped, torch.zeros_like(lengths), lengths)
-        inner = model.module if hasattr(model, "module") else model
-        text = inner.pad_text(text, lengths)
+        text = unwrap(model).pad_text(text, lengths)
         text_logits, image_logits = model(text, image)
         return prior_loss(text_logits, image_logits, text, image, cfg.text_loss_weight)
 
@@ -116,38 +112,29 @@ def distribute(model: Prior, parallel: str) -> torch.nn.Module:
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function; `config` is plain data so it pickles to every worker."""
-    import ray.train
-    import ray.train.torch
-
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
     cfg = PriorConfig.model_validate(config["prior"])
-    set_threads(config["threads_per_worker"])
-    seed_everything(config["seed"], rank)
+    rank, world_size = ray_train.worker_rank(config, config["seed"])
 
-    table, manifest = read_tokens(config["dataset_dir"])
-    text, lengths, image = to_tensors(table, int(manifest["text_len"]))
-    train_rows, val_rows = split_validation(len(text), cfg, config["seed"])
-    model_cfg = model_config(cfg, manifest)
+    dataset = TokenParquet(config["dataset_dir"])
+    _, val_rows = split_validation(dataset.num_rows, cfg, config["seed"])
+    model_cfg = model_config(cfg, dataset.manifest)
     model = Prior(model_cfg)
-    if cfg.init_from and ray.train.get_checkpoint() is None:  # a resumed run has its own weights
+    resume_state = ray_train.resume_state(rank, world_size)
+    if cfg.init_from and resume_state is None:  # a resumed run has its own weights
         initialise_from(model, cfg.init_from)
     model = distribute(model, cfg.parallel)
     device = next(model.parameters()).device
     flops_per_token = transformer_flops_per_token(model, model_cfg.layers, model_cfg.seq_len, model_cfg.d_model)
     peak = measured_matmul_peak(device, torch.bfloat16 if uses_bf16(cfg.optim, device.type) else torch.float32)
 
-    resume_state = None
-    if (latest := ray.train.get_checkpoint()) is not None:
-        with latest.as_directory() as directory:
-            resume_state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
     start_step = int(resume_state["step"]) if resume_state else 0
     per_rank_batch = max(1, cfg.optim.batch_size // world_size)
-    batches = TensorBatches(
-        tuple(t[train_rows].to(device) for t in (text, lengths, image)), per_rank_batch, seed=config["seed"],
-        rank=rank, world_size=world_size,
+    # streamed from the Parquet row groups through a shuffle buffer; the validation rows never enter it
+    batches = ParquetBatches(
+        dataset, per_rank_batch, seed=config["seed"], rank=rank, world_size=world_size,
+        buffer_rows=cfg.shuffle_buffer_rows, exclude_rows=val_rows, device=device,
     ).from_step(start_step * cfg.optim.grad_accum_steps)
-    validate = validation_loss(*(t[val_rows].to(device) for t in (text, lengths, image)), cfg) if len(val_rows) else None
+    validate = validation_loss(*(t.to(device) for t in dataset.read_rows(val_rows)), cfg) if len(val_rows) else None
     tracker = Tracker(**config["tracker"]) if rank == 0 and config.get("tracker") else None
     if resume_state is not None and rank == 0:
         print(f"[prior] resuming from the checkpoint of step {start_step}", flush=True)
@@ -173,14 +160,8 @@ def train_worker(config: dict[str, Any]) -> None:
         return metrics
 
     def on_checkpoint(step: int, state: dict[str, Any]) -> None:
-        metrics = {**latest_metrics, "step": step}
-        if rank != 0:
-            ray.train.report(metrics, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as directory:
-            torch.save(state, Path(directory) / STATE_FILE)
-            (Path(directory) / "model_config.json").write_text(json.dumps(model_cfg.to_dict()))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        ray_train.report_checkpoint(rank, {**latest_metrics, "step": step}, state,
+                                    {"model_config.json": json.dumps(model_cfg.to_dict())})
 
     fit(model, prior_loss_fn(cfg), batches, cfg.optim, on_log=on_log, on_checkpoint=on_checkpoint,
         checkpoint_every=cfg.checkpoint_every, resume_state=resume_state, samples_per_batch=per_rank_batch,
@@ -195,52 +176,21 @@ class PriorResult:
 
 def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: Tracker | None = None,
         ray_address: str | None = None) -> PriorResult:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     out_dir = Path(out_dir).resolve()
-    _, manifest = read_tokens(dataset_dir)  # fail here, not in a worker, if the dataset is incomplete
-    if cfg.init_from:
-        check_same_architecture(cfg.init_from, model_config(cfg, manifest))
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a training job
-        ray.init(address=ray_address, include_dashboard=False, configure_logging=False)
-    resources = ray.cluster_resources()
-    threads_per_worker = max(1, int(resources.get("CPU", 1)) // cfg.num_workers)
-    # a GPU per worker where the cluster has one for each (NCCL between them), else CPU workers over gloo
-    use_gpu = int(resources.get("GPU", 0)) >= cfg.num_workers
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "prior": cfg.model_dump(mode="json"),
-            "dataset_dir": str(Path(dataset_dir).resolve()),
-            "seed": seed,
-            "threads_per_worker": threads_per_worker,
-            "tracker": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id} if tracker else None,
-        },
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": threads_per_worker}),
-        run_config=RunConfig(
-            name="prior",
-            storage_path=str(out_dir / "ray"),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.keep_checkpoints,
-                checkpoint_score_attribute="val_loss" if cfg.val_fraction > 0 else None,
-                checkpoint_score_order="min",
-            ),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"prior training reported no checkpoint (error: {result.error})")
-    best = result.get_best_checkpoint("val_loss", "min") if cfg.val_fraction > 0 else None
-    with (best or result.checkpoint).as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
+    manifest = TokenParquet(dataset_dir).manifest  # fail here, not in a worker, if the dataset is incomplete
     model_cfg = model_config(cfg, manifest)
-    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    if cfg.init_from:
+        check_same_architecture(cfg.init_from, model_cfg)
+    loop_config = {
+        "prior": cfg.model_dump(mode="json"),
+        "dataset_dir": str(Path(dataset_dir).resolve()),
+        "seed": seed,
+        "tracker": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id} if tracker else None,
+    }
+    state, metrics = ray_train.train_on_ray(
+        "prior", train_worker, loop_config, cfg, out_dir,
+        score_attribute="val_loss" if cfg.val_fraction > 0 else None, ray_address=ray_address,
+    )
     checkpoint_dir = checkpoint.save(
         out_dir / "checkpoint", KIND, state["model"], model_cfg.to_dict(),
         meta={"step": state["step"], "dvae_hash": manifest["dvae_hash"], "tokenizer_hash": manifest["tokenizer_hash"],

@@ -53,7 +53,8 @@ def learning_rate(step: int, cfg: OptimConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, from under DDP (and torch.compile, whose wrapper forwards attributes)."""
     return model.module if hasattr(model, "module") else model
 
 
@@ -76,11 +77,11 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.model = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
+        self.model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        source = _unwrap(model).state_dict()
+        source = unwrap(model).state_dict()
         for name, value in self.model.state_dict().items():
             if value.dtype.is_floating_point:
                 value.lerp_(source[name].detach(), 1 - self.decay)
@@ -119,7 +120,7 @@ def model_state(model: nn.Module) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         return get_model_state_dict(model, options=_full_state_options())
-    return _unwrap(model).state_dict()
+    return unwrap(model).state_dict()
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, stat
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
         return
-    _unwrap(model).load_state_dict(state["model"])
+    unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
 
 
@@ -271,7 +272,7 @@ def fit(
         if evaluate is not None and eval_every and (step % eval_every == 0 or step == cfg.steps):
             model.eval()
             with torch.no_grad(), _precision_context(cfg, device_type):
-                validation = {f"val_{key}": value for key, value in evaluate(_unwrap(model), step).items()}
+                validation = {f"val_{key}": value for key, value in evaluate(unwrap(model), step).items()}
             model.train()
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - window_start
@@ -298,5 +299,5 @@ def fit(
             )
     model.eval()
     return FitResult(
-        step=step, metrics=last, model=_unwrap(model), ema_model=ema.model if ema else None, history=history
+        step=step, metrics=last, model=unwrap(model), ema_model=ema.model if ema else None, history=history
     )
