@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 
 from dalle_pipeline.components import config as config_module
 from dalle_pipeline.components.cluster import disconnect
-from dalle_pipeline.components.config import PipelineConfig, PresetName
+from dalle_pipeline.components.config import PipelineConfig, PipelineOverrides, PresetName
 from dalle_pipeline.components.stage_cache import StageCache
 from dalle_pipeline.components.storage import file_sha256
 from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri, stage_run
@@ -183,7 +183,7 @@ def tokenize_corpus(cfg: PipelineConfig, curated: Record, dvae: Record, tokenize
     folder_config = {**config, "source": curated["outputs"]["curated_dir"], "dvae": dvae["key"],
                      "tokenizer": tokenizer["key"]}
     return run_stage(stages, "tokenize-corpus", config, {"filter": curated, "dvae": dvae, "text-tokenizer": tokenizer},
-                     ("tokenize_corpus", "dvae", "text"), build, folder_config)
+                     ("tokenize_corpus", "dvae", "text", "training", "cluster.py"), build, folder_config)
 
 
 @task(name="prior", **STAGE_TASK)
@@ -323,8 +323,8 @@ def register(cfg: PipelineConfig, dvae: Record, prior: Record, tokenizer: Record
 
 
 @flow(name="train-dalle", log_prints=True)
-def train_dalle(preset: PresetName = "tiny", overrides: dict[str, Any] | None = None, root: str | None = None,
-                rerun: list[StageName] | None = None, retrain_from: str | None = None) -> dict:
+def train_dalle(preset: PresetName = "tiny", overrides: PipelineOverrides = PipelineOverrides(),  # frozen: shareable
+                root: str | None = None, rerun: list[StageName] | None = None, retrain_from: str | None = None) -> dict:
     """Train a DALL-E-style model end to end: corpus -> download -> filter -> tokenizers -> dVAE ->
     token Parquet -> prior (Ray Train) -> CLIP -> samples reranked by CLIP -> evaluation -> the
     registered model `dalle` (champion alias when it beats the current champion).
@@ -362,7 +362,8 @@ def train_dalle(preset: PresetName = "tiny", overrides: dict[str, Any] | None = 
 
             bundle = Path(base["outputs"]["bundle_dir"])
             prior_init = {"prior.init_from": str(bundle / "prior")}
-            cfg = config_module.resolve(preset, {**(overrides or {}), **prior_init}, base=read_manifest(bundle)[0])
+            cfg = config_module.resolve(preset, {**config_module.dotted_overrides(overrides), **prior_init},
+                                        base=read_manifest(bundle)[0])
         config_json = cfg.model_dump(mode="json")
         parent.log_params(config_json)
         parent.log_dict(config_json, "config.json")

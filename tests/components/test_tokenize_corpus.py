@@ -78,6 +78,29 @@ def test_corrupt_images_are_skipped_not_fatal(inputs, tmp_path):
     samples = list(read_shard(curated / "00001.tar"))[:5]
     samples.append(Sample(key="broken", image_bytes=b"not a png", image_ext="png", caption="a red circle"))
     write_shard(tmp_path / "in" / "00000.tar", samples)
+    write_shard(tmp_path / "in" / "00001.tar", [])  # an empty shard gives an empty part
     result = run(tmp_path / "in", dvae_dir, tokenizer_path, tmp_path / "out", text_len=24)
     assert result.rows == 5
     assert np.all(np.array(read(tmp_path / "out")[0].column("key").to_pylist()) != "broken")
+    assert result.manifest["skipped"] == 1
+    assert [(p["rows"], p["skipped"]) for p in result.manifest["parts"]] == [(5, 1), (0, 0)]
+
+
+def test_the_decode_check_compares_with_the_psnr_training_reported(inputs, tmp_path):
+    """The check decodes stored tokens of sampled rows against their shard images: it agrees with the
+    dVAE's own evaluation on the corpus, and a dVAE reported far better than its tokens decode is refused."""
+    from dalle_pipeline.components.dvae.train import evaluate, load
+
+    curated, dvae_dir, tokenizer_path, corpus = inputs
+    model = load(dvae_dir)
+    measured = evaluate(model, corpus.images)[0]["eval_psnr"]
+    honest = checkpoint.save(tmp_path / "honest", KIND, model.state_dict(), model.cfg.to_dict(),
+                             meta={"eval_psnr": measured})
+    check = run(curated, honest, tokenizer_path, tmp_path / "ok", text_len=24).manifest["decode_check"]
+    assert check["rows"] == 64 and check["dvae_eval_psnr"] == measured
+    assert abs(check["psnr"] - measured) < 1.0
+    boasting = checkpoint.save(tmp_path / "boasting", KIND, model.state_dict(), model.cfg.to_dict(),
+                               meta={"eval_psnr": measured + 10})
+    with pytest.raises(ValueError, match="decode check failed"):
+        run(curated, boasting, tokenizer_path, tmp_path / "refused", text_len=24)
+    assert not (tmp_path / "refused" / MANIFEST).exists()

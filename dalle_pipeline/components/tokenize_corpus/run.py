@@ -1,17 +1,28 @@
-"""Tokenize the curated corpus: dVAE codes for images, BPE ids for captions, one Parquet part per shard.
+"""Tokenize the curated corpus with Ray Data: dVAE codes for images, BPE ids for captions, one Parquet part per shard.
 
 Schema (DESIGN.md): key string, caption string, text_tokens list<uint16> (unpadded BPE ids),
 image_tokens fixed_size_list<uint16>[grid*grid] (row-major argmax codes), with file metadata naming
-the dVAE checkpoint and tokenizer hashes, the grid and both vocab sizes. Each part is written
-atomically and a re-run skips parts already written for the same dVAE and tokenizer; the
-`_manifest.json` written last marks the dataset complete.
+the dVAE checkpoint and tokenizer hashes, the grid and both vocab sizes.
+
+The pipeline: Ray Data tasks read the shards still to do, decode their images and BPE-encode their
+captions (`read_shard_rows`); a pool of `ImageEncoder` actors (a GPU each where the cluster has
+GPUs, else one on the CPUs) turns pixels into codes; the driver gathers each shard's rows and
+writes its part atomically as soon as the last one arrives. A re-run skips parts already written
+for the same dVAE and tokenizer, so a killed run resumes at shard granularity and never leaves a
+half part. An image that does not decode is counted (`skipped` per part) and left out, never fatal.
+Last, a decode check: the dVAE decodes the stored tokens of a sample of rows, which must match
+their original images with the PSNR the dVAE's training reported; `_manifest.json`, written after
+it, marks the dataset complete.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +30,9 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import checkpoint
+from ..cluster import connect
 from ..dvae.train import load as load_dvae
+from ..dvae.train import psnr
 from ..images import to_float
 from ..shards import read_shard, shard_paths
 from ..storage import atomic_path, file_sha256, write_json
@@ -28,6 +41,9 @@ from ..training.stream import decode, to_int64
 
 MANIFEST = "_manifest.json"
 ROW_GROUP_SIZE = 4096
+READ_BATCH_ROWS = 256  # rows per block leaving a reader task: bounded memory whatever the shard size
+DECODE_CHECK_ROWS = 64
+DECODE_CHECK_TOLERANCE_DB = 2.0
 
 
 def schema(grid_size: int, metadata: dict[str, str] | None = None) -> pa.Schema:
@@ -49,11 +65,6 @@ class TokenizedCorpus:
     rows: int
 
 
-def _encode_images(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    codes = [model.encode(to_float(images[start : start + batch_size])) for start in range(0, len(images), batch_size)]
-    return torch.cat(codes).numpy().astype(np.uint16)
-
-
 # a written part is reused when these match (its rows would otherwise come out different)
 REUSE_KEYS = ("dvae_hash", "tokenizer_hash", "bpe_dropout")
 
@@ -62,14 +73,95 @@ def _part_metadata(path: Path) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
 
 
+def read_shard_rows(batch: dict[str, np.ndarray], image_size: int, tokenizer_path: str, text_len: int,
+                    bpe_dropout: float) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data reader: each shard named in `batch` as blocks of decoded pixels and BPE ids.
+
+    Every sample gives a row, an undecodable image one with `ok` False and black pixels, so the
+    driver knows from `shard_rows` when it holds a whole shard; an empty shard gives one row with
+    `shard_rows` 0.
+    """
+    tokenizer = TextTokenizer.load(tokenizer_path, text_len)
+    if bpe_dropout:
+        tokenizer = tokenizer.with_dropout(bpe_dropout)
+    for shard in batch["shard"]:
+        samples = list(read_shard(shard))
+        if not samples:
+            yield _rows(shard, 0, 0, [], [], [], np.zeros((1, image_size, image_size, 3), np.uint8), tokenizer,
+                        placeholder=True)
+            continue
+        for start in range(0, len(samples), READ_BATCH_ROWS):
+            chunk = samples[start : start + READ_BATCH_ROWS]
+            pixels = np.zeros((len(chunk), image_size, image_size, 3), np.uint8)
+            ok = []
+            for row, sample in enumerate(chunk):
+                try:
+                    image = sample.pixels()
+                except Exception:  # a corrupt image is skipped, never fatal
+                    ok.append(False)
+                    continue
+                if image.shape[:2] != (image_size, image_size):
+                    raise ValueError(f"{Path(shard).name}:{sample.key} is {image.shape[1]}x{image.shape[0]}, "
+                                     f"the dVAE expects {image_size}px")
+                pixels[row] = image
+                ok.append(True)
+            yield _rows(shard, len(samples), start, [s.key for s in chunk], [s.caption for s in chunk], ok, pixels,
+                        tokenizer)
+
+
+def _rows(shard: str, shard_rows: int, start: int, keys: list[str], captions: list[str], ok: list[bool],
+          pixels: np.ndarray, tokenizer: TextTokenizer, placeholder: bool = False) -> dict[str, np.ndarray]:
+    count = 1 if placeholder else len(keys)
+    text = np.zeros((count, tokenizer.text_len), np.uint16)
+    lengths = np.zeros(count, np.int32)
+    for row, ids in enumerate(tokenizer.encode(captions)):
+        text[row, : len(ids)], lengths[row] = ids, len(ids)
+    return {
+        "shard": np.array([shard] * count),
+        "shard_rows": np.full(count, shard_rows, np.int64),
+        "index": np.arange(start, start + count, dtype=np.int64),
+        "key": np.array(keys or [""], dtype=object),
+        "caption": np.array(captions or [""], dtype=object),
+        "ok": np.array(ok or [False], dtype=bool),
+        "pixels": pixels,
+        "text": text,
+        "text_length": lengths,
+    }
+
+
+class ImageEncoder:
+    """Ray Data actor: the dVAE encoder (argmax codes) on this actor's GPU, or on `threads` CPU threads."""
+
+    def __init__(self, dvae_dir: str, threads: int) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.model = load_dvae(dvae_dir).to(self.device)
+        self.grid_len = self.model.cfg.grid_size**2
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch.pop("pixels")
+        tokens = np.zeros((len(pixels), self.grid_len), np.uint16)
+        ok = batch["ok"]
+        if ok.any():
+            images = to_float(torch.from_numpy(np.ascontiguousarray(pixels[ok]))).to(self.device)
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    codes = self.model.encode(images.contiguous(memory_format=torch.channels_last))
+            else:
+                codes = self.model.encode(images)
+            tokens[ok] = codes.cpu().numpy().astype(np.uint16)
+        batch["image_tokens"] = tokens
+        return batch
+
+
 def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, text_len: int,
-        batch_size: int = 256, bpe_dropout: float = 0.0) -> TokenizedCorpus:
+        batch_size: int = 256, bpe_dropout: float = 0.0, ray_address: str | None = None) -> TokenizedCorpus:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_dvae(dvae_dir)
     tokenizer = TextTokenizer.load(tokenizer_path, text_len)
-    if bpe_dropout:
-        tokenizer = tokenizer.with_dropout(bpe_dropout)
     grid = model.cfg.grid_size
     metadata = {
         "dvae_hash": checkpoint.weights_hash(dvae_dir),
@@ -79,55 +171,132 @@ def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, 
         "text_vocab": str(tokenizer.vocab_size),
         "bpe_dropout": str(bpe_dropout),
     }
+    shards = shard_paths(curated_dir)
+    if not shards:
+        raise FileNotFoundError(f"no curated shards (*.tar) in {curated_dir}")
+    pending = [shard for shard in shards if not _reusable(out_dir / f"{shard.stem}.parquet", metadata)]
+    skipped: dict[str, int] = {}
+    if pending:
+        skipped = _tokenize(pending, out_dir, metadata, Path(dvae_dir), Path(tokenizer_path), text_len,
+                            model.cfg.image_size, batch_size, bpe_dropout, ray_address)
     parts, total = [], 0
-    for shard in shard_paths(curated_dir):
+    for shard in shards:
         part = out_dir / f"{shard.stem}.parquet"
-        if part.exists() and all(_part_metadata(part).get(k) == metadata[k] for k in REUSE_KEYS):
-            rows = pq.read_metadata(part).num_rows  # already written by an earlier run
-        else:
-            rows = _tokenize_shard(shard, part, model, tokenizer, grid, metadata, batch_size)
-        parts.append({"file": part.name, "rows": rows, "sha256": file_sha256(part), "source_shard": shard.name})
+        rows = pq.read_metadata(part).num_rows
+        part_metadata = _part_metadata(part)
+        parts.append({"file": part.name, "rows": rows, "skipped": int(part_metadata.get("skipped", 0)),
+                      "sha256": file_sha256(part), "source_shard": shard.name})
         total += rows
     if total == 0:
         raise ValueError(f"no samples to tokenize in {curated_dir}")
-    manifest = {**metadata, "rows": total, "parts": parts, "text_len": text_len}
+    reported_psnr = checkpoint.read_config(dvae_dir, "dvae")[1].get("eval_psnr")
+    check = decode_check(model, out_dir, parts, Path(curated_dir), reported_psnr)
+    manifest = {**metadata, "rows": total, "skipped": sum(p["skipped"] for p in parts), "parts": parts,
+                "text_len": text_len, "decode_check": check}
     write_json(out_dir / MANIFEST, manifest)
     return TokenizedCorpus(dataset_dir=out_dir, manifest=manifest, rows=total)
 
 
-def _tokenize_shard(shard: Path, part: Path, model, tokenizer: TextTokenizer, grid: int,
-                    metadata: dict[str, str], batch_size: int) -> int:
-    samples = list(read_shard(shard))
-    keys, captions, images = [], [], []
-    for sample in samples:
-        try:
-            pixels = sample.pixels()
-        except Exception:  # a corrupt image is skipped, never fatal
-            continue
-        if pixels.shape[:2] != (model.cfg.image_size, model.cfg.image_size):
-            raise ValueError(
-                f"{shard.name}:{sample.key} is {pixels.shape[1]}x{pixels.shape[0]}, "
-                f"the dVAE expects {model.cfg.image_size}px"
-            )
-        keys.append(sample.key)
-        captions.append(sample.caption)
-        images.append(pixels)
-    image_tokens = _encode_images(model, np.stack(images), batch_size) if images else np.zeros((0, grid * grid), np.uint16)
-    text_tokens = tokenizer.encode(captions)
+def _reusable(part: Path, metadata: dict[str, str]) -> bool:
+    return part.exists() and all(_part_metadata(part).get(k) == metadata[k] for k in REUSE_KEYS)
+
+
+def _tokenize(pending: list[Path], out_dir: Path, metadata: dict[str, str], dvae_dir: Path, tokenizer_path: Path,
+              text_len: int, image_size: int, batch_size: int, bpe_dropout: float,
+              ray_address: str | None) -> dict[str, int]:
+    """Run the Ray Data pipeline over `pending` shards, writing each part as it completes."""
+    import ray.data
+
+    resources = connect(ray_address)
+    gpus = int(resources.get("GPU", 0))
+    cpus = max(1, int(resources.get("CPU", 1)))
+    actors = max(1, gpus)
+    rows = (
+        ray.data.from_items([{"shard": str(shard)} for shard in pending], override_num_blocks=len(pending))
+        .map_batches(read_shard_rows, batch_size=1, num_cpus=1, fn_kwargs={
+            "image_size": image_size, "tokenizer_path": str(tokenizer_path), "text_len": text_len,
+            "bpe_dropout": bpe_dropout})
+        .map_batches(ImageEncoder, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                     fn_constructor_kwargs={"dvae_dir": str(dvae_dir), "threads": max(1, cpus // actors)},
+                     **({"num_gpus": 1} if gpus else {"num_cpus": 1}))
+    )
+    waiting: dict[str, list[dict[str, np.ndarray]]] = {}
+    received: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+        for shard in np.unique(batch["shard"]):
+            mine = batch["shard"] == shard
+            waiting.setdefault(shard, []).append({name: column[mine] for name, column in batch.items()})
+            received[shard] = received.get(shard, 0) + int(mine.sum())
+            expected = max(1, int(batch["shard_rows"][mine][0]))
+            if received[shard] == expected:
+                skipped[shard] = _write_part(waiting.pop(shard), out_dir / f"{Path(shard).stem}.parquet", metadata,
+                                             math.isqrt(len(batch["image_tokens"][0])))
+    if waiting:
+        raise RuntimeError(f"the tokenization ended with shards incomplete: {sorted(waiting)}")
+    return skipped
+
+
+def _write_part(chunks: list[dict[str, np.ndarray]], part: Path, metadata: dict[str, str], grid: int) -> int:
+    """Write one shard's rows (in shard order, undecodable images left out); returns how many were left out."""
+    columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
+    order = np.argsort(columns["index"], kind="stable")
+    real = columns["shard_rows"][0] > 0
+    keep = order[columns["ok"][order]] if real else order[:0]
+    left_out = int(real) * int((~columns["ok"]).sum())
+    lengths = columns["text_length"][keep].astype(np.int64)
+    text = columns["text"][keep]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat_text = text[np.arange(text.shape[1]) < lengths[:, None]]
     table = pa.table(
         {
-            "key": pa.array(keys, pa.string()),
-            "caption": pa.array(captions, pa.string()),
-            "text_tokens": pa.array(text_tokens, pa.list_(pa.uint16())),
+            "key": pa.array(columns["key"][keep].tolist(), pa.string()),
+            "caption": pa.array(columns["caption"][keep].tolist(), pa.string()),
+            "text_tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_text, pa.uint16())),
             "image_tokens": pa.FixedSizeListArray.from_arrays(
-                pa.array(image_tokens.reshape(-1), pa.uint16()), grid * grid
-            ),
+                pa.array(columns["image_tokens"][keep].reshape(-1), pa.uint16()), grid * grid),
         },
-        schema=schema(grid, metadata),
+        schema=schema(grid, {**metadata, "skipped": str(left_out)}),
     )
     with atomic_path(part) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
-    return table.num_rows
+    return left_out
+
+
+@torch.no_grad()
+def decode_check(model, dataset_dir: Path, parts: list[dict[str, Any]], curated_dir: Path,
+                 reported_psnr: float | None, rows: int = DECODE_CHECK_ROWS, seed: int = 0) -> dict[str, Any]:
+    """Decode the stored tokens of a seeded sample of rows and compare them with their original images.
+
+    The PSNR must come within DECODE_CHECK_TOLERANCE_DB of the one the dVAE's training reported
+    (`eval_psnr` in its checkpoint) when it reported one: tokens stored out of order, from another
+    dVAE or damaged, decode to something else and fail here, before the prior trains on them.
+    """
+    generator = np.random.default_rng(seed)
+    candidates = [part for part in parts if part["rows"]]
+    chosen = generator.choice(len(candidates), size=min(len(candidates), 4), replace=False)
+    originals, tokens = [], []
+    for index in sorted(chosen):
+        part = candidates[index]
+        table = pq.read_table(dataset_dir / part["file"], columns=["key", "image_tokens"])
+        picks = np.sort(generator.choice(table.num_rows, size=min(table.num_rows, rows // len(chosen) or 1),
+                                         replace=False))
+        keys = [table.column("key")[int(i)].as_py() for i in picks]
+        wanted = set(keys)
+        images = {s.key: s.pixels() for s in read_shard(curated_dir / part["source_shard"]) if s.key in wanted}
+        originals += [images[key] for key in keys]
+        column = table.column("image_tokens").combine_chunks()
+        flat = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
+        tokens.append(torch.from_numpy(flat[picks].astype(np.int64)))
+    target = to_float(np.stack(originals))
+    mse = float(torch.nn.functional.mse_loss(model.eval().decode(torch.cat(tokens)), target))
+    result = {"rows": len(originals), "psnr": psnr(mse), "dvae_eval_psnr": reported_psnr}
+    if reported_psnr is not None and result["psnr"] < reported_psnr - DECODE_CHECK_TOLERANCE_DB:
+        raise ValueError(
+            f"decode check failed in {dataset_dir}: the stored tokens of {len(originals)} rows decode to their "
+            f"images at {result['psnr']:.2f} dB PSNR, the dVAE's training reported {reported_psnr:.2f} dB; the "
+            f"tokens do not belong to these images (another dVAE, wrong order or damaged parts)")
+    return result
 
 
 def read(dataset_dir: str | Path) -> tuple[pa.Table, dict]:
