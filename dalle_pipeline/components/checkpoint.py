@@ -49,5 +49,16 @@ def load(directory: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dic
     return load_file(str(Path(directory) / WEIGHTS)), config, meta
 
 
+def check_same_model(directory: str | Path, kind: str, config: dict[str, Any], setting: str,
+                     ignore: tuple[str, ...] = ()) -> None:
+    """ValueError unless the checkpoint at `directory` is a `kind` built with `config` (but `ignore`);
+    `setting` names the config field that pointed there, for the message."""
+    theirs, _ = read_config(directory, kind)
+    differing = sorted(key for key in config if key not in ignore and theirs.get(key) != config[key])
+    if differing:
+        raise ValueError(f"{setting} {directory}: its model differs in {differing}; fine-tuning needs the same "
+                         "architecture and vocabularies")
+
+
 def weights_hash(directory: str | Path) -> str:
     return file_sha256(Path(directory) / WEIGHTS)

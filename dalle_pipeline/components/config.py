@@ -144,6 +144,9 @@ class DVAEConfig(RayTrainConfig):
     )
     mse_sigma: float = Field(0.1, gt=0, description="sigma of the Gaussian likelihood when recon_loss is mse")
     recon_grid_every: int = Field(250, ge=1, description="log a reconstruction grid every this many updates")
+    init_from: str | None = Field(
+        None, description="a dVAE checkpoint folder whose weights start training (fine-tuning); same architecture"
+    )
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, ema_decay=0.99)
     )

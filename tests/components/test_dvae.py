@@ -148,3 +148,14 @@ def test_a_killed_driver_resumes_at_the_same_step_with_the_same_weights(curated_
     resumed = dvae_train.load(tmp_path / "killed" / "checkpoint").state_dict()
     for name, value in reference.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=f"{name} differs")
+
+
+def test_fine_tuning_refuses_a_dvae_of_another_architecture(curated_shards, tmp_path):
+    """Checked on the driver, before Ray starts: the message names the setting and what differs."""
+    from dalle_pipeline.components import checkpoint
+
+    small = DVAEModelConfig(image_size=32, codebook_size=32, n_hid=8, num_groups=3)
+    saved = checkpoint.save(tmp_path / "small", dvae_train.KIND, DiscreteVAE(small).state_dict(), small.to_dict())
+    cfg = DVAEConfig(n_hid=16, codebook_size=32, init_from=str(saved))
+    with pytest.raises(ValueError, match=r"dvae.init_from .*differs in \['n_hid'\]"):
+        dvae_train.run(cfg, curated_shards, tmp_path / "dvae", 32, seed=0)

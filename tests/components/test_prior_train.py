@@ -1,5 +1,6 @@
 """Prior training for real on Ray Train: a local Ray, two CPU workers, gloo DDP, MLflow from rank 0."""
 
+import json
 import os
 import signal
 import threading
@@ -104,3 +105,17 @@ def test_a_killed_worker_resumes_from_the_latest_checkpoint(tmp_path, local_ray,
     assert resumed and resumed[0].value >= 20, "the restarted workers began again from step 0"
     assert outcome["result"].metrics["step"] == 400
     assert max(m.step for m in tracker.client.get_metric_history(tracker.run_id, "image_loss")) == 400
+
+
+def test_fine_tuning_refuses_a_prior_of_another_architecture(tmp_path):
+    from dalle_pipeline.components import checkpoint
+    from dalle_pipeline.components.prior.model import Prior
+    from dalle_pipeline.components.prior.train import KIND, model_config, run
+
+    dataset = write_learnable_dataset(tmp_path / "tokens", rows=64)
+    manifest = json.loads((dataset / MANIFEST).read_text())
+    other = model_config(PriorConfig(layers=1, d_model=32, heads=2), manifest)
+    saved = checkpoint.save(tmp_path / "other", KIND, Prior(other).state_dict(), other.to_dict())
+    cfg = PriorConfig(layers=2, d_model=32, heads=2, init_from=str(saved))
+    with pytest.raises(ValueError, match=r"prior.init_from .*differs in \['layers'\]"):
+        run(cfg, dataset, tmp_path / "prior", seed=0)

@@ -136,11 +136,14 @@ def train_worker(config: dict[str, Any]) -> None:
     corpus = load_corpus(config["curated_dir"], config["image_size"])
     model_cfg = model_config(cfg, config["image_size"])
     device = ray.train.torch.get_device()
-    model = DiscreteVAE(model_cfg).to(device)
+    model = DiscreteVAE(model_cfg)
+    resume_state = ray_train.resume_state(rank, world_size)
+    if cfg.init_from and resume_state is None:  # fine-tuning; a resumed run has its own weights
+        model.load_state_dict(checkpoint.load(cfg.init_from, KIND)[0])
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    resume_state = ray_train.resume_state(rank, world_size)
     start_step = int(resume_state["step"]) if resume_state else 0
     per_rank_batch = max(1, min(cfg.optim.batch_size, len(corpus)) // world_size)
     batches = TensorBatches((torch.from_numpy(corpus.images).to(device),), per_rank_batch, seed=config["seed"],
@@ -190,6 +193,8 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     if not shard_paths(curated_dir):  # fail here, not in every worker and its restarts
         raise FileNotFoundError(f"no curated shards (*.tar) in {curated_dir}")
     model_cfg = model_config(cfg, image_size)
+    if cfg.init_from:
+        checkpoint.check_same_model(cfg.init_from, KIND, model_cfg.to_dict(), "dvae.init_from")
     loop_config = {
         "dvae": cfg.model_dump(mode="json"),
         "curated_dir": str(Path(curated_dir).resolve()),

@@ -80,12 +80,8 @@ def prior_loss_fn(cfg: PriorConfig):
 
 def check_same_architecture(checkpoint_dir: str | Path, model_cfg: PriorModelConfig) -> None:
     """ValueError unless the prior at `checkpoint_dir` has this architecture and these vocabularies."""
-    config, _ = checkpoint.read_config(checkpoint_dir, KIND)
-    ours = model_cfg.to_dict()
-    differing = sorted(k for k in ours if k not in ("dropout", "attention_backend") and config.get(k) != ours[k])
-    if differing:
-        raise ValueError(f"prior.init_from {checkpoint_dir}: its model differs in {differing}; "
-                         "fine-tuning needs the same architecture, dVAE and tokenizer")
+    checkpoint.check_same_model(checkpoint_dir, KIND, model_cfg.to_dict(), "prior.init_from",
+                                ignore=("dropout", "attention_backend"))
 
 
 def initialise_from(model: Prior, checkpoint_dir: str | Path) -> None:
