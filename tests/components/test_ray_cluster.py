@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from local_processes import free_port
 from test_prior_train import write_learnable_dataset
 
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # Ray 2.60's `ray start --head` asks joining nodes for an auth token it keeps in ~/.ray; a loopback test
@@ -37,7 +31,7 @@ def _ray(*args: str) -> subprocess.CompletedProcess:
 def two_node_cluster(monkeypatch):
     for name, value in NO_AUTH.items():
         monkeypatch.setenv(name, value)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     try:
         head = _ray("start", "--head", f"--port={address.split(':')[1]}", "--node-ip-address=127.0.0.1",
                     "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats")

@@ -19,7 +19,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from local_processes import free_port, processes_with_env
 
 pytestmark = pytest.mark.e2e
 
@@ -62,28 +62,6 @@ if BINDIR is None:
         allow_module_level=True,
     )
 PSQL = str(BINDIR / "psql") if (BINDIR / "psql").is_file() else shutil.which("psql")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _processes_with_env(name: str, value: str) -> list[int]:
-    """Pids of this user's processes started with `name=value` in their environment."""
-    needle = f"{name}={value}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-        except OSError:  # gone, or not ours
-            continue
-        if needle in environ.split(b"\0"):
-            found.append(int(proc.name))
-    return found
 
 
 @dataclass
@@ -136,7 +114,7 @@ def postgres() -> Iterator[Postgres]:
                               capture_output=True, text=True, timeout=timeout, **run_as)
 
     superuser = "dalle_admin"
-    port = _free_port()
+    port = free_port()
     started = False
     try:
         init = as_owner("initdb", "-D", str(data), "-U", superuser, f"--pwfile={pwfile}",
@@ -167,8 +145,8 @@ def _serve_env(tmp_path: Path, database_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(
         DALLE_HOME=str(tmp_path / "home"),
-        PREFECT_PORT=str(_free_port()),
-        MLFLOW_PORT=str(_free_port()),
+        PREFECT_PORT=str(free_port()),
+        MLFLOW_PORT=str(free_port()),
         PREFECT_POOL="dalle-pg",
         PREFECT_DATABASE_URL=database_url,
     )
@@ -202,7 +180,7 @@ print("flow run", state.state_details.flow_run_id, state.type.value, state.resul
 
 def test_served_prefect_server_stores_its_runs_in_postgres(postgres: Postgres, tmp_path: Path) -> None:
     # Before anything starts, serve.sh checks the database and names it without the password.
-    for bad_url, reason in [(postgres.url(port=_free_port()), "ConnectionRefusedError"),
+    for bad_url, reason in [(postgres.url(port=free_port()), "ConnectionRefusedError"),
                             (postgres.url(password="not-" + postgres.password), "InvalidPasswordError")]:
         env = _serve_env(tmp_path / "bad", bad_url)
         refused = _serve(env)
@@ -256,13 +234,13 @@ def test_served_prefect_server_stores_its_runs_in_postgres(postgres: Postgres, t
         stopped = subprocess.run(["bash", str(INFRA / "stop.sh")], env=env, capture_output=True, text=True,
                                  timeout=180)
         assert stopped.returncode == 0, f"stop.sh failed:\n{stopped.stdout}\n{stopped.stderr}"
-        assert not _processes_with_env("DALLE_HOME", str(home)), "processes left running after stop.sh"
+        assert not processes_with_env("DALLE_HOME", str(home)), "processes left running after stop.sh"
     finally:
         try:  # idempotent: a no-op when the test stopped everything already
             subprocess.run(["bash", str(INFRA / "stop.sh")], env=env, capture_output=True, timeout=180)
         except subprocess.TimeoutExpired:
             pass
-        for pid in _processes_with_env("DALLE_HOME", str(home)):  # only what this test started
+        for pid in processes_with_env("DALLE_HOME", str(home)):  # only what this test started
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from local_processes import free_port, processes_with_env
 
 from dalle_pipeline.components.tracking import PARENT_RUN_TAG
 
@@ -36,28 +36,6 @@ FLOW_RUN_TAG = "prefect.flow_run_id"  # set by train_dalle on its parent MLflow 
 
 if sys.platform != "linux" or shutil.which("setsid") is None or shutil.which("curl") is None:
     pytest.skip("infra/serve.sh needs Linux with setsid and curl", allow_module_level=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _processes_with_env(name: str, value: str) -> list[int]:
-    """Pids of this user's processes started with `name=value` in their environment."""
-    needle = f"{name}={value}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-        except OSError:  # gone, or not ours
-            continue
-        if needle in environ.split(b"\0"):
-            found.append(int(proc.name))
-    return found
 
 
 @dataclass
@@ -92,7 +70,7 @@ class Served:
 
     def leftovers(self) -> list[int]:
         """Pids still alive that were started under this home (servers, worker, flow runs, Ray)."""
-        return _processes_with_env("DALLE_HOME", str(self.home))
+        return processes_with_env("DALLE_HOME", str(self.home))
 
 
 def _get_json(url: str, body: dict | None = None) -> dict:
@@ -134,8 +112,8 @@ def served(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(
         DALLE_HOME=str(home),
-        PREFECT_PORT=str(_free_port()),
-        MLFLOW_PORT=str(_free_port()),
+        PREFECT_PORT=str(free_port()),
+        MLFLOW_PORT=str(free_port()),
         PREFECT_POOL="dalle-e2e",
         PREFECT_WORKER_QUERY_SECONDS="2",  # pick the run up sooner than the default 10 s
     )

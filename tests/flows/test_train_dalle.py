@@ -9,7 +9,6 @@ import json
 import re
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from local_processes import free_port
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -118,7 +118,7 @@ def test_registered_champion_generates_from_the_cli_and_serves_over_http(micro_r
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert Image.open(out).size[0] > 3 * 32
 
-    port = _free_port()
+    port = free_port()
     serve_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/runs/mlflow.db",
                  "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
     server = subprocess.Popen(
@@ -141,7 +141,6 @@ def test_registered_champion_generates_from_the_cli_and_serves_over_http(micro_r
         server.wait(timeout=30)
 
 
-
 def _train_again(tmp_path: Path, env: dict, *args: str) -> dict[str, str]:
     """Run `train --preset micro` again in the same DALLE_HOME; the cache tag of each stage of that run."""
     proc = subprocess.run([sys.executable, "-m", "dalle_pipeline.cli", "train", "--preset", "micro", *args],
@@ -162,12 +161,6 @@ def test_a_rerun_reuses_unchanged_stages_and_reruns_what_a_change_reaches(micro_
     downstream = {"prior", "sample", "evaluate", "register"}
     assert after_prior_change == {stage: "miss" if stage in downstream else "forced" if stage == "clip" else "hit"
                                   for stage in STAGES}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for(url: str, server: subprocess.Popen, timeout: float = 120) -> None:

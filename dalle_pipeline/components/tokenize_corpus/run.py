@@ -175,9 +175,8 @@ def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, 
     if not shards:
         raise FileNotFoundError(f"no curated shards (*.tar) in {curated_dir}")
     pending = [shard for shard in shards if not _reusable(out_dir / f"{shard.stem}.parquet", metadata)]
-    skipped: dict[str, int] = {}
     if pending:
-        skipped = _tokenize(pending, out_dir, metadata, Path(dvae_dir), Path(tokenizer_path), text_len,
+        _tokenize(pending, out_dir, metadata, Path(dvae_dir), Path(tokenizer_path), text_len,
                             model.cfg.image_size, batch_size, bpe_dropout, ray_address)
     parts, total = [], 0
     for shard in shards:
@@ -203,7 +202,7 @@ def _reusable(part: Path, metadata: dict[str, str]) -> bool:
 
 def _tokenize(pending: list[Path], out_dir: Path, metadata: dict[str, str], dvae_dir: Path, tokenizer_path: Path,
               text_len: int, image_size: int, batch_size: int, bpe_dropout: float,
-              ray_address: str | None) -> dict[str, int]:
+              ray_address: str | None) -> None:
     """Run the Ray Data pipeline over `pending` shards, writing each part as it completes."""
     import ray.data
 
@@ -222,7 +221,6 @@ def _tokenize(pending: list[Path], out_dir: Path, metadata: dict[str, str], dvae
     )
     waiting: dict[str, list[dict[str, np.ndarray]]] = {}
     received: dict[str, int] = {}
-    skipped: dict[str, int] = {}
     for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
         for shard in np.unique(batch["shard"]):
             mine = batch["shard"] == shard
@@ -230,15 +228,14 @@ def _tokenize(pending: list[Path], out_dir: Path, metadata: dict[str, str], dvae
             received[shard] = received.get(shard, 0) + int(mine.sum())
             expected = max(1, int(batch["shard_rows"][mine][0]))
             if received[shard] == expected:
-                skipped[shard] = _write_part(waiting.pop(shard), out_dir / f"{Path(shard).stem}.parquet", metadata,
+                _write_part(waiting.pop(shard), out_dir / f"{Path(shard).stem}.parquet", metadata,
                                              math.isqrt(len(batch["image_tokens"][0])))
     if waiting:
         raise RuntimeError(f"the tokenization ended with shards incomplete: {sorted(waiting)}")
-    return skipped
 
 
-def _write_part(chunks: list[dict[str, np.ndarray]], part: Path, metadata: dict[str, str], grid: int) -> int:
-    """Write one shard's rows (in shard order, undecodable images left out); returns how many were left out."""
+def _write_part(chunks: list[dict[str, np.ndarray]], part: Path, metadata: dict[str, str], grid: int) -> None:
+    """Write one shard's rows in shard order; undecodable images are left out and counted (`skipped`)."""
     columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
     order = np.argsort(columns["index"], kind="stable")
     real = columns["shard_rows"][0] > 0
@@ -260,7 +257,6 @@ def _write_part(chunks: list[dict[str, np.ndarray]], part: Path, metadata: dict[
     )
     with atomic_path(part) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
-    return left_out
 
 
 @torch.no_grad()
