@@ -5,7 +5,15 @@ GPU machine as is. Defaults are the `tiny` preset's prior:
 
     python bench/sample.py --layers 4 --d-model 128 --heads 4 --text-len 24 --grid 8 --batch 64
 
-Prints one JSON object with images/s for both and the speed-up.
+On CUDA it also times the sampler with its decode steps replayed from CUDA graphs, and sets both
+against the memory-bandwidth bound: each image step reads the KV cache written so far (on average
+text + half the image), so an image costs image_len x 2 x layers x mean prefix x d_model x bytes,
+and the bound is the device's measured copy bandwidth over that. The paper-size GPU run of #6:
+
+    python bench/sample.py --layers 24 --d-model 1024 --heads 16 --text-len 256 --grid 32 \\
+        --text-vocab 16384 --image-vocab 8192 --batch 128 --skip-recompute
+
+Prints one JSON object with images/s for each and the speed-ups.
 """
 
 from __future__ import annotations
@@ -33,33 +41,57 @@ def sample_by_recomputing(prior: Prior, text, lengths, generator, top_k: int) ->
     return tokens
 
 
+def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s moved (read + written) by a large device-to-device copy: the bound's denominator."""
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    seconds = timed(lambda: target.copy_(source), device, repeats)
+    return 2 * source.numel() * repeats / seconds
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = prior_parser(__doc__.splitlines()[0], layers=4, d_model=128, heads=4, text_len=24, grid=8,
                           text_vocab=512, image_vocab=256, batch=64, top_k=32)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                        help="weights and KV cache (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--skip-recompute", action="store_true", help="leave out the (slow) recompute baseline")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(0)
     cfg = prior_config(args)
-    prior = Prior(cfg).to(device).eval()
+    prior = Prior(cfg).to(device=device, dtype=dtype).eval()
     text = torch.randint(0, args.text_vocab, (args.batch, args.text_len), device=device)
     lengths = torch.randint(1, args.text_len + 1, (args.batch,), device=device)
 
-    def cached() -> None:
-        sample_image_tokens(prior, text, lengths, torch.Generator(device).manual_seed(0), top_k=args.top_k)
+    def sampler(cuda_graph: bool):
+        def run() -> None:
+            sample_image_tokens(prior, text, lengths, torch.Generator(device).manual_seed(0), top_k=args.top_k,
+                                cuda_graph=cuda_graph)
+        return run
 
-    def recomputed() -> None:
-        sample_by_recomputing(prior, text, lengths, torch.Generator(device).manual_seed(0), args.top_k)
-
-    cached_s, recomputed_s = timed(cached, device), timed(recomputed, device)
-    result = {
-        "bench": "sample",
-        "settings": vars(args),
-        "threads": torch.get_num_threads(),
-        "kv_cache_images_per_s": args.batch / cached_s,
-        "recompute_images_per_s": args.batch / recomputed_s,
-        "baseline": "full forward over the whole prefix at every token, same model and generator",
-    }
-    result["speedup"] = result["kv_cache_images_per_s"] / result["recompute_images_per_s"]
+    result: dict = {"bench": "sample", "settings": {**vars(args), "dtype": str(dtype)},
+                    "threads": torch.get_num_threads(),
+                    "baseline": "full forward over the whole prefix at every token, same model and generator"}
+    result["kv_cache_images_per_s"] = args.batch / timed(sampler(False), device)
+    if not args.skip_recompute:
+        recomputed_s = timed(lambda: sample_by_recomputing(prior, text, lengths, torch.Generator(device).manual_seed(0),
+                                                           args.top_k), device)
+        result["recompute_images_per_s"] = args.batch / recomputed_s
+        result["speedup"] = result["kv_cache_images_per_s"] / result["recompute_images_per_s"]
+    if device.type == "cuda":
+        result["device"] = torch.cuda.get_device_name(device)
+        result["kv_cache_cuda_graph_images_per_s"] = args.batch / timed(sampler(True), device)
+        mean_prefix = cfg.text_len + 1 + cfg.image_len / 2
+        bytes_per_image = cfg.image_len * 2 * cfg.layers * mean_prefix * cfg.d_model * dtype.itemsize
+        bandwidth = copy_bandwidth(device)
+        bound = bandwidth / bytes_per_image
+        result.update({
+            "kv_bytes_per_image": bytes_per_image, "copy_bandwidth_bytes_per_s": bandwidth,
+            "bandwidth_bound_images_per_s": bound,
+            "share_of_bound_eager": result["kv_cache_images_per_s"] / bound,
+            "share_of_bound_cuda_graph": result["kv_cache_cuda_graph_images_per_s"] / bound,
+        })
     print(json.dumps(result))
     return result
 

@@ -76,6 +76,73 @@ def test_kv_cache_decoding_gives_the_full_forward_logits():
     torch.testing.assert_close(torch.stack(step_logits, dim=1), full_logits, rtol=1e-4, atol=1e-4)
 
 
+def _decode_logits(model: Prior, step, text, lengths, tokens) -> torch.Tensor:
+    """Logits at every image position from prefill + `step(token, position, cache)` calls."""
+    cache = model.new_cache(len(text), text.device)
+    logits = [model.step(model.input_text(model.pad_text(text, lengths)), text[:, :0], cache, 0)]
+    for index in range(CFG.image_len - 1):
+        position = torch.tensor(CFG.text_len + 1 + index, device=text.device)
+        logits.append(step(tokens[:, index], position, cache))
+    return torch.stack(logits, dim=1)
+
+
+def test_the_static_decode_step_gives_the_full_forward_logits():
+    torch.manual_seed(0)
+    model = Prior(CFG).eval()
+    text, lengths = torch.randint(0, CFG.text_vocab, (2, CFG.text_len)), torch.tensor([2, 4])
+    tokens = torch.randint(0, CFG.image_vocab, (2, CFG.image_len))
+    _, full_logits = model(model.pad_text(text, lengths), tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(_decode_logits(model, model.decode_step, text, lengths, tokens), full_logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_the_bucketed_decoder_reads_only_what_covers_the_prefix_and_gives_the_same_logits():
+    from dalle_pipeline.components.sample.generate import ImageDecoder, kv_buckets
+
+    assert kv_buckets(4, 9) == [7, 8, 9, 10, 11, 12, 13, 14]  # text 4 + BOS, then one bucket per 9/8 tokens
+    assert kv_buckets(256, 1024)[-1] == 256 + 1 + 1024
+    torch.manual_seed(0)
+    model = Prior(CFG).eval()
+    text, lengths = torch.randint(0, CFG.text_vocab, (2, CFG.text_len)), torch.tensor([4, 1])
+    tokens = torch.randint(0, CFG.image_vocab, (2, CFG.image_len))
+    _, full_logits = model(model.pad_text(text, lengths), tokens)
+    with torch.no_grad():
+        decoders = {}
+
+        def step(token, position, cache):
+            decoder = decoders.setdefault(id(cache), ImageDecoder(model, cache, 2, text.device, cuda_graph=False))
+            return decoder(token, int(position))
+
+        torch.testing.assert_close(_decode_logits(model, step, text, lengths, tokens), full_logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_the_decode_step_is_one_graph_for_every_position():
+    """What CUDA-graph capture needs: no graph break, and no recompilation as the position moves."""
+    torch.manual_seed(0)
+    model = Prior(CFG).eval()
+    text, lengths = torch.randint(0, CFG.text_vocab, (2, CFG.text_len)), torch.tensor([3, 1])
+    tokens = torch.randint(0, CFG.image_vocab, (2, CFG.image_len))
+    torch._dynamo.reset()
+    compiled = torch.compile(model.decode_step, backend="aot_eager", fullgraph=True, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        got = _decode_logits(model, compiled, text, lengths, tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(got, _decode_logits(model, model.decode_step, text, lengths, tokens))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_sampling_draws_the_eager_tokens():
+    torch.manual_seed(0)
+    model = Prior(CFG).cuda().eval()
+    text, lengths = torch.randint(0, 50, (3, CFG.text_len), device="cuda"), torch.tensor([1, 2, 3], device="cuda")
+    eager = sample_image_tokens(model, text, lengths, torch.Generator("cuda").manual_seed(3), top_k=4, cuda_graph=False)
+    graphed = sample_image_tokens(model, text, lengths, torch.Generator("cuda").manual_seed(3), top_k=4, cuda_graph=True)
+    assert torch.equal(eager[0], graphed[0])
+    torch.testing.assert_close(eager[1], graphed[1])
+
+
 def test_sampling_is_reproducible_with_a_generator():
     torch.manual_seed(0)
     model = Prior(CFG).eval()

@@ -146,15 +146,19 @@ class SelfAttention(nn.Module):
         self.backend = cfg.attention_backend
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                start: int = 0) -> torch.Tensor:
+                start: int | torch.Tensor = 0, kv_len: int | None = None) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         if cache is not None:
-            cache.keys[layer, :, :, start : start + length] = k
-            cache.values[layer, :, :, start : start + length] = v
+            if isinstance(start, torch.Tensor):  # one position held on the device: no Python int per step
+                cache.keys[layer].index_copy_(2, start.view(1), k.to(cache.keys.dtype))
+                cache.values[layer].index_copy_(2, start.view(1), v.to(cache.values.dtype))
+            else:
+                cache.keys[layer, :, :, start : start + length] = k
+                cache.values[layer, :, :, start : start + length] = v
             # attend over the whole preallocated cache: shapes stay the same at every step (what CUDA
             # graphs and torch.compile need); the mask rows hide the positions not written yet
-            k, v = cache.keys[layer], cache.values[layer]
+            k, v = cache.keys[layer][:, :, :kv_len], cache.values[layer][:, :, :kv_len]
         if isinstance(mask, torch.Tensor) or mask is None:
             dropout = self.dropout if self.training else 0.0
             if self.backend == "math" or (self.backend == "auto" and not q.is_cuda):
@@ -177,8 +181,8 @@ class Block(nn.Module):
             nn.Dropout(cfg.dropout),
         )
 
-    def forward(self, x, mask, cache=None, layer=0, start=0):
-        x = x + self.attn(self.norm1(x), mask, cache, layer, start)
+    def forward(self, x, mask, cache=None, layer=0, start=0, kv_len=None):
+        x = x + self.attn(self.norm1(x), mask, cache, layer, start, kv_len)
         return x + self.mlp(self.norm2(x))
 
 
@@ -282,6 +286,24 @@ class Prior(nn.Module):
     # incremental decoding ------------------------------------------------------------------------
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
         return KVCache(self.cfg, batch, device, dtype)
+
+    def decode_step(self, image: torch.Tensor, position: torch.Tensor, cache: KVCache,
+                    kv_len: int | None = None) -> torch.Tensor:
+        """One image token per row (B,) at input index `position` (a 0-d long tensor on the device)
+        through the cache; returns the image logits there (B, V_i).
+
+        Every shape and every op is the same at every position (the position is data, not a Python
+        int), so one compiled graph, or one captured CUDA graph, serves the whole decode. Attention
+        reads the first `kv_len` cache entries (None: all), which must cover `position`: a sampler
+        keeps a few graphs of growing `kv_len` so that it reads little more than the prefix.
+        """
+        grid = self.cfg.grid_size
+        held = position - (self.cfg.text_len + 1)  # the image position of the token fed
+        x = (self.image_embedding(image) + self.image_row(held // grid) + self.image_column(held % grid))[:, None]
+        rows = position.view(1)
+        for layer, (block, mask) in enumerate(zip(self.blocks, self.masks(x.device))):
+            x = block(x, mask.index_select(0, rows)[:, :kv_len], cache, layer, position, kv_len)
+        return self.image_head(self.norm(x[:, -1]))
 
     def step(self, text: torch.Tensor, image: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """Run input indices [start, start + n) through the cache; returns the image logits of the last one."""
