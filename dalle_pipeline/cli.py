@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 
-from .components.config import PRESETS, ConfigError, parse_override, resolve
+from .components.config import PRESETS, ConfigError, resolve
+from .components.overrides import as_overrides
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return generate_images(args)
     try:
-        overrides = dict(parse_override(item) for item in args.overrides)
-        cfg = resolve(args.preset, overrides)
+        cfg = resolve(args.preset, args.overrides)
+        # the flow's parameter (nested; None there keeps the preset's value, so `train` refuses `--set f=null`)
+        overrides = as_overrides(args.overrides) if args.command == "train" else None
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

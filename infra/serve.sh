@@ -203,6 +203,6 @@ MLflow UI     $MLFLOW_URL   (store $MLFLOW_BACKEND_URI, artifacts $MLFLOW_ARTIFA
 Work pool     $PREFECT_POOL (worker log $LOG_DIR/prefect-worker.log)
 
 Run the pipeline:  source infra/env.sh && "\$PREFECT_BIN" deployment run train-dalle/full
-                   (add --param preset=micro, or --param 'overrides={"field": value}')
+                   (add --param preset=micro, or --param 'overrides={"prior": {"layers": 8}}')
 Stop everything:   infra/stop.sh
 EOF

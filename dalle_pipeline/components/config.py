@@ -3,7 +3,8 @@
 Every field has a type, a default for the `tiny` preset and a one-line doc. A preset is a
 set of field overrides on top of those defaults; `resolve(preset, overrides)` builds and
 validates the whole config before any work starts, so a bad value fails with its field's
-dotted name.
+dotted name. `overrides.PipelineOverrides`, derived from these configs, is the flow's typed
+`overrides` parameter: the same fields nested per stage, all optional.
 """
 
 from __future__ import annotations
@@ -389,37 +390,53 @@ PresetName = Literal["tiny", "micro", "small", "paper"]
 assert set(PresetName.__args__) == set(PRESETS), "PresetName must list every preset"
 
 
-def resolve(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
+def dotted_overrides(overrides: Any) -> dict[str, Any]:
+    """Any form of overrides as a dict of dotted fields: a `PipelineOverrides` (its fields that are
+    not None), a dict (as it is: dotted or nested keys, where None sets the field to None) or `k=v`
+    strings (values read as JSON)."""
+    if overrides is None:
+        return {}
+    if hasattr(overrides, "dotted"):  # a PipelineOverrides (overrides.py builds it from these configs)
+        return overrides.dotted()
+    if isinstance(overrides, list):
+        return dict(parse_override(item) for item in overrides)
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    raise ConfigError(f"overrides must be a PipelineOverrides, a dict or a list of field=value strings, "
+                      f"not {type(overrides).__name__}")
+
+
+def validation_problems(err: ValidationError, root: str = "config") -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or root}: {e['msg']}" for e in err.errors())
+
+
+def resolve(preset: str = "tiny", overrides: Any = None,
             base: dict[str, Any] | None = None) -> PipelineConfig:
-    """Build the validated config of `preset` with `overrides` (a dict of dotted fields or `k=v` strings).
+    """Build the validated config of `preset` with `overrides`: a `PipelineOverrides` (the flow's
+    parameter), a dict of dotted fields, or `k=v` strings (the CLI's `--set`).
 
     `base`, a whole config (a trained model's, for fine-tuning it), replaces the preset: the
     overrides then apply on top of it.
     """
     if base is None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    if isinstance(overrides, list):
-        overrides = dict(parse_override(item) for item in overrides)
     tree: dict[str, Any] = {"preset": preset}
-    for dotted, value in {**(PRESETS[preset] if base is None else {}), **(overrides or {})}.items():
+    for dotted, value in {**(PRESETS[preset] if base is None else {}), **dotted_overrides(overrides)}.items():
         _set_dotted(tree, dotted, value)
     # nested optim sections start from the stage's own defaults, not OptimConfig's
     defaults = PipelineConfig().model_dump() if base is None else base
-    tree = _merge(defaults, tree)
+    tree = merge_trees(defaults, tree)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"invalid config for preset {preset!r}: {problems}") from None
+        raise ConfigError(f"invalid config for preset {preset!r}: {validation_problems(err)}") from None
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_trees(merged[key], value)
         else:
             merged[key] = value
     return merged

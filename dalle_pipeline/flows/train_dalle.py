@@ -22,7 +22,8 @@ from prefect.runtime import flow_run
 
 from dalle_pipeline.components import config as config_module
 from dalle_pipeline.components.cluster import disconnect
-from dalle_pipeline.components.config import PipelineConfig, PipelineOverrides, PresetName
+from dalle_pipeline.components.config import PipelineConfig, PresetName
+from dalle_pipeline.components.overrides import PipelineOverrides
 from dalle_pipeline.components.stage_cache import StageCache
 from dalle_pipeline.components.storage import file_sha256
 from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri, stage_run

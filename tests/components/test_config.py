@@ -1,6 +1,11 @@
-import pytest
+import pickle
 
-from dalle_pipeline.components.config import PRESETS, ConfigError, resolve
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from dalle_pipeline.components import overrides as overrides_module
+from dalle_pipeline.components.config import PRESETS, ConfigError, PipelineConfig, resolve
+from dalle_pipeline.components.overrides import PipelineOverrides, as_overrides
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -42,3 +47,74 @@ def test_unknown_preset_is_named():
 def test_override_strings_need_an_equals_sign():
     with pytest.raises(ConfigError, match="field.path=value"):
         resolve("tiny", ["prior.layers"])
+
+
+# The flow's `overrides` parameter: PipelineOverrides, derived from the stage configs.
+
+
+def _leaf_fields(model, prefix=""):
+    """{dotted name: FieldInfo} of every leaf field of a config or overrides model."""
+    found = {}
+    for name, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            found.update(_leaf_fields(info.annotation, f"{prefix}{name}."))
+        else:
+            found[f"{prefix}{name}"] = info
+    return found
+
+
+def test_overrides_model_has_every_config_field_with_its_description():
+    configs, overrides = _leaf_fields(PipelineConfig), _leaf_fields(PipelineOverrides)
+    assert set(overrides) == set(configs) - {"preset"}  # the preset is the flow's own parameter
+    assert all(overrides[name].description == configs[name].description for name in overrides)
+    assert all(info.default is None for info in overrides.values())
+    # each generated model is a module-level class of its own name (pickles, names its schema definition)
+    section = PipelineOverrides.model_fields["prior"].annotation.model_fields["optim"].annotation
+    assert section is overrides_module.OptimOverrides and section.__name__ == "OptimOverrides"
+    assert pickle.loads(pickle.dumps(as_overrides(["prior.optim.steps=3"]))) == as_overrides(["prior.optim.steps=3"])
+
+
+def test_nested_overrides_apply_and_equal_the_dotted_and_cli_forms():
+    nested = PipelineOverrides(seed=3, prior={"layers": 3, "optim": {"steps": 300}}, sample={"top_k": 0})
+    cfg = resolve("micro", nested)
+    assert (cfg.seed, cfg.prior.layers, cfg.prior.optim.steps, cfg.sample.top_k) == (3, 3, 300, 0)
+    assert cfg == resolve("micro", {"seed": 3, "prior.layers": 3, "prior.optim.steps": 300, "sample.top_k": 0})
+    assert cfg == resolve("micro", ["seed=3", "prior.layers=3", "prior.optim.steps=300", "sample.top_k=0"])
+    # the flow's parameter built from the dotted or CLI form is the same model, dumped as the changes only
+    assert as_overrides({"prior.optim.steps": 300, "prior": {"layers": 3}, "seed": 3, "sample.top_k": 0}) == nested
+    assert nested.model_dump(mode="json") == {"seed": 3, "prior": {"layers": 3, "optim": {"steps": 300}},
+                                              "sample": {"top_k": 0}}
+
+
+def test_none_fields_keep_the_preset_and_the_base_config():
+    untouched = PipelineOverrides.model_validate({"prior": {"layers": None, "optim": {"steps": None}}, "clip": None})
+    assert untouched.dotted() == {}
+    assert resolve("small", untouched) == resolve("small")
+    # retraining: the base (a trained model's config) keeps every field the overrides leave at None
+    base = resolve("small").model_dump(mode="json")
+    retrained = resolve("tiny", PipelineOverrides(prior={"optim": {"steps": 300}}), base=base)
+    assert retrained.prior.optim.steps == 300
+    assert retrained.prior.layers == 12 and retrained.clip.embed_dim == 256
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"prior": {"optim": {"steps": "many"}}}, "prior.optim.steps"),
+        ({"prior": {"optim": {"steps": 0}}}, "prior.optim.steps"),
+        ({"prior": {"layerz": 3}}, "prior.layerz"),
+        ({"sample": {"top_p": 2}}, "sample.top_p"),
+        ({"prior": {"attention": "sparse"}}, "prior.attention"),
+        ({"download.url_list": None}, "download.url_list"),  # dotted None meant "set to None": refused, not ignored
+    ],
+)
+def test_bad_overrides_are_refused_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        as_overrides(overrides)
+    with pytest.raises(ValidationError):
+        PipelineOverrides.model_validate(overrides)
+
+
+def test_cross_field_checks_of_the_configs_still_apply_to_nested_overrides():
+    with pytest.raises(ConfigError, match=r"prior: .*d_model \(130\)"):
+        resolve("tiny", PipelineOverrides(prior={"d_model": 130}))

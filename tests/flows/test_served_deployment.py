@@ -158,6 +158,16 @@ def test_deployment_run_trains_and_logs_to_the_served_mlflow(served: Served) -> 
     assert again.stderr.count("already running") == 3, again.stderr
     assert {p.name: p.read_text() for p in (served.home / "pids").glob("*.pid")} == pids_before
 
+    # The deployment's form is the flow's parameter schema: `overrides` nested per stage, typed and
+    # documented; the server refuses a run whose parameters do not fit it, naming the field.
+    full = _get_json(f"{served.prefect_api}/deployments/name/train-dalle/full")
+    optim = full["parameter_openapi_schema"]["definitions"]["OptimOverrides"]["properties"]
+    assert optim["steps"]["description"] == "optimizer updates"
+    refused = served.prefect("deployment", "run", "train-dalle/full", "--param",
+                             'overrides={"prior": {"optim": {"steps": "many"}}}')
+    assert refused.returncode != 0 and "overrides.prior.optim.steps" in refused.stdout + refused.stderr, refused
+    assert not _get_json(f"{served.prefect_api}/flow_runs/filter", {}), "a refused run was created"
+
     # --param values are read as JSON, falling back to a plain string (`preset=micro`).
     flow_run_id, flow_run = _run_deployment(served, "train-dalle/full", "preset=micro", 'overrides={"seed": 1}')
     assert flow_run["parameters"] == {"preset": "micro", "overrides": {"seed": 1}}
@@ -195,7 +205,7 @@ def test_deployment_run_trains_and_logs_to_the_served_mlflow(served: Served) -> 
     retrain = _get_json(f"{served.prefect_api}/deployments/name/train-dalle/retrain")
     assert [(s["schedule"]["cron"], s["active"]) for s in retrain["schedules"]] == [("0 3 * * 1", False)]
     (url_list,) = served.home.glob("stages/corpus/*/urls.parquet")
-    overrides = json.dumps({"download.url_list": str(url_list), "prior.optim.steps": 10})
+    overrides = json.dumps({"download": {"url_list": str(url_list)}, "prior": {"optim": {"steps": 10}}})
     _run_deployment(served, "train-dalle/retrain", "preset=micro", f"overrides={overrides}")
     versions = {str(v.version): v for v in client.search_model_versions("name='dalle'")}
     assert sorted(versions, key=int) == ["1", "2"]
