@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--root", default=None, help="artifact root (default: $DALLE_HOME or ./runs)")
     train.add_argument("--retrain-from", default=None, metavar="MODEL_URI",
                        help="fine-tune a registered model (e.g. models:/dalle@champion) on the configured data")
+    train.add_argument("--retrain-dvae", action="store_true",
+                       help="with --retrain-from: fine-tune its dVAE too and re-tokenize the corpus with it")
     train.add_argument("--rerun", action="append", default=[], metavar="STAGE",
                        help="run this stage even if its inputs are unchanged (repeatable; 'all' for every stage)")
     generate = commands.add_parser("generate", help="images from a trained model, best of its candidates by CLIP")
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from .flows.train_dalle import train_dalle
 
     summary = train_dalle(preset=args.preset, overrides=overrides, root=args.root, rerun=args.rerun,
-                          retrain_from=args.retrain_from)
+                          retrain_from=args.retrain_from, retrain_dvae=args.retrain_dvae)
     metrics = summary["metrics"]
     print("\n=== train-dalle finished in %.0fs ===" % summary["seconds"])
     print(f"MLflow run id : {summary['mlflow_run_id']}  ({summary['tracking_uri']})")

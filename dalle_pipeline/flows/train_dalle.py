@@ -325,7 +325,8 @@ def register(cfg: PipelineConfig, dvae: Record, prior: Record, tokenizer: Record
 
 @flow(name="train-dalle", log_prints=True)
 def train_dalle(preset: PresetName = "tiny", overrides: PipelineOverrides = PipelineOverrides(),  # frozen: shareable
-                root: str | None = None, rerun: list[StageName] | None = None, retrain_from: str | None = None) -> dict:
+                root: str | None = None, rerun: list[StageName] | None = None, retrain_from: str | None = None,
+                retrain_dvae: bool = False) -> dict:
     """Train a DALL-E-style model end to end: corpus -> download -> filter -> tokenizers -> dVAE ->
     token Parquet -> prior (Ray Train) -> CLIP -> samples reranked by CLIP -> evaluation -> the
     registered model `dalle` (champion alias when it beats the current champion).
@@ -334,8 +335,13 @@ def train_dalle(preset: PresetName = "tiny", overrides: PipelineOverrides = Pipe
     (see `components/stage_cache.py`); `rerun` names stages to run anyway (`["all"]` for every one).
     `retrain_from` (e.g. `models:/dalle@champion`) fine-tunes that model instead: its config is the
     base for `overrides`, its tokenizer, dVAE and CLIP are kept, its prior starts the training, and
-    the new version is judged against the champion on the same evaluation set.
+    the new version is judged against the champion on the same evaluation set. `retrain_dvae`
+    fine-tunes its dVAE too (from its weights, on the whole curated corpus), re-tokenizes the corpus
+    with it, and the prior fine-tunes on those tokens.
     """
+    if retrain_dvae and retrain_from is None:
+        raise ValueError("retrain_dvae fine-tunes the dVAE of the model named by retrain_from; set retrain_from "
+                         "(a full run trains its dVAE anyway)")
     if retrain_from is None:
         cfg = config_module.resolve(preset, overrides)  # a bad value fails here, before any work
     rerun_set = frozenset(rerun or ())
@@ -362,8 +368,9 @@ def train_dalle(preset: PresetName = "tiny", overrides: PipelineOverrides = Pipe
             from dalle_pipeline.components.register.bundle import read_manifest
 
             bundle = Path(base["outputs"]["bundle_dir"])
-            prior_init = {"prior.init_from": str(bundle / "prior")}
-            cfg = config_module.resolve(preset, {**config_module.dotted_overrides(overrides), **prior_init},
+            inits = {"prior.init_from": str(bundle / "prior"),
+                     **({"dvae.init_from": str(bundle / "dvae")} if retrain_dvae else {})}
+            cfg = config_module.resolve(preset, {**config_module.dotted_overrides(overrides), **inits},
                                         base=read_manifest(bundle)[0])
         config_json = cfg.model_dump(mode="json")
         parent.log_params(config_json)
@@ -378,6 +385,8 @@ def train_dalle(preset: PresetName = "tiny", overrides: PipelineOverrides = Pipe
             clip = train_clip(cfg, curated, stages)
         else:
             tokenizer, dvae, clip = base_model_parts(base)
+            if retrain_dvae:
+                dvae = train_dvae(cfg, curated, stages)
         dataset = tokenize_corpus(cfg, curated, dvae, tokenizer, stages)
         prior = train_prior(cfg, dataset, stages)
         samples = sample(cfg, prior, dvae, tokenizer, clip, stages)
@@ -389,7 +398,7 @@ def train_dalle(preset: PresetName = "tiny", overrides: PipelineOverrides = Pipe
     finally:
         disconnect()  # the local Ray the training stages started, if they did
     ran = [corpus, downloaded, curated, dataset, prior, samples, evaluation, registration]
-    ran += [tokenizer, dvae, clip] if base is None else [base]
+    ran += [tokenizer, dvae, clip] if base is None else [base, *([dvae] if retrain_dvae else [])]
     reused = [record["stage"] for record in ran if record["reused"]]
     metrics = evaluation["metrics"]
     parent.log_metrics({**metrics, "pipeline_seconds": time.perf_counter() - started, "stages_reused": len(reused)})

@@ -102,6 +102,14 @@ def test_bad_override_fails_before_any_work(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_retraining_the_dvae_needs_a_model_to_retrain(tmp_path):
+    from dalle_pipeline.flows.train_dalle import train_dalle
+
+    with pytest.raises(ValueError, match="retrain_dvae .* set retrain_from"):
+        train_dalle.fn(preset="micro", root=str(tmp_path / "runs"), retrain_dvae=True)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_registered_champion_generates_from_the_cli_and_serves_over_http(micro_run):
     tmp_path, env, _ = micro_run
     store = f"sqlite:///{tmp_path}/runs/mlflow.db"
@@ -193,18 +201,21 @@ def test_retraining_the_champion_on_a_new_url_list_registers_a_judged_version(mi
     client = MlflowClient(store, registry_uri=store)
     versions_before = {v.version for v in client.search_model_versions("name='dalle'")}
 
-    caches = _train_again(tmp_path, env, "--retrain-from", "models:/dalle@champion",
-                          "--set", f"download.url_list={longer}", "--set", "prior.optim.steps=10")
+    caches = _train_again(tmp_path, env, "--retrain-from", "models:/dalle@champion", "--retrain-dvae",
+                          "--set", f"download.url_list={longer}", "--set", "prior.optim.steps=10",
+                          "--set", "dvae.optim.steps=10")
 
-    # the tokenizer, dVAE and CLIP are the champion's; everything from the data to the decision runs
-    assert caches == {stage: "miss" for stage in ("base-model", "url-list", "download", "filter", "tokenize-corpus",
-                                                  "prior", "sample", "evaluate", "register")}
+    # the tokenizer and CLIP are the champion's; its dVAE is fine-tuned, everything after the data runs
+    assert caches == {stage: "miss" for stage in ("base-model", "url-list", "download", "filter", "dvae",
+                                                  "tokenize-corpus", "prior", "sample", "evaluate", "register")}
     (new_version,) = [v for v in client.search_model_versions("name='dalle'") if v.version not in versions_before]
     decision = new_version.tags["champion_decision"]
     assert f"challenger v{new_version.version}" in decision and "champion v" in decision
     retrain_run = client.get_run(new_version.run_id)
     assert retrain_run.data.tags["retrain_from"] == "models:/dalle@champion"
     assert retrain_run.data.params["prior.init_from"].endswith("prior")
+    assert retrain_run.data.params["dvae.init_from"].endswith("dvae")
+    assert retrain_run.data.params["dvae.optim.steps"] == "10"
     assert retrain_run.data.params["download.url_list"] == str(longer)
 
 
