@@ -41,6 +41,7 @@ test-all: install
 bench: install
 	$(PY) bench/prior.py
 	$(PY) bench/sample.py
+	$(PY) bench/dvae.py
 	$(PY) bench/download.py
 
 clean:

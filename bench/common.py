@@ -46,3 +46,46 @@ def timed(fn: Callable[[], None], device: torch.device, repeats: int = 1) -> flo
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo (platform.processor() is often empty)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
+
+
+def emit(result: dict, out: str | None = None) -> dict:
+    """Print `result` as one JSON document on stdout, and write it to `out` too when given."""
+    import json
+
+    text = json.dumps(result, default=str)
+    print(text, flush=True)
+    if out:
+        Path(out).write_text(text + "\n")
+    return result
+
+
+def step_seconds(fn: Callable[[], None], device: torch.device, steps: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `steps` calls of `fn`, after `warmup` untimed calls, the device synchronised
+    around each: a median of these stands up to other work on a shared machine, a mean does not."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds
