@@ -149,7 +149,8 @@ class DVAEConfig(RayTrainConfig):
         None, description="a dVAE checkpoint folder whose weights start training (fine-tuning); same architecture"
     )
     optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, ema_decay=0.99)
+        default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, ema_decay=0.99,
+                                            precision="auto")
     )
 
 
