@@ -10,9 +10,9 @@ from torch import nn
 
 def transformer_flops_per_token(model: nn.Module, layers: int, seq_len: int, d_model: int) -> float:
     """6N + 12·L·T·d per trained token (PaLM's accounting), N = parameters outside the embeddings."""
+    embedding_names = ("embed", "position", "image_row", "image_column")  # lookups, not matmuls
     non_embedding = sum(p.numel() for name, p in model.named_parameters()
-                        if "embedding" not in name and "image_row" not in name and "image_column" not in name
-                        and "text_position" not in name)
+                        if not any(part in name for part in embedding_names))
     return 6 * non_embedding + 12 * layers * seq_len * d_model
 
 
