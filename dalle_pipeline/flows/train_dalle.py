@@ -29,6 +29,8 @@ from dalle_pipeline.components.storage import file_sha256
 from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri, stage_run
 
 STAGE_TASK = {"cache_policy": NO_CACHE}  # our StageCache decides what to skip; Prefect's input cache would not log it
+# stages that fetch over the network retry: each is idempotent (a download resumes its batch)
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
 StageName = Literal["corpus", "url-list", "download", "filter", "text-tokenizer", "dvae", "tokenize-corpus", "prior",
                     "clip", "sample", "evaluate", "register", "base-model", "all"]
 Record = dict[str, Any]  # a finished stage: key, outputs, metrics, mlflow_run_id (see stage_cache)
@@ -95,7 +97,7 @@ def make_corpus(cfg: PipelineConfig, stages: Stages) -> Record:
     return run_stage(stages, "corpus", cfg.corpus.model_dump(mode="json"), {}, ("corpus",), build)
 
 
-@task(name="download", retries=1, **STAGE_TASK)
+@task(name="download", **IO_RETRIES, **STAGE_TASK)
 def download(cfg: PipelineConfig, corpus: Record, stages: Stages) -> Record:
     from dalle_pipeline.components.download.run import run
 
@@ -211,7 +213,7 @@ def train_clip(cfg: PipelineConfig, curated: Record, stages: Stages) -> Record:
     return run_stage(stages, "clip", config, {"filter": curated}, ("clip", "training"), build)
 
 
-@task(name="base-model", **STAGE_TASK)
+@task(name="base-model", **IO_RETRIES, **STAGE_TASK)
 def fetch_base_model(model_uri: str, stages: Stages) -> Record:
     """The registered model a retrain starts from, downloaded into the stage cache."""
     from dalle_pipeline.components.register.run import fetch_bundle, resolve_version
