@@ -198,10 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
     baseline.load_state_dict(ours.state_dict())
 
     train_flops, encode_flops = flops_per_image(model_cfg, train=True), flops_per_image(model_cfg, train=False)
-    # a peak is the best the device does: the best of a few tries, so a busy moment does not lower it
-    peaks = {"fp32": max(measured_matmul_peak(device, torch.float32) for _ in range(3))}
+    # a peak is the best the device does (measured_matmul_peak takes the best of a few tries)
+    peaks = {"fp32": measured_matmul_peak(device, torch.float32)}
     if bf16:
-        peaks["bf16"] = max(measured_matmul_peak(device, torch.bfloat16) for _ in range(3))
+        peaks["bf16"] = measured_matmul_peak(device, torch.bfloat16)
     ours_peak = peaks["bf16" if bf16 else "fp32"]
 
     baseline_train = train_baseline(baseline, cfg, pixels, batch, args)
