@@ -86,12 +86,19 @@ def _decode_logits(model: Prior, step, text, lengths, tokens) -> torch.Tensor:
     return torch.stack(logits, dim=1)
 
 
-def test_the_static_decode_step_gives_the_full_forward_logits():
+def _decoding_case(lengths: list[int]):
+    """A fresh prior, random captions of these lengths and image tokens, and the full forward's logits."""
     torch.manual_seed(0)
     model = Prior(CFG).eval()
-    text, lengths = torch.randint(0, CFG.text_vocab, (2, CFG.text_len)), torch.tensor([2, 4])
-    tokens = torch.randint(0, CFG.image_vocab, (2, CFG.image_len))
-    _, full_logits = model(model.pad_text(text, lengths), tokens)
+    text = torch.randint(0, CFG.text_vocab, (len(lengths), CFG.text_len))
+    tokens = torch.randint(0, CFG.image_vocab, (len(lengths), CFG.image_len))
+    with torch.no_grad():
+        _, full_logits = model(model.pad_text(text, torch.tensor(lengths)), tokens)
+    return model, text, torch.tensor(lengths), tokens, full_logits
+
+
+def test_the_static_decode_step_gives_the_full_forward_logits():
+    model, text, lengths, tokens, full_logits = _decoding_case([2, 4])
     with torch.no_grad():
         torch.testing.assert_close(_decode_logits(model, model.decode_step, text, lengths, tokens), full_logits,
                                    rtol=1e-4, atol=1e-4)
@@ -102,11 +109,7 @@ def test_the_bucketed_decoder_reads_only_what_covers_the_prefix_and_gives_the_sa
 
     assert kv_buckets(4, 9) == [7, 8, 9, 10, 11, 12, 13, 14]  # text 4 + BOS, then one bucket per 9/8 tokens
     assert kv_buckets(256, 1024)[-1] == 256 + 1 + 1024
-    torch.manual_seed(0)
-    model = Prior(CFG).eval()
-    text, lengths = torch.randint(0, CFG.text_vocab, (2, CFG.text_len)), torch.tensor([4, 1])
-    tokens = torch.randint(0, CFG.image_vocab, (2, CFG.image_len))
-    _, full_logits = model(model.pad_text(text, lengths), tokens)
+    model, text, lengths, tokens, full_logits = _decoding_case([4, 1])
     with torch.no_grad():
         decoders = {}
 
@@ -120,16 +123,12 @@ def test_the_bucketed_decoder_reads_only_what_covers_the_prefix_and_gives_the_sa
 
 def test_the_decode_step_is_one_graph_for_every_position():
     """What CUDA-graph capture needs: no graph break, and no recompilation as the position moves."""
-    torch.manual_seed(0)
-    model = Prior(CFG).eval()
-    text, lengths = torch.randint(0, CFG.text_vocab, (2, CFG.text_len)), torch.tensor([3, 1])
-    tokens = torch.randint(0, CFG.image_vocab, (2, CFG.image_len))
+    model, text, lengths, tokens, full_logits = _decoding_case([3, 1])
     torch._dynamo.reset()
     compiled = torch.compile(model.decode_step, backend="aot_eager", fullgraph=True, dynamic=False)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         got = _decode_logits(model, compiled, text, lengths, tokens)
-    with torch.no_grad():
-        torch.testing.assert_close(got, _decode_logits(model, model.decode_step, text, lengths, tokens))
+    torch.testing.assert_close(got, full_logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
