@@ -149,8 +149,7 @@ class DVAEConfig(RayTrainConfig):
         None, description="a dVAE checkpoint folder whose weights start training (fine-tuning); same architecture"
     )
     optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, ema_decay=0.99,
-                                            precision="auto")
+        default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, ema_decay=0.99)
     )
 
 
@@ -309,6 +308,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dvae.num_groups": 3,
         "dvae.blocks_per_group": 2,
         "dvae.optim.steps": 20_000,
+        "dvae.optim.precision": "auto",
         "dvae.temperature_anneal_steps": 15_000,
         "dvae.kl_warmup_steps": 2_000,
         "tokenizer.vocab_size": 4096,
@@ -342,6 +342,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dvae.optim.lr": 1e-4,
         "dvae.optim.min_lr": 1.25e-6,
         "dvae.optim.ema_decay": 0.999,
+        "dvae.optim.precision": "auto",
         "tokenizer.vocab_size": 16384,
         "tokenizer.text_len": 256,
         "tokenizer.bpe_dropout": 0.1,
