@@ -1,10 +1,11 @@
 """Ray Train plumbing shared by every stage that trains under `TorchTrainer` (the dVAE, the prior).
 
-Driver side, `train_on_ray`: joins (or starts) Ray through `cluster.connect`, takes a GPU per worker where the cluster has
-one for each (NCCL between them) and CPU workers over gloo otherwise, keeps the best k checkpoints,
-restarts a lost worker group from the latest one, and returns the training state to keep. A run
-launched again into the same `out_dir` (a crashed driver re-run by Prefect) continues from its
-latest checkpoint: Ray Train V2 restores a run of the same name and storage path.
+Driver side, `train_on_ray`: joins (or starts) Ray through `cluster.connect`, takes a GPU per
+worker where the cluster has one for each (NCCL between them) and CPU workers over gloo otherwise,
+keeps the best k checkpoints, restarts a lost worker group from the latest one, and returns the
+training state to keep. A run launched again into the same `out_dir` (a crashed driver re-run by
+Prefect) continues from its latest checkpoint: Ray Train V2 restores a run of the same name and
+storage path.
 
 Worker side: `worker_rank` seeds and sizes the worker, `resume_state` reads the checkpoint Ray hands
 a restarted worker, and `report_checkpoint` gathers every rank's RNG state and reports the
