@@ -148,11 +148,7 @@ def train_worker(config: dict[str, Any]) -> None:
     per_rank_batch = max(1, min(cfg.optim.batch_size, len(corpus)) // world_size)
     batches = TensorBatches((torch.from_numpy(corpus.images).to(device),), per_rank_batch, seed=config["seed"],
                             rank=rank, world_size=world_size).from_step(start_step * cfg.optim.grad_accum_steps)
-    tracker = Tracker(**config["tracker"]) if rank == 0 and config.get("tracker") else None
-    if resume_state is not None and rank == 0:
-        print(f"[dvae] resuming from the checkpoint of step {start_step}", flush=True)
-        if tracker is not None:
-            tracker.log_metrics({"resumed_from_step": start_step}, step=start_step)
+    tracker = ray_train.rank_zero_tracker(config, rank, "dvae", resume_state)
 
     out_dir = Path(config["out_dir"])
     log_progress = progress_logger("dvae", cfg.optim.steps, tracker)
@@ -201,10 +197,9 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
         "image_size": image_size,
         "seed": seed,
         "out_dir": str(out_dir),
-        "tracker": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id} if tracker else None,
     }
     state, train_metrics = ray_train.train_on_ray("dvae", train_worker, loop_config, cfg, out_dir,
-                                                  ray_address=ray_address)
+                                                  ray_address=ray_address, tracker=tracker)
     final_model = DiscreteVAE(model_cfg)
     final_model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
     final_model.eval()

@@ -131,11 +131,7 @@ def train_worker(config: dict[str, Any]) -> None:
         buffer_rows=cfg.shuffle_buffer_rows, exclude_rows=val_rows, device=device,
     ).from_step(start_step * cfg.optim.grad_accum_steps)
     validate = validation_loss(*(t.to(device) for t in dataset.read_rows(val_rows)), cfg) if len(val_rows) else None
-    tracker = Tracker(**config["tracker"]) if rank == 0 and config.get("tracker") else None
-    if resume_state is not None and rank == 0:
-        print(f"[prior] resuming from the checkpoint of step {start_step}", flush=True)
-        if tracker is not None:
-            tracker.log_metrics({"resumed_from_step": start_step}, step=start_step)
+    tracker = ray_train.rank_zero_tracker(config, rank, "prior", resume_state)
     log_progress = progress_logger("prior", cfg.optim.steps, tracker)
     latest_metrics: dict[str, float] = {}
 
@@ -181,11 +177,10 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
         "prior": cfg.model_dump(mode="json"),
         "dataset_dir": str(Path(dataset_dir).resolve()),
         "seed": seed,
-        "tracker": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id} if tracker else None,
     }
     state, metrics = ray_train.train_on_ray(
         "prior", train_worker, loop_config, cfg, out_dir,
-        score_attribute="val_loss" if cfg.val_fraction > 0 else None, ray_address=ray_address,
+        score_attribute="val_loss" if cfg.val_fraction > 0 else None, ray_address=ray_address, tracker=tracker,
     )
     checkpoint_dir = checkpoint.save(
         out_dir / "checkpoint", KIND, state["model"], model_cfg.to_dict(),

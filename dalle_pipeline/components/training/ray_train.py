@@ -23,6 +23,7 @@ import torch
 
 from ..cluster import connect
 from ..config import RayTrainConfig
+from ..tracking import Tracker
 from .loop import rng_state, seed_everything, set_threads
 
 STATE_FILE = "train_state.pt"
@@ -36,11 +37,13 @@ def train_on_ray(
     out_dir: Path,
     score_attribute: str | None = None,
     ray_address: str | None = None,
+    tracker: Tracker | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Run `worker_fn(loop_config)` on `cfg.num_workers` workers; (training state to keep, last metrics).
 
     The state kept is the best checkpoint by `score_attribute` (lower is better) when given, else
-    the latest. `loop_config` gains `threads_per_worker`; it must be plain data (it is pickled).
+    the latest. `loop_config` gains `threads_per_worker` and `tracker` (what rebuilds `tracker` on
+    rank 0: `rank_zero_tracker`); it must be plain data (it is pickled).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -50,7 +53,10 @@ def train_on_ray(
     use_gpu = int(resources.get("GPU", 0)) >= cfg.num_workers
     trainer = TorchTrainer(
         worker_fn,
-        train_loop_config={**loop_config, "threads_per_worker": threads_per_worker},
+        train_loop_config={
+            **loop_config, "threads_per_worker": threads_per_worker,
+            "tracker": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id} if tracker else None,
+        },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": threads_per_worker}),
@@ -84,6 +90,20 @@ def worker_rank(config: dict[str, Any], seed: int) -> tuple[int, int]:
     set_threads(config["threads_per_worker"])
     seed_everything(seed, rank)
     return rank, world_size
+
+
+def rank_zero_tracker(config: dict[str, Any], rank: int, stage: str,
+                      resume_state: dict[str, Any] | None) -> Tracker | None:
+    """The stage's tracker on rank 0 (None elsewhere, or without one); says so when the run resumes."""
+    if rank != 0:
+        return None
+    tracker = Tracker(**config["tracker"]) if config.get("tracker") else None
+    if resume_state is not None:
+        step = int(resume_state["step"])
+        print(f"[{stage}] resuming from the checkpoint of step {step}", flush=True)
+        if tracker is not None:
+            tracker.log_metrics({"resumed_from_step": step}, step=step)
+    return tracker
 
 
 def resume_state(rank: int, world_size: int) -> dict[str, Any] | None:
