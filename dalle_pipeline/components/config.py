@@ -176,8 +176,8 @@ class PriorConfig(RayTrainConfig):
     )
     val_fraction: float = Field(0.05, ge=0, lt=1, description="share of token rows held out for validation")
     val_rows_max: int = Field(1024, ge=1, description="most validation rows (validation runs every checkpoint)")
-    attention_backend: Literal["auto", "flex", "sdpa", "math"] = Field(
-        "auto", description="'auto': FlexAttention block masks on CUDA, plain math attention on CPU"
+    attention_backend: Literal["auto", "segments", "flex", "sdpa", "math"] = Field(
+        "auto", description="'auto': text-plus-segments flash attention on CUDA, plain math attention on CPU"
     )
     init_from: str | None = Field(
         None, description="a prior checkpoint folder whose weights start training (fine-tuning); same architecture"

@@ -178,10 +178,10 @@ def test_loss_falls_on_a_learnable_mapping():
     assert image_losses[-1] < 0.5 * image_losses[0]
 
 
-@pytest.mark.parametrize("backend", ["flex", "math"])
+@pytest.mark.parametrize("backend", ["segments", "flex", "math"])
 def test_attention_paths_agree_with_sdpa(backend):
-    """FlexAttention block masks (the CUDA path) and plain math attention (the CPU path) compute
-    what SDPA with the boolean masks does."""
+    """Text-plus-segments and FlexAttention block masks (the CUDA paths) and plain math attention
+    (the CPU path) compute what SDPA with the boolean masks does."""
     from dataclasses import replace
 
     torch.manual_seed(0)
@@ -249,3 +249,56 @@ def test_guidance_mixes_conditional_and_null_caption_logits_and_prefix_is_kept()
     with_prefix, _ = sample_image_tokens(model, text, lengths, torch.Generator().manual_seed(3), image_prefix=prefix,
                                          guidance_scale=2.0)
     assert torch.equal(with_prefix[:, : CFG.grid_size], prefix)
+
+
+@pytest.mark.parametrize("kind", ["row", "column"])
+@pytest.mark.parametrize("text_len, grid", [(4, 3), (24, 8)])
+def test_segment_attention_is_the_masked_attention_and_its_gradient(kind, text_len, grid):
+    """In fp64, text-plus-segments attention and its hand-written backward equal plain attention under
+    the layer's boolean mask, for a grid whose last position is missing (the prior's input)."""
+    from dalle_pipeline.components.prior.attention import Segments, math_attention, segment_attention
+
+    torch.manual_seed(0)
+    cfg = PriorModelConfig(text_len=text_len, grid_size=grid)
+    q, k, v = (torch.randn(2, 3, cfg.seq_len, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 3, cfg.seq_len, 8, dtype=torch.float64)
+    reference = math_attention(q, k, v, build_mask(cfg, kind))
+    segments = segment_attention(q, k, v, Segments(text_len + 1, grid, transpose=kind == "column"))
+    torch.testing.assert_close(segments, reference, rtol=0, atol=1e-12)
+    for ours, theirs in zip(torch.autograd.grad(segments, (q, k, v), grad),
+                            torch.autograd.grad(reference, (q, k, v), grad)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+def test_segment_attention_refuses_a_sequence_that_does_not_fit_its_grid():
+    from dalle_pipeline.components.prior.attention import Segments, segment_attention
+
+    q = torch.randn(1, 1, 5 + 10, 8)
+    with pytest.raises(ValueError, match="do not fit 5 text positions and a 3x3 grid"):
+        segment_attention(q, q, q, Segments(5, 3, transpose=False))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_segments_backend_trains_like_the_boolean_masks_in_bf16(device):
+    """The whole prior in bf16 autocast: the segments backend's loss and gradients match the
+    boolean-mask path's within bf16 rounding (on CUDA this covers the CUDA flash kernels)."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    cfg = replace(CFG, text_len=8, grid_size=4, layers=4, d_model=64, heads=2)
+    models = [Prior(replace(cfg, attention_backend=backend)).to(device) for backend in ("segments", "sdpa")]
+    models[1].load_state_dict(models[0].state_dict())
+    text = torch.randint(0, cfg.text_vocab, (4, cfg.text_len), device=device)
+    image = torch.randint(0, cfg.image_vocab, (4, cfg.image_len), device=device)
+    losses = []
+    for model in models:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss, _ = prior_loss(*model(text, image), text, image, 1 / 8)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-2)
+    for (name, ours), theirs in zip(models[0].named_parameters(), models[1].parameters()):
+        scale = theirs.grad.abs().max().item()
+        assert (ours.grad - theirs.grad).abs().max().item() <= 0.025 * scale + 1e-6, name
+

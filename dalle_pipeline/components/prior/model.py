@@ -13,7 +13,6 @@ holds. The masks are boolean (True = may attend), built once per shape.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -21,6 +20,15 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import (
+    Segments,
+    flex_attention,
+    flex_block_mask,
+    math_attention,
+    segment_attention,
+    segment_attention_supported,
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class PriorModelConfig:
     attention: str = "dalle"  # "dalle" | "dense"
     conv_kernel: int = 11
     dropout: float = 0.0
-    attention_backend: str = "auto"  # "auto" (flex on CUDA, math elsewhere) | "flex" | "sdpa" | "math"
+    attention_backend: str = "auto"  # "auto" (segments on CUDA, math elsewhere) | "segments" | "flex" | "sdpa" | "math"
 
     @property
     def image_len(self) -> int:
@@ -113,29 +121,6 @@ class KVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
 
 
-def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                   dropout: float = 0.0) -> torch.Tensor:
-    """Attention as three plain ops. On CPU at DALL-E's short sequences this beats SDPA's flash
-    kernel, whose backward with a boolean mask took 38% of a training step (bench/prior.py:
-    13k against 9k tokens/s at 6 layers, d 192, bf16). `mask` None means causal."""
-    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    if mask is None:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype)
-    if dropout:
-        weights = F.dropout(weights, dropout)
-    return weights @ v
-
-
-@functools.cache
-def _flex_attention(compiled: bool):
-    """flex_attention, compiled into a fused kernel where it runs on CUDA (eager it materialises
-    the full score matrix); inside an already compiled model the nested compile is inlined."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
-
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg: PriorModelConfig) -> None:
         super().__init__()
@@ -159,14 +144,18 @@ class SelfAttention(nn.Module):
             # attend over the whole preallocated cache: shapes stay the same at every step (what CUDA
             # graphs and torch.compile need); the mask rows hide the positions not written yet
             k, v = cache.keys[layer][:, :, :kv_len], cache.values[layer][:, :, :kv_len]
-        if isinstance(mask, torch.Tensor) or mask is None:
-            dropout = self.dropout if self.training else 0.0
-            if self.backend == "math" or (self.backend == "auto" and not q.is_cuda):
-                out = math_attention(q, k, v, mask, dropout)
-            else:
+        dropout = self.dropout if self.training else 0.0
+        if isinstance(mask, Segments) and (dropout or not segment_attention_supported(q)):
+            mask = mask.boolean  # dropout, or fp32 on CUDA (no flash kernel): the same mask, as a boolean one
+        if isinstance(mask, Segments):
+            out = segment_attention(q, k, v, mask)
+        elif isinstance(mask, torch.Tensor) or mask is None:  # boolean, or None for causal
+            if self.backend == "sdpa" or (q.is_cuda and self.backend != "math"):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
+            else:
+                out = math_attention(q, k, v, mask, dropout)
         else:  # a FlexAttention BlockMask: only the blocks the mask allows are computed
-            out = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask)
+            out = flex_attention(q.is_cuda)(q, k, v, block_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -223,29 +212,35 @@ class Prior(nn.Module):
                 masks[kind] = mask.to(device)
         return [masks[kind] for kind in layer_attention_types(self.cfg)]
 
-    def uses_flex(self, device: torch.device) -> bool:
+    def training_backend(self, device: torch.device) -> str:
+        """'auto' is text-plus-segments on CUDA, plain math attention elsewhere."""
         backend = self.cfg.attention_backend
-        return backend == "flex" or (backend == "auto" and device.type == "cuda")
+        if backend == "auto":
+            return "segments" if device.type == "cuda" else "math"
+        return backend
 
     def training_masks(self, device: torch.device) -> list:
-        """Per layer: a FlexAttention BlockMask (built once per device), or for SDPA the boolean
-        mask, with None for dense layers so SDPA takes its fused causal kernel."""
-        if not self.uses_flex(device):
-            return [None if kind == "dense" else mask
-                    for kind, mask in zip(layer_attention_types(self.cfg), self.masks(device))]
-        cache = self.__dict__.setdefault("_block_masks", {})
+        """What each layer's attention takes in the teacher-forced pass, built once per device:
+        - 'segments': row and column layers a `Segments` layout; the conv layer a FlexAttention
+          BlockMask on CUDA, its boolean mask elsewhere;
+        - 'flex': a BlockMask for every layer;
+        - 'sdpa' and 'math': the boolean masks.
+        Dense layers take None everywhere but 'flex': causal, so SDPA takes its flash kernel."""
+        backend = self.training_backend(device)
+        cache = self.__dict__.setdefault("_training_masks", {})
         if device not in cache:
-            from torch.nn.attention.flex_attention import create_block_mask
-
+            boolean = dict(zip(layer_attention_types(self.cfg), self.masks(device)))
+            text_positions, grid = self.cfg.text_len + 1, self.cfg.grid_size
             built = {}
-            boolean = dict(zip(layer_attention_types(self.cfg), self.masks(device)))  # the masks built once
             for kind, allowed in boolean.items():
-
-                def mask_mod(batch, head, q_index, kv_index, allowed=allowed):
-                    return allowed[q_index, kv_index]
-
-                built[kind] = create_block_mask(mask_mod, None, None, self.cfg.seq_len, self.cfg.seq_len,
-                                                device=device)
+                if backend == "flex" or (backend == "segments" and kind == "conv" and device.type == "cuda"):
+                    built[kind] = flex_block_mask(allowed, device)
+                elif kind == "dense":
+                    built[kind] = None
+                elif backend == "segments" and kind in ("row", "column"):
+                    built[kind] = Segments(text_positions, grid, transpose=kind == "column", boolean=allowed)
+                else:
+                    built[kind] = allowed
             cache[device] = built
         return [cache[device][kind] for kind in layer_attention_types(self.cfg)]
 
