@@ -302,3 +302,13 @@ def test_segments_backend_trains_like_the_boolean_masks_in_bf16(device):
         scale = theirs.grad.abs().max().item()
         assert (ours.grad - theirs.grad).abs().max().item() <= 0.025 * scale + 1e-6, name
 
+
+def test_flops_per_token_count_the_weight_matrices_and_attention():
+    """6N + 12·L·T·d, N the weight matrices: the blocks' 12·d² each and the two heads, no embeddings,
+    biases or norms."""
+    from dalle_pipeline.components.training.flops import transformer_flops_per_token
+
+    d, layers = CFG.d_model, CFG.layers
+    matrices = layers * 12 * d * d + d * (CFG.text_vocab + CFG.text_len) + d * CFG.image_vocab
+    flops = transformer_flops_per_token(Prior(CFG), layers, CFG.seq_len, d)
+    assert flops == 6 * matrices + 12 * layers * CFG.seq_len * d
