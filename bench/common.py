@@ -25,6 +25,8 @@ def prior_parser(description: str, **defaults: int) -> argparse.ArgumentParser:
     for name, default in defaults.items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     parser.add_argument("--attention", choices=["dalle", "dense"], default="dalle")
+    parser.add_argument("--attention-backend", choices=["auto", "segments", "flex", "sdpa", "math"], default="auto",
+                        help="how ours computes attention ('auto': segments on CUDA, math on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -32,7 +34,7 @@ def prior_parser(description: str, **defaults: int) -> argparse.ArgumentParser:
 def prior_config(args: argparse.Namespace) -> PriorModelConfig:
     return PriorModelConfig(text_vocab=args.text_vocab, image_vocab=args.image_vocab, text_len=args.text_len,
                             grid_size=args.grid, layers=args.layers, d_model=args.d_model, heads=args.heads,
-                            attention=args.attention)
+                            attention=args.attention, attention_backend=args.attention_backend)
 
 
 def timed(fn: Callable[[], None], device: torch.device, repeats: int = 1) -> float:

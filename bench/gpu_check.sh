@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The GPU measurements of issues #4 (dVAE encoding), #5 (prior MFU, cost of the masks) and #6
-# (sampling against the bandwidth bound), plus the CUDA-only tests, in one run of about 8 minutes
-# on one H100/H200, for a session lent a device. Needs torch, numpy, pyarrow, pillow, safetensors,
-# pytest (the device image has them) and pydantic (it has not): fetch its wheels here first,
+# (sampling against the bandwidth bound), plus the CUDA-only tests, in one run on one H100/H200,
+# for a session lent a device. Most important first: a run cut short keeps what it measured.
+# Needs torch, numpy, pyarrow, pillow, safetensors, pytest (the device image has them) and
+# pydantic (it has not): fetch its wheels here first,
 #
 #     .venv/bin/pip download --only-binary=:all: --python-version 3.12 \
 #         --platform manylinux2014_x86_64 -d .wheels pydantic
 #
-# then run(command="bash bench/gpu_check.sh", carry=[".wheels"], timeout_s=560). Results: one
-# JSON line per measurement in $OUT/results.jsonl, everything else in $OUT/log.txt.
+# and, for the anchors beside ours (../shared does not travel), copy them into the checkout:
+#
+#     rm -rf .anchors && cp -r ../shared/anchors .anchors
+#
+# then run(command="bash bench/gpu_check.sh", carry=[".wheels", ".anchors"], timeout_s=560).
+# Results: one JSON line per measurement in $OUT/results.jsonl, everything else in $OUT/log.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-results}"
@@ -33,11 +38,19 @@ measure() {
 
 PAPER_PRIOR=(--layers 24 --d-model 1024 --heads 16 --text-len 256 --grid 32 --text-vocab 16384 --image-vocab 8192)
 echo "== CUDA tests" >>"$log"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/components/test_prior.py >>"$log" 2>&1
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/components/test_prior.py >>"$log" 2>&1
 echo "{\"check\": \"cuda-tests\", \"exit\": $?}" >>"$OUT/results.jsonl"
-measure prior-paper-masks 120 "$PY" bench/prior.py "${PAPER_PRIOR[@]}" --batch 16 --steps 10 --precision bf16 --compile
+measure prior-paper-masks 150 "$PY" bench/prior.py "${PAPER_PRIOR[@]}" --batch 16 --steps 10 --precision bf16 --compile
 measure prior-dense 120 "$PY" bench/prior.py "${PAPER_PRIOR[@]}" --batch 16 --steps 10 --precision bf16 --compile \
     --attention dense
-measure sample 120 "$PY" bench/sample.py "${PAPER_PRIOR[@]}" --batch 128 --skip-recompute
-measure dvae-paper 90 "$PY" bench/dvae.py --preset paper --batch 8 --encode-batch 128 --steps 10
+measure sample 100 "$PY" bench/sample.py "${PAPER_PRIOR[@]}" --batch 128 --skip-recompute
+measure dvae-paper 80 "$PY" bench/dvae.py --preset paper --batch 8 --encode-batch 128 --steps 10
+measure attention 90 "$PY" bench/attention.py --batch 8 --heads 16 --head-dim 64 --text-len 256 --grid 32
+if [[ -f .anchors/gpu_anchor.py ]]; then  # the reference GPT and the anchors' attention timings, same batch
+    echo "== anchors" >>"$log"
+    ANCHOR_BATCH=16 timeout 150 "$PY" .anchors/gpu_anchor.py >>"$OUT/anchor.jsonl" 2>>"$log"
+    echo "{\"check\": \"anchor\", \"exit\": $?}" >>"$OUT/results.jsonl"
+fi
+measure prior-paper-masks-flex 120 "$PY" bench/prior.py "${PAPER_PRIOR[@]}" --batch 16 --steps 10 --precision bf16 \
+    --compile --attention-backend flex
 tail -n 5 "$log" >&2

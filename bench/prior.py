@@ -16,12 +16,9 @@ paper's masks and then all-dense-causal for the masks' cost:
 
 from __future__ import annotations
 
-import json
-import platform
-
 import torch
 import torch.nn.functional as F
-from common import prior_config, prior_parser, timed
+from common import device_name, emit, prior_config, prior_parser, timed
 from torch import nn
 
 from dalle_pipeline.components.prior.model import Prior, prior_loss
@@ -101,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "bench": "prior_train",
         "settings": vars(args),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "ours_tokens_per_s": tokens_per_step * args.steps / ours_s,
         "baseline_tokens_per_s": tokens_per_step * args.steps / baseline_s,
@@ -117,8 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_mfu": result["ours_tokens_per_s"] * ours_flops / ours_peak,
         "baseline_mfu": result["baseline_tokens_per_s"] * baseline_flops / fp32_peak,
     })
-    print(json.dumps(result))
-    return result
+    return emit(result)
 
 
 if __name__ == "__main__":
