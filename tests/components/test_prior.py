@@ -78,7 +78,7 @@ def test_kv_cache_decoding_gives_the_full_forward_logits():
 
 def _decode_logits(model: Prior, step, text, lengths, tokens) -> torch.Tensor:
     """Logits at every image position from prefill + `step(token, position, cache)` calls."""
-    cache = model.new_cache(len(text), text.device)
+    cache = model.new_cache(len(text), text.device, next(model.parameters()).dtype)
     logits = [model.step(model.input_text(model.pad_text(text, lengths)), text[:, :0], cache, 0)]
     for index in range(CFG.image_len - 1):
         position = torch.tensor(CFG.text_len + 1 + index, device=text.device)
@@ -102,6 +102,25 @@ def test_the_static_decode_step_gives_the_full_forward_logits():
     with torch.no_grad():
         torch.testing.assert_close(_decode_logits(model, model.decode_step, text, lengths, tokens), full_logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_bf16_decoding_reads_text_and_segments_and_gives_the_full_forward_logits(device):
+    """In bf16 the row and column layers decode from the text and one segment of the cache (flash
+    kernels exist for bf16 on CPU and CUDA); the logits are the full forward's, within bf16. The
+    attention is sharpened (the qkv projection x8), so that reading a wrong segment shows: the
+    columns' segment in the row layers and back gave 0.13, this path 0.0024 on CPU."""
+    model, text, lengths, tokens, _ = _decoding_case([2, 4])
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(8)
+    model, text, lengths, tokens = model.to(device, torch.bfloat16), text.to(device), lengths.to(device), tokens.to(device)
+    with torch.no_grad():
+        _, full_logits = model(model.pad_text(text, lengths), tokens)
+        decoded = _decode_logits(model, model.decode_step, text, lengths, tokens)
+    assert decoded.dtype == torch.bfloat16
+    torch.testing.assert_close(decoded.float(), full_logits.float(), rtol=0, atol=0.02)
 
 
 def test_the_bucketed_decoder_reads_only_what_covers_the_prefix_and_gives_the_same_logits():
@@ -132,9 +151,10 @@ def test_the_decode_step_is_one_graph_for_every_position():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_cuda_graph_sampling_draws_the_eager_tokens():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_sampling_draws_the_eager_tokens(dtype):
     torch.manual_seed(0)
-    model = Prior(CFG).cuda().eval()
+    model = Prior(CFG).to("cuda", dtype).eval()
     text, lengths = torch.randint(0, 50, (3, CFG.text_len), device="cuda"), torch.tensor([1, 2, 3], device="cuda")
     eager = sample_image_tokens(model, text, lengths, torch.Generator("cuda").manual_seed(3), top_k=4, cuda_graph=False)
     graphed = sample_image_tokens(model, text, lengths, torch.Generator("cuda").manual_seed(3), top_k=4, cuda_graph=True)

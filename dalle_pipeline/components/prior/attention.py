@@ -199,3 +199,26 @@ def _segment_backward(grad_image, qi, ki, vi, out_image, lse_image, layout: Segm
     dk = grad_scores.transpose(-1, -2) @ segments(qi)
     dv = probs.transpose(-1, -2) @ grad_s
     return _from_segments(dq, layout, image), _from_segments(dk, layout, image), _from_segments(dv, layout, image)
+
+
+def segment_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: Segments,
+                             position: torch.Tensor) -> torch.Tensor:
+    """One query (B, H, 1, d) at input index `position` (a 0-d device tensor) of a row or column
+    layer, over a layer's KV cache (B, H, L, d): it reads the text and the `grid` entries of its
+    segment, not the whole prefix. The text part is a flash kernel (the contiguous text block, read
+    in place, with its log-sum-exp), the segment part `grid` gathered entries, merged as in training.
+    Every shape is the same at every position, for CUDA graphs."""
+    text, grid = layout.text_positions, layout.grid
+    out_text, lse_text, _ = _flash_forward(q, keys[:, :, :text], values[:, :, :text], False, q.shape[-1] ** -0.5)
+    held = position - text  # the image slot the query holds
+    steps = torch.arange(grid, device=q.device)
+    slots = held % grid + grid * steps if layout.transpose else held - held % grid + steps
+    index = (text + slots).clamp(max=keys.shape[2] - 1)  # the grid's last slot is never an input
+    wide = _wide(q.dtype)
+    scores = (q.to(wide) @ keys.index_select(2, index).to(wide).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(slots > held, float("-inf"))
+    lse_segment = scores.logsumexp(dim=-1)
+    out_segment = (scores - lse_segment[..., None]).exp() @ values.index_select(2, index).to(wide)
+    lse = torch.logaddexp(lse_text, lse_segment)
+    return (out_text.to(wide) * (lse_text - lse).exp()[..., None]
+            + out_segment * (lse_segment - lse).exp()[..., None]).to(q.dtype)

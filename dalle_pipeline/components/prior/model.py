@@ -28,6 +28,7 @@ from .attention import (
     math_attention,
     segment_attention,
     segment_attention_supported,
+    segment_decode_attention,
 )
 
 
@@ -141,8 +142,12 @@ class SelfAttention(nn.Module):
             else:
                 cache.keys[layer, :, :, start : start + length] = k
                 cache.values[layer, :, :, start : start + length] = v
-            # attend over the whole preallocated cache: shapes stay the same at every step (what CUDA
-            # graphs and torch.compile need); the mask rows hide the positions not written yet
+            if isinstance(mask, Segments):  # one row or column layer's decode step: text + its segment
+                out = segment_decode_attention(q, cache.keys[layer], cache.values[layer], mask, start)
+                return self.proj(out.transpose(1, 2).reshape(batch, length, width))
+            # attend over the first kv_len entries of the preallocated cache: shapes stay the same at
+            # every step (what CUDA graphs and torch.compile need); the mask rows hide the positions
+            # not written yet
             k, v = cache.keys[layer][:, :, :kv_len], cache.values[layer][:, :, :kv_len]
         dropout = self.dropout if self.training else 0.0
         if isinstance(mask, Segments) and (dropout or not segment_attention_supported(q)):
@@ -288,16 +293,24 @@ class Prior(nn.Module):
         through the cache; returns the image logits there (B, V_i).
 
         Every shape and every op is the same at every position (the position is data, not a Python
-        int), so one compiled graph, or one captured CUDA graph, serves the whole decode. Attention
-        reads the first `kv_len` cache entries (None: all), which must cover `position`: a sampler
-        keeps a few graphs of growing `kv_len` so that it reads little more than the prefix.
+        int), so one compiled graph, or one captured CUDA graph, serves the whole decode. Row and
+        column layers read the text and the token's own segment of the cache (where a flash kernel
+        exists for the cache's dtype); the others read the first `kv_len` entries (None: all),
+        which must cover `position`: a sampler keeps a few graphs of growing `kv_len` so that they
+        read little more than the prefix.
         """
-        grid = self.cfg.grid_size
-        held = position - (self.cfg.text_len + 1)  # the image position of the token fed
+        grid, text_positions = self.cfg.grid_size, self.cfg.text_len + 1
+        held = position - text_positions  # the image position of the token fed
         x = (self.image_embedding(image) + self.image_row(held // grid) + self.image_column(held % grid))[:, None]
         rows = position.view(1)
-        for layer, (block, mask) in enumerate(zip(self.blocks, self.masks(x.device))):
-            x = block(x, mask.index_select(0, rows)[:, :kv_len], cache, layer, position, kv_len)
+        segments = segment_attention_supported(cache.keys)
+        for layer, (block, kind, mask) in enumerate(zip(self.blocks, layer_attention_types(self.cfg),
+                                                        self.masks(x.device))):
+            if segments and kind in ("row", "column"):  # reads the text and one segment of the cache
+                mask = Segments(text_positions, grid, transpose=kind == "column")
+            else:
+                mask = mask.index_select(0, rows)[:, :kv_len]
+            x = block(x, mask, cache, layer, position, kv_len)
         return self.image_head(self.norm(x[:, -1]))
 
     def step(self, text: torch.Tensor, image: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
