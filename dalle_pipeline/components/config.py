@@ -216,6 +216,9 @@ class SampleConfig(StageConfig):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep tokens holding this much mass")
     guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance with the null caption (1 = off)")
     batch_size: int = Field(128, ge=1, description="sequences decoded at once")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where candidates are drawn, decoded and scored ('auto': the GPU where there is one)"
+    )
     grid_prompts: int = Field(8, ge=1, description="prompts shown in the sample grid")
     seed: int = Field(1234, description="seed of the sampling generator and of the held-out prompts")
     inception_weights: str | None = Field(

@@ -48,6 +48,22 @@ def test_bundle_generates_the_best_images_by_clip_score(bundle_dir):
     assert (again == images).all()  # seeded
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no CUDA device")
+def test_sampling_on_cuda_without_a_cuda_device_is_refused_by_name(bundle_dir):
+    with pytest.raises(ValueError, match="sample.device is 'cuda', but this machine has no CUDA device"):
+        Bundle.load(bundle_dir).generate(["a small red circle"], device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bundle_generates_on_the_gpu_with_a_bf16_prior(bundle_dir):
+    bundle = Bundle.load(bundle_dir)
+    images, scores = bundle.generate(["a small red circle", "a blue square"], num_images=3, seed=1, device="cuda")
+    assert images.shape == (2, 3, 32, 32, 3) and (scores[:, :-1] >= scores[:, 1:]).all()
+    assert next(bundle.prior.parameters()).dtype == torch.bfloat16 and bundle.clip.device.type == "cuda"
+    again, _ = bundle.generate(["a small red circle", "a blue square"], num_images=3, seed=1, device="cuda")
+    assert (again == images).all()
+
+
 def test_champion_moves_only_to_a_better_model_on_the_same_evaluation_set(bundle_dir, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     artifacts = (tmp_path / "artifacts").as_uri()

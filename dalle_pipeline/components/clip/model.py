@@ -122,11 +122,23 @@ class ClipScorer:
         std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         return (images - mean) / std
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> ClipScorer:
+        """Moves the model (in place); inputs follow it, features and scores come back on the CPU."""
+        self.model.to(device)
+        return self
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_image(self.normalise(images)), dim=-1)
+        """(N, 3, H, W) in [0, 1], on any device -> unit vectors (N, D) on the CPU."""
+        features = self.model.encode_image(self.normalise(images.to(self.device)))
+        return F.normalize(features.float(), dim=-1).cpu()
 
     def text_features(self, captions: list[str]) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(self.tokenizer(captions)), dim=-1)
+        features = self.model.encode_text(self.tokenizer(captions).to(self.device))
+        return F.normalize(features.float(), dim=-1).cpu()
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor, captions: list[str], batch_size: int = 256) -> torch.Tensor:

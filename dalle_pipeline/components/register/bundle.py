@@ -26,7 +26,7 @@ from ..dvae.train import load as load_dvae
 from ..images import to_uint8
 from ..prior.model import Prior
 from ..prior.train import load as load_prior
-from ..sample.run import draw_candidates, score_and_rank
+from ..sample.run import draw_candidates, place_for_sampling, sampling_device, score_and_rank
 from ..storage import atomic_path
 from ..text.tokenizer import TextTokenizer
 
@@ -91,8 +91,8 @@ class Bundle:
         fields["candidates"] = max(fields["candidates"], num_images)
         fields["keep"] = num_images
         cfg = SampleConfig.model_validate(fields)
-        generator = torch.Generator().manual_seed(seed)
-        images, _ = draw_candidates(cfg, prompts, self.prior, self.dvae, self.tokenizer, generator)
+        place_for_sampling(sampling_device(cfg), self.prior, self.dvae, self.clip)
+        images, _ = draw_candidates(cfg, prompts, self.prior, self.dvae, self.tokenizer, seed)
         scores, best = score_and_rank(self.clip, images, prompts, num_images)
         chosen = images[torch.arange(len(prompts))[:, None], best]
         pixels = to_uint8(chosen.flatten(0, 1)).reshape(len(prompts), num_images, *images.shape[-2:], 3)
