@@ -279,7 +279,8 @@ class _Checker:
         from ..clip.model import ClipScorer
 
         if self._clip is None:
-            self._clip = ClipScorer.from_spec(self.cfg.clip_model, self.cfg.clip_pretrained)
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # scores come back to the CPU either way
+            self._clip = ClipScorer.from_spec(self.cfg.clip_model, self.cfg.clip_pretrained).to(device)
         for start in range(0, len(candidates), batch_size):
             chunk = candidates[start : start + batch_size]
             size = self._clip.image_size
