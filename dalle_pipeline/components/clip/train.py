@@ -27,8 +27,8 @@ def contrastive_loss(scorer: ClipScorer):
         logits = model.logit_scale.exp() * image @ text.T
         labels = torch.arange(len(logits))
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
-        return loss, {"retrieval_accuracy": accuracy, "logit_scale": model.logit_scale.exp().item()}
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        return loss, {"retrieval_accuracy": accuracy, "logit_scale": model.logit_scale.exp().detach()}
 
     return loss_fn
 

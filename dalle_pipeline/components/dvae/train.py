@@ -48,8 +48,8 @@ def codebook_usage(tokens: torch.Tensor, codebook_size: int) -> dict[str, float]
     """Perplexity of the code histogram and the share of codes used at least once."""
     counts = torch.bincount(tokens.flatten(), minlength=codebook_size).float()
     probs = counts / counts.sum()
-    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
-    return {"codebook_perplexity": float(entropy.exp()), "codes_used": float((counts > 0).float().mean())}
+    entropy = torch.special.entr(probs).sum()  # -p log p, 0 where p is 0
+    return {"codebook_perplexity": entropy.exp(), "codes_used": (counts > 0).float().mean()}
 
 
 def psnr(mse: float) -> float:
@@ -82,9 +82,11 @@ def dvae_loss(cfg: DVAEConfig):
             nll = logit_laplace_nll(stats, inner.map_pixels(images)).mean() / dims
         kl = kl_to_uniform(logits).mean() / dims
         with torch.no_grad():
-            mse = F.mse_loss(inner.decode_stats_to_image(stats), images).item()
+            mse = F.mse_loss(inner.decode_stats_to_image(stats), images)
             usage = codebook_usage(logits.argmax(dim=1), logits.shape[1])  # of this batch's hard codes
-        metrics = {"nll": nll.item(), "kl": kl.item(), "recon_mse": mse, "temperature": tau, "beta": beta, **usage}
+        # device tensors: `fit` reads them once per log window
+        metrics = {"nll": nll.detach(), "kl": kl.detach(), "recon_mse": mse, "temperature": tau, "beta": beta,
+                   **usage}
         return nll + beta * kl, metrics
 
     return loss_fn
@@ -109,7 +111,8 @@ def evaluate(model: DiscreteVAE, images: np.ndarray, batch_size: int = 256) -> t
         errors.append(F.mse_loss(model.decode(batch_tokens), batch, reduction="none").flatten(1).mean(1))
     tokens_all = torch.cat(tokens).cpu()
     mse = float(torch.cat(errors).mean())
-    usage = {f"eval_{name}": value for name, value in codebook_usage(tokens_all, model.cfg.codebook_size).items()}
+    usage = {f"eval_{name}": float(value)
+             for name, value in codebook_usage(tokens_all, model.cfg.codebook_size).items()}
     return {"eval_recon_mse": mse, "eval_psnr": psnr(mse), **usage}, tokens_all
 
 

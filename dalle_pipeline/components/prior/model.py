@@ -101,8 +101,9 @@ def build_mask(cfg: PriorModelConfig, kind: str) -> torch.Tensor:
 
 
 def prior_loss(text_logits: torch.Tensor, image_logits: torch.Tensor, text_targets: torch.Tensor,
-               image_targets: torch.Tensor, text_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """text_weight x text cross-entropy + (1 - text_weight) x image cross-entropy, in nats per token.
+               image_targets: torch.Tensor, text_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """text_weight x text cross-entropy + (1 - text_weight) x image cross-entropy, in nats per token;
+    the two parts come back as detached device tensors (reading them would wait for the device).
 
     A free function, not a method: under DDP the loss must be computed on the outputs of the
     wrapped module's forward, or gradients are not synchronised.
@@ -110,7 +111,7 @@ def prior_loss(text_logits: torch.Tensor, image_logits: torch.Tensor, text_targe
     text_loss = F.cross_entropy(text_logits.flatten(0, 1).float(), text_targets.flatten())
     image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), image_targets.flatten())
     loss = text_weight * text_loss + (1 - text_weight) * image_loss
-    return loss, {"text_loss": text_loss.item(), "image_loss": image_loss.item()}
+    return loss, {"text_loss": text_loss.detach(), "image_loss": image_loss.detach()}
 
 
 class KVCache:

@@ -56,8 +56,8 @@ def validation_loss(text, lengths, image, cfg: PriorConfig, batch_size: int = 25
             loss, metrics = prior_loss(*model(padded, image[rows]), padded, image[rows], cfg.text_loss_weight)
             share = len(padded) / len(text)
             totals["loss"] += loss.item() * share
-            totals["text_loss"] += metrics["text_loss"] * share
-            totals["image_loss"] += metrics["image_loss"] * share
+            totals["text_loss"] += float(metrics["text_loss"]) * share
+            totals["image_loss"] += float(metrics["image_loss"]) * share
         return totals
 
     return evaluate

@@ -196,6 +196,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(python_state), gauss))
 
 
+def _metric(value: float | torch.Tensor) -> float | torch.Tensor:
+    """A metric to sum over a window: a float, or a 0-d tensor kept on its device."""
+    return value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -236,8 +241,12 @@ def fit(
     forward_model = torch.compile(model) if _should_compile(cfg, device_type) else model
     accumulate = cfg.grad_accum_steps
     model.train()
-    window: dict[str, float] = {}
+    # metrics stay on the device until a window is logged: no step waits for the device to drain,
+    # so the next batch is loaded while the device still works on this one
+    window: dict[str, float | torch.Tensor] = {}
     window_steps, window_start = 0, time.perf_counter()
+    finite: bool | torch.Tensor = True  # every loss since `checked_step` was finite
+    checked_step = step
     history: list[dict[str, float]] = []
     last: dict[str, float] = {}
     validation: dict[str, float] = {}
@@ -246,18 +255,17 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        step_metrics: dict[str, float] = {}
+        step_metrics: dict[str, float | torch.Tensor] = {}
         for micro in range(accumulate):
             # under DDP, forward and backward of all but the last micro-batch skip the all-reduce
             sync = micro == accumulate - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():
                 with _precision_context(cfg, device_type):
                     loss, metrics = loss_fn(forward_model, next(batches), step)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}")
                 (loss / accumulate).backward()
-            for key, value in {"loss": loss.item(), **metrics}.items():
-                step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / accumulate
+            finite = finite & torch.isfinite(loss.detach())
+            for key, value in {"loss": loss, **metrics}.items():
+                step_metrics[key] = step_metrics.get(key, 0.0) + _metric(value) / accumulate
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
@@ -266,17 +274,24 @@ def fit(
             ema.update(model)
         step += 1
 
-        for key, value in {**step_metrics, "grad_norm": float(grad_norm)}.items():
+        for key, value in {**step_metrics, "grad_norm": _metric(grad_norm)}.items():
             window[key] = window.get(key, 0.0) + value
         window_steps += 1
+        logs = step % cfg.log_every == 0 or step == cfg.steps
+        checkpoints = on_checkpoint is not None and checkpoint_every and (
+            step % checkpoint_every == 0 or step == cfg.steps)
+        if logs or checkpoints:  # nothing is logged or saved from a model that saw a non-finite loss
+            if not bool(finite):
+                raise FloatingPointError(f"the loss was not finite (nan or inf) in steps {checked_step + 1}..{step}")
+            finite, checked_step = True, step
         if evaluate is not None and eval_every and (step % eval_every == 0 or step == cfg.steps):
             model.eval()
             with torch.no_grad(), _precision_context(cfg, device_type):
                 validation = {f"val_{key}": value for key, value in evaluate(unwrap(model), step).items()}
             model.train()
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if logs:
+            last = {key: float(value) / window_steps for key, value in window.items()}  # waits for the device
             elapsed = time.perf_counter() - window_start
-            last = {key: value / window_steps for key, value in window.items()}
             last["lr"] = lr
             if samples_per_batch:
                 last["samples_per_s"] = samples_per_batch * accumulate * window_steps / max(elapsed, 1e-9)
@@ -286,7 +301,7 @@ def fit(
                 on_log(step, last)
             window, window_steps, window_start = {}, 0, time.perf_counter()
             validation = {}
-        if on_checkpoint is not None and checkpoint_every and (step % checkpoint_every == 0 or step == cfg.steps):
+        if checkpoints:
             on_checkpoint(
                 step,
                 {
