@@ -332,3 +332,26 @@ def test_flops_per_token_count_the_weight_matrices_and_attention():
     matrices = layers * 12 * d * d + d * (CFG.text_vocab + CFG.text_len) + d * CFG.image_vocab
     flops = transformer_flops_per_token(Prior(CFG), layers, CFG.seq_len, d)
     assert flops == 6 * matrices + 12 * layers * CFG.seq_len * d
+
+
+@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="this torch has no CUDA kernels to check against")
+def test_the_cuda_flash_calls_fit_this_torchs_kernels_on_fake_cuda_tensors():
+    """The CUDA branch of the segments attention, checked without a GPU: on fake CUDA tensors the
+    flash kernels' shape functions take our arguments (their number, order and types) and give the
+    shapes the merges expect."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dalle_pipeline.components.prior import attention
+
+    with FakeTensorMode():
+        q = torch.empty(2, 4, 1023, 64, device="cuda", dtype=torch.bfloat16)
+        text = torch.empty(2, 4, 257, 64, device="cuda", dtype=torch.bfloat16)
+        out, lse, saved = attention._flash_forward(q, text, text, False, 0.125)
+        assert out.shape == q.shape and lse.shape == (2, 4, 1023) and lse.dtype == torch.float32
+        grads = attention._flash_backward(out, q, text, text, out, lse, False, 0.125, saved)
+        assert [g.shape for g in grads] == [q.shape, text.shape, text.shape]
+        full = torch.empty(2, 4, 1280, 64, device="cuda", dtype=torch.bfloat16)
+        layout = attention.Segments(257, 32, transpose=True)
+        assert attention.segment_attention(full, full, full, layout).shape == full.shape
+        position = torch.tensor(600, device="cuda")
+        assert attention.segment_decode_attention(full[:, :, :1], full, full, layout, position).shape == (2, 4, 1, 64)
