@@ -53,15 +53,16 @@ def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 5
     return 2 * source.numel() * repeats / seconds
 
 
-def kv_entries_read_per_image(prior: Prior) -> float:
-    """Cache entries (keys and values, all layers) the sampler reads for one image: row and column
-    layers the text and one segment per step, the others the bucket covering each position."""
+def kv_entries_read_per_image(prior: Prior, segments: bool) -> float:
+    """Cache entries (keys and values, all layers) the sampler reads for one image: with `segments`,
+    row and column layers the text and one segment per step; the others the bucket covering each
+    position."""
     cfg = prior.cfg
     text_positions = cfg.text_len + 1
     buckets = kv_buckets(cfg.text_len, cfg.image_len)
     positions = range(text_positions, text_positions + cfg.image_len - 1)
     mean_bucket = sum(next(b for b in buckets if b > p) for p in positions) / len(positions)
-    per_step = sum(text_positions + cfg.grid_size if kind in ("row", "column") else mean_bucket
+    per_step = sum(text_positions + cfg.grid_size if segments and kind in ("row", "column") else mean_bucket
                    for kind in layer_attention_types(cfg))
     return cfg.image_len * 2 * per_step
 
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["kv_cache_cuda_graph_images_per_s"] = args.batch / timed(sampler(True), device)
         mean_prefix = cfg.text_len + 1 + cfg.image_len / 2
         bytes_per_image = cfg.image_len * 2 * cfg.layers * mean_prefix * cfg.d_model * dtype.itemsize
-        bytes_read = kv_entries_read_per_image(prior) * cfg.d_model * dtype.itemsize
+        segments = prior.attention_backend(device) == "segments" and dtype != torch.float32  # as decode_step
+        bytes_read = kv_entries_read_per_image(prior, segments) * cfg.d_model * dtype.itemsize
         bandwidth = copy_bandwidth(device)
         bound = bandwidth / bytes_per_image
         best = max(result["kv_cache_images_per_s"], result["kv_cache_cuda_graph_images_per_s"])

@@ -86,10 +86,12 @@ def _decode_logits(model: Prior, step, text, lengths, tokens) -> torch.Tensor:
     return torch.stack(logits, dim=1)
 
 
-def _decoding_case(lengths: list[int]):
+def _decoding_case(lengths: list[int], backend: str = "auto"):
     """A fresh prior, random captions of these lengths and image tokens, and the full forward's logits."""
+    from dataclasses import replace
+
     torch.manual_seed(0)
-    model = Prior(CFG).eval()
+    model = Prior(replace(CFG, attention_backend=backend)).eval()
     text = torch.randint(0, CFG.text_vocab, (len(lengths), CFG.text_len))
     tokens = torch.randint(0, CFG.image_vocab, (len(lengths), CFG.image_len))
     with torch.no_grad():
@@ -97,8 +99,11 @@ def _decoding_case(lengths: list[int]):
     return model, text, torch.tensor(lengths), tokens, full_logits
 
 
-def test_the_static_decode_step_gives_the_full_forward_logits():
-    model, text, lengths, tokens, full_logits = _decoding_case([2, 4])
+@pytest.mark.parametrize("backend", ["auto", "segments"])
+def test_the_static_decode_step_gives_the_full_forward_logits(backend):
+    """On CPU 'auto' decodes every layer over the cache's buckets, 'segments' reads the text and one
+    segment in the row and column layers."""
+    model, text, lengths, tokens, full_logits = _decoding_case([2, 4], backend)
     with torch.no_grad():
         torch.testing.assert_close(_decode_logits(model, model.decode_step, text, lengths, tokens), full_logits,
                                    rtol=1e-4, atol=1e-4)
@@ -111,7 +116,7 @@ def test_bf16_decoding_reads_text_and_segments_and_gives_the_full_forward_logits
     kernels exist for bf16 on CPU and CUDA); the logits are the full forward's, within bf16. The
     attention is sharpened (the qkv projection x8), so that reading a wrong segment shows: the
     columns' segment in the row layers and back gave 0.13, this path 0.0024 on CPU."""
-    model, text, lengths, tokens, _ = _decoding_case([2, 4])
+    model, text, lengths, tokens, _ = _decoding_case([2, 4], "segments")
     with torch.no_grad():
         for block in model.blocks:
             block.attn.qkv.weight.mul_(8)
@@ -142,7 +147,7 @@ def test_the_bucketed_decoder_reads_only_what_covers_the_prefix_and_gives_the_sa
 
 def test_the_decode_step_is_one_graph_for_every_position():
     """What CUDA-graph capture needs: no graph break, and no recompilation as the position moves."""
-    model, text, lengths, tokens, full_logits = _decoding_case([3, 1])
+    model, text, lengths, tokens, full_logits = _decoding_case([3, 1], "segments")
     torch._dynamo.reset()
     compiled = torch.compile(model.decode_step, backend="aot_eager", fullgraph=True, dynamic=False)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):

@@ -218,8 +218,9 @@ class Prior(nn.Module):
                 masks[kind] = mask.to(device)
         return [masks[kind] for kind in layer_attention_types(self.cfg)]
 
-    def training_backend(self, device: torch.device) -> str:
-        """'auto' is text-plus-segments on CUDA, plain math attention elsewhere."""
+    def attention_backend(self, device: torch.device) -> str:
+        """'auto' is text-plus-segments on CUDA, plain math attention elsewhere (where the CPU
+        flash kernels lose to three plain ops at DALL-E's short sequences, in training and decoding)."""
         backend = self.cfg.attention_backend
         if backend == "auto":
             return "segments" if device.type == "cuda" else "math"
@@ -232,7 +233,7 @@ class Prior(nn.Module):
         - 'flex': a BlockMask for every layer;
         - 'sdpa' and 'math': the boolean masks.
         Dense layers take None everywhere but 'flex': causal, so SDPA takes its flash kernel."""
-        backend = self.training_backend(device)
+        backend = self.attention_backend(device)
         cache = self.__dict__.setdefault("_training_masks", {})
         if device not in cache:
             boolean = dict(zip(layer_attention_types(self.cfg), self.masks(device)))
@@ -294,9 +295,10 @@ class Prior(nn.Module):
         through the cache; returns the image logits there (B, V_i).
 
         Every shape and every op is the same at every position (the position is data, not a Python
-        int), so one compiled graph, or one captured CUDA graph, serves the whole decode. Row and
-        column layers read the text and the token's own segment of the cache (where a flash kernel
-        exists for the cache's dtype); the others read the first `kv_len` entries (None: all),
+        int), so one compiled graph, or one captured CUDA graph, serves the whole decode. With the
+        segments backend (the default on CUDA) and a flash kernel for the cache's dtype, row and
+        column layers read the text and the token's own segment of the cache; the others (and every
+        layer otherwise) read the first `kv_len` entries (None: all),
         which must cover `position`: a sampler keeps a few graphs of growing `kv_len` so that they
         read little more than the prefix.
         """
@@ -304,7 +306,7 @@ class Prior(nn.Module):
         held = position - text_positions  # the image position of the token fed
         x = (self.image_embedding(image) + self.image_row(held // grid) + self.image_column(held % grid))[:, None]
         rows = position.view(1)
-        segments = segment_attention_supported(cache.keys)
+        segments = self.attention_backend(x.device) == "segments" and segment_attention_supported(cache.keys)
         for layer, (block, kind, mask) in enumerate(zip(self.blocks, layer_attention_types(self.cfg),
                                                         self.masks(x.device))):
             if segments and kind in ("row", "column"):  # reads the text and one segment of the cache
