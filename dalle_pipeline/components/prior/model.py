@@ -297,10 +297,10 @@ class Prior(nn.Module):
         Every shape and every op is the same at every position (the position is data, not a Python
         int), so one compiled graph, or one captured CUDA graph, serves the whole decode. With the
         segments backend (the default on CUDA) and a flash kernel for the cache's dtype, row and
-        column layers read the text and the token's own segment of the cache; the others (and every
-        layer otherwise) read the first `kv_len` entries (None: all),
-        which must cover `position`: a sampler keeps a few graphs of growing `kv_len` so that they
-        read little more than the prefix.
+        column layers read the text and the token's own segment of the cache. The other layers (and
+        every layer otherwise) read the first `kv_len` entries (None: all), which must cover
+        `position`: a sampler keeps a few graphs of growing `kv_len`, so they read little more
+        than the prefix.
         """
         grid, text_positions = self.cfg.grid_size, self.cfg.text_len + 1
         held = position - text_positions  # the image position of the token fed
