@@ -232,6 +232,7 @@ def test_notebooks_execute_against_the_runs(micro_run, notebook, monkeypatch):
     monkeypatch.setenv("DALLE_HOME", env["DALLE_HOME"])
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # the kernel's python
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' scratch folders, gone with the test's
     document = nbformat.read(notebook, as_version=4)
     NotebookClient(document, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [output for cell in document.cells if cell.cell_type == "code" for output in cell.outputs]
