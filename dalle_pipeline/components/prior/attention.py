@@ -130,18 +130,30 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _split(text: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each (B, H, L, d) tensor's text positions, then each one's image positions."""
+    return [x[:, :, :text] for x in tensors] + [x[:, :, text:] for x in tensors]
+
+
+def _merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over keys A and keys B from each part's output and log-sum-exp: (output in `dtype`,
+    log-sum-exp), both contiguous (flash's backward reads them densely)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    wide = _wide(dtype)
+    out = out_a.to(wide) * (lse_a - lse).exp()[..., None] + out_b.to(wide) * (lse_b - lse).exp()[..., None]
+    return out.to(dtype).contiguous(), lse.contiguous()
+
+
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, text_positions: int, grid: int, transpose: bool):
         layout = Segments(text_positions, grid, transpose)
-        text, scale, wide = layout.text_positions, q.shape[-1] ** -0.5, _wide(q.dtype)
-        qt, kt, vt, qi, ki, vi = q[:, :, :text], k[:, :, :text], v[:, :, :text], q[:, :, text:], k[:, :, text:], v[:, :, text:]
+        scale = q.shape[-1] ** -0.5
+        qt, kt, vt, qi, ki, vi = _split(text_positions, q, k, v)
         out_text, lse_text, saved_text = _flash_forward(qt, kt, vt, True, scale)
         out_prefix, lse_prefix, saved_prefix = _flash_forward(qi, kt, vt, False, scale)
-        out_segment, lse_segment = _segment_forward(qi, ki, vi, layout, scale)
-        lse_image = torch.logaddexp(lse_prefix, lse_segment).contiguous()  # flash's backward reads it densely
-        out_image = (out_prefix.to(wide) * (lse_prefix - lse_image).exp()[..., None]
-                     + out_segment * (lse_segment - lse_image).exp()[..., None]).to(q.dtype).contiguous()
+        out_image, lse_image = _merge(out_prefix, lse_prefix, *_segment_forward(qi, ki, vi, layout, scale), q.dtype)
         ctx.layout, ctx.scale = layout, scale
         ctx.saved_text, ctx.saved_prefix = saved_text, saved_prefix
         ctx.save_for_backward(q, k, v, out_text, lse_text, out_image, lse_image)
@@ -151,7 +163,7 @@ class _SegmentAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out_text, lse_text, out_image, lse_image = ctx.saved_tensors
         layout, scale, text, wide = ctx.layout, ctx.scale, ctx.layout.text_positions, _wide(q.dtype)
-        qt, kt, vt, qi, ki, vi = q[:, :, :text], k[:, :, :text], v[:, :, :text], q[:, :, text:], k[:, :, text:], v[:, :, text:]
+        qt, kt, vt, qi, ki, vi = _split(text, q, k, v)
         grad_out = grad_out.to(q.dtype)
         grad_text, grad_image = grad_out[:, :, :text].contiguous(), grad_out[:, :, text:].contiguous()
         dq_text, dk_text, dv_text = _flash_backward(grad_text, qt, kt, vt, out_text, lse_text, True, scale,
@@ -219,6 +231,4 @@ def segment_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     scores = scores.masked_fill(slots > held, float("-inf"))
     lse_segment = scores.logsumexp(dim=-1)
     out_segment = (scores - lse_segment[..., None]).exp() @ values.index_select(2, index).to(wide)
-    lse = torch.logaddexp(lse_text, lse_segment)
-    return (out_text.to(wide) * (lse_text - lse).exp()[..., None]
-            + out_segment * (lse_segment - lse).exp()[..., None]).to(q.dtype)
+    return _merge(out_text, lse_text, out_segment, lse_segment, q.dtype)[0]
