@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["kv_cache_cuda_graph_images_per_s"] = args.batch / timed(sampler(True), device)
         mean_prefix = cfg.text_len + 1 + cfg.image_len / 2
         bytes_per_image = cfg.image_len * 2 * cfg.layers * mean_prefix * cfg.d_model * dtype.itemsize
-        segments = prior.attention_backend(device) == "segments" and dtype != torch.float32  # as decode_step
+        segments = prior.decodes_by_segments(torch.empty(0, device=device, dtype=dtype))  # a cache's device, dtype
         bytes_read = kv_entries_read_per_image(prior, segments) * cfg.d_model * dtype.itemsize
         bandwidth = copy_bandwidth(device)
         bound = bandwidth / bytes_per_image

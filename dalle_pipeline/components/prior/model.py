@@ -226,6 +226,11 @@ class Prior(nn.Module):
             return "segments" if device.type == "cuda" else "math"
         return backend
 
+    def decodes_by_segments(self, cache_keys: torch.Tensor) -> bool:
+        """Whether `decode_step` reads only the text and one segment in row and column layers: with
+        the segments backend, where a flash kernel exists for the cache's device and dtype."""
+        return self.attention_backend(cache_keys.device) == "segments" and segment_attention_supported(cache_keys)
+
     def training_masks(self, device: torch.device) -> list:
         """What each layer's attention takes in the teacher-forced pass, built once per device:
         - 'segments': row and column layers a `Segments` layout; the conv layer a FlexAttention
@@ -306,7 +311,7 @@ class Prior(nn.Module):
         held = position - text_positions  # the image position of the token fed
         x = (self.image_embedding(image) + self.image_row(held // grid) + self.image_column(held % grid))[:, None]
         rows = position.view(1)
-        segments = self.attention_backend(x.device) == "segments" and segment_attention_supported(cache.keys)
+        segments = self.decodes_by_segments(cache.keys)
         for layer, (block, kind, mask) in enumerate(zip(self.blocks, layer_attention_types(self.cfg),
                                                         self.masks(x.device))):
             if segments and kind in ("row", "column"):  # reads the text and one segment of the cache
