@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import source_tree  # noqa: F401,E402  (dalle_pipeline without an install)
 from dalle_pipeline.components.prior.model import PriorModelConfig  # noqa: E402
 
 PRIOR_FLAGS = ("layers", "d_model", "heads", "text_len", "grid", "text_vocab", "image_vocab", "batch")

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import source_tree  # noqa: E402,F401  (dalle_pipeline without an install)
 
 GOAL_RATIO = 0.85
 WARMUP_IMAGES = 200

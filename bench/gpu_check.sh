@@ -38,7 +38,7 @@ measure() {
 
 PAPER_PRIOR=(--layers 24 --d-model 1024 --heads 16 --text-len 256 --grid 32 --text-vocab 16384 --image-vocab 8192)
 echo "== CUDA tests" >>"$log"
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/components/test_prior.py >>"$log" 2>&1
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider -p source_tree tests/components/test_prior.py >>"$log" 2>&1
 echo "{\"check\": \"cuda-tests\", \"exit\": $?}" >>"$OUT/results.jsonl"
 measure prior-paper-masks 150 "$PY" bench/prior.py "${PAPER_PRIOR[@]}" --batch 16 --steps 10 --precision bf16 --compile
 measure prior-dense 120 "$PY" bench/prior.py "${PAPER_PRIOR[@]}" --batch 16 --steps 10 --precision bf16 --compile \

@@ -99,3 +99,20 @@ def test_champion_moves_only_to_a_better_model_on_the_same_evaluation_set(bundle
     assert list(predictions["rank"]) == [0, 1, 0, 1]
     with pytest.raises(ValueError, match="'prompt' column"):
         model.predict(pd.DataFrame({"caption": ["a red circle"]}))
+
+
+def test_a_model_registered_before_the_layout_moved_still_loads_and_generates(bundle_dir, tmp_path):
+    """The pyfunc pickles its class by module path; the move to top-level folders kept that path."""
+    import shutil
+    from pathlib import Path
+
+    import pandas as pd
+
+    logged = Path(__file__).resolve().parents[1] / "fixtures" / "pyfunc_registered_before_move"
+    assert b"dalle_pipeline.components.register.run" in (logged / "python_model.pkl").read_bytes()
+    model_dir = tmp_path / "model"
+    shutil.copytree(logged, model_dir, ignore=shutil.ignore_patterns("README.md"))
+    shutil.copytree(bundle_dir, model_dir / "artifacts" / "bundle")
+    model = mlflow.pyfunc.load_model(str(model_dir))
+    predictions = model.predict(pd.DataFrame({"prompt": ["a small red circle"], "num_images": [2]}))
+    assert list(predictions["rank"]) == [0, 1] and all(len(png) > 100 for png in predictions["image_png"])

@@ -43,7 +43,7 @@ def micro_run(tmp_path_factory):
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "dalle_pipeline.cli", "train", "--preset", "micro"],
+        [sys.executable, "-m", "dalle_pipeline.flows.cli", "train", "--preset", "micro"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -94,7 +94,7 @@ def test_micro_flow_end_to_end(micro_run):
 def test_bad_override_fails_before_any_work(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DALLE_HOME": str(tmp_path / "runs")}
     proc = subprocess.run(
-        [sys.executable, "-m", "dalle_pipeline.cli", "train", "--preset", "micro", "--set", "prior.heads=3"],
+        [sys.executable, "-m", "dalle_pipeline.flows.cli", "train", "--preset", "micro", "--set", "prior.heads=3"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
@@ -119,7 +119,7 @@ def test_registered_champion_generates_from_the_cli_and_serves_over_http(micro_r
 
     out = tmp_path / "grid.png"
     generated = subprocess.run(
-        [sys.executable, "-m", "dalle_pipeline.cli", "generate", "a small red circle in the center",
+        [sys.executable, "-m", "dalle_pipeline.flows.cli", "generate", "a small red circle in the center",
          "--model", "models:/dalle@champion", "-n", "3", "--out", str(out)],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
@@ -151,7 +151,7 @@ def test_registered_champion_generates_from_the_cli_and_serves_over_http(micro_r
 
 def _train_again(tmp_path: Path, env: dict, *args: str) -> dict[str, str]:
     """Run `train --preset micro` again in the same DALLE_HOME; the cache tag of each stage of that run."""
-    proc = subprocess.run([sys.executable, "-m", "dalle_pipeline.cli", "train", "--preset", "micro", *args],
+    proc = subprocess.run([sys.executable, "-m", "dalle_pipeline.flows.cli", "train", "--preset", "micro", *args],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_id = re.search(r"MLflow run id : ([0-9a-f]{32})", proc.stdout).group(1)

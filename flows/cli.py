@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from .components.config import PRESETS, ConfigError, resolve
-from .components.overrides import as_overrides
+from dalle_pipeline.components.config import PRESETS, ConfigError, resolve
+from dalle_pipeline.components.overrides import as_overrides
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
-    from .flows.train_dalle import train_dalle
+    from dalle_pipeline.flows.train_dalle import train_dalle
 
     summary = train_dalle(preset=args.preset, overrides=overrides, root=args.root, rerun=args.rerun,
                           retrain_from=args.retrain_from, retrain_dvae=args.retrain_dvae)
@@ -79,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 def load_bundle(model: str, root: str | None):
     from pathlib import Path
 
-    from .components.register.bundle import Bundle
+    from dalle_pipeline.components.register.bundle import Bundle
 
     if Path(model).is_dir():
         return Bundle.load(model)
     import mlflow.pyfunc
 
-    from .components.tracking import default_tracking_uri
+    from dalle_pipeline.components.tracking import default_tracking_uri
 
     uri = default_tracking_uri(Path(root) if root else None)
     mlflow.set_tracking_uri(uri)
@@ -96,7 +96,7 @@ def load_bundle(model: str, root: str | None):
 def generate_images(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .components.images import save_grid
+    from dalle_pipeline.components.images import save_grid
 
     try:
         bundle = load_bundle(args.model, args.root)
