@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .storage import atomic_path
+
+
+def psnr(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB of a mean squared error on pixels in [0, 1]."""
+    return 10 * math.log10(1.0 / max(mse, 1e-10))
 
 
 def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:

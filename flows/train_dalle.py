@@ -255,9 +255,9 @@ def _prompts(cfg: PipelineConfig):
 
 @task(name="sample", **STAGE_TASK)
 def sample(cfg: PipelineConfig, prior: Record, dvae: Record, tokenizer: Record, clip: Record, stages: Stages) -> Record:
-    from dalle_pipeline.components.clip.train import load as load_clip
-    from dalle_pipeline.components.dvae.train import load as load_dvae
-    from dalle_pipeline.components.prior.train import load as load_prior
+    from dalle_pipeline.components.clip.model import load as load_clip
+    from dalle_pipeline.components.dvae.model import load as load_dvae
+    from dalle_pipeline.components.prior.model import load as load_prior
     from dalle_pipeline.components.sample.run import run
     from dalle_pipeline.components.text.tokenizer import TextTokenizer
 
@@ -280,7 +280,7 @@ def sample(cfg: PipelineConfig, prior: Record, dvae: Record, tokenizer: Record, 
 def evaluate(cfg: PipelineConfig, samples: Record, clip: Record, stages: Stages) -> Record:
     import numpy as np
 
-    from dalle_pipeline.components.clip.train import load as load_clip
+    from dalle_pipeline.components.clip.model import load as load_clip
     from dalle_pipeline.components.evaluate.run import find_inception_weights, run
 
     # resolved here so that weights appearing in the torch cache later make the stage run again, with FID

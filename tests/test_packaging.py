@@ -63,3 +63,59 @@ print(len({modules!r}), "modules")
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{len(modules)} modules" in result.stdout
+
+
+def module_imports() -> dict[str, set[str]]:
+    """The package's modules and the package modules each imports, at the top or inside a function."""
+    import ast
+
+    dotted = {}
+    for prefix, folder in SETUPTOOLS["package-dir"].items():
+        for path in (REPO / folder).rglob("*.py"):
+            parts = path.relative_to(REPO / folder).with_suffix("").parts
+            is_package = parts[-1] == "__init__"
+            name = ".".join([prefix, *(parts[:-1] if is_package else parts)])
+            dotted[name] = (path, is_package)
+    graph: dict[str, set[str]] = {}
+    for name, (path, is_package) in dotted.items():
+        package = name if is_package else name.rsplit(".", 1)[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    target = f"{base}.{node.module}" if node.module else base
+                else:
+                    target = node.module or ""
+                found.add(target)
+                found.update(f"{target}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        graph[name] = {target for target in found if target in dotted and target != name}
+    return graph
+
+
+def test_no_import_circle_and_no_module_past_450_lines():
+    graph = module_imports()
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                # a package's __init__ importing its own submodules is not a circle of ours
+                circle = path[path.index(target):] + [target]
+                raise AssertionError("import circle: " + " -> ".join(circle))
+            if target not in state:
+                visit(target)
+        path.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    long = {str(path.relative_to(REPO)): lines for path in [*REPO.glob("components/**/*.py"), *REPO.glob("flows/*.py")]
+            if (lines := len(path.read_text().splitlines())) > 450}
+    assert not long, long

@@ -149,3 +149,11 @@ class ClipScorer:
             text_part = self.text_features(captions[start : start + batch_size])
             out.append((image_part * text_part).sum(-1))
         return torch.cat(out)
+
+
+def load(source: str) -> ClipScorer:
+    """Inverse of `ClipResult.source`."""
+    if "|" in source:
+        model_name, pretrained = source.split("|", 1)
+        return ClipScorer.build(model_name, pretrained or None)
+    return ClipScorer.load(source)

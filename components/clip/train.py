@@ -65,11 +65,3 @@ def run(cfg: ClipConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     if tracker is not None:
         tracker.log_artifact(directory, "clip")
     return ClipResult(source=LOCAL_DIR + str(directory.resolve()), metrics=result.metrics)
-
-
-def load(source: str) -> ClipScorer:
-    """Inverse of `ClipResult.source`."""
-    if "|" in source:
-        model_name, pretrained = source.split("|", 1)
-        return ClipScorer.build(model_name, pretrained or None)
-    return ClipScorer.load(source)

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import checkpoint
+
+KIND = "dvae"  # the checkpoint kind of a dVAE folder
 
 
 @dataclass(frozen=True)
@@ -170,3 +175,11 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     log_q = F.log_softmax(logits, dim=1)
     kl = (log_q.exp() * log_q).sum(dim=1) + math.log(logits.shape[1])
     return kl.flatten(1).sum(dim=1)
+
+
+def load(checkpoint_dir: str | Path) -> DiscreteVAE:
+    """The dVAE saved in `checkpoint_dir` (weights and the config that rebuilds it), in eval mode."""
+    state, config, _ = checkpoint.load(checkpoint_dir, KIND)
+    model = DiscreteVAE(DVAEModelConfig(**config))
+    model.load_state_dict(state)
+    return model.eval()

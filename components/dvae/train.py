@@ -21,14 +21,13 @@ import torch.nn.functional as F
 
 from .. import checkpoint
 from ..config import DVAEConfig
-from ..images import save_grid, to_float, to_uint8
+from ..images import psnr, save_grid, to_float, to_uint8
 from ..shards import load_corpus, shard_paths
 from ..tracking import Tracker
 from ..training import TensorBatches, fit, ray_train
 from ..training.loop import progress_logger, unwrap
-from .model import DiscreteVAE, DVAEModelConfig, kl_to_uniform, logit_laplace_nll
+from .model import KIND, DiscreteVAE, DVAEModelConfig, kl_to_uniform, logit_laplace_nll
 
-KIND = "dvae"
 
 
 def temperature_at(step: int, cfg: DVAEConfig) -> float:
@@ -50,10 +49,6 @@ def codebook_usage(tokens: torch.Tensor, codebook_size: int) -> dict[str, float]
     probs = counts / counts.sum()
     entropy = torch.special.entr(probs).sum()  # -p log p, 0 where p is 0
     return {"codebook_perplexity": entropy.exp(), "codes_used": (counts > 0).float().mean()}
-
-
-def psnr(mse: float) -> float:
-    return 10 * math.log10(1.0 / max(mse, 1e-10))
 
 
 def dvae_loss(cfg: DVAEConfig):
@@ -218,10 +213,3 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
         tracker.log_artifact(recon_grid)
         tracker.log_artifact(checkpoint_dir, "checkpoint")
     return DVAEResult(checkpoint_dir=checkpoint_dir, recon_grid=recon_grid, metrics={**train_metrics, **eval_metrics})
-
-
-def load(checkpoint_dir: str | Path) -> DiscreteVAE:
-    state, config, _ = checkpoint.load(checkpoint_dir, KIND)
-    model = DiscreteVAE(DVAEModelConfig(**config))
-    model.load_state_dict(state)
-    return model.eval()

@@ -16,10 +16,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import checkpoint
 
 from .attention import (
     Segments,
@@ -30,6 +33,8 @@ from .attention import (
     segment_attention_supported,
     segment_decode_attention,
 )
+
+KIND = "prior"  # the checkpoint kind of a prior folder
 
 
 @dataclass(frozen=True)
@@ -328,3 +333,11 @@ class Prior(nn.Module):
         for layer, (block, mask) in enumerate(zip(self.blocks, self.masks(x.device))):
             x = block(x, mask[start:end], cache, layer, start)
         return self.image_head(self.norm(x[:, -1]))
+
+
+def load(checkpoint_dir: str | Path) -> Prior:
+    """The prior saved in `checkpoint_dir` (weights and the config that rebuilds it), in eval mode."""
+    state, config, _ = checkpoint.load(checkpoint_dir, KIND)
+    model = Prior(PriorModelConfig(**config))
+    model.load_state_dict(state)
+    return model.eval()

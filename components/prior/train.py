@@ -21,10 +21,7 @@ from ..tracking import Tracker
 from ..training import ParquetBatches, TokenParquet, fit, ray_train
 from ..training.flops import measured_matmul_peak, transformer_flops_per_token
 from ..training.loop import progress_logger, unwrap, uses_bf16
-from .model import Prior, PriorModelConfig, prior_loss
-
-KIND = "prior"
-
+from .model import KIND, Prior, PriorModelConfig, prior_loss
 
 def model_config(cfg: PriorConfig, manifest: dict) -> PriorModelConfig:
     return PriorModelConfig(
@@ -190,10 +187,3 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
     if tracker is not None:
         tracker.log_artifact(checkpoint_dir, "checkpoint")
     return PriorResult(checkpoint_dir=checkpoint_dir, metrics=metrics)
-
-
-def load(checkpoint_dir: str | Path) -> Prior:
-    state, config, _ = checkpoint.load(checkpoint_dir, KIND)
-    model = Prior(PriorModelConfig(**config))
-    model.load_state_dict(state)
-    return model.eval()

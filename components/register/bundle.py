@@ -19,13 +19,13 @@ import torch
 from PIL import Image
 
 from ..clip.model import LOCAL_DIR, ClipScorer
-from ..clip.train import load as load_clip
+from ..clip.model import load as load_clip
 from ..config import PipelineConfig, SampleConfig
 from ..dvae.model import DiscreteVAE
-from ..dvae.train import load as load_dvae
+from ..dvae.model import load as load_dvae
 from ..images import to_uint8
 from ..prior.model import Prior
-from ..prior.train import load as load_prior
+from ..prior.model import load as load_prior
 from ..sample.run import draw_candidates, place_for_sampling, sampling_device, score_and_rank
 from ..storage import atomic_path
 from ..text.tokenizer import TextTokenizer

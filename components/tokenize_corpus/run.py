@@ -1,8 +1,6 @@
 """Tokenize the curated corpus with Ray Data: dVAE codes for images, BPE ids for captions, one Parquet part per shard.
 
-Schema (DESIGN.md): key string, caption string, text_tokens list<uint16> (unpadded BPE ids),
-image_tokens fixed_size_list<uint16>[grid*grid] (row-major argmax codes), with file metadata naming
-the dVAE checkpoint and tokenizer hashes, the grid and both vocab sizes.
+The format (schema, metadata, manifest, readers) is `token_parquet`'s; this module writes it.
 
 The pipeline: Ray Data tasks read the shards still to do, decode their images and BPE-encode their
 captions (`read_shard_rows`); a pool of `ImageEncoder` actors (a GPU each where the cluster has
@@ -17,7 +15,6 @@ it, marks the dataset complete.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,37 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from .. import checkpoint
 from ..cluster import connect
-from ..dvae.train import load as load_dvae
-from ..dvae.train import psnr
-from ..images import to_float
+from ..dvae.model import load as load_dvae
+from ..images import psnr, to_float
 from ..shards import read_shard, shard_paths
-from ..storage import atomic_path, file_sha256, write_json
+from ..storage import file_sha256, write_json
 from ..text.tokenizer import TextTokenizer
-from ..training.stream import decode, to_int64
+from ..token_parquet import MANIFEST, part_metadata, write_part
 
-MANIFEST = "_manifest.json"
-ROW_GROUP_SIZE = 4096
 READ_BATCH_ROWS = 256  # rows per block leaving a reader task: bounded memory whatever the shard size
 DECODE_CHECK_ROWS = 64
 DECODE_CHECK_TOLERANCE_DB = 2.0
-
-
-def schema(grid_size: int, metadata: dict[str, str] | None = None) -> pa.Schema:
-    return pa.schema(
-        [
-            ("key", pa.string()),
-            ("caption", pa.string()),
-            ("text_tokens", pa.list_(pa.uint16())),
-            ("image_tokens", pa.list_(pa.uint16(), grid_size * grid_size)),
-        ],
-        metadata=metadata,
-    )
 
 
 @dataclass
@@ -67,10 +48,6 @@ class TokenizedCorpus:
 
 # a written part is reused when these match (its rows would otherwise come out different)
 REUSE_KEYS = ("dvae_hash", "tokenizer_hash", "bpe_dropout")
-
-
-def _part_metadata(path: Path) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
 
 
 def read_shard_rows(batch: dict[str, np.ndarray], image_size: int, tokenizer_path: str, text_len: int,
@@ -177,13 +154,12 @@ def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, 
     pending = [shard for shard in shards if not _reusable(out_dir / f"{shard.stem}.parquet", metadata)]
     if pending:
         _tokenize(pending, out_dir, metadata, Path(dvae_dir), Path(tokenizer_path), text_len,
-                            model.cfg.image_size, batch_size, bpe_dropout, ray_address)
+                  model.cfg.image_size, batch_size, bpe_dropout, ray_address)
     parts, total = [], 0
     for shard in shards:
         part = out_dir / f"{shard.stem}.parquet"
         rows = pq.read_metadata(part).num_rows
-        part_metadata = _part_metadata(part)
-        parts.append({"file": part.name, "rows": rows, "skipped": int(part_metadata.get("skipped", 0)),
+        parts.append({"file": part.name, "rows": rows, "skipped": int(part_metadata(part).get("skipped", 0)),
                       "sha256": file_sha256(part), "source_shard": shard.name})
         total += rows
     if total == 0:
@@ -197,7 +173,7 @@ def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, 
 
 
 def _reusable(part: Path, metadata: dict[str, str]) -> bool:
-    return part.exists() and all(_part_metadata(part).get(k) == metadata[k] for k in REUSE_KEYS)
+    return part.exists() and all(part_metadata(part).get(k) == metadata[k] for k in REUSE_KEYS)
 
 
 def _tokenize(pending: list[Path], out_dir: Path, metadata: dict[str, str], dvae_dir: Path, tokenizer_path: Path,
@@ -228,35 +204,21 @@ def _tokenize(pending: list[Path], out_dir: Path, metadata: dict[str, str], dvae
             received[shard] = received.get(shard, 0) + int(mine.sum())
             expected = max(1, int(batch["shard_rows"][mine][0]))
             if received[shard] == expected:
-                _write_part(waiting.pop(shard), out_dir / f"{Path(shard).stem}.parquet", metadata,
-                                             math.isqrt(len(batch["image_tokens"][0])))
+                _write_shard_part(waiting.pop(shard), out_dir / f"{Path(shard).stem}.parquet", metadata,
+                                  math.isqrt(len(batch["image_tokens"][0])))
     if waiting:
         raise RuntimeError(f"the tokenization ended with shards incomplete: {sorted(waiting)}")
 
 
-def _write_part(chunks: list[dict[str, np.ndarray]], part: Path, metadata: dict[str, str], grid: int) -> None:
+def _write_shard_part(chunks: list[dict[str, np.ndarray]], part: Path, metadata: dict[str, str], grid: int) -> None:
     """Write one shard's rows in shard order; undecodable images are left out and counted (`skipped`)."""
     columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
     order = np.argsort(columns["index"], kind="stable")
     real = columns["shard_rows"][0] > 0
     keep = order[columns["ok"][order]] if real else order[:0]
     left_out = int(real) * int((~columns["ok"]).sum())
-    lengths = columns["text_length"][keep].astype(np.int64)
-    text = columns["text"][keep]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    flat_text = text[np.arange(text.shape[1]) < lengths[:, None]]
-    table = pa.table(
-        {
-            "key": pa.array(columns["key"][keep].tolist(), pa.string()),
-            "caption": pa.array(columns["caption"][keep].tolist(), pa.string()),
-            "text_tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_text, pa.uint16())),
-            "image_tokens": pa.FixedSizeListArray.from_arrays(
-                pa.array(columns["image_tokens"][keep].reshape(-1), pa.uint16()), grid * grid),
-        },
-        schema=schema(grid, {**metadata, "skipped": str(left_out)}),
-    )
-    with atomic_path(part) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+    write_part(part, columns["key"][keep].tolist(), columns["caption"][keep].tolist(), columns["text"][keep],
+               columns["text_length"][keep], columns["image_tokens"][keep], grid, {**metadata, "skipped": str(left_out)})
 
 
 @torch.no_grad()
@@ -293,19 +255,3 @@ def decode_check(model, dataset_dir: Path, parts: list[dict[str, Any]], curated_
             f"images at {result['psnr']:.2f} dB PSNR, the dVAE's training reported {reported_psnr:.2f} dB; the "
             f"tokens do not belong to these images (another dVAE, wrong order or damaged parts)")
     return result
-
-
-def read(dataset_dir: str | Path) -> tuple[pa.Table, dict]:
-    """The whole token dataset and its manifest; refuses a dataset whose manifest is missing."""
-    dataset_dir = Path(dataset_dir)
-    manifest_path = dataset_dir / MANIFEST
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{dataset_dir} has no {MANIFEST}: the tokenization did not finish")
-    manifest = json.loads(manifest_path.read_text())
-    tables = [pq.read_table(dataset_dir / part["file"]) for part in manifest["parts"]]
-    return pa.concat_tables(tables), manifest
-
-
-def to_tensors(table: pa.Table, text_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(text tokens padded with 0 to text_len, their lengths, image tokens) as int64 tensors."""
-    return to_int64(*decode(table, text_len))

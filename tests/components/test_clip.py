@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from dalle_pipeline.components.clip.model import LOCAL_DIR, ClipScorer, architecture, register_architecture
-from dalle_pipeline.components.clip.train import load, run
+from dalle_pipeline.components.clip.model import load
+from dalle_pipeline.components.clip.train import run
 from dalle_pipeline.components.config import ClipConfig
 from dalle_pipeline.components.sample.generate import rerank
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from dalle_pipeline.components.config import DVAEConfig
 from dalle_pipeline.components.dvae import train as dvae_train
-from dalle_pipeline.components.dvae.model import DiscreteVAE, DVAEModelConfig, kl_to_uniform, logit_laplace_nll
+from dalle_pipeline.components.dvae.model import KIND, DiscreteVAE, DVAEModelConfig, kl_to_uniform, logit_laplace_nll
+from dalle_pipeline.components.dvae.model import load as load_dvae
 from dalle_pipeline.components.tracking import Tracker
 
 DRIVER = """
@@ -100,7 +101,7 @@ def test_loss_falls_and_checkpoint_rebuilds_the_model(curated_shards, tmp_path, 
     assert result.recon_grid.exists()
     grids = sorted(p.name for p in (tmp_path / "dvae" / "reconstructions").iterdir())
     assert grids == ["step_0000020.png", "step_0000040.png"]
-    model = dvae_train.load(result.checkpoint_dir)
+    model = load_dvae(result.checkpoint_dir)
     assert model.cfg.codebook_size == cfg.codebook_size
     assert "eval_psnr" in result.metrics and result.metrics["eval_psnr"] > 0
     # the trained model reconstructs its corpus better than a fresh one (hard codes, no noise)
@@ -143,8 +144,8 @@ def test_a_killed_driver_resumes_at_the_same_step_with_the_same_weights(curated_
     output = _train_in_a_driver(cfg, curated_shards, tmp_path / "killed")
     resumed_at = [int(line.rsplit(" ", 1)[1]) for line in output.splitlines() if "resuming from the checkpoint" in line]
     assert resumed_at and 0 < resumed_at[0] < 60, "the second run started again from step 0"
-    reference = dvae_train.load(tmp_path / "uninterrupted" / "checkpoint").state_dict()
-    resumed = dvae_train.load(tmp_path / "killed" / "checkpoint").state_dict()
+    reference = load_dvae(tmp_path / "uninterrupted" / "checkpoint").state_dict()
+    resumed = load_dvae(tmp_path / "killed" / "checkpoint").state_dict()
     for name, value in reference.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=f"{name} differs")
 
@@ -154,7 +155,7 @@ def test_fine_tuning_refuses_a_dvae_of_another_architecture(curated_shards, tmp_
     from dalle_pipeline.components import checkpoint
 
     small = DVAEModelConfig(image_size=32, codebook_size=32, n_hid=8, num_groups=3)
-    saved = checkpoint.save(tmp_path / "small", dvae_train.KIND, DiscreteVAE(small).state_dict(), small.to_dict())
+    saved = checkpoint.save(tmp_path / "small", KIND, DiscreteVAE(small).state_dict(), small.to_dict())
     cfg = DVAEConfig(n_hid=16, codebook_size=32, init_from=str(saved))
     with pytest.raises(ValueError, match=r"dvae.init_from .*differs in \['n_hid'\]"):
         dvae_train.run(cfg, curated_shards, tmp_path / "dvae", 32, seed=0)

@@ -14,7 +14,7 @@ import pytest
 
 from dalle_pipeline.components.config import PriorConfig
 from dalle_pipeline.components.storage import write_json
-from dalle_pipeline.components.tokenize_corpus.run import MANIFEST, schema
+from dalle_pipeline.components.token_parquet import MANIFEST, schema
 from dalle_pipeline.components.tracking import Tracker
 
 
@@ -41,7 +41,8 @@ def write_learnable_dataset(directory, rows=256, text_len=6, grid=3, seed=0):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ray_workers_train_the_prior_and_rank_zero_logs(tmp_path, local_ray, parallel):
-    from dalle_pipeline.components.prior.train import load, run
+    from dalle_pipeline.components.prior.model import load
+    from dalle_pipeline.components.prior.train import run
 
     dataset = write_learnable_dataset(tmp_path / "tokens")
     tracker = Tracker.start(f"sqlite:///{tmp_path}/mlflow.db", "prior-test",
@@ -110,7 +111,8 @@ def test_a_killed_worker_resumes_from_the_latest_checkpoint(tmp_path, local_ray,
 def test_fine_tuning_refuses_a_prior_of_another_architecture(tmp_path):
     from dalle_pipeline.components import checkpoint
     from dalle_pipeline.components.prior.model import Prior
-    from dalle_pipeline.components.prior.train import KIND, model_config, run
+    from dalle_pipeline.components.prior.model import KIND
+    from dalle_pipeline.components.prior.train import model_config, run
 
     dataset = write_learnable_dataset(tmp_path / "tokens", rows=64)
     manifest = json.loads((dataset / MANIFEST).read_text())

@@ -47,7 +47,8 @@ DRIVER = """
 import json, sys
 import ray
 from dalle_pipeline.components.config import PriorConfig
-from dalle_pipeline.components.prior.train import load, run
+from dalle_pipeline.components.prior.model import load
+from dalle_pipeline.components.prior.train import run
 
 address, dataset, out = sys.argv[1:]
 ray.init(address=address, include_dashboard=False, configure_logging=False)

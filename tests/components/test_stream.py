@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dalle_pipeline.components.tokenize_corpus.run import MANIFEST, read, schema, to_tensors
-from dalle_pipeline.components.training.stream import ParquetBatches, TokenParquet
+from dalle_pipeline.components.token_parquet import MANIFEST, TokenParquet, read, schema, to_tensors
+from dalle_pipeline.components.training.stream import ParquetBatches
 
 TEXT_LEN, GRID = 6, 4
 PART_ROWS = (37, 50, 23)  # 110 rows in row groups of 8: uneven groups, a short last group per part

@@ -9,12 +9,13 @@ import torch
 from dalle_pipeline.components import checkpoint
 from dalle_pipeline.components.config import TokenizerConfig
 from dalle_pipeline.components.dvae.model import DiscreteVAE, DVAEModelConfig
-from dalle_pipeline.components.dvae.train import KIND
+from dalle_pipeline.components.dvae.model import KIND
 from dalle_pipeline.components.images import to_float
 from dalle_pipeline.components.shards import load_corpus
 from dalle_pipeline.components.text.tokenizer import TextTokenizer
 from dalle_pipeline.components.text.tokenizer import run as train_tokenizer
-from dalle_pipeline.components.tokenize_corpus.run import MANIFEST, read, run, to_tensors
+from dalle_pipeline.components.token_parquet import MANIFEST, read, to_tensors
+from dalle_pipeline.components.tokenize_corpus.run import run
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,8 @@ def test_corrupt_images_are_skipped_not_fatal(inputs, tmp_path):
 def test_the_decode_check_compares_with_the_psnr_training_reported(inputs, tmp_path):
     """The check decodes stored tokens of sampled rows against their shard images: it agrees with the
     dVAE's own evaluation on the corpus, and a dVAE reported far better than its tokens decode is refused."""
-    from dalle_pipeline.components.dvae.train import evaluate, load
+    from dalle_pipeline.components.dvae.model import load
+    from dalle_pipeline.components.dvae.train import evaluate
 
     curated, dvae_dir, tokenizer_path, corpus = inputs
     model = load(dvae_dir)
