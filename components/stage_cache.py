@@ -1,73 +1,206 @@
 """Stage caching: a stage whose inputs are unchanged is not run again.
 
-A stage's key hashes what decides its output: its config values, the keys of the stages it reads
-from (so a change upstream reaches everything downstream) and the source code of the components
-it runs. It works in a folder under `<root>/stages/<stage>/` (a crashed run, re-run, finds its own
-checkpoints and partial shards in the same place) and writes `_stage.json` last, atomically: the
-key it finished with, and the outputs and summary metrics the next stages and MLflow need. The
-folder is named by the key, except for stages that accumulate (download, filter, tokenization):
-their folder is named by their settings and source alone, so a longer URL list lands in the same
-folder and only its new rows are downloaded, filtered and tokenized.
+A stage is one call of a component function, and its key is derived from that call: the
+arguments it is actually given (bound to the function's signature, defaults included), and the
+source of the component's module and of every module of `dalle_pipeline.components` it imports,
+directly or not, at the top or inside a function. So a value passed to a component always reaches
+its key, and a change to any code it runs re-runs it. Arguments are reduced to plain data
+(`stage_value`): pydantic configs to their values; a path inside the stage root (or a string
+holding one, such as `local-dir:/...`) to the stage and key of the finished stage it lies in, so a
+change upstream reaches everything downstream and moving the root changes nothing; a file outside
+the root to its path and sha256 (a user's URL list or weights); an object with `stage_key()` to
+what that returns (the MLflow store of a tracker, the digest of an evaluation set).
+
+A stage works in a folder under `<root>/stages/<stage>/` (a crashed run, re-run, finds its own
+checkpoints and partial shards in the same place) and writes `_stage.json` last, atomically: its
+key, typed outputs and summary metrics. The folder is named by the key, except for stages that
+accumulate (download, filter, tokenization): theirs is named by the call with paths as they are
+(its settings and where its inputs live, not what they hold), so a longer URL list lands in the
+same folder and only its new rows are downloaded, filtered and tokenized.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
+import importlib.util
+import inspect
 import json
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from .storage import write_json
+import numpy as np
+from pydantic import BaseModel
+
+from .storage import file_sha256, write_json
 
 RECORD = "_stage.json"
+PACKAGE = __name__.rsplit(".", 1)[0]  # dalle_pipeline.components
 COMPONENTS = Path(__file__).resolve().parent
-# modules every stage leans on; a change to one of them re-runs everything
-COMMON_CODE = ("storage.py", "shards.py", "checkpoint.py", "images.py")
+# modules whose effect on a stage's output reaches its key through values, or that write none:
+# the configs (their values are arguments), the override models, the MLflow seam and this module
+NOT_STAGE_CODE = frozenset(f"{PACKAGE}.{name}" for name in ("config", "overrides", "tracking", "stage_cache"))
+OUTPUT_DIR, TRACKER = "out_dir", "tracker"  # the parameters a stage's runner fills in
+
+Outputs = TypeVar("Outputs")
 
 
 @cache
-def _module_digest(module: str) -> str:
-    path = COMPONENTS / module
-    files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-    if not files or not all(file.is_file() for file in files):
-        raise FileNotFoundError(f"no component module {module!r} under {COMPONENTS}")
+def _module_file(module: str) -> Path | None:
+    """The source file of a module of this package (found in its folder, nothing imported), or None."""
+    if module != PACKAGE and not module.startswith(PACKAGE + "."):
+        return None
+    path = COMPONENTS.joinpath(*module.split(".")[len(PACKAGE.split(".")):])
+    for candidate in (path / "__init__.py", path.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@cache
+def direct_imports(module: str) -> frozenset[str]:
+    """The modules of this package that `module` imports anywhere in its source (`from .x import y`
+    counts `.x` and, where it is a module, `.x.y`)."""
+    path = _module_file(module)
+    if path is None:
+        raise ModuleNotFoundError(f"no module {module!r} in {COMPONENTS}")
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    named = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level \
+                else node.module or ""
+            named.add(base)
+            named.update(f"{base}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            named.update(alias.name for alias in node.names)
+    return frozenset(name for name in named if name != module and _module_file(name) is not None)
+
+
+@cache
+def stage_code(module: str) -> tuple[str, ...]:
+    """`module` and every package module it imports, transitively, less NOT_STAGE_CODE; sorted."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or name in NOT_STAGE_CODE:
+            continue
+        seen.add(name)
+        todo.extend(direct_imports(name))
+    return tuple(sorted(seen))
+
+
+def code_version(module: str) -> str:
+    """A hash of the source of `stage_code(module)`."""
     digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.relative_to(COMPONENTS).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    for name in stage_code(module):
+        digest.update(name.encode() + b"\0" + _module_file(name).read_bytes() + b"\0")
     return digest.hexdigest()
 
 
-def code_version(modules: Iterable[str]) -> str:
-    """A hash of the source of `modules` (component packages or files) and the common ones."""
-    names = sorted(set(modules) | set(COMMON_CODE))
-    return hashlib.sha256("".join(_module_digest(name) for name in names).encode()).hexdigest()
+@cache
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:  # keyed by the file's stat: hashed once per version
+    return file_sha256(path)
+
+
+@dataclass(frozen=True)
+class StageRecord(Generic[Outputs]):
+    """A finished stage: its key, folder, typed outputs, summary metrics and the MLflow run that built it."""
+
+    stage: str
+    key: str
+    folder: Path
+    outputs: Outputs
+    metrics: dict[str, float]
+    mlflow_run_id: str
+    build_seconds: float
+    reused: bool = False
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
 class StageCache:
     root: Path
 
-    def key(self, stage: str, config: Any, inputs: Mapping[str, str], code: Iterable[str]) -> str:
-        document = {"stage": stage, "config": config, "inputs": dict(inputs), "code": code_version(code)}
-        return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    def stage_value(self, value: Any, content: bool = True) -> Any:
+        """`value` as plain data for a key: with `content`, what it holds (paths into finished stages
+        by their keys, outside files by their sha256); without, where it is (paths as they are)."""
+        if isinstance(value, BaseModel):
+            return self.stage_value(value.model_dump(mode="json"), content)
+        if hasattr(value, "stage_key"):
+            return value.stage_key()
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return self.stage_value({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, content)
+        if isinstance(value, Mapping):
+            return {str(k): self.stage_value(v, content) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.stage_value(v, content) for v in value]
+        if isinstance(value, np.ndarray):
+            return {"array": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest(),
+                    "shape": list(value.shape), "dtype": str(value.dtype)}
+        if isinstance(value, (str, Path)):
+            return self._path_value(str(value)) if content else str(value)
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        raise TypeError(f"a stage argument of type {type(value).__name__} has no stage key: pass paths or plain "
+                        f"data, or give it a stage_key() method")
+
+    def _path_value(self, text: str) -> str:
+        root = re.escape(str(self.root))
+
+        def finished(match: re.Match) -> str:
+            stage, folder = match.group(1), match.group(2)
+            record = self.root / stage / folder / RECORD
+            key = json.loads(record.read_text())["key"] if record.is_file() else folder
+            return f"<{stage}@{key}>"
+
+        replaced = re.sub(rf"{root}/([^/]+)/([^/]+)", finished, text)
+        if replaced == text and text.startswith("/") and Path(text).is_file():
+            stat = Path(text).stat()
+            return f"{text}#sha256={_file_digest(Path(text), stat.st_size, stat.st_mtime_ns)}"
+        return replaced
+
+    def call_key(self, stage: str, function: Callable, arguments: Mapping[str, Any], content: bool = True) -> str:
+        document = {"stage": stage, "function": f"{function.__module__}.{function.__qualname__}",
+                    "arguments": self.stage_value(arguments, content), "code": code_version(function.__module__)}
+        return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:24]
 
     def folder(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
     @staticmethod
-    def lookup(folder: Path, key: str) -> dict[str, Any] | None:
+    def lookup(folder: Path, key: str, outputs_type: type[Outputs]) -> StageRecord[Outputs] | None:
         """The record of the stage finished in `folder` with this key, or None."""
         path = folder / RECORD
         if not path.is_file():
             return None
         record = json.loads(path.read_text())
-        return record if record.get("key") == key else None
+        if record.get("key") != key:
+            return None
+        return StageRecord(stage=record["stage"], key=key, folder=folder, outputs=outputs_type(**record["outputs"]),
+                           metrics=record["metrics"], mlflow_run_id=record["mlflow_run_id"],
+                           build_seconds=record["build_seconds"])
 
     @staticmethod
-    def commit(folder: Path, stage: str, key: str, record: Mapping[str, Any]) -> dict[str, Any]:
-        record = {"stage": stage, "key": key, **record}
-        write_json(folder / RECORD, record)
-        return record
+    def commit(record: StageRecord) -> None:
+        document = {"stage": record.stage, "key": record.key, "outputs": dataclasses.asdict(record.outputs),
+                    "metrics": record.metrics, "mlflow_run_id": record.mlflow_run_id,
+                    "build_seconds": record.build_seconds}
+        write_json(record.folder / RECORD, document)
+
+
+def bind_call(function: Callable, args: tuple, kwargs: Mapping[str, Any]) -> inspect.BoundArguments:
+    """`function(*args, **kwargs)` bound to its signature with its defaults, less the runner's
+    parameters (out_dir, tracker), which the runner fills in."""
+    signature = inspect.signature(function)
+    if OUTPUT_DIR not in signature.parameters:
+        raise TypeError(f"{function.__module__}.{function.__qualname__} takes no {OUTPUT_DIR!r}: it is no stage")
+    partial = inspect.Signature([p for name, p in signature.parameters.items() if name not in (OUTPUT_DIR, TRACKER)])
+    bound = partial.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound

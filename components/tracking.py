@@ -96,6 +96,10 @@ class Tracker:
     def __getstate__(self) -> dict[str, Any]:
         return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client_cache": None}
 
+    def stage_key(self) -> str:
+        """What a stage that writes into this tracker's store is keyed by: the store, not the run."""
+        return self.tracking_uri
+
     @property
     def client(self):
         if self._client_cache is None:

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from ..clip.model import ClipScorer
+from ..clip.model import load as load_clip
 from ..corpus import oracle
 from ..corpus.shapes import ShapeSpec
 from ..images import to_float
 from ..storage import write_json
 from ..tracking import Tracker
+from .evaluation_set import EvaluationSet
 
 
 def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
@@ -172,3 +174,11 @@ def run(samples_path: Path, prompts: list[str], reference_images: np.ndarray, cl
             tracker.set_tags(notes)
         tracker.log_artifact(Path(out_dir) / "metrics.json")
     return metrics
+
+
+def run_on_set(samples_path: Path, evaluation: EvaluationSet, clip_source: str, out_dir: Path,
+               tracker: Tracker | None = None, inception_weights: str | Path | None = None) -> dict[str, float]:
+    """The stage's entry point: `run` on the samples of `evaluation`'s prompts, with the CLIP saved at `clip_source`."""
+    return run(samples_path, evaluation.prompts, evaluation.references, load_clip(clip_source), out_dir,
+               specs=evaluation.specs, holdout=evaluation.holdout, tracker=tracker,
+               inception_weights=inception_weights)

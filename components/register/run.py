@@ -13,6 +13,7 @@ from typing import Any
 
 import mlflow.pyfunc
 
+from ..config import PipelineConfig
 from ..tracking import Tracker, fluent_store
 
 MODEL_NAME = "dalle"
@@ -100,6 +101,20 @@ def run(bundle_dir: Path, metrics: dict[str, float], prompts: list[str], tracker
     return Registration(version=version, promoted=promoted, decision=decision)
 
 
+def register_bundle(cfg: PipelineConfig, dvae_dir: Path, prior_dir: Path, tokenizer_path: Path, clip_source: str,
+                    metrics: dict[str, float], prompts: list[str], parent: Tracker, out_dir: Path,
+                    tracker: Tracker | None = None) -> Registration:
+    """The stage's entry point: the bundle built in `out_dir/bundle`, logged as the model of the
+    pipeline's `parent` run (beside the metrics it is judged by), registered and judged."""
+    from .bundle import build
+
+    bundle_dir = build(Path(out_dir) / "bundle", cfg, dvae_dir, prior_dir, tokenizer_path, clip_source)
+    registration = run(bundle_dir, metrics, prompts, parent)
+    if tracker is not None:
+        tracker.set_tags({"champion_decision": registration.decision, "model_version": registration.version})
+    return registration
+
+
 def resolve_version(model_uri: str, tracker: Tracker) -> str:
     """The version number behind `models:/<name>@<alias>` or `models:/<name>/<n>`."""
     match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
@@ -114,14 +129,14 @@ def resolve_version(model_uri: str, tracker: Tracker) -> str:
         raise ValueError(f"{model_uri}: no version of {name!r} has alias {alias!r} in {tracker.tracking_uri}") from err
 
 
-def fetch_bundle(model_uri: str, tracker: Tracker, directory: Path) -> Path:
-    """Download a registered `dalle` model's bundle into `directory`; returns the bundle folder."""
+def fetch_bundle(model_uri: str, store: Tracker, out_dir: Path) -> Path:
+    """Download a registered `dalle` model's bundle from `store`'s registry into `out_dir`; returns the bundle folder."""
     from mlflow.artifacts import download_artifacts
 
     from .bundle import CONFIG_FILE
 
-    with fluent_store(tracker.tracking_uri):
-        local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(directory)))
+    with fluent_store(store.tracking_uri):
+        local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(out_dir)))
     found = sorted(local.rglob(CONFIG_FILE))
     if not found:
         raise FileNotFoundError(f"{model_uri} holds no dalle bundle ({CONFIG_FILE} not found under {local})")

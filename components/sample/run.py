@@ -12,10 +12,13 @@ import pyarrow.parquet as pq
 import torch
 
 from ..clip.model import ClipScorer
+from ..clip.model import load as load_clip
 from ..config import SampleConfig
 from ..dvae.model import DiscreteVAE
+from ..dvae.model import load as load_dvae
 from ..images import save_grid, to_uint8
 from ..prior.model import Prior
+from ..prior.model import load as load_prior
 from ..storage import atomic_path
 from ..text.tokenizer import TextTokenizer
 from ..tracking import Tracker
@@ -92,8 +95,15 @@ def score_and_rank(clip: ClipScorer, images: torch.Tensor, prompts: list[str],
     return scores, rerank(scores, keep)
 
 
-def run(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: DiscreteVAE, tokenizer: TextTokenizer,
-        clip: ClipScorer, out_dir: Path, tracker: Tracker | None = None) -> SampleResult:
+def run(cfg: SampleConfig, prompts: list[str], prior_dir: Path, dvae_dir: Path, tokenizer_path: Path, text_len: int,
+        clip_source: str, out_dir: Path, tracker: Tracker | None = None) -> SampleResult:
+    """Sample the trained models saved at these places (the stage's entry point)."""
+    return sample_models(cfg, prompts, load_prior(prior_dir), load_dvae(dvae_dir),
+                         TextTokenizer.load(tokenizer_path, text_len), load_clip(clip_source), out_dir, tracker)
+
+
+def sample_models(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: DiscreteVAE, tokenizer: TextTokenizer,
+                  clip: ClipScorer, out_dir: Path, tracker: Tracker | None = None) -> SampleResult:
     if not prompts:
         raise ValueError("no prompts to sample")
     out_dir = Path(out_dir)

@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from ..config import TokenizerConfig
+from ..shards import iter_samples
 from ..storage import atomic_path, file_sha256
 
 FILENAME = "tokenizer.json"
@@ -77,3 +78,8 @@ def run(cfg: TokenizerConfig, captions: Sequence[str], out_dir: str | Path) -> t
         raise ValueError("cannot train a tokenizer on an empty caption list")
     path = TextTokenizer(train(captions, cfg), cfg.text_len).save(out_dir)
     return path, file_sha256(path)
+
+
+def run_on_shards(cfg: TokenizerConfig, curated_dir: str | Path, out_dir: str | Path) -> tuple[Path, str]:
+    """`run` on the captions of the curated shards in `curated_dir` (the stage's entry point)."""
+    return run(cfg, [sample.caption for sample in iter_samples(curated_dir)], out_dir)

@@ -1,42 +1,95 @@
-"""Stage cache keys: what changes a key, what does not, and the record written last."""
+"""Stage cache keys: derived from the call a stage makes, its code from the component's imports."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 
-from dalle_pipeline.components.stage_cache import RECORD, StageCache, code_version
+from dalle_pipeline.components.config import FilterConfig
+from dalle_pipeline.components.filter.run import run as filter_run
+from dalle_pipeline.components.stage_cache import RECORD, StageCache, StageRecord, bind_call, stage_code
+
+P = "dalle_pipeline.components."
 
 
-def test_a_key_changes_with_config_inputs_and_code_and_nothing_else(tmp_path):
-    cache = StageCache(tmp_path)
-    base = cache.key("prior", {"layers": 2, "seed": 0}, {"tokenize-corpus": "abc"}, ("prior", "training"))
-    assert base == StageCache(tmp_path / "elsewhere").key("prior", {"seed": 0, "layers": 2}, {"tokenize-corpus": "abc"},
-                                                          ("training", "prior"))
-    changed = [
-        cache.key("prior", {"layers": 3, "seed": 0}, {"tokenize-corpus": "abc"}, ("prior", "training")),
-        cache.key("prior", {"layers": 2, "seed": 0}, {"tokenize-corpus": "abd"}, ("prior", "training")),
-        cache.key("prior", {"layers": 2, "seed": 0}, {"tokenize-corpus": "abc"}, ("prior",)),
-        cache.key("clip", {"layers": 2, "seed": 0}, {"tokenize-corpus": "abc"}, ("prior", "training")),
-    ]
-    assert len({base, *changed}) == 5
+@dataclass(frozen=True)
+class Out:
+    curated_dir: str
 
 
-def test_code_version_covers_the_named_modules():
-    assert code_version(["prior"]) != code_version(["dvae"])
-    assert code_version(["prior", "dvae"]) == code_version(["dvae", "prior", "prior"])
-    with pytest.raises(FileNotFoundError, match="no component module 'nonexistent'"):
-        code_version(["nonexistent"])
+def finished(cache: StageCache, stage: str, folder: str, key: str) -> Path:
+    """A stage folder under the cache's root committed with `key`."""
+    path = cache.root / stage / folder
+    path.mkdir(parents=True)
+    cache.commit(StageRecord(stage, key, path, Out(str(path)), {}, "run-id", 1.0))
+    return path
+
+
+def key(cache: StageCache, *args, content: bool = True, **kwargs) -> str:
+    return cache.call_key("filter", filter_run, bind_call(filter_run, args, kwargs).arguments, content)
+
+
+def test_a_key_follows_every_argument_passed_and_the_key_of_the_stage_an_input_lies_in(tmp_path):
+    cache = StageCache(tmp_path / "stages")
+    source = finished(cache, "download", "folder-a", "download-key-1")
+    base = key(cache, FilterConfig(), str(source))
+    assert base == key(cache, FilterConfig(), source)  # a path or its string: the same argument
+    assert key(cache, FilterConfig(min_image_size=20), str(source)) != base
+    # the download folder grew (a longer URL list): same folder, another record key, another filter key
+    cache.commit(StageRecord("download", "download-key-2", source, Out(str(source)), {}, "run-id", 1.0))
+    grown = key(cache, FilterConfig(), str(source))
+    assert grown != base
+    # ... but the filter's folder is named by where its input lies, so it keeps accumulating there
+    assert key(cache, FilterConfig(), str(source), content=False) == key(
+        StageCache(cache.root), FilterConfig(), str(source), content=False)
+    # the same stages under another root: the same keys
+    moved = StageCache(tmp_path / "elsewhere" / "stages")
+    finished(moved, "download", "folder-a", "download-key-2")
+    assert key(moved, FilterConfig(), str(moved.root / "download" / "folder-a")) == grown
+
+
+def test_a_file_outside_the_root_is_keyed_by_its_content(tmp_path):
+    cache = StageCache(tmp_path / "stages")
+    url_list = tmp_path / "urls.csv"
+    url_list.write_text("url,caption\nhttp://a/1.png,one\n")
+    first = cache.stage_value(str(url_list))
+    url_list.write_text("url,caption\nhttp://a/1.png,one\nhttp://a/2.png,two\n")
+    assert cache.stage_value(str(url_list)) != first and cache.stage_value(str(url_list), content=False) == str(url_list)
+
+
+def test_an_argument_with_no_stage_key_is_refused_by_type(tmp_path):
+    with pytest.raises(TypeError, match="of type object has no stage key"):
+        StageCache(tmp_path).stage_value({"model": object()})
+
+
+def test_the_code_of_a_stage_is_its_module_and_everything_it_imports_from_the_package():
+    tokenize = stage_code(P + "tokenize_corpus.run")
+    assert {P + "tokenize_corpus.run", P + "token_parquet", P + "dvae.model", P + "images", P + "storage",
+            P + "cluster", P + "text.tokenizer"} <= set(tokenize)
+    assert P + "dvae.train" not in tokenize  # tokenization runs the dVAE's model, not its trainer
+    assert P + "config" not in tokenize and P + "tracking" not in tokenize  # their effect is in the values
+    # imports inside functions count too: sampling loads each model where it needs it
+    assert {P + "prior.model", P + "prior.attention", P + "clip.model"} <= set(stage_code(P + "sample.run"))
 
 
 def test_only_a_stage_committed_with_the_same_key_is_found(tmp_path):
     cache = StageCache(tmp_path)
-    key = cache.key("dvae", {}, {}, ("dvae",))
-    folder = cache.folder("dvae", key)
+    folder = cache.folder("filter", "k1")
     folder.mkdir(parents=True)
-    (folder / "checkpoint.partial").write_text("a crashed run's work")
-    assert cache.lookup(folder, key) is None
-    record = cache.commit(folder, "dvae", key, {"outputs": {"checkpoint_dir": "x"}, "metrics": {"psnr": 20.0}})
-    assert cache.lookup(folder, key) == record == {"stage": "dvae", "key": key, "outputs": {"checkpoint_dir": "x"},
-                                                   "metrics": {"psnr": 20.0}}
+    (folder / "part.partial").write_text("a crashed run's work")
+    assert cache.lookup(folder, "k1", Out) is None
+    record = StageRecord("filter", "k1", folder, Out("x"), {"kept": 3.0}, "run-id", 2.0)
+    cache.commit(record)
     assert (folder / RECORD).is_file()
-    assert cache.lookup(folder, "another key") is None  # an accumulating folder, since grown by other inputs
+    assert cache.lookup(folder, "k1", Out) == record
+    assert cache.lookup(folder, "another key", Out) is None  # an accumulating folder, since grown by other inputs
+
+
+def test_a_function_without_an_out_dir_is_no_stage():
+    def helper(cfg):
+        return cfg
+
+    with pytest.raises(TypeError, match="takes no 'out_dir'"):
+        bind_call(helper, (1,), {})

@@ -206,7 +206,7 @@ def test_retraining_the_champion_on_a_new_url_list_registers_a_judged_version(mi
                           "--set", "dvae.optim.steps=10")
 
     # the tokenizer and CLIP are the champion's; its dVAE is fine-tuned, everything after the data runs
-    assert caches == {stage: "miss" for stage in ("base-model", "url-list", "download", "filter", "dvae",
+    assert caches == {stage: "miss" for stage in ("base-model", "download", "filter", "dvae",
                                                   "tokenize-corpus", "prior", "sample", "evaluate", "register")}
     (new_version,) = [v for v in client.search_model_versions("name='dalle'") if v.version not in versions_before]
     decision = new_version.tags["champion_decision"]

@@ -1,0 +1,340 @@
+"""The stage tasks of the `train-dalle` flow: each is one call of one component function.
+
+A task names its component function and the arguments it passes; `Stages.run` derives the
+stage's key from exactly those (see `components/stage_cache.py`), reuses a stage finished with
+that key, or runs the call in a nested MLflow run (tagged with the cache decision) and returns
+its typed record. Imports are absolute: Prefect loads the flow's entrypoint as a script by its
+file path, where relative imports fail.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import time
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from dalle_pipeline.components.config import PipelineConfig
+from dalle_pipeline.components.evaluate.evaluation_set import EvaluationSet
+from dalle_pipeline.components.stage_cache import OUTPUT_DIR, TRACKER, StageCache, StageRecord, bind_call
+from dalle_pipeline.components.tracking import Tracker, stage_run
+
+STAGE_TASK = {"cache_policy": NO_CACHE}  # our StageCache decides what to skip; Prefect's input cache would not log it
+# stages that fetch over the network retry: each is idempotent (a download resumes its batch)
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
+StageName = Literal["corpus", "download", "filter", "text-tokenizer", "dvae", "tokenize-corpus", "prior", "clip",
+                    "sample", "evaluate", "register", "base-model", "all"]
+Outputs = TypeVar("Outputs")
+
+
+# What each stage hands on (its `_stage.json` outputs), as paths and ids: never tensors.
+@dataclass(frozen=True)
+class UrlList:
+    url_list: str
+
+
+@dataclass(frozen=True)
+class Shards:
+    shards_dir: str
+
+
+@dataclass(frozen=True)
+class Curated:
+    curated_dir: str
+    report_rows: list[dict[str, Any]] = field(default_factory=list)  # samples per (stage, reason)
+
+
+@dataclass(frozen=True)
+class TextTokenizerFile:
+    tokenizer_path: str
+    tokenizer_hash: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    checkpoint_dir: str
+
+
+@dataclass(frozen=True)
+class TokenDataset:
+    dataset_dir: str
+
+
+@dataclass(frozen=True)
+class Clip:
+    clip_source: str
+
+
+@dataclass(frozen=True)
+class Samples:
+    grid: str
+    samples: str
+    prompts: list[str]
+
+
+@dataclass(frozen=True)
+class Nothing:
+    """A stage whose result is its metrics (evaluate)."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    model_version: str
+    promoted: bool
+    champion_decision: str
+
+
+@dataclass(frozen=True)
+class BaseBundle:
+    bundle_dir: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What every stage task needs besides its inputs: the parent MLflow run and the stage cache."""
+
+    parent: Tracker
+    cache: StageCache
+    rerun: frozenset[str] = frozenset()  # stage names to run even when cached; "all" for every stage
+
+    def run(self, name: str, function: Callable, *args: Any,
+            finish: Callable[[Any, Tracker], tuple[Outputs, dict[str, float]]], accumulates: bool = False,
+            **kwargs: Any) -> StageRecord[Outputs]:
+        """`function(*args, **kwargs, out_dir=<stage folder>[, tracker=<stage run>])` in a nested MLflow
+        run, unless a stage finished with the same key: then log that it was reused (tags `cache`,
+        `built_by_run`, its metrics again) and return its record. `finish(result, tracker)` makes the
+        outputs and summary metrics of the call's result. `accumulates`: the folder is named by the
+        call's settings and input locations (a growing URL list keeps its folder), not by its key."""
+        outputs_type = _outputs_type(finish)
+        bound = bind_call(function, args, kwargs)
+        key = self.cache.call_key(name, function, bound.arguments)
+        folder = self.cache.folder(name, self.cache.call_key(name, function, bound.arguments, content=False)
+                                   if accumulates else key)
+        started = time.perf_counter()
+        with stage_run(self.parent, name, self.cache.stage_value(bound.arguments, content=False)) as tracker:
+            forced = name in self.rerun or "all" in self.rerun
+            record = None if forced else self.cache.lookup(folder, key, outputs_type)
+            if record is not None:
+                tracker.set_tags({"cache": "hit", "cache_key": key, "built_by_run": record.mlflow_run_id,
+                                  "stage_dir": str(folder)})
+                tracker.log_metrics(record.metrics)
+                print(f"{name}: inputs unchanged, reusing {folder} (built by MLflow run {record.mlflow_run_id})")
+                return _with(record, reused=True, seconds=time.perf_counter() - started)
+            tracker.set_tags({"cache": "forced" if forced else "miss", "cache_key": key, "stage_dir": str(folder)})
+            if forced:
+                shutil.rmtree(folder, ignore_errors=True)  # from scratch: no resuming from the last build's checkpoints
+            folder.mkdir(parents=True, exist_ok=True)  # an unfinished folder is kept: stages resume from it
+            call = dict(bound.arguments, **{OUTPUT_DIR: folder})
+            if TRACKER in inspect.signature(function).parameters:
+                call[TRACKER] = tracker
+            outputs, metrics = finish(function(**call), tracker)
+            seconds = time.perf_counter() - started
+            record = StageRecord(stage=name, key=key, folder=folder, outputs=outputs, metrics=metrics,
+                                 mlflow_run_id=tracker.run_id, build_seconds=seconds)
+            self.cache.commit(record)
+            return _with(record, seconds=seconds)
+
+
+def _outputs_type(finish: Callable) -> type:
+    """The outputs class of a stage: the first element of its `finish`'s return annotation."""
+    return typing.get_args(typing.get_type_hints(finish)["return"])[0]
+
+
+def _with(record: StageRecord, **changes: Any) -> StageRecord:
+    return replace(record, **changes)
+
+
+def derived(stage: str, outputs: Any, base: StageRecord) -> StageRecord:
+    """A part of a base model (its tokenizer, dVAE, CLIP) as the record of a stage not run again."""
+    return StageRecord(stage=stage, key=f"{base.key}/{stage}", folder=base.folder, outputs=outputs, metrics={},
+                       mlflow_run_id=base.mlflow_run_id, build_seconds=0.0, reused=True)
+
+
+@task(name="corpus", **STAGE_TASK)
+def make_corpus(cfg: PipelineConfig, stages: Stages) -> StageRecord[UrlList]:
+    """The embedded shapes corpus as a URL list of file:// images."""
+    from dalle_pipeline.components.corpus import generate
+
+    def finish(result, tracker: Tracker) -> tuple[UrlList, dict[str, float]]:
+        tracker.log_metrics({"num_images": result.num_images})
+        return UrlList(str(result.url_list)), {"num_images": result.num_images}
+
+    return stages.run("corpus", generate, cfg.corpus, finish=finish)
+
+
+@task(name="download", **IO_RETRIES, **STAGE_TASK)
+def download(cfg: PipelineConfig, url_list: str, stages: Stages) -> StageRecord[Shards]:
+    from dalle_pipeline.components.download.run import run
+
+    def finish(result, tracker: Tracker) -> tuple[Shards, dict[str, float]]:
+        metrics = {"successes": result.successes, "failures": result.failures, "new_urls": result.new_urls,
+                   **{f"failed_{k}": v for k, v in result.failures_by_reason.items()}}
+        tracker.log_metrics(metrics)
+        print(f"downloaded {result.successes} images ({result.new_urls} URLs new), {result.failures} failed "
+              f"{result.failures_by_reason}")
+        return Shards(str(result.shards_dir)), metrics
+
+    # one folder per URL list location and settings: a list that grows downloads only its new rows
+    return stages.run("download", run, cfg.download, url_list, image_size=cfg.corpus.image_size, finish=finish,
+                      accumulates=True)
+
+
+@task(name="filter", **STAGE_TASK)
+def filter_corpus(cfg: PipelineConfig, downloaded: StageRecord[Shards], stages: Stages) -> StageRecord[Curated]:
+    from prefect.artifacts import create_table_artifact
+
+    from dalle_pipeline.components.filter.run import run
+
+    def finish(result, tracker: Tracker) -> tuple[Curated, dict[str, float]]:
+        metrics = {"kept": result.kept, **{f"dropped_{k}": v for k, v in result.dropped_by_reason.items()}}
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(result.report_path)
+        print(f"kept {result.kept} samples, dropped {result.dropped_by_reason}")
+        rows = [{"stage": "filter", "reason": "kept", "samples": result.kept}]
+        rows += [{"stage": "filter", "reason": k, "samples": v} for k, v in result.dropped_by_reason.items()]
+        rows += [{"stage": "download", "reason": k, "samples": v}
+                 for k, v in result.download_failures_by_reason.items()]
+        return Curated(str(result.curated_dir), rows), metrics
+
+    record = stages.run("filter", run, cfg.filter, downloaded.outputs.shards_dir, finish=finish, accumulates=True)
+    create_table_artifact(record.outputs.report_rows, key="filter-report",
+                          description="Samples kept and dropped, by reason")
+    return record
+
+
+@task(name="text-tokenizer", **STAGE_TASK)
+def train_text_tokenizer(cfg: PipelineConfig, curated: StageRecord[Curated],
+                         stages: Stages) -> StageRecord[TextTokenizerFile]:
+    from dalle_pipeline.components.text.tokenizer import run_on_shards
+
+    def finish(result, tracker: Tracker) -> tuple[TextTokenizerFile, dict[str, float]]:
+        path, digest = result
+        tracker.set_tags({"tokenizer_hash": digest})
+        tracker.log_artifact(path)
+        return TextTokenizerFile(str(path), digest), {}
+
+    return stages.run("text-tokenizer", run_on_shards, cfg.tokenizer, curated.outputs.curated_dir, finish=finish)
+
+
+def _checkpoint(result, tracker: Tracker) -> tuple[Checkpoint, dict[str, float]]:
+    return Checkpoint(str(result.checkpoint_dir)), result.metrics
+
+
+@task(name="dvae", **STAGE_TASK)
+def train_dvae(cfg: PipelineConfig, curated: StageRecord[Curated], stages: Stages) -> StageRecord[Checkpoint]:
+    from dalle_pipeline.components.dvae.train import run
+
+    return stages.run("dvae", run, cfg.dvae, curated.outputs.curated_dir, image_size=cfg.corpus.image_size,
+                      seed=cfg.seed, finish=_checkpoint)
+
+
+@task(name="tokenize-corpus", **STAGE_TASK)
+def tokenize_corpus(cfg: PipelineConfig, curated: StageRecord[Curated], dvae: StageRecord[Checkpoint],
+                    tokenizer: StageRecord[TextTokenizerFile], stages: Stages) -> StageRecord[TokenDataset]:
+    from dalle_pipeline.components.tokenize_corpus.run import run
+
+    def finish(result, tracker: Tracker) -> tuple[TokenDataset, dict[str, float]]:
+        tracker.log_metrics({"rows": result.rows})
+        tracker.log_artifact(result.dataset_dir / "_manifest.json")
+        return TokenDataset(str(result.dataset_dir)), {"rows": result.rows}
+
+    # new curated shards add parts; another dVAE or tokenizer (another folder in their paths) starts another folder
+    return stages.run("tokenize-corpus", run, curated.outputs.curated_dir, dvae.outputs.checkpoint_dir,
+                      tokenizer.outputs.tokenizer_path, text_len=cfg.tokenizer.text_len,
+                      bpe_dropout=cfg.tokenizer.bpe_dropout, finish=finish, accumulates=True)
+
+
+@task(name="prior", **STAGE_TASK)
+def train_prior(cfg: PipelineConfig, dataset: StageRecord[TokenDataset], stages: Stages) -> StageRecord[Checkpoint]:
+    from dalle_pipeline.components.prior.train import run
+
+    return stages.run("prior", run, cfg.prior, dataset.outputs.dataset_dir, seed=cfg.seed, finish=_checkpoint)
+
+
+@task(name="clip", **STAGE_TASK)
+def train_clip(cfg: PipelineConfig, curated: StageRecord[Curated], stages: Stages) -> StageRecord[Clip]:
+    from dalle_pipeline.components.clip.train import run
+
+    def finish(result, tracker: Tracker) -> tuple[Clip, dict[str, float]]:
+        return Clip(result.source), result.metrics
+
+    return stages.run("clip", run, cfg.clip, curated.outputs.curated_dir, image_size=cfg.corpus.image_size,
+                      seed=cfg.seed, finish=finish)
+
+
+@task(name="base-model", **IO_RETRIES, **STAGE_TASK)
+def fetch_base_model(model_uri: str, stages: Stages) -> StageRecord[BaseBundle]:
+    """The registered model a retrain starts from, downloaded into the stage cache."""
+    from dalle_pipeline.components.register.run import fetch_bundle, resolve_version
+
+    version = resolve_version(model_uri, stages.parent)
+    name = model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
+
+    def finish(bundle, tracker: Tracker) -> tuple[BaseBundle, dict[str, float]]:
+        print(f"retraining from {model_uri} (version {version}), bundle in {bundle}")
+        return BaseBundle(str(bundle), version), {}
+
+    return stages.run("base-model", fetch_bundle, f"models:/{name}/{version}", stages.parent, finish=finish)
+
+
+def base_model_parts(base: StageRecord[BaseBundle]) -> tuple[StageRecord, StageRecord, StageRecord]:
+    """The base model's tokenizer, dVAE and CLIP as the records of stages it does not run again."""
+    from dalle_pipeline.components.register.bundle import read_manifest
+    from dalle_pipeline.components.storage import file_sha256
+
+    bundle = Path(base.outputs.bundle_dir)
+    _, clip_source = read_manifest(bundle)
+    tokenizer = TextTokenizerFile(str(bundle / "tokenizer.json"), file_sha256(bundle / "tokenizer.json"))
+    return (derived("text-tokenizer", tokenizer, base), derived("dvae", Checkpoint(str(bundle / "dvae")), base),
+            derived("clip", Clip(clip_source), base))
+
+
+@task(name="sample", **STAGE_TASK)
+def sample(cfg: PipelineConfig, evaluation: EvaluationSet, prior: StageRecord[Checkpoint],
+           dvae: StageRecord[Checkpoint], tokenizer: StageRecord[TextTokenizerFile], clip: StageRecord[Clip],
+           stages: Stages) -> StageRecord[Samples]:
+    from dalle_pipeline.components.sample.run import run
+
+    def finish(result, tracker: Tracker) -> tuple[Samples, dict[str, float]]:
+        return Samples(str(result.grid), str(result.samples), evaluation.prompts), {}
+
+    return stages.run("sample", run, cfg.sample, evaluation.prompts, prior.outputs.checkpoint_dir,
+                      dvae.outputs.checkpoint_dir, tokenizer.outputs.tokenizer_path, cfg.tokenizer.text_len,
+                      clip.outputs.clip_source, finish=finish)
+
+
+@task(name="evaluate", **STAGE_TASK)
+def evaluate(cfg: PipelineConfig, evaluation: EvaluationSet, samples: StageRecord[Samples], clip: StageRecord[Clip],
+             stages: Stages) -> StageRecord[Nothing]:
+    from dalle_pipeline.components.evaluate.run import find_inception_weights, run_on_set
+
+    def finish(metrics, tracker: Tracker) -> tuple[Nothing, dict[str, float]]:
+        return Nothing(), metrics
+
+    # resolved here, so weights appearing in the torch cache later are a new argument: the stage runs again, with FID
+    weights = find_inception_weights(cfg.sample.inception_weights)
+    return stages.run("evaluate", run_on_set, samples.outputs.samples, evaluation, clip.outputs.clip_source,
+                      inception_weights=str(weights) if weights else None, finish=finish)
+
+
+@task(name="register", **STAGE_TASK)
+def register(cfg: PipelineConfig, dvae: StageRecord[Checkpoint], prior: StageRecord[Checkpoint],
+             tokenizer: StageRecord[TextTokenizerFile], clip: StageRecord[Clip], samples: StageRecord[Samples],
+             evaluation: StageRecord[Nothing], stages: Stages) -> StageRecord[Registered]:
+    from dalle_pipeline.components.register.run import register_bundle
+
+    def finish(registration, tracker: Tracker) -> tuple[Registered, dict[str, float]]:
+        return Registered(registration.version, registration.promoted, registration.decision), {}
+
+    # keyed by the parent's MLflow store (a tracker's stage_key): registering into another store is another stage
+    return stages.run("register", register_bundle, cfg, dvae.outputs.checkpoint_dir, prior.outputs.checkpoint_dir,
+                      tokenizer.outputs.tokenizer_path, clip.outputs.clip_source, evaluation.metrics,
+                      samples.outputs.prompts, stages.parent, finish=finish)
