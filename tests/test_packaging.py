@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -35,8 +36,15 @@ def test_the_package_list_names_every_folder_with_an_init():
 
 
 def test_the_wheel_installs_dalle_pipeline_only_and_every_module_imports_from_outside_the_checkout(tmp_path):
+    # built from a copy of what the wheel is made of, so setuptools' build/ folder lands there, not in the checkout
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", *SETUPTOOLS["package-dir"].values()):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
+        copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                          if (REPO / name).is_dir() else {}))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True, cwd=tmp_path)
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("dalle_pipeline-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names}
