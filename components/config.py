@@ -129,17 +129,22 @@ class RayTrainConfig(StageConfig):
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
 
 
-class DVAEConfig(RayTrainConfig):
+class DVAEArchitecture(StageConfig):
+    """The dVAE's shape: with the image size (`dvae.model.DVAEModelConfig`) it rebuilds the model."""
+
     codebook_size: int = Field(256, ge=2, description="number of image codes")
     n_hid: int = Field(32, ge=4, description="base width; groups are 1, 2, 4, 8 x n_hid")
     num_groups: int = Field(3, ge=2, le=4, description="residual groups; downsampling = 2**(num_groups-1)")
     blocks_per_group: int = Field(1, ge=1, description="residual blocks per group")
+    logit_laplace_eps: float = Field(0.1, gt=0, lt=0.5, description="pixels are mapped into [eps, 1-eps]")
+
+
+class DVAEConfig(RayTrainConfig, DVAEArchitecture):
     temperature_start: float = Field(1.0, gt=0, description="gumbel-softmax temperature at step 0")
     temperature_end: float = Field(1 / 16, gt=0, description="temperature after the anneal")
     temperature_anneal_steps: int = Field(800, ge=1, description="cosine anneal length, updates")
     kl_weight: float = Field(6.6, ge=0, description="final KL weight beta")
     kl_warmup_steps: int = Field(200, ge=0, description="beta ramps 0 -> kl_weight over these updates")
-    logit_laplace_eps: float = Field(0.1, gt=0, lt=0.5, description="pixels are mapped into [eps, 1-eps]")
     recon_loss: Literal["logit_laplace", "mse"] = Field(
         "mse", description="pixel likelihood: the paper's logit-Laplace, or a Gaussian with fixed sigma (mse)"
     )
@@ -153,7 +158,10 @@ class DVAEConfig(RayTrainConfig):
     )
 
 
-class PriorConfig(RayTrainConfig):
+class PriorArchitecture(StageConfig):
+    """The prior's shape: with the vocabularies and lengths of its data (`prior.model.PriorModelConfig`) it
+    rebuilds the model."""
+
     layers: int = Field(4, ge=1, description="transformer layers")
     d_model: int = Field(128, ge=8, description="model width")
     heads: int = Field(4, ge=1, description="attention heads")
@@ -161,9 +169,21 @@ class PriorConfig(RayTrainConfig):
         "dalle", description="'dalle': row/column/conv image attention as the paper; 'dense': all causal"
     )
     conv_kernel: int = Field(11, ge=3, description="side of the causal convolutional attention window")
+    dropout: float = Field(0.0, ge=0, lt=1, description="residual dropout")
+    attention_backend: Literal["auto", "segments", "flex", "sdpa", "math"] = Field(
+        "auto", description="'auto': text-plus-segments flash attention on CUDA, plain math attention on CPU"
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> PriorArchitecture:
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class PriorConfig(RayTrainConfig, PriorArchitecture):
     text_loss_weight: float = Field(1 / 8, ge=0, le=1, description="share of the loss on text tokens")
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="probability of a null caption (for guidance)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="residual dropout")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="data parallel (replicas) or FSDP2 (parameters, grads and optimizer state sharded)"
     )
@@ -176,19 +196,9 @@ class PriorConfig(RayTrainConfig):
     )
     val_fraction: float = Field(0.05, ge=0, lt=1, description="share of token rows held out for validation")
     val_rows_max: int = Field(1024, ge=1, description="most validation rows (validation runs every checkpoint)")
-    attention_backend: Literal["auto", "segments", "flex", "sdpa", "math"] = Field(
-        "auto", description="'auto': text-plus-segments flash attention on CUDA, plain math attention on CPU"
-    )
     init_from: str | None = Field(
         None, description="a prior checkpoint folder whose weights start training (fine-tuning); same architecture"
     )
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> PriorConfig:
-        if self.d_model % self.heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
-        return self
-
 
 class ClipConfig(StageConfig):
     pretrained: str | None = Field(

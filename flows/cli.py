@@ -51,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return generate_images(args)
     try:
-        cfg = resolve(args.preset, args.overrides)
-        # the flow's parameter (nested; None there keeps the preset's value, so `train` refuses `--set f=null`)
-        overrides = as_overrides(args.overrides) if args.command == "train" else None
+        # `train`: the `k=v` strings become the flow's parameter (nested; None there keeps the preset's
+        # value, so `train` refuses `--set f=null`), checked here as the flow will resolve it, so a bad
+        # value fails before Prefect starts; `config` resolves the strings as they are (null included)
+        overrides = as_overrides(args.overrides) if args.command == "train" else args.overrides
+        cfg = resolve(args.preset, overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

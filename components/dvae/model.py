@@ -10,26 +10,26 @@ scaled by 1 / (number of residual blocks)^2 so deep stacks start close to the id
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from .. import checkpoint
+from ..config import DVAEArchitecture
 
 KIND = "dvae"  # the checkpoint kind of a dVAE folder
 
 
-@dataclass(frozen=True)
-class DVAEModelConfig:
-    image_size: int = 32
-    codebook_size: int = 256
-    n_hid: int = 32
-    num_groups: int = 3
-    blocks_per_group: int = 1
-    logit_laplace_eps: float = 0.1
+class DVAEModelConfig(DVAEArchitecture):
+    """The dVAE's architecture (`config.DVAEArchitecture`) at an image size; saved in its checkpoint's
+    config.json, it rebuilds the model alone."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_size: int = Field(32, ge=8, description="side of the square input images, in pixels")
 
     @property
     def downsample(self) -> int:
@@ -40,7 +40,7 @@ class DVAEModelConfig:
         return self.image_size // self.downsample
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 def _widths(cfg: DVAEModelConfig) -> list[int]:

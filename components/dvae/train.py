@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import checkpoint
-from ..config import DVAEConfig
+from ..config import DVAEArchitecture, DVAEConfig
 from ..images import psnr, save_grid, to_float, to_uint8
 from ..shards import load_corpus, shard_paths
 from ..tracking import Tracker
@@ -119,10 +119,8 @@ def reconstruction_grid(model: DiscreteVAE, images: np.ndarray, path: Path) -> P
 
 
 def model_config(cfg: DVAEConfig, image_size: int) -> DVAEModelConfig:
-    return DVAEModelConfig(
-        image_size=image_size, codebook_size=cfg.codebook_size, n_hid=cfg.n_hid, num_groups=cfg.num_groups,
-        blocks_per_group=cfg.blocks_per_group, logit_laplace_eps=cfg.logit_laplace_eps,
-    )
+    """The architecture of `cfg` at this image size."""
+    return DVAEModelConfig(**cfg.model_dump(include=set(DVAEArchitecture.model_fields)), image_size=image_size)
 
 
 def train_worker(config: dict[str, Any]) -> None:

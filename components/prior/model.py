@@ -14,15 +14,16 @@ holds. The masks are boolean (True = may attend), built once per shape.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from .. import checkpoint
+from ..config import PriorArchitecture
 
 from .attention import (
     Segments,
@@ -37,19 +38,16 @@ from .attention import (
 KIND = "prior"  # the checkpoint kind of a prior folder
 
 
-@dataclass(frozen=True)
-class PriorModelConfig:
-    text_vocab: int = 512
-    image_vocab: int = 256
-    text_len: int = 24
-    grid_size: int = 8
-    layers: int = 4
-    d_model: int = 128
-    heads: int = 4
-    attention: str = "dalle"  # "dalle" | "dense"
-    conv_kernel: int = 11
-    dropout: float = 0.0
-    attention_backend: str = "auto"  # "auto" (segments on CUDA, math elsewhere) | "segments" | "flex" | "sdpa" | "math"
+class PriorModelConfig(PriorArchitecture):
+    """The prior's architecture (`config.PriorArchitecture`, the fields a user sets) and the vocabularies
+    and lengths its data fixes; saved in its checkpoint's config.json, it rebuilds the model alone."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text_vocab: int = Field(512, ge=1, description="BPE vocabulary size, specials included")
+    image_vocab: int = Field(256, ge=2, description="dVAE codebook size")
+    text_len: int = Field(24, ge=1, description="text positions")
+    grid_size: int = Field(8, ge=1, description="side of the image token grid")
 
     @property
     def image_len(self) -> int:
@@ -68,7 +66,7 @@ class PriorModelConfig:
         return self.text_vocab + position
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 def layer_attention_types(cfg: PriorModelConfig) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .. import checkpoint
-from ..config import PriorConfig
+from ..config import PriorArchitecture, PriorConfig
 from ..tracking import Tracker
 from ..training import ParquetBatches, TokenParquet, fit, ray_train
 from ..training.flops import measured_matmul_peak, transformer_flops_per_token
@@ -24,12 +24,10 @@ from ..training.loop import progress_logger, unwrap, uses_bf16
 from .model import KIND, Prior, PriorModelConfig, prior_loss
 
 def model_config(cfg: PriorConfig, manifest: dict) -> PriorModelConfig:
-    return PriorModelConfig(
-        text_vocab=int(manifest["text_vocab"]), image_vocab=int(manifest["image_vocab"]),
-        text_len=int(manifest["text_len"]), grid_size=int(manifest["grid_size"]), layers=cfg.layers,
-        d_model=cfg.d_model, heads=cfg.heads, attention=cfg.attention, conv_kernel=cfg.conv_kernel,
-        dropout=cfg.dropout, attention_backend=cfg.attention_backend,
-    )
+    """The architecture of `cfg` with the vocabularies and lengths of the token dataset."""
+    return PriorModelConfig(**cfg.model_dump(include=set(PriorArchitecture.model_fields)),
+                            text_vocab=int(manifest["text_vocab"]), image_vocab=int(manifest["image_vocab"]),
+                            text_len=int(manifest["text_len"]), grid_size=int(manifest["grid_size"]))
 
 
 def split_validation(num_rows: int, cfg: PriorConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,10 +88,8 @@ def _decode_logits(model: Prior, step, text, lengths, tokens) -> torch.Tensor:
 
 def _decoding_case(lengths: list[int], backend: str = "auto"):
     """A fresh prior, random captions of these lengths and image tokens, and the full forward's logits."""
-    from dataclasses import replace
-
     torch.manual_seed(0)
-    model = Prior(replace(CFG, attention_backend=backend)).eval()
+    model = Prior(CFG.model_copy(update={"attention_backend": backend})).eval()
     text = torch.randint(0, CFG.text_vocab, (len(lengths), CFG.text_len))
     tokens = torch.randint(0, CFG.image_vocab, (len(lengths), CFG.image_len))
     with torch.no_grad():
@@ -207,12 +205,10 @@ def test_loss_falls_on_a_learnable_mapping():
 def test_attention_paths_agree_with_sdpa(backend):
     """Text-plus-segments and FlexAttention block masks (the CUDA paths) and plain math attention
     (the CPU path) compute what SDPA with the boolean masks does."""
-    from dataclasses import replace
-
     torch.manual_seed(0)
-    cfg = replace(CFG, layers=4)
-    sdpa = Prior(replace(cfg, attention_backend="sdpa")).eval()
-    flex = Prior(replace(cfg, attention_backend=backend)).eval()
+    cfg = CFG.model_copy(update={"layers": 4})
+    sdpa = Prior(cfg.model_copy(update={"attention_backend": "sdpa"})).eval()
+    flex = Prior(cfg.model_copy(update={"attention_backend": backend})).eval()
     flex.load_state_dict(sdpa.state_dict())
     text = torch.randint(0, cfg.text_vocab, (2, cfg.text_len))
     image = torch.randint(0, cfg.image_vocab, (2, cfg.image_len))
@@ -308,11 +304,9 @@ def test_segment_attention_refuses_a_sequence_that_does_not_fit_its_grid():
 def test_segments_backend_trains_like_the_boolean_masks_in_bf16(device):
     """The whole prior in bf16 autocast: the segments backend's loss and gradients match the
     boolean-mask path's within bf16 rounding (on CUDA this covers the CUDA flash kernels)."""
-    from dataclasses import replace
-
     torch.manual_seed(0)
-    cfg = replace(CFG, text_len=8, grid_size=4, layers=4, d_model=64, heads=2)
-    models = [Prior(replace(cfg, attention_backend=backend)).to(device) for backend in ("segments", "sdpa")]
+    cfg = CFG.model_copy(update={"text_len": 8, "grid_size": 4, "layers": 4, "d_model": 64, "heads": 2})
+    models = [Prior(cfg.model_copy(update={"attention_backend": backend})).to(device) for backend in ("segments", "sdpa")]
     models[1].load_state_dict(models[0].state_dict())
     text = torch.randint(0, cfg.text_vocab, (4, cfg.text_len), device=device)
     image = torch.randint(0, cfg.image_vocab, (4, cfg.image_len), device=device)
