@@ -201,6 +201,94 @@ def _metric(value: float | torch.Tensor) -> float | torch.Tensor:
     return value.detach().float() if isinstance(value, torch.Tensor) else float(value)
 
 
+class _Window:
+    """Metric sums over one log window, kept on the device until the window is logged, and whether
+    every loss since the last check was finite."""
+
+    def __init__(self, step: int) -> None:
+        self.sums: dict[str, float | torch.Tensor] = {}
+        self.steps, self.started = 0, time.perf_counter()
+        self.finite: bool | torch.Tensor = True
+        self.checked_step = step
+
+    def add(self, metrics: dict[str, float | torch.Tensor], finite: bool | torch.Tensor) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+        self.finite = self.finite & finite
+
+    def check_finite(self, step: int) -> None:
+        """Raise before anything is logged or saved from a model that saw a non-finite loss."""
+        if not bool(self.finite):
+            raise FloatingPointError(f"the loss was not finite (nan or inf) in steps {self.checked_step + 1}..{step}")
+        self.finite, self.checked_step = True, step
+
+    def close(self) -> tuple[dict[str, float], int, float]:
+        """(the window's averages as floats, its updates, its seconds); this waits for the device.
+        The next window starts now."""
+        closed = ({key: float(value) / self.steps for key, value in self.sums.items()}, self.steps,
+                  time.perf_counter() - self.started)
+        self.sums, self.steps, self.started = {}, 0, time.perf_counter()
+        return closed
+
+
+def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None,
+            state: dict[str, Any] | None) -> int:
+    """Load a checkpoint state (weights, optimizer, EMA, RNG) into the run; the step to continue at."""
+    if state is None:
+        return 0
+    load_training_state(model, optimizer, state)
+    if ema is not None and state.get("ema") is not None:
+        ema.model.load_state_dict(state["ema"])
+    if state.get("rng") is not None:
+        set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _update(model: nn.Module, forward_model: nn.Module, loss_fn: LossFn, batches: Iterator[Any],
+            optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, lr: float,
+            device_type: str) -> tuple[dict[str, float | torch.Tensor], bool | torch.Tensor]:
+    """One optimizer update at learning rate `lr` over `cfg.grad_accum_steps` micro-batches: its
+    metrics (device tensors, averaged over the micro-batches, with the grad norm) and whether every
+    loss was finite."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    accumulate = cfg.grad_accum_steps
+    metrics_sum: dict[str, float | torch.Tensor] = {}
+    finite: bool | torch.Tensor = True
+    for micro in range(accumulate):
+        # under DDP, forward and backward of all but the last micro-batch skip the all-reduce
+        sync = micro == accumulate - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with _precision_context(cfg, device_type):
+                loss, metrics = loss_fn(forward_model, next(batches), step)
+            (loss / accumulate).backward()
+        finite = finite & torch.isfinite(loss.detach())
+        for key, value in {"loss": loss, **metrics}.items():
+            metrics_sum[key] = metrics_sum.get(key, 0.0) + _metric(value) / accumulate
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    return {**metrics_sum, "grad_norm": _metric(grad_norm)}, finite
+
+
+def _validate(model: nn.Module, evaluate: Callable[[nn.Module, int], dict[str, float]], cfg: OptimConfig,
+              step: int, device_type: str) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad(), _precision_context(cfg, device_type):
+        validation = {f"val_{key}": value for key, value in evaluate(unwrap(model), step).items()}
+    model.train()
+    return validation
+
+
+def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, step: int) -> dict[str, Any]:
+    """Everything `fit` needs to continue at `step` exactly: weights, optimizer, EMA, RNG."""
+    return {"model": model_state(model), "optimizer": optimizer_state(model, optimizer),
+            "ema": ema.model.state_dict() if ema is not None else None, "rng": rng_state(), "step": step}
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -228,90 +316,42 @@ def fit(
         raise ValueError("ema_decay > 0 is not supported with FSDP sharding yet; set optim.ema_decay=0")
     optimizer = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    step = 0
-    if resume_state is not None:
-        load_training_state(model, optimizer, resume_state)
-        if ema is not None and resume_state.get("ema") is not None:
-            ema.model.load_state_dict(resume_state["ema"])
-        if resume_state.get("rng") is not None:
-            set_rng_state(resume_state["rng"])
-        step = int(resume_state["step"])
-
+    step = _resume(model, optimizer, ema, resume_state)
     device_type = _device_type(model)
     forward_model = torch.compile(model) if _should_compile(cfg, device_type) else model
-    accumulate = cfg.grad_accum_steps
     model.train()
     # metrics stay on the device until a window is logged: no step waits for the device to drain,
     # so the next batch is loaded while the device still works on this one
-    window: dict[str, float | torch.Tensor] = {}
-    window_steps, window_start = 0, time.perf_counter()
-    finite: bool | torch.Tensor = True  # every loss since `checked_step` was finite
-    checked_step = step
+    window = _Window(step)
     history: list[dict[str, float]] = []
     last: dict[str, float] = {}
     validation: dict[str, float] = {}
     while step < cfg.steps:
         lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        step_metrics: dict[str, float | torch.Tensor] = {}
-        for micro in range(accumulate):
-            # under DDP, forward and backward of all but the last micro-batch skip the all-reduce
-            sync = micro == accumulate - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with _precision_context(cfg, device_type):
-                    loss, metrics = loss_fn(forward_model, next(batches), step)
-                (loss / accumulate).backward()
-            finite = finite & torch.isfinite(loss.detach())
-            for key, value in {"loss": loss, **metrics}.items():
-                step_metrics[key] = step_metrics.get(key, 0.0) + _metric(value) / accumulate
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
+        metrics, finite = _update(model, forward_model, loss_fn, batches, optimizer, cfg, step, lr, device_type)
         if ema is not None:
             ema.update(model)
         step += 1
-
-        for key, value in {**step_metrics, "grad_norm": _metric(grad_norm)}.items():
-            window[key] = window.get(key, 0.0) + value
-        window_steps += 1
+        window.add(metrics, finite)
         logs = step % cfg.log_every == 0 or step == cfg.steps
         checkpoints = on_checkpoint is not None and checkpoint_every and (
             step % checkpoint_every == 0 or step == cfg.steps)
-        if logs or checkpoints:  # nothing is logged or saved from a model that saw a non-finite loss
-            if not bool(finite):
-                raise FloatingPointError(f"the loss was not finite (nan or inf) in steps {checked_step + 1}..{step}")
-            finite, checked_step = True, step
+        if logs or checkpoints:
+            window.check_finite(step)
         if evaluate is not None and eval_every and (step % eval_every == 0 or step == cfg.steps):
-            model.eval()
-            with torch.no_grad(), _precision_context(cfg, device_type):
-                validation = {f"val_{key}": value for key, value in evaluate(unwrap(model), step).items()}
-            model.train()
+            validation = _validate(model, evaluate, cfg, step, device_type)
         if logs:
-            last = {key: float(value) / window_steps for key, value in window.items()}  # waits for the device
-            elapsed = time.perf_counter() - window_start
+            last, updates, elapsed = window.close()
             last["lr"] = lr
             if samples_per_batch:
-                last["samples_per_s"] = samples_per_batch * accumulate * window_steps / max(elapsed, 1e-9)
+                last["samples_per_s"] = samples_per_batch * cfg.grad_accum_steps * updates / max(elapsed, 1e-9)
             last.update(validation)
             history.append({"step": step, **last})
             if on_log is not None:
                 on_log(step, last)
-            window, window_steps, window_start = {}, 0, time.perf_counter()
             validation = {}
         if checkpoints:
-            on_checkpoint(
-                step,
-                {
-                    "model": model_state(model),
-                    "optimizer": optimizer_state(model, optimizer),
-                    "ema": ema.model.state_dict() if ema is not None else None,
-                    "rng": rng_state(),
-                    "step": step,
-                },
-            )
+            on_checkpoint(step, _training_state(model, optimizer, ema, step))
     model.eval()
     return FitResult(
         step=step, metrics=last, model=unwrap(model), ema_model=ema.model if ema else None, history=history

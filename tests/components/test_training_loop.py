@@ -50,3 +50,39 @@ def test_a_non_finite_loss_stops_training_before_anything_is_logged_or_saved_fro
             on_checkpoint=lambda step, state: saved.append(step), checkpoint_every=2)
     # fit's steps count from 0, reports from 1: the nan came in update 5, between the checks at 4 and 6
     assert logged == [3] and saved == [2, 4]
+
+
+def test_fit_resumed_at_step_k_ends_bit_identical_to_an_unbroken_run():
+    """The in-process guard of the kill-and-resume tests: dropout (torch RNG), EMA, warmup + cosine,
+    gradient accumulation and the data iterator all continue exactly from a step-k checkpoint."""
+    import copy
+
+    from dalle_pipeline.components.training import TensorBatches
+
+    cfg = OptimConfig(steps=12, batch_size=8, lr=1e-2, warmup_steps=3, ema_decay=0.9, grad_accum_steps=2, log_every=4)
+    data = (torch.randn(64, 4, generator=torch.Generator().manual_seed(1)),)
+
+    def loss_fn(model, batch, step):
+        (x,) = batch
+        return (model(x) - x.sum(dim=1, keepdim=True)).pow(2).mean(), {}
+
+    def fresh_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.3), nn.ReLU(), nn.Linear(16, 1))
+
+    def batches(from_step: int):
+        return TensorBatches(data, 8, seed=3).from_step(from_step * cfg.grad_accum_steps)
+
+    saved = {}
+    unbroken = fit(fresh_model(), loss_fn, batches(0), cfg, checkpoint_every=5,
+                   on_checkpoint=lambda step, state: saved.setdefault(step, copy.deepcopy(state)))
+    torch.manual_seed(123)  # whatever the process did in between: the checkpoint's RNG state is what counts
+    resumed = fit(fresh_model(), loss_fn, batches(5), cfg, resume_state=saved[5])
+    assert resumed.step == unbroken.step == 12
+    for name, value in unbroken.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    for name, value in unbroken.ema_model.state_dict().items():
+        assert torch.equal(value, resumed.ema_model.state_dict()[name]), name
+    # and the guard guards: resuming without the RNG state draws other dropout masks, other weights
+    no_rng = fit(fresh_model(), loss_fn, batches(5), cfg, resume_state={**saved[5], "rng": None})
+    assert not torch.equal(no_rng.model[0].weight, unbroken.model[0].weight)
