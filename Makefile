@@ -1,5 +1,7 @@
 # dalle-pipeline: `make demo` trains a text-to-image model end to end on the embedded shapes corpus;
-# `make test` runs the tests. Both install into .venv first (idempotent).
+# `make test` runs the quick tests (unit tests and one micro end-to-end flow, a few minutes),
+# `make test-all` every test (CI's), `make test-slow` the slow tier alone. All install into .venv
+# first (idempotent).
 PYTHON ?= python3
 VENV ?= $(CURDIR)/.venv
 PY = $(VENV)/bin/python
@@ -29,6 +31,7 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/dalle-pipeline train --preset $(PRESET)
 
+# pyproject's addopts deselect `slow`; a later -m replaces it
 test: install
 	$(PY) -m pytest -q
 
@@ -36,7 +39,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 test-all: install
-	$(PY) -m pytest -q -m ""
+	$(PY) -m pytest -q -m "" --durations=15
 
 bench: install
 	$(PY) bench/prior.py

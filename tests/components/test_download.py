@@ -149,6 +149,7 @@ def test_a_crawl_full_of_faults_keeps_every_good_image_and_names_every_bad_one(c
     assert curated.download_failures_by_reason == {reason: 1 for reason in FAULTS.values()}
 
 
+@pytest.mark.slow  # kill-and-resume
 def test_a_download_killed_midway_resumes_to_the_same_corpus(corpus, tmp_path):
     names = sorted(path.name for path in corpus.images_dir.iterdir())
     cfg = DownloadConfig(processes_count=1, thread_count=2, samples_per_shard=4, timeout=5)

@@ -131,6 +131,7 @@ def test_training_history_shows_the_loss_falling(curated_shards, recon_loss):
     assert nll[-1] < nll[0] - 0.5
 
 
+@pytest.mark.slow  # kill-and-resume; fit's own resume is in test_training_loop
 def test_a_killed_driver_resumes_at_the_same_step_with_the_same_weights(curated_shards, tmp_path):
     """Kill the driver, its local Ray and both workers mid-run, start it again on the same folder:
     Ray Train restores the latest checkpoint (weights, optimizer, EMA, every rank's RNG, step), the

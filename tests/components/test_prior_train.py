@@ -39,6 +39,7 @@ def write_learnable_dataset(directory, rows=256, text_len=6, grid=3, seed=0):
     return directory
 
 
+@pytest.mark.slow  # two Ray Train workers, DDP and FSDP; the micro flow trains on one
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ray_workers_train_the_prior_and_rank_zero_logs(tmp_path, local_ray, parallel):
     from dalle_pipeline.components.prior.model import load
@@ -75,6 +76,7 @@ def _ray_train_worker_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # kill-and-resume on Ray
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_killed_worker_resumes_from_the_latest_checkpoint(tmp_path, local_ray, parallel):
     """SIGKILL one of two workers after the first checkpoint: Ray restarts the group, which resumes

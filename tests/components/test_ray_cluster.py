@@ -61,6 +61,7 @@ print("RESULT " + json.dumps({"cpus_per_node": [node["Resources"].get("CPU") for
 """
 
 
+@pytest.mark.slow  # two-node Ray
 def test_the_prior_trains_across_both_nodes(tmp_path, two_node_cluster):
     dataset = write_learnable_dataset(tmp_path / "tokens")
     # the driver in its own process, as a pipeline run on a cluster has it (and clear of this process's Ray)

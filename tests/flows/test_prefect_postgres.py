@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from local_processes import free_port, processes_with_env
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # real servers, minutes each
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"

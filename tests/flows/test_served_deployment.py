@@ -25,7 +25,7 @@ from local_processes import free_port, processes_with_env
 
 from dalle_pipeline.components.tracking import PARENT_RUN_TAG
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # real servers, minutes each
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"

@@ -110,6 +110,7 @@ def test_retraining_the_dvae_needs_a_model_to_retrain(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # a served model over HTTP
 def test_registered_champion_generates_from_the_cli_and_serves_over_http(micro_run):
     tmp_path, env, _ = micro_run
     store = f"sqlite:///{tmp_path}/runs/mlflow.db"
@@ -161,6 +162,7 @@ def _train_again(tmp_path: Path, env: dict, *args: str) -> dict[str, str]:
     return {run.data.tags["stage"]: run.data.tags["cache"] for run in runs}
 
 
+@pytest.mark.slow  # two more micro runs; the keys are unit-tested in test_stage_cache
 def test_a_rerun_reuses_unchanged_stages_and_reruns_what_a_change_reaches(micro_run):
     tmp_path, env, _ = micro_run
     assert _train_again(tmp_path, env) == {stage: "hit" for stage in STAGES}
@@ -184,6 +186,7 @@ def _wait_for(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
     raise AssertionError(f"{url} did not answer within {timeout}s")
 
 
+@pytest.mark.slow  # a third micro run
 def test_retraining_the_champion_on_a_new_url_list_registers_a_judged_version(micro_run):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -222,6 +225,7 @@ def test_retraining_the_champion_on_a_new_url_list_registers_a_judged_version(mi
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 
 
+@pytest.mark.slow  # Jupyter kernels
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
 def test_notebooks_execute_against_the_runs(micro_run, notebook, monkeypatch):
     """Each notebook runs top to bottom on this module's runs, so none of them rots."""
