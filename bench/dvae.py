@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from common import device_name, emit, step_seconds
 from torch.utils.flop_counter import FlopCounterMode
 
-from dalle_pipeline.components.config import PRESETS, resolve
+from dalle_pipeline.components.config import resolve
+from dalle_pipeline.components.presets import PRESETS
 from dalle_pipeline.components.dvae.model import DiscreteVAE, DVAEModelConfig, kl_to_uniform, logit_laplace_nll
 from dalle_pipeline.components.dvae.train import dvae_loss, kl_weight_at, model_config, temperature_at
 from dalle_pipeline.components.images import to_float

@@ -9,9 +9,26 @@ Train run after a shutdown can find its controller cancelled).
 
 from __future__ import annotations
 
+import logging
 import os
 
+from .environment import use_defaults
+
 _started_here = False
+# Ray Train's own output a user cannot act on, kept out of a run's output:
+# - its print patch tees every worker print into a log record as well: each progress line came twice;
+# - without a dashboard there is no State API, and its PlacementGroupCleaner warned every few seconds
+#   that it could not query it (quiet_worker below);
+# - a local Ray has no preemptible nodes for its PreemptionWatcher (an actor that logged an error at start).
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+LOCAL_WORKER_ENV = {**WORKER_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker() -> None:
+    """Ray's worker_process_setup_hook: errors only from the loggers in NOISY_LOGGERS."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def connect(address: str | None = None) -> dict[str, float]:
@@ -20,8 +37,11 @@ def connect(address: str | None = None) -> dict[str, float]:
     import ray
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a training job
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        use_defaults()  # no usage reports from a training job, whoever called this
+        local = (address or os.environ.get("RAY_ADDRESS")) is None
+        runtime_env = {"env_vars": LOCAL_WORKER_ENV if local else WORKER_ENV,
+                       "worker_process_setup_hook": f"{__name__}.quiet_worker"}
+        ray.init(address=address, include_dashboard=False, configure_logging=False, runtime_env=runtime_env)
         _started_here = True
     return ray.cluster_resources()
 

@@ -10,8 +10,10 @@ import argparse
 import json
 import sys
 
-from dalle_pipeline.components.config import PRESETS, ConfigError, resolve
+from dalle_pipeline.components.config import ConfigError, resolve
+from dalle_pipeline.components.presets import PRESETS
 from dalle_pipeline.components.overrides import as_overrides
+from dalle_pipeline.components.environment import use_defaults
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_defaults()  # before Prefect, MLflow or Ray is imported
     args = parse_args(argv)
     if args.command == "generate":
         return generate_images(args)

@@ -18,11 +18,13 @@ from prefect.runtime import flow_run
 
 from dalle_pipeline.components import config as config_module
 from dalle_pipeline.components.cluster import disconnect
-from dalle_pipeline.components.config import PipelineConfig, PresetName
+from dalle_pipeline.components.config import PipelineConfig
+from dalle_pipeline.components.presets import PresetName
 from dalle_pipeline.components.evaluate.evaluation_set import shapes_evaluation_set
 from dalle_pipeline.components.overrides import PipelineOverrides
 from dalle_pipeline.components.stage_cache import StageCache, StageRecord
 from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri
+from dalle_pipeline.components.environment import use_defaults
 from dalle_pipeline.flows.stages import (StageName, Stages, base_model_parts, download, evaluate, fetch_base_model,
                                          filter_corpus, make_corpus, register, sample, tokenize_corpus, train_clip,
                                          train_dvae, train_prior, train_text_tokenizer)
@@ -55,6 +57,7 @@ def train_dalle(preset: PresetName = "tiny", overrides: PipelineOverrides = Pipe
     fine-tunes its dVAE too (from its weights, on the whole curated corpus), re-tokenizes the corpus
     with it, and the prior fine-tunes on those tokens.
     """
+    use_defaults()  # a run a worker started has not been through the CLI
     rerun_set = check_arguments(rerun, retrain_from, retrain_dvae)
     # a bad value fails here, before any work (a retrain's config is the base model's: resolved once it is fetched)
     cfg = config_module.resolve(preset, overrides) if retrain_from is None else None

@@ -42,7 +42,8 @@ export PREFECT_POOL="${PREFECT_POOL:-dalle-pool}"   # prefect.yaml reads it as {
 
 export PREFECT_HOME="${DALLE_PREFECT_HOME:-$ROOT/prefect}"
 export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
-export PREFECT_SERVER_ANALYTICS_ENABLED=false
+# the pipeline's defaults (components/environment.py: no usage reports) for the servers and the worker too
+eval "$("$VENV/bin/python" -m dalle_pipeline.components.environment)"
 DALLE_PREFECT_UI="http://127.0.0.1:$PREFECT_PORT"
 # The Prefect server's database. Not a Prefect setting: serve.sh hands it to the server alone, as
 # PREFECT_SERVER_DATABASE_CONNECTION_URL (Prefect 3's name; PREFECT_API_DATABASE_CONNECTION_URL is

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from dalle_pipeline.components.environment import use_defaults
+
+use_defaults()  # what the CLI sets for a run: no usage reports, a patient ephemeral Prefect server
 
 
 @pytest.fixture(scope="session")

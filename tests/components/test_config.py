@@ -4,7 +4,8 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from dalle_pipeline.components import overrides as overrides_module
-from dalle_pipeline.components.config import PRESETS, ConfigError, PipelineConfig, resolve
+from dalle_pipeline.components.config import ConfigError, PipelineConfig, resolve
+from dalle_pipeline.components.presets import PRESETS
 from dalle_pipeline.components.overrides import PipelineOverrides, as_overrides
 
 

@@ -20,6 +20,7 @@ from local_processes import free_port
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from dalle_pipeline.components.environment import DEFAULTS
 from dalle_pipeline.components.tracking import EXPERIMENT_NAME, PARENT_RUN_TAG
 
 pytestmark = pytest.mark.e2e
@@ -39,7 +40,9 @@ def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) 
 def micro_run(tmp_path_factory):
     """One run of `dalle-pipeline train --preset micro` in a fresh DALLE_HOME, shared by the tests below."""
     tmp_path = tmp_path_factory.mktemp("micro")
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DALLE_HOME": str(tmp_path / "runs")}
+    # as a user's shell has it: none of the defaults the CLI sets itself (no usage reports, a patient Prefect)
+    env = {name: value for name, value in os.environ.items() if name not in DEFAULTS}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), DALLE_HOME=str(tmp_path / "runs"))
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
@@ -53,6 +56,12 @@ def micro_run(tmp_path_factory):
 def test_micro_flow_end_to_end(micro_run):
     tmp_path, _, proc = micro_run
     assert "MLflow run id" in proc.stdout and "sample grid" in proc.stdout
+    # what a user reads: each progress line once, and none of the tools' noise about themselves
+    output = proc.stdout + proc.stderr
+    for noise in ("telemetry", "PlacementGroupCleaner", "PreemptionWatcher", "Traceback"):
+        assert noise not in output, (noise, output[-5000:])
+    progress = re.findall(r"\[(?:dvae|prior)\] step \d+/\d+ .*", output)
+    assert len(progress) == 6 and len(set(progress)) == 6, progress  # 3 windows each, printed once
 
     client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
     experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
