@@ -11,6 +11,9 @@ Three ways in, one object out (`ClipScorer`):
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,22 @@ def register_architecture(cfg: ClipConfig, image_size: int, directory: Path) -> 
     return cfg.model_name
 
 
+@contextmanager
+def _quiet_when_untrained(untrained: bool) -> Iterator[None]:
+    """Without pretrained weights (our CLIP, about to be trained) open_clip warns on the root logger
+    that the model is initialised randomly: true, meant, and nothing for a user to act on."""
+    def drop(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    if untrained:
+        root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 @dataclass
 class ClipScorer:
     """A CLIP model with its tokenizer and pixel normalisation: images and captions to unit vectors."""
@@ -76,7 +95,8 @@ class ClipScorer:
 
         if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
             raise FileNotFoundError(f"CLIP checkpoint file {pretrained} does not exist")
-        model = open_clip.create_model(model_name, pretrained=pretrained)
+        with _quiet_when_untrained(pretrained is None):
+            model = open_clip.create_model(model_name, pretrained=pretrained)
         tokenizer = open_clip.get_tokenizer(model_name)
         preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
         size = preprocess.get("size", model.visual.image_size)

@@ -58,7 +58,7 @@ def test_micro_flow_end_to_end(micro_run):
     assert "MLflow run id" in proc.stdout and "sample grid" in proc.stdout
     # what a user reads: each progress line once, and none of the tools' noise about themselves
     output = proc.stdout + proc.stderr
-    for noise in ("telemetry", "PlacementGroupCleaner", "PreemptionWatcher", "Traceback"):
+    for noise in ("telemetry", "PlacementGroupCleaner", "PreemptionWatcher", "Traceback", "No pretrained weights"):
         assert noise not in output, (noise, output[-5000:])
     progress = re.findall(r"\[(?:dvae|prior)\] step \d+/\d+ .*", output)
     assert len(progress) == 6 and len(set(progress)) == 6, progress  # 3 windows each, printed once
