@@ -127,6 +127,12 @@ def inception_fid(weights: Path, reference_images: np.ndarray, generated: Mappin
     return {name: frechet_distance(real, features(images)) for name, images in generated.items()}
 
 
+def distinct_share(images: np.ndarray) -> float:
+    """images (P, C, H, W, 3): the mean over prompts of the share of a prompt's C candidates that are
+    distinct images. Reranking can only choose among candidates that differ."""
+    return float(np.mean([len({candidate.tobytes() for candidate in prompt}) / len(prompt) for prompt in images]))
+
+
 def oracle_accuracy(pixels: np.ndarray, specs: Sequence[list[ShapeSpec]]) -> dict[str, float]:
     """pixels (P, K, H, W, 3): mean oracle score per attribute over every image of every prompt."""
     scores = [oracle.score(image, prompt_specs) for prompt_specs, images in zip(specs, pixels) for image in images]
@@ -155,6 +161,7 @@ def run(samples_path: Path, prompts: list[str], reference_images: np.ndarray, cl
     else:
         metrics.update({f"fid_{label}": value
                         for label, value in inception_fid(weights, reference_images, generated).items()})
+    metrics["distinct_candidates"] = distinct_share(images)
     metrics["clip_score_reranked"] = float(100 * kept_scores.clip(min=0).mean())
     metrics["clip_score_all"] = float(100 * clip_scores.clip(min=0).mean())
     if specs is not None:

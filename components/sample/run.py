@@ -35,6 +35,14 @@ class SampleResult:
     scores: Path
 
 
+def grid_rows(num_prompts: int, rows: int) -> list[int]:
+    """The prompts the sample grid shows: `rows` of them spread evenly from the first to the last, so
+    the grid holds the evaluation set's later prompts too (the zero-shot pairs come last)."""
+    if rows >= num_prompts:
+        return list(range(num_prompts))
+    return sorted({round(i * (num_prompts - 1) / (rows - 1)) for i in range(rows)}) if rows > 1 else [0]
+
+
 def encode_prompts(tokenizer: TextTokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = tokenizer.encode(prompts)
     text = torch.zeros(len(ids), tokenizer.text_len, dtype=torch.long)
@@ -114,7 +122,7 @@ def sample_models(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: Dis
     flat_pixels = to_uint8(images.flatten(0, 1))
     pixels = flat_pixels.reshape(len(prompts), cfg.candidates, *flat_pixels.shape[1:])
 
-    shown = range(min(cfg.grid_prompts, len(prompts)))
+    shown = grid_rows(len(prompts), cfg.grid_prompts)
     grid = save_grid([[pixels[p, c] for c in ranking[p].tolist()] for p in shown], out_dir / "samples.png",
                      row_labels=[prompts[p] for p in shown])
     with atomic_path(out_dir / SAMPLES_FILE) as tmp:

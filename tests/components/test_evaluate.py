@@ -184,3 +184,13 @@ def test_a_weights_file_that_would_run_pickled_code_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(1), "hook": PickledObject()}, path)
     with pytest.raises(ValueError, match="not a plain state_dict"):
         inception_fid(path, _shapes(2, (255, 0, 0), 0), {"all": _shapes(2, (255, 0, 0), 1)})
+
+
+def test_the_share_of_distinct_candidates_counts_pixel_identical_copies_once():
+    from dalle_pipeline.components.evaluate.run import distinct_share
+
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 4, 8, 8, 3), dtype=np.uint8)
+    assert distinct_share(images) == 1.0
+    images[0, 1:] = images[0, 0]  # the first prompt's four candidates are one image
+    images[1, 3] = images[1, 2]
+    assert distinct_share(images) == pytest.approx((1 / 4 + 3 / 4) / 2)
