@@ -18,29 +18,41 @@ _started_here = False
 # Ray Train's own output a user cannot act on, kept out of a run's output:
 # - its print patch tees every worker print into a log record as well: each progress line came twice;
 # - without a dashboard there is no State API, and its PlacementGroupCleaner warned every few seconds
-#   that it could not query it (quiet_worker below);
+#   that it could not query it (setup_worker below);
 # - a local Ray has no preemptible nodes for its PreemptionWatcher (an actor that logged an error at start).
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 LOCAL_WORKER_ENV = {**WORKER_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
-def quiet_worker() -> None:
-    """Ray's worker_process_setup_hook: errors only from the loggers in NOISY_LOGGERS."""
+def setup_worker() -> None:
+    """Ray's worker_process_setup_hook, run in every worker process of the session `connect` opened.
+
+    RAY_ADDRESS names this worker's own cluster, so Ray code inside it that looks a cluster up (Ray
+    Train's PlacementGroupCleaner queries the State API) finds this one: with a second Ray on the
+    machine it found two and died on "Found multiple active Ray instances". And errors only from
+    the loggers in NOISY_LOGGERS."""
+    import ray
+
+    try:
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    except Exception:  # a worker that cannot say is left to Ray's own lookup, never failed for it
+        pass
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def connect(address: str | None = None) -> dict[str, float]:
-    """Join Ray (None: RAY_ADDRESS, a running local cluster, or a new one); the cluster's resources."""
+    """Join Ray at `address` (None: RAY_ADDRESS, else a new local Ray); the cluster's resources."""
     global _started_here
     import ray
 
     if not ray.is_initialized():
         use_defaults()  # no usage reports from a training job, whoever called this
-        local = (address or os.environ.get("RAY_ADDRESS")) is None
-        runtime_env = {"env_vars": LOCAL_WORKER_ENV if local else WORKER_ENV,
-                       "worker_process_setup_hook": f"{__name__}.quiet_worker"}
+        # by address, never by discovery: without one, a Ray of our own, whatever else runs on the machine
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        runtime_env = {"env_vars": LOCAL_WORKER_ENV if address == "local" else WORKER_ENV,
+                       "worker_process_setup_hook": f"{__name__}.setup_worker"}
         ray.init(address=address, include_dashboard=False, configure_logging=False, runtime_env=runtime_env)
         _started_here = True
     return ray.cluster_resources()

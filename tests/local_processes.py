@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
+
+RAY = str(Path(sys.executable).parent / "ray")
+# Ray 2.60's `ray start --head` asks joining nodes for an auth token it keeps in ~/.ray; a loopback test
+# cluster does without (a driver joining it too, through its environment)
+NO_AUTH = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def free_port() -> int:
@@ -28,3 +35,17 @@ def processes_with_env(name: str, value: str) -> list[int]:
         if needle in environ.split(b"\0"):
             found.append(int(proc.name))
     return found
+
+
+def ray_cli(*args: str) -> subprocess.CompletedProcess:
+    """The `ray` command of this environment (start, stop, ...), without token auth."""
+    return subprocess.run([RAY, *args], env={**os.environ, **NO_AUTH}, capture_output=True, text=True, timeout=180)
+
+
+def start_ray_head(num_cpus: int = 1) -> str:
+    """`ray start --head` on a free loopback port; its address. `ray_cli("stop", "--force")` ends it."""
+    address = f"127.0.0.1:{free_port()}"
+    head = ray_cli("start", "--head", f"--port={address.split(':')[1]}", "--node-ip-address=127.0.0.1",
+                   f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats")
+    assert head.returncode == 0, head.stdout + head.stderr
+    return address

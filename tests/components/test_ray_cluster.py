@@ -10,37 +10,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from local_processes import free_port
+from local_processes import NO_AUTH, ray_cli, start_ray_head
 from test_prior_train import write_learnable_dataset
-
-
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-# Ray 2.60's `ray start --head` asks joining nodes for an auth token it keeps in ~/.ray; a loopback test
-# cluster does without (the driver in this process too, through the fixture's environment)
-NO_AUTH = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def _ray(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **NO_AUTH}
-    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture
 def two_node_cluster(monkeypatch):
     for name, value in NO_AUTH.items():
         monkeypatch.setenv(name, value)
-    address = f"127.0.0.1:{free_port()}"
     try:
-        head = _ray("start", "--head", f"--port={address.split(':')[1]}", "--node-ip-address=127.0.0.1",
-                    "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats")
-        assert head.returncode == 0, head.stdout + head.stderr
-        worker = _ray("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
+        address = start_ray_head()
+        worker = ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
         assert worker.returncode == 0, worker.stdout + worker.stderr
         yield address
     finally:
-        _ray("stop", "--force")  # both nodes; later tests start their own local Ray
+        ray_cli("stop", "--force")  # both nodes; later tests start their own local Ray
 
 
 DRIVER = """
