@@ -37,15 +37,36 @@ def processes_with_env(name: str, value: str) -> list[int]:
     return found
 
 
-def ray_cli(*args: str) -> subprocess.CompletedProcess:
-    """The `ray` command of this environment (start, stop, ...), without token auth."""
-    return subprocess.run([RAY, *args], env={**os.environ, **NO_AUTH}, capture_output=True, text=True, timeout=180)
+CLUSTER_MARK = "DALLE_TEST_RAY_CLUSTER"  # in the environment of every process of a test's own Ray cluster
 
 
-def start_ray_head(num_cpus: int = 1) -> str:
-    """`ray start --head` on a free loopback port; its address. `ray_cli("stop", "--force")` ends it."""
+def ray_cli(*args: str, cluster: str | None = None) -> subprocess.CompletedProcess:
+    """The `ray` command of this environment, without token auth; `cluster` marks what it starts."""
+    env = {**os.environ, **NO_AUTH, **({CLUSTER_MARK: cluster} if cluster else {})}
+    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=180)
+
+
+def start_ray_head(cluster: str, num_cpus: int = 1) -> str:
+    """`ray start --head` on a free loopback port, its processes marked `cluster`; its address."""
     address = f"127.0.0.1:{free_port()}"
     head = ray_cli("start", "--head", f"--port={address.split(':')[1]}", "--node-ip-address=127.0.0.1",
-                   f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats")
+                   f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats", cluster=cluster)
     assert head.returncode == 0, head.stdout + head.stderr
     return address
+
+
+def stop_ray_cluster(cluster: str, grace: float = 10.0) -> None:
+    """End the processes of the Ray cluster marked `cluster`, and nothing else: `ray stop` would also
+    end every other Ray of this user, the test process's own session included (its driver then exits)."""
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes_with_env(CLUSTER_MARK, cluster):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while processes_with_env(CLUSTER_MARK, cluster) and time.monotonic() < deadline:
+            time.sleep(0.2)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from local_processes import NO_AUTH, ray_cli, start_ray_head
+from local_processes import NO_AUTH, ray_cli, start_ray_head, stop_ray_cluster
 from test_prior_train import write_learnable_dataset
 
 
@@ -18,13 +18,15 @@ from test_prior_train import write_learnable_dataset
 def two_node_cluster(monkeypatch):
     for name, value in NO_AUTH.items():
         monkeypatch.setenv(name, value)
+    cluster = f"two-nodes-{os.getpid()}"
     try:
-        address = start_ray_head()
-        worker = ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
+        address = start_ray_head(cluster)
+        worker = ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                         cluster=cluster)
         assert worker.returncode == 0, worker.stdout + worker.stderr
         yield address
     finally:
-        ray_cli("stop", "--force")  # both nodes; later tests start their own local Ray
+        stop_ray_cluster(cluster)  # both nodes; later tests start their own local Ray
 
 
 DRIVER = """

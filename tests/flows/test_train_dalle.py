@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from local_processes import free_port, ray_cli, start_ray_head
+from local_processes import free_port, start_ray_head, stop_ray_cluster
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -47,14 +47,15 @@ def micro_run(tmp_path_factory):
     env.pop("MLFLOW_TRACKING_URI", None)
     # another Ray on the machine (a `ray start` cluster, as a user may have running): the run must
     # start and use its own, by address, and Ray Train inside it must not look the other one up
-    start_ray_head()
+    other_ray = f"beside-micro-{os.getpid()}"
+    start_ray_head(other_ray)
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "dalle_pipeline.flows.cli", "train", "--preset", "micro"],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
         )
     finally:
-        ray_cli("stop", "--force")
+        stop_ray_cluster(other_ray)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp_path, env, proc
 
