@@ -48,6 +48,6 @@ def local_ray():
     from dalle_pipeline.components.cluster import disconnect
 
     disconnect()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)  # never one found
     yield
     ray.shutdown()

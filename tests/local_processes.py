@@ -55,11 +55,14 @@ def start_ray_head(cluster: str, num_cpus: int = 1) -> str:
     return address
 
 
-def stop_ray_cluster(cluster: str, grace: float = 10.0) -> None:
-    """End the processes of the Ray cluster marked `cluster`, and nothing else: `ray stop` would also
-    end every other Ray of this user, the test process's own session included (its driver then exits)."""
+def stop_ray_cluster(cluster: str, address: str, grace: float = 10.0) -> None:
+    """End the processes of the Ray cluster marked `cluster` (head at `address`), and nothing else:
+    `ray stop` would also end every other Ray of this user, the test process's own session included
+    (its driver then exits). The address file `ray start` left for `ray.init()` to discover goes too."""
     import signal
     import time
+
+    from ray._private.utils import get_ray_address_file, read_ray_address
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in processes_with_env(CLUSTER_MARK, cluster):
@@ -70,3 +73,6 @@ def stop_ray_cluster(cluster: str, grace: float = 10.0) -> None:
         deadline = time.monotonic() + grace
         while processes_with_env(CLUSTER_MARK, cluster) and time.monotonic() < deadline:
             time.sleep(0.2)
+    written = read_ray_address()
+    if written and written.rsplit(":", 1)[-1] == address.rsplit(":", 1)[-1]:
+        Path(get_ray_address_file(None)).unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from test_prior_train import write_learnable_dataset
 def two_node_cluster(monkeypatch):
     for name, value in NO_AUTH.items():
         monkeypatch.setenv(name, value)
-    cluster = f"two-nodes-{os.getpid()}"
+    cluster, address = f"two-nodes-{os.getpid()}", None
     try:
         address = start_ray_head(cluster)
         worker = ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
@@ -26,7 +26,7 @@ def two_node_cluster(monkeypatch):
         assert worker.returncode == 0, worker.stdout + worker.stderr
         yield address
     finally:
-        stop_ray_cluster(cluster)  # both nodes; later tests start their own local Ray
+        stop_ray_cluster(cluster, address or "")  # both nodes; later tests start their own local Ray
 
 
 DRIVER = """

@@ -48,14 +48,14 @@ def micro_run(tmp_path_factory):
     # another Ray on the machine (a `ray start` cluster, as a user may have running): the run must
     # start and use its own, by address, and Ray Train inside it must not look the other one up
     other_ray = f"beside-micro-{os.getpid()}"
-    start_ray_head(other_ray)
+    other_address = start_ray_head(other_ray)
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "dalle_pipeline.flows.cli", "train", "--preset", "micro"],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
         )
     finally:
-        stop_ray_cluster(other_ray)
+        stop_ray_cluster(other_ray, other_address)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp_path, env, proc
 
