@@ -127,7 +127,7 @@ class Stages:
                                   "stage_dir": str(folder)})
                 tracker.log_metrics(record.metrics)
                 print(f"{name}: inputs unchanged, reusing {folder} (built by MLflow run {record.mlflow_run_id})")
-                return _with(record, reused=True, seconds=time.perf_counter() - started)
+                return replace(record, reused=True, seconds=time.perf_counter() - started)
             tracker.set_tags({"cache": "forced" if forced else "miss", "cache_key": key, "stage_dir": str(folder)})
             if forced:
                 shutil.rmtree(folder, ignore_errors=True)  # from scratch: no resuming from the last build's checkpoints
@@ -140,16 +140,12 @@ class Stages:
             record = StageRecord(stage=name, key=key, folder=folder, outputs=outputs, metrics=metrics,
                                  mlflow_run_id=tracker.run_id, build_seconds=seconds)
             self.cache.commit(record)
-            return _with(record, seconds=seconds)
+            return replace(record, seconds=seconds)
 
 
 def _outputs_type(finish: Callable) -> type:
     """The outputs class of a stage: the first element of its `finish`'s return annotation."""
     return typing.get_args(typing.get_type_hints(finish)["return"])[0]
-
-
-def _with(record: StageRecord, **changes: Any) -> StageRecord:
-    return replace(record, **changes)
 
 
 def derived(stage: str, outputs: Any, base: StageRecord) -> StageRecord:
