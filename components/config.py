@@ -34,12 +34,28 @@ class CorpusConfig(StageConfig):
     seed: int = Field(0, description="seed of the generator")
 
 
-class DownloadConfig(StageConfig):
-    url_list: str | None = Field(
-        None, description="your URL list (parquet/csv/tsv/json/jsonl[.gz]); None: the embedded shapes corpus"
+SourceFormat = Literal["auto", "url_list", "folder", "webdataset", "parquet", "coco"]
+
+
+class DataConfig(StageConfig):
+    """Where the training images and captions come from (`components/sources`)."""
+
+    source: str | None = Field(
+        None, description="your data: a URL list, a folder of captioned images, a folder of webdataset .tar shards, "
+                          "Parquet with the images inside, or a COCO captions JSON; None: the embedded shapes corpus"
     )
+    format: SourceFormat = Field("auto", description="what `source` is; 'auto': recognised from the path")
     url_col: str = Field("url", min_length=1, description="URL list column holding the image URLs")
-    caption_col: str = Field("caption", min_length=1, description="URL list column holding the captions")
+    caption_col: str = Field(
+        "caption", min_length=1, description="caption column (URL list, Parquet, captions.csv) or key (JSON sidecars)"
+    )
+    image_col: str = Field("image", min_length=1, description="Parquet column holding the images (bytes, or a "
+                                                                "struct with a `bytes` field as `datasets` exports)")
+    images_dir: str | None = Field(None, description="COCO: the folder of the images the JSON names; None: looked "
+                                                     "for beside the JSON")
+
+
+class DownloadConfig(StageConfig):
     processes_count: int = Field(1, ge=1, description="img2dataset worker processes (or Ray tasks at once)")
     thread_count: int = Field(8, ge=1, description="img2dataset download threads per process")
     samples_per_shard: int = Field(1000, ge=1, description="samples per webdataset shard")
@@ -70,7 +86,9 @@ class DownloadConfig(StageConfig):
     max_image_pixels: int = Field(
         89_478_485, ge=1, description="images with more pixels are refused before decoding (decompression_bomb)"
     )
-    allow_file_urls: bool = Field(False, description="accept file:// URLs (the embedded corpus needs it)")
+    allow_file_urls: bool | None = Field(
+        None, description="accept file:// URLs; None: only for the embedded shapes corpus (its images are files)"
+    )
 
 
 class FilterConfig(StageConfig):
@@ -81,7 +99,10 @@ class FilterConfig(StageConfig):
     caption_blocklist: list[str] = Field(
         default_factory=list, description="drop captions containing any of these words or phrases (any case)"
     )
-    drop_exact_duplicates: bool = Field(True, description="drop an image whose sha256 was kept before, in any run")
+    drop_exact_duplicates: bool | None = Field(
+        None, description="drop an image whose sha256 was kept before, in any run; None: on, but for the embedded "
+                          "shapes corpus (a few hundred scenes recur under many captions)"
+    )
     near_duplicate_distance: int | None = Field(
         None, ge=0, le=15, description="drop an image whose perceptual hash is within this many bits of a kept one"
     )
@@ -247,15 +268,32 @@ class SampleConfig(StageConfig):
 class PipelineConfig(StageConfig):
     preset: str = Field("tiny", description="name of the preset these values started from")
     seed: int = Field(0, description="global seed")
+    data: DataConfig = Field(default_factory=DataConfig)
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
-    download: DownloadConfig = Field(default_factory=lambda: DownloadConfig(allow_file_urls=True))
-    # the embedded corpus draws a few hundred distinct scenes, so one picture recurs under many captions
-    filter: FilterConfig = Field(default_factory=lambda: FilterConfig(drop_exact_duplicates=False))
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     dvae: DVAEConfig = Field(default_factory=DVAEConfig)
     prior: PriorConfig = Field(default_factory=PriorConfig)
     clip: ClipConfig = Field(default_factory=ClipConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @property
+    def shapes_corpus(self) -> bool:
+        """True when the pipeline trains on the embedded shapes corpus (no `data.source`)."""
+        return self.data.source is None
+
+    def download_settings(self) -> DownloadConfig:
+        """`download` with the source's defaults in place of None: file:// URLs for the shapes corpus only."""
+        if self.download.allow_file_urls is not None:
+            return self.download
+        return self.download.model_copy(update={"allow_file_urls": self.shapes_corpus})
+
+    def filter_settings(self) -> FilterConfig:
+        """`filter` with the source's defaults in place of None: exact duplicates kept for the shapes corpus only."""
+        if self.filter.drop_exact_duplicates is not None:
+            return self.filter
+        return self.filter.model_copy(update={"drop_exact_duplicates": not self.shapes_corpus})
 
     @property
     def downsample(self) -> int:
@@ -328,6 +366,30 @@ def validation_problems(err: ValidationError, root: str = "config") -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or root}: {e['msg']}" for e in err.errors())
 
 
+# where fields of configs saved before they moved now live: a model registered then still loads and retrains
+MOVED_FIELDS = {"download.url_list": "data.source", "download.url_col": "data.url_col",
+                "download.caption_col": "data.caption_col"}
+# the shapes corpus's values that configs saved before `None` meant "by source" held for every source
+SOURCE_DEFAULTS = {("download", "allow_file_urls"): True, ("filter", "drop_exact_duplicates"): False}
+
+
+def upgrade(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved whole config (a bundle's `config.json`) in today's form: moved fields moved, and the
+    shapes corpus's defaults that older configs spelled out put back to None (by source)."""
+    tree = json.loads(json.dumps(config))
+    download = tree.get("download", {})
+    if "url_list" not in download:
+        return tree
+    for old, new in MOVED_FIELDS.items():
+        (section, field), (new_section, new_field) = old.split("."), new.split(".")
+        if field in tree.get(section, {}):
+            tree.setdefault(new_section, {})[new_field] = tree[section].pop(field)
+    for (section, field), shapes_value in SOURCE_DEFAULTS.items():
+        if tree.get(section, {}).get(field) == shapes_value:
+            tree[section][field] = None
+    return tree
+
+
 def resolve(preset: str = "tiny", overrides: Any = None,
             base: dict[str, Any] | None = None) -> PipelineConfig:
     """Build the validated config of `preset` with `overrides`: a `PipelineOverrides` (the flow's
@@ -342,7 +404,7 @@ def resolve(preset: str = "tiny", overrides: Any = None,
     for dotted, value in {**(PRESETS[preset] if base is None else {}), **dotted_overrides(overrides)}.items():
         _set_dotted(tree, dotted, value)
     # nested optim sections start from the stage's own defaults, not OptimConfig's
-    defaults = PipelineConfig().model_dump() if base is None else base
+    defaults = PipelineConfig().model_dump() if base is None else upgrade(base)
     tree = merge_trees(defaults, tree)
     try:
         return PipelineConfig.model_validate(tree)

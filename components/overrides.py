@@ -13,9 +13,9 @@ from typing import Annotated, Any
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, create_model,
                       model_serializer, model_validator)
 
-from .config import (ClipConfig, ConfigError, CorpusConfig, DownloadConfig, DVAEConfig, FilterConfig, OptimConfig,
-                     PipelineConfig, PriorConfig, SampleConfig, StageConfig, TokenizerConfig, merge_trees,
-                     parse_override, validation_problems)
+from .config import (ClipConfig, ConfigError, CorpusConfig, DataConfig, DownloadConfig, DVAEConfig, FilterConfig,
+                     OptimConfig, PipelineConfig, PriorConfig, SampleConfig, StageConfig, TokenizerConfig,
+                     merge_trees, parse_override, validation_problems)
 
 class Overrides(BaseModel):
     """Base of the override models derived from the stage configs (see `overrides_model`): every
@@ -96,6 +96,7 @@ def overrides_model(config: type[StageConfig], exclude: tuple[str, ...] = ()) ->
 
 # Module-level names, so each model pickles and Prefect's schema names its definitions after them.
 OptimOverrides = overrides_model(OptimConfig)
+DataOverrides = overrides_model(DataConfig)
 CorpusOverrides = overrides_model(CorpusConfig)
 DownloadOverrides = overrides_model(DownloadConfig)
 FilterOverrides = overrides_model(FilterConfig)

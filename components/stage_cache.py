@@ -8,7 +8,8 @@ its key, and a change to any code it runs re-runs it. Arguments are reduced to p
 (`stage_value`): pydantic configs to their values; a path inside the stage root (or a string
 holding one, such as `local-dir:/...`) to the stage and key of the finished stage it lies in, so a
 change upstream reaches everything downstream and moving the root changes nothing; a file outside
-the root to its path and sha256 (a user's URL list or weights); an object with `stage_key()` to
+the root to its path and sha256 (a user's URL list or weights), a folder outside it to a digest of
+its listing (a folder source); an object with `stage_key()` to
 what that returns (the MLflow store of a tracker, the digest of an evaluation set).
 
 A stage works in a folder under `<root>/stages/<stage>/` (a crashed run, re-run, finds its own
@@ -108,6 +109,17 @@ def _file_digest(path: Path, size: int, mtime_ns: int) -> str:  # keyed by the f
     return file_sha256(path)
 
 
+def folder_listing_digest(folder: Path) -> str:
+    """A digest of every file below `folder` by relative path, size and modification time (a folder
+    source that gains, loses or changes a file gets another)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class StageRecord(Generic[Outputs]):
     """A finished stage: its key, folder, typed outputs, summary metrics and the MLflow run that built it."""
@@ -163,6 +175,8 @@ class StageCache:
         if replaced == text and text.startswith("/") and Path(text).is_file():
             stat = Path(text).stat()
             return f"{text}#sha256={_file_digest(Path(text), stat.st_size, stat.st_mtime_ns)}"
+        if replaced == text and text.startswith("/") and Path(text).is_dir():
+            return f"{text}#listing={folder_listing_digest(Path(text))}"
         return replaced
 
     def call_key(self, stage: str, function: Callable, arguments: Mapping[str, Any], content: bool = True) -> str:

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from dalle_pipeline.components.config import ConfigError, resolve
+from dalle_pipeline.components.config import ConfigError, SourceFormat, resolve
 from dalle_pipeline.components.presets import PRESETS
 from dalle_pipeline.components.overrides import as_overrides
 from dalle_pipeline.components.environment import use_defaults
@@ -23,6 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                        help="override one config field, e.g. prior.layers=8 (repeatable)")
+    _data_arguments(train, required=False)
     train.add_argument("--root", default=None, help="artifact root (default: $DALLE_HOME or ./runs)")
     train.add_argument("--retrain-from", default=None, metavar="MODEL_URI",
                        help="fine-tune a registered model (e.g. models:/dalle@champion) on the configured data")
@@ -42,10 +43,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     generate.add_argument("--guidance-scale", type=float, default=None)
     generate.add_argument("--out", default="grid.png", help="PNG grid, one row per prompt")
     generate.add_argument("--root", default=None, help="artifact root whose mlflow.db holds the registry")
+    check = commands.add_parser("check-data", help="read, filter and report on a data source; no training")
+    _data_arguments(check, required=True)
+    check.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="its image size and filter settings")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    check.add_argument("--out", default=None, help="where to write (default: <root>/check-data/<source>-<hash>)")
     show = commands.add_parser("config", help="print the resolved config of a preset as JSON")
     show.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "data", None) is not None:  # shorthands for config fields, as `--set` would give them
+        args.overrides.append(f"data.source={json.dumps(args.data)}")
+    if getattr(args, "format", None) is not None:
+        args.overrides.append(f"data.format={json.dumps(args.format)}")
+    return args
+
+
+def _data_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    source_help = ("your data: a URL list, a folder of captioned images, webdataset .tar shards, Parquet with the "
+                   "images inside, or a COCO captions JSON (shorthand for --set data.source=...)")
+    if required:
+        parser.add_argument("data", metavar="SOURCE", help=source_help)
+    else:
+        parser.add_argument("--data", default=None, metavar="SOURCE", help=source_help)
+    parser.add_argument("--format", default=None, choices=list(SourceFormat.__args__),
+                        help="what SOURCE is (default: recognised from the path)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
+    if args.command == "check-data":
+        return check_data(cfg, args.out)
+    if not cfg.shapes_corpus:
+        from dalle_pipeline.components.sources.kinds import source_kind
+
+        try:
+            source_kind(cfg.data)
+        except (OSError, ValueError) as err:  # before Prefect starts: the source is none of the kinds
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     from dalle_pipeline.flows.train_dalle import train_dalle
 
     summary = train_dalle(preset=args.preset, overrides=overrides, root=args.root, rerun=args.rerun,
@@ -78,6 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     for name in sorted(metrics):
         if name.endswith("_reranked") or name.endswith("_all"):
             print(f"  {name:40s} {metrics[name]:.4f}")
+    return 0
+
+
+def check_data(cfg, out: str | None) -> int:
+    """Print the check's counts by reason; 1 when nothing usable is left (and why), 2 for a bad source."""
+    from dalle_pipeline.components.sources.check import check_data as run_check
+
+    try:
+        check = run_check(cfg, out)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(check.lines()))
+    if not check.usable:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in check.counts.items())
+        print(f"error: no usable image-caption pair in {cfg.data.source} ({reasons})", file=sys.stderr)
+        return 1
     return 0
 
 

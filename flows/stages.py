@@ -29,7 +29,7 @@ from dalle_pipeline.components.tracking import Tracker, stage_run
 STAGE_TASK = {"cache_policy": NO_CACHE}  # our StageCache decides what to skip; Prefect's input cache would not log it
 # stages that fetch over the network retry: each is idempotent (a download resumes its batch)
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
-StageName = Literal["corpus", "download", "filter", "text-tokenizer", "dvae", "tokenize-corpus", "prior", "clip",
+StageName = Literal["corpus", "download", "ingest", "filter", "text-tokenizer", "dvae", "tokenize-corpus", "prior", "clip",
                     "sample", "evaluate", "register", "base-model", "all"]
 Outputs = TypeVar("Outputs")
 
@@ -166,41 +166,59 @@ def make_corpus(cfg: PipelineConfig, stages: Stages) -> StageRecord[UrlList]:
     return stages.run("corpus", generate, cfg.corpus, finish=finish)
 
 
-@task(name="download", **IO_RETRIES, **STAGE_TASK)
-def download(cfg: PipelineConfig, url_list: str, stages: Stages) -> StageRecord[Shards]:
-    from dalle_pipeline.components.download.run import run
-
+def _finish_shards(verb: str) -> Callable[[Any, Tracker], tuple[Shards, dict[str, float]]]:
     def finish(result, tracker: Tracker) -> tuple[Shards, dict[str, float]]:
         metrics = {"successes": result.successes, "failures": result.failures, "new_urls": result.new_urls,
                    **{f"failed_{k}": v for k, v in result.failures_by_reason.items()}}
         tracker.log_metrics(metrics)
-        print(f"downloaded {result.successes} images ({result.new_urls} URLs new), {result.failures} failed "
+        print(f"{verb} {result.successes} images ({result.new_urls} items new), {result.failures} failed "
               f"{result.failures_by_reason}")
         return Shards(str(result.shards_dir)), metrics
 
+    return finish
+
+
+@task(name="download", **IO_RETRIES, **STAGE_TASK)
+def download(cfg: PipelineConfig, url_list: str, stages: Stages) -> StageRecord[Shards]:
+    from dalle_pipeline.components.download.run import run
+
     # one folder per URL list location and settings: a list that grows downloads only its new rows
-    return stages.run("download", run, cfg.download, url_list, image_size=cfg.corpus.image_size, finish=finish,
+    return stages.run("download", run, cfg.download_settings(), url_list, image_size=cfg.corpus.image_size,
+                      url_col=cfg.data.url_col, caption_col=cfg.data.caption_col, finish=_finish_shards("downloaded"),
                       accumulates=True)
+
+
+@task(name="ingest", **STAGE_TASK)
+def ingest(cfg: PipelineConfig, stages: Stages) -> StageRecord[Shards]:
+    """A local source (folder, webdataset, Parquet with images, COCO) into the download stage's layout."""
+    from dalle_pipeline.components.sources import run
+
+    data = cfg.data.model_copy(update={"source": str(Path(cfg.data.source).expanduser().resolve())})
+    # one folder per source location and settings: a folder that grows ingests only its new files
+    return stages.run("ingest", run, data, cfg.download_settings(), image_size=cfg.corpus.image_size,
+                      finish=_finish_shards("ingested"), accumulates=True)
 
 
 @task(name="filter", **STAGE_TASK)
 def filter_corpus(cfg: PipelineConfig, downloaded: StageRecord[Shards], stages: Stages) -> StageRecord[Curated]:
     from prefect.artifacts import create_table_artifact
 
-    from dalle_pipeline.components.filter.run import run
+    from dalle_pipeline.components.filter.run import require_usable, run
 
     def finish(result, tracker: Tracker) -> tuple[Curated, dict[str, float]]:
         metrics = {"kept": result.kept, **{f"dropped_{k}": v for k, v in result.dropped_by_reason.items()}}
         tracker.log_metrics(metrics)
         tracker.log_artifact(result.report_path)
         print(f"kept {result.kept} samples, dropped {result.dropped_by_reason}")
+        require_usable(result)  # nothing to train on: fail here, with the counts, not in a trainer
         rows = [{"stage": "filter", "reason": "kept", "samples": result.kept}]
         rows += [{"stage": "filter", "reason": k, "samples": v} for k, v in result.dropped_by_reason.items()]
         rows += [{"stage": "download", "reason": k, "samples": v}
                  for k, v in result.download_failures_by_reason.items()]
         return Curated(str(result.curated_dir), rows), metrics
 
-    record = stages.run("filter", run, cfg.filter, downloaded.outputs.shards_dir, finish=finish, accumulates=True)
+    record = stages.run("filter", run, cfg.filter_settings(), downloaded.outputs.shards_dir, finish=finish,
+                        accumulates=True)
     create_table_artifact(record.outputs.report_rows, key="filter-report",
                           description="Samples kept and dropped, by reason")
     return record

@@ -22,12 +22,13 @@ from dalle_pipeline.components.config import PipelineConfig
 from dalle_pipeline.components.presets import PresetName
 from dalle_pipeline.components.evaluate.evaluation_set import shapes_evaluation_set
 from dalle_pipeline.components.overrides import PipelineOverrides
+from dalle_pipeline.components.sources.kinds import source_kind
 from dalle_pipeline.components.stage_cache import StageCache, StageRecord
 from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri
 from dalle_pipeline.components.environment import use_defaults
 from dalle_pipeline.flows.stages import (StageName, Stages, base_model_parts, download, evaluate, fetch_base_model,
-                                         filter_corpus, make_corpus, register, sample, tokenize_corpus, train_clip,
-                                         train_dvae, train_prior, train_text_tokenizer)
+                                         filter_corpus, ingest, make_corpus, register, sample, tokenize_corpus,
+                                         train_clip, train_dvae, train_prior, train_text_tokenizer)
 
 HEADLINE = ("oracle_", "holdout_oracle_", "fd_clip", "clip_score")  # the reranked metrics the log line shows
 
@@ -61,6 +62,8 @@ def train_dalle(preset: PresetName = "tiny", overrides: PipelineOverrides = Pipe
     rerun_set = check_arguments(rerun, retrain_from, retrain_dvae)
     # a bad value fails here, before any work (a retrain's config is the base model's: resolved once it is fetched)
     cfg = config_module.resolve(preset, overrides) if retrain_from is None else None
+    if cfg is not None and not cfg.shapes_corpus:
+        source_kind(cfg.data)  # a source that is none of the kinds is refused before any work
     run = start_run(cfg, preset, root, rerun_set, retrain_from)
     started = time.perf_counter()
     try:
@@ -115,17 +118,17 @@ def log_config(run: PipelineRun) -> None:
 
 
 def curate(run: PipelineRun) -> list[StageRecord]:
-    """corpus (or your URL list) -> download -> filter."""
+    """corpus -> download (the shapes corpus), download (your URL list) or ingest (your local source) -> filter."""
     cfg, stages = run.cfg, run.stages
     records = []
-    if cfg.download.url_list is None:
+    kind = "shapes" if cfg.shapes_corpus else source_kind(cfg.data)
+    if kind == "shapes":
         records.append(make_corpus(cfg, stages))
-        url_list = records[-1].outputs.url_list
+        records.append(download(cfg, records[-1].outputs.url_list, stages))
+    elif kind == "url_list":
+        records.append(download(cfg, str(Path(cfg.data.source).expanduser().resolve()), stages))
     else:
-        url_list = str(Path(cfg.download.url_list).resolve())
-        if not Path(url_list).is_file():
-            raise FileNotFoundError(f"download.url_list {url_list} does not exist")
-    records.append(download(cfg, url_list, stages))
+        records.append(ingest(cfg, stages))
     records.append(filter_corpus(cfg, records[-1], stages))
     return records
 

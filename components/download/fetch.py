@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 # reason code -> what it means; also the order the filter report documents them in
 REASONS = {
+    "unsupported_scheme": "not an http(s) URL (ftp://, data:...; file:// unless download.allow_file_urls)",
     "http_4xx": "the server refused (404, 403, 410...; the code is in the reason, e.g. http_404)",
     "http_429": "rate-limited, and Retry-After asked for longer than max_retry_after or retries ran out",
     "http_5xx": "server error (e.g. http_500), still failing after the retries",
@@ -42,6 +43,13 @@ REASONS = {
     "too_large": "more bytes than max_image_bytes",
     "truncated_response": "the connection closed before Content-Length bytes arrived",
     "not_an_image": "the bytes are no image format PIL knows (an HTML page, say)",
+    "empty_image": "a zero-byte file",
+    "unreadable_image": "the file could not be read (permissions, an I/O error)",
+    "missing_caption": "an image with no caption (no sidecar .txt/.json, no row in the captions file)",
+    "missing_image": "a caption (sidecar file, row, annotation) whose image is not there",
+    "outside_source": "a symlink that leads out of the source folder",
+    "unknown_file": "a file in a source folder that is neither an image nor a caption",
+    "damaged_shard": "a webdataset .tar that cannot be read past this point",
     "decompression_bomb": "more pixels than max_image_pixels",
     "truncated_image": "the image file ends early",
     "corrupt_image": "the image file is damaged",
@@ -106,7 +114,7 @@ def fetch(
     """(image bytes, None) or (None, reason code), after at most `policy.retries` retries."""
     schemes = ("http://", "https://", "file://") if policy.allow_file_urls else ("http://", "https://")
     if not url.lower().startswith(schemes):
-        return None, "redirect_scheme"
+        return None, "unsupported_scheme"
     opener = urllib.request.build_opener(_SchemeCheckingRedirects(schemes))
     agent = USER_AGENT + (f" {user_agent_token}" if user_agent_token else "")
     request = urllib.request.Request(url, headers={"User-Agent": agent})
@@ -195,8 +203,13 @@ def damaged_image_reason(data: bytes, max_pixels: int) -> str | None:
                 image.load()
     except Image.DecompressionBombError:
         return "decompression_bomb"
-    except UnidentifiedImageError:
-        return "not_an_image"
+    except UnidentifiedImageError:  # PIL opens no damaged header either: a known signature says which it is
+        return "corrupt_image" if data.startswith(IMAGE_SIGNATURES) else "not_an_image"
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-        return "truncated_image" if "truncated" in str(err) or isinstance(err, EOFError) else "corrupt_image"
+        return "truncated_image" if "truncated" in str(err).lower() or isinstance(err, EOFError) else "corrupt_image"
     return None
+
+
+# the first bytes of the image formats PIL reads: a file that starts so but does not open is damaged
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
+                    b"RIFF")

@@ -68,25 +68,27 @@ class DownloadResult:
     new_urls: int = 0  # URLs this call attempted (0 when the list held nothing new)
 
 
-def run(cfg: DownloadConfig, url_list: str | Path, out_dir: str | Path, image_size: int) -> DownloadResult:
+def run(cfg: DownloadConfig, url_list: str | Path, out_dir: str | Path, image_size: int, url_col: str = "url",
+        caption_col: str = "caption") -> DownloadResult:
     """Download the URLs of `url_list` that no batch of `out_dir` attempted, resized to `image_size`.
 
-    The list is validated before any download starts (columns, emptiness, URL schemes); a bad
-    list raises ValueError naming the column, row and URL. A URL that fails to download is not
-    an error: it is counted in `failures_by_reason` under its reason code (see `fetch.REASONS`).
+    The list is validated before any download starts (readable, its columns, not empty, URLs are
+    strings); a bad list raises ValueError naming the column and row. A URL that fails to download
+    is not an error: it is counted in `failures_by_reason` under its reason code (see
+    `fetch.REASONS`), a scheme we do not fetch (ftp://, or file:// unless allowed) included.
     """
     url_list, out_dir = Path(url_list).resolve(), Path(out_dir).resolve()
-    table = read_url_list(url_list, cfg.url_col, cfg.caption_col, cfg.allow_file_urls)
-    settings = _settings(cfg, image_size)
+    table = read_url_list(url_list, url_col, caption_col)
+    settings = {"url_col": url_col, "caption_col": caption_col, **batch_settings(cfg, image_size)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir):
+    with exclusive(out_dir, "download"):
         batches = finished_batches(out_dir)
-        _check_same_settings(batches, settings)
-        new_rows = _unattempted(table, cfg.url_col, batches)
+        check_same_settings(batches, settings)
+        new_rows = _unattempted(table, url_col, batches)
         if new_rows.num_rows == 0:
             return summarise(out_dir)
-        batch = out_dir / f"{BATCH_PREFIX}{_next_batch_number(batches):05d}"
-        _download_batch(cfg, new_rows, batch, image_size, settings)
+        batch = out_dir / f"{BATCH_PREFIX}{next_batch_number(batches):05d}"
+        _download_batch(cfg, new_rows, batch, image_size, settings, url_col, caption_col)
     return summarise(out_dir, new_urls=new_rows.num_rows)
 
 
@@ -101,7 +103,8 @@ def batch_shards(batch: Path) -> list[tuple[Path, Path | None]]:
             for tar in sorted(batch.glob("[0-9]*.tar"))]
 
 
-def _download_batch(cfg: DownloadConfig, rows: pa.Table, batch: Path, image_size: int, settings: dict) -> None:
+def _download_batch(cfg: DownloadConfig, rows: pa.Table, batch: Path, image_size: int, settings: dict, url_col: str,
+                    caption_col: str) -> None:
     staging = batch.with_name(f".{batch.name}.partial")
     request = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + _table_digest(rows)).hexdigest()
     if _read_marker(staging, "_REQUEST") != request:
@@ -112,7 +115,8 @@ def _download_batch(cfg: DownloadConfig, rows: pa.Table, batch: Path, image_size
         pq.write_table(rows, batch_list)
     (staging / "_REQUEST").write_text(request)
 
-    _call_img2dataset(_img2dataset_arguments(cfg, rows, batch_list, staging, image_size), _fetch_policy(cfg))
+    arguments = _img2dataset_arguments(cfg, rows, batch_list, staging, image_size, url_col, caption_col)
+    _call_img2dataset(arguments, _fetch_policy(cfg))
 
     expected_shards = math.ceil(rows.num_rows / cfg.samples_per_shard)
     finished_shards = len(list(staging.glob("*_stats.json")))
@@ -147,11 +151,12 @@ def _table_digest(table: pa.Table) -> bytes:
     return hashlib.sha256(sink.getvalue().to_pybytes()).digest()
 
 
-def _settings(cfg: DownloadConfig, image_size: int) -> dict[str, Any]:
+def batch_settings(cfg: DownloadConfig, image_size: int) -> dict[str, Any]:
+    """The settings that shape a batch's images, recorded in its `_SUCCESS`."""
     return {"image_size": image_size, **cfg.model_dump(mode="json", exclude=TRANSIENT_SETTINGS)}
 
 
-def _check_same_settings(batches: list[Path], settings: dict[str, Any]) -> None:
+def check_same_settings(batches: list[Path], settings: dict[str, Any]) -> None:
     for batch in batches:
         recorded = json.loads((batch / SUCCESS_MARKER).read_text())["settings"]
         differing = sorted(key for key in settings.keys() | recorded.keys() if settings.get(key) != recorded.get(key))
@@ -163,20 +168,40 @@ def _check_same_settings(batches: list[Path], settings: dict[str, Any]) -> None:
             )
 
 
-def _next_batch_number(batches: list[Path]) -> int:
+def next_batch_number(batches: list[Path]) -> int:
     return 1 + max((int(batch.name.removeprefix(BATCH_PREFIX)) for batch in batches), default=-1)
 
 
 @contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
-    with open(out_dir / ".lock", "w") as handle:
+def exclusive(out_dir: Path, what: str) -> Iterator[None]:
+    """Hold `out_dir`'s lock (its holder's pid inside) while adding a batch; a second writer is refused.
+
+    A worker process that img2dataset spawned and that re-ran the caller's script (a script without
+    an `if __name__ == "__main__":` guard) finds the lock held by its own parent: it is told so.
+    """
+    lock = out_dir / ".lock"
+    with open(lock, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another download is writing to {out_dir}; wait for it to finish") from None
+            handle.seek(0)
+            holder, parent = handle.read().strip(), multiprocessing.parent_process()
+            if parent is not None and holder == str(parent.pid):
+                raise RuntimeError(
+                    f"this process is a worker that the {what} into {out_dir} started, and it is running the "
+                    f"{what} again: your script was imported anew by the worker. Put the call under "
+                    f"`if __name__ == \"__main__\":`") from None
+            raise RuntimeError(f"another {what} (pid {holder or 'unknown'}) is writing to {out_dir}; "
+                               "wait for it to finish") from None
         try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
             yield
         finally:
+            handle.seek(0)
+            handle.truncate()
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
@@ -222,12 +247,13 @@ def _parse_text(data: bytes, kind: str) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def read_url_list(url_list: Path, url_col: str, caption_col: str, allow_file_urls: bool) -> pa.Table:
-    """The list as a table, or ValueError if img2dataset would choke on it or it asks for what we refuse.
+def read_url_list(url_list: Path, url_col: str = "url", caption_col: str = "caption") -> pa.Table:
+    """The list as a table, or ValueError if img2dataset would choke on it.
 
     Checks: readable, the url and caption columns exist, at least one row, no column name that
-    img2dataset reserves, and every URL http(s) (or file:// when `allow_file_urls`). Captions
-    become strings (a missing caption an empty one, which the filter drops).
+    img2dataset reserves, and every URL a string. Captions become strings (a missing caption an
+    empty one, which the filter drops). A URL whose scheme we do not fetch is no error here: the
+    fetch reports it (`unsupported_scheme`) and downloads the rest.
     """
     if not url_list.is_file():
         raise FileNotFoundError(f"URL list {url_list} does not exist")
@@ -240,25 +266,18 @@ def read_url_list(url_list: Path, url_col: str, caption_col: str, allow_file_url
     reserved = sorted(RESERVED_COLUMNS.intersection(set(table.column_names) - {url_col, caption_col}))
     if reserved:
         raise ValueError(f"{url_list}: columns {reserved} are reserved by img2dataset; rename them")
-    _check_url_schemes(url_list, table.column(url_col), url_col, allow_file_urls)
+    _check_urls_are_strings(url_list, table.column(url_col), url_col)
     captions = pc.fill_null(pc.cast(table.column(caption_col), pa.string()), "")
     return table.set_column(table.column_names.index(caption_col), caption_col, captions)
 
 
-def _check_url_schemes(url_list: Path, urls: pa.ChunkedArray, url_col: str, allow_file_urls: bool) -> None:
-    pattern = "^(https?|file)://" if allow_file_urls else "^https?://"
+def _check_urls_are_strings(url_list: Path, urls: pa.ChunkedArray, url_col: str) -> None:
     if not pa.types.is_string(urls.type) and not pa.types.is_large_string(urls.type):
         raise ValueError(f"{url_list}: column {url_col!r} holds {urls.type}, not URL strings")
-    accepted = pc.fill_null(pc.match_substring_regex(urls, pattern, ignore_case=True), False)
-    if pc.all(accepted).as_py():
-        return
-    bad_rows = pc.indices_nonzero(pc.invert(accepted))
-    first = bad_rows[0].as_py()
-    allowed = "http(s) or file://" if allow_file_urls else "http(s) (set allow_file_urls to accept file://)"
-    raise ValueError(
-        f"{url_list}: column {url_col!r} row {first}: {urls[first].as_py()!r} is not an {allowed} URL "
-        f"({len(bad_rows)} such rows in all)"
-    )
+    if urls.null_count:
+        first = pc.indices_nonzero(pc.is_null(urls))[0].as_py()
+        raise ValueError(f"{url_list}: column {url_col!r} row {first}: None is no URL ({urls.null_count} such rows "
+                         "in all)")
 
 
 def summarise(shards_dir: str | Path, new_urls: int = 0) -> DownloadResult:
@@ -289,18 +308,17 @@ def summarise(shards_dir: str | Path, new_urls: int = 0) -> DownloadResult:
 def _fetch_policy(cfg: DownloadConfig) -> FetchPolicy:
     return FetchPolicy(timeout=cfg.timeout, retries=cfg.retries, max_bytes=cfg.max_image_bytes,
                        max_pixels=cfg.max_image_pixels, max_retry_after=cfg.max_retry_after,
-                       allow_file_urls=cfg.allow_file_urls)
+                       allow_file_urls=bool(cfg.allow_file_urls))
 
 
-def _img2dataset_arguments(
-    cfg: DownloadConfig, rows: pa.Table, batch_list: Path, output_folder: Path, image_size: int
-) -> dict[str, Any]:
-    extra_columns = [name for name in rows.column_names if name not in (cfg.url_col, cfg.caption_col)]
+def _img2dataset_arguments(cfg: DownloadConfig, rows: pa.Table, batch_list: Path, output_folder: Path,
+                           image_size: int, url_col: str, caption_col: str) -> dict[str, Any]:
+    extra_columns = [name for name in rows.column_names if name not in (url_col, caption_col)]
     return dict(
         url_list=str(batch_list),
         input_format="parquet",
-        url_col=cfg.url_col,
-        caption_col=cfg.caption_col,
+        url_col=url_col,
+        caption_col=caption_col,
         save_additional_columns=extra_columns or None,
         output_folder=str(output_folder),
         output_format="webdataset",

@@ -171,7 +171,7 @@ class _Deduplicator:
     """What was kept so far, by sha256 and perceptual hash, across shards, batches and runs."""
 
     def __init__(self, cfg: FilterConfig) -> None:
-        self.exact = cfg.drop_exact_duplicates
+        self.exact = cfg.drop_exact_duplicates is not False  # None: on (the pipeline passes the source's default)
         self.digests: set[str] = set()
         self.near = None if cfg.near_duplicate_distance is None else NearDuplicateIndex(cfg.near_duplicate_distance)
 
@@ -357,6 +357,16 @@ def _result(out_dir: Path, report_path: Path, report: pa.Table, reused: int) -> 
         download_failures_by_reason=counts("download"),
         reused_shards=reused,
     )
+
+
+def require_usable(result: FilterResult) -> FilterResult:
+    """`result`, or ValueError with the counts by reason when nothing was kept (nothing to train on)."""
+    if result.kept:
+        return result
+    dropped = {**result.download_failures_by_reason, **result.dropped_by_reason}
+    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(dropped.items(), key=lambda kv: -kv[1]))
+    raise ValueError(f"no usable image-caption pair in the source: of {sum(dropped.values())} items, "
+                     f"{reasons or 'none'} (one row per item in {result.report_path})")
 
 
 def read_report(report_path: str | Path) -> pa.Table:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..clip.model import LOCAL_DIR, ClipScorer
 from ..clip.model import load as load_clip
-from ..config import PipelineConfig, SampleConfig
+from ..config import PipelineConfig, SampleConfig, upgrade
 from ..dvae.model import DiscreteVAE
 from ..dvae.model import load as load_dvae
 from ..images import to_uint8
@@ -57,7 +57,7 @@ def read_manifest(directory: Path) -> tuple[dict[str, Any], str]:
     clip_source = document["clip_source"]
     if clip_source == "bundle":
         clip_source = LOCAL_DIR + str((directory / "clip").resolve())
-    return document["config"], clip_source
+    return upgrade(document["config"]), clip_source
 
 
 @dataclass

@@ -106,7 +106,7 @@ def test_none_fields_keep_the_preset_and_the_base_config():
         ({"prior": {"layerz": 3}}, "prior.layerz"),
         ({"sample": {"top_p": 2}}, "sample.top_p"),
         ({"prior": {"attention": "sparse"}}, "prior.attention"),
-        ({"download.url_list": None}, "download.url_list"),  # dotted None meant "set to None": refused, not ignored
+        ({"data.source": None}, "data.source"),  # dotted None meant "set to None": refused, not ignored
     ],
 )
 def test_bad_overrides_are_refused_naming_the_field(overrides, field):

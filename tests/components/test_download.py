@@ -26,6 +26,7 @@ from dalle_pipeline.components.corpus import generate
 from dalle_pipeline.components.download import batch_shards, finished_batches, read_url_list, run
 from dalle_pipeline.components.filter import read_report
 from dalle_pipeline.components.filter import run as filter_run
+from dalle_pipeline.components.filter.run import require_usable
 from dalle_pipeline.components.shards import iter_samples, read_shard, shard_paths
 from faulty_server import FAULTS, MAX_BYTES, FaultyServer
 
@@ -78,8 +79,8 @@ def test_a_rerun_adds_nothing_and_a_longer_list_adds_only_its_new_rows(corpus, t
     first = run(cfg, first_list, out_dir, IMAGE_SIZE)
     assert (first.successes, first.new_urls, len(_samples(out_dir))) == (30, 30, 30)
 
-    # how it was fetched (parallelism, the list named in the config) does not shape the images
-    again = run(cfg.model_copy(update={"thread_count": 2, "url_list": str(first_list)}), first_list, out_dir, IMAGE_SIZE)
+    # how it was fetched (parallelism) does not shape the images
+    again = run(cfg.model_copy(update={"thread_count": 2}), first_list, out_dir, IMAGE_SIZE)
     assert again.new_urls == 0 and again.batches == first.batches and again.successes == 30
 
     # the next crawl: the whole list, in another order, with one URL twice: only the 10 new URLs are fetched
@@ -187,10 +188,20 @@ def test_a_download_killed_midway_resumes_to_the_same_corpus(corpus, tmp_path):
     assert corpus_of(killed_dir, "curated-killed") == corpus_of(tmp_path / "clean", "curated-clean")
 
 
-def test_file_urls_are_refused_unless_allowed(corpus, tmp_path):
-    with pytest.raises(ValueError, match=r"column 'url' row 0: 'file://.*allow_file_urls.*\(40 such rows"):
-        run(DownloadConfig(**FAST), corpus.url_list, tmp_path / "out", IMAGE_SIZE)
-    assert not (tmp_path / "out").exists()
+def test_a_scheme_we_do_not_fetch_is_one_reason_and_the_rest_is_downloaded(corpus, tmp_path):
+    rows = pq.read_table(corpus.url_list).select(["url", "caption"]).slice(0, 5)
+    mixed = pa.concat_tables([rows, pa.table({"url": ["ftp://example.com/a.png", "data:image/png;base64,AAAA"],
+                                              "caption": ["over ftp", "inline"]})])
+    pq.write_table(mixed, tmp_path / "mixed.parquet")
+    result = run(DownloadConfig(allow_file_urls=True, **FAST), tmp_path / "mixed.parquet", tmp_path / "dl", IMAGE_SIZE)
+    assert (result.successes, result.failures_by_reason) == (5, {"unsupported_scheme": 2})
+
+    refused = run(DownloadConfig(**FAST), corpus.url_list, tmp_path / "no-files", IMAGE_SIZE)  # file:// not allowed
+    assert (refused.successes, refused.failures_by_reason) == (0, {"unsupported_scheme": 40})
+    curated = filter_run(FilterConfig(), tmp_path / "no-files", tmp_path / "curated")
+    with pytest.raises(ValueError, match=r"no usable image-caption pair in the source: of 40 items, "
+                                         r"unsupported_scheme 40"):
+        require_usable(curated)
 
 
 def _write_list(path: Path, columns: dict) -> Path:
@@ -207,8 +218,8 @@ def _write_list(path: Path, columns: dict) -> Path:
         ("urls.parquet", {"url": ["https://example.com/a.png"], "text": ["a"]}, r"no caption column 'caption'"),
         ("urls.jsonl", {"link": ["https://example.com/a.png"], "caption": ["a"]}, r"no url column 'url'"),
         ("urls.parquet", {"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}, "is empty"),
-        ("urls.parquet", {"url": ["https://e.com/a", "ftp://e.com/b"], "caption": ["a", "b"]}, r"row 1: 'ftp://e.com/b'"),
-        ("urls.parquet", {"url": ["https://e.com/a", None], "caption": ["a", "b"]}, r"row 1: None"),
+        ("urls.parquet", {"url": ["https://e.com/a", None], "caption": ["a", "b"]}, r"row 1: None is no URL"),
+        ("urls.parquet", {"url": [1, 2], "caption": ["a", "b"]}, r"column 'url' holds int64, not URL strings"),
         ("urls.parquet", {"url": ["https://e.com/a"], "caption": ["a"], "status": ["x"]}, r"\['status'\] are reserved"),
         ("urls.txt", {"url": ["https://e.com/a"]}, "cannot tell the URL list's format"),
     ],
@@ -250,7 +261,7 @@ def _write_any(path: Path, rows: list[dict]) -> Path:
 
 @pytest.mark.parametrize("name", ["l.parquet", "l.csv", "l.tsv", "l.json", "l.jsonl", "l.csv.gz", "l.jsonl.gz"])
 def test_every_url_list_format_reads_the_same_rows(tmp_path, name):
-    table = read_url_list(_write_any(tmp_path / name, LIST_ROWS), "link", "text", allow_file_urls=False)
+    table = read_url_list(_write_any(tmp_path / name, LIST_ROWS), "link", "text")
     assert table.column("link").to_pylist() == ["https://e.com/a.png", "https://e.com/b.png"]
     assert table.column("text").to_pylist() == ["a red circle", ""]  # a missing caption becomes empty
     assert table.column("licence").to_pylist() == ["cc-by", "cc0"]  # extra columns are carried through
@@ -282,3 +293,55 @@ def test_the_ray_distributor_downloads_the_same_samples_through_our_fetch(corpus
     assert (result.successes, result.failures_by_reason, len(result.stats_files)) == (40, {"not_an_image": 1}, 3)
     expected = {row["url"]: row["caption"] for row in rows.to_pylist()}
     assert {s.meta["url"]: s.caption for s in _samples(tmp_path / "ray")} == expected
+
+
+def _hold_lock_in_child(folder: str, result_file: str) -> None:
+    """A spawned child (as img2dataset's workers are) that runs the download again."""
+    from dalle_pipeline.components.download.run import exclusive
+
+    try:
+        with exclusive(Path(folder), "download"):
+            Path(result_file).write_text("got the lock")
+    except RuntimeError as err:
+        Path(result_file).write_text(str(err))
+
+
+def test_a_worker_that_reimports_the_script_is_told_to_guard_it_and_a_second_download_to_wait(tmp_path):
+    import multiprocessing
+
+    from dalle_pipeline.components.download.run import exclusive
+
+    with exclusive(tmp_path, "download"):
+        child = multiprocessing.get_context("spawn").Process(
+            target=_hold_lock_in_child, args=(str(tmp_path), str(tmp_path / "child.txt")))
+        child.start()
+        child.join(60)
+        assert "a worker that the download into" in (tmp_path / "child.txt").read_text()
+        assert 'if __name__ == "__main__":' in (tmp_path / "child.txt").read_text()
+        stranger = subprocess.run(
+            [sys.executable, "-c", "import sys; from pathlib import Path; "
+             "from dalle_pipeline.components.download.run import exclusive\n"
+             "with exclusive(Path(sys.argv[1]), 'download'): pass", str(tmp_path)],
+            capture_output=True, text=True, timeout=60)
+        assert f"another download (pid {os.getpid()}) is writing to" in stranger.stderr
+    with exclusive(tmp_path, "download"):  # released: the next download takes it
+        pass
+
+
+def test_the_readme_download_example_runs_as_written(corpus, tmp_path):
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    example = readme.split("the call goes under the `__main__` guard:\n\n", 1)[1].split("\n\nRunning", 1)[0]
+    script = "\n".join(line.removeprefix("    ") for line in example.splitlines())
+    # the example's own list and settings, swapped for a local list and settings that suit 2 cores
+    rows = pq.read_table(corpus.url_list).select(["url", "caption"]).rename_columns(["URL", "TEXT"])
+    pq.write_table(rows, tmp_path / "laion-part-00000.parquet")
+    for wanted, local in [("processes_count=8, thread_count=64", "processes_count=2, thread_count=4, "
+                           "allow_file_urls=True"), ("image_size=256", "image_size=32")]:
+        assert wanted in script
+        script = script.replace(wanted, local)
+    (tmp_path / "example.py").write_text(script)
+    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reasons = read_report(tmp_path / "data" / "curated" / "filter_report.parquet").column("reason").to_pylist()
+    assert len(reasons) == 40 and "kept" in reasons  # one reason per URL; the shapes corpus repeats scenes
+    assert set(reasons) <= {"kept", "duplicate", "near_duplicate"}

@@ -200,12 +200,13 @@ def test_deployment_run_trains_and_logs_to_the_served_mlflow(served: Served) -> 
     shown = _get_json(f"{served.mlflow_url}/api/2.0/mlflow/runs/get?run_id={parent.info.run_id}")
     assert shown["run"]["info"]["run_id"] == parent.info.run_id
 
-    # retrain: weekly, its schedule inactive until a URL list is set; forced to run now, it fine-tunes the
+    # retrain: weekly, its schedule inactive until a source is set; forced to run now, it fine-tunes the
     # champion on the list and registers a challenger with its decision
     retrain = _get_json(f"{served.prefect_api}/deployments/name/train-dalle/retrain")
     assert [(s["schedule"]["cron"], s["active"]) for s in retrain["schedules"]] == [("0 3 * * 1", False)]
     (url_list,) = served.home.glob("stages/corpus/*/urls.parquet")
-    overrides = json.dumps({"download": {"url_list": str(url_list)}, "prior": {"optim": {"steps": 10}}})
+    overrides = json.dumps({"data": {"source": str(url_list)}, "download": {"allow_file_urls": True},
+                            "prior": {"optim": {"steps": 10}}})
     _run_deployment(served, "train-dalle/retrain", "preset=micro", f"overrides={overrides}")
     versions = {str(v.version): v for v in client.search_model_versions("name='dalle'")}
     assert sorted(versions, key=int) == ["1", "2"]

@@ -221,7 +221,8 @@ def test_retraining_the_champion_on_a_new_url_list_registers_a_judged_version(mi
     versions_before = {v.version for v in client.search_model_versions("name='dalle'")}
 
     caches = _train_again(tmp_path, env, "--retrain-from", "models:/dalle@champion", "--retrain-dvae",
-                          "--set", f"download.url_list={longer}", "--set", "prior.optim.steps=10",
+                          "--data", str(longer), "--set", "download.allow_file_urls=true",  # file:// URLs: opted in
+                          "--set", "prior.optim.steps=10",
                           "--set", "dvae.optim.steps=10")
 
     # the tokenizer and CLIP are the champion's; its dVAE is fine-tuned, everything after the data runs
@@ -235,7 +236,7 @@ def test_retraining_the_champion_on_a_new_url_list_registers_a_judged_version(mi
     assert retrain_run.data.params["prior.init_from"].endswith("prior")
     assert retrain_run.data.params["dvae.init_from"].endswith("dvae")
     assert retrain_run.data.params["dvae.optim.steps"] == "10"
-    assert retrain_run.data.params["download.url_list"] == str(longer)
+    assert retrain_run.data.params["data.source"] == str(longer)
 
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))

@@ -1,0 +1,302 @@
+"""The kinds of data a user brings, recognised from the path, and each read as items.
+
+An item is one image-caption pair of the source, named by an id that stays put when the source
+grows (its relative path, `shard.tar/key`, `file.parquet#row`, a COCO file name). Reading an
+item never raises for the item's own faults: a missing caption, a caption without an image or a
+symlink out of the folder is the item's `problem`, a reason code of `download.fetch.REASONS`,
+and an image that cannot be read is found when `ingest` reads its bytes.
+
+Kinds (`data.format`, or recognised by `source_kind`):
+- `url_list`: parquet/csv/tsv/json/jsonl[.gz] with a URL column (downloaded by img2dataset);
+- `folder`: images anywhere below a folder, each captioned by a sidecar `name.txt`, a
+  `name.json` with the caption field, or a row of `captions.csv` / `captions.jsonl` at the top
+  (a `file_name` column, relative path or bare name, and the caption column);
+- `webdataset`: a `.tar` shard or a folder of them, `key.<image>` + `key.txt` / `key.json`
+  (an img2dataset output folder is one);
+- `parquet`: a `.parquet` file or folder of them with the images inside (binary, or a struct
+  with `bytes` as `datasets` exports) and a caption column;
+- `coco`: a COCO captions JSON (`images` + `annotations`) and its image folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import DataConfig
+from ..download.run import INPUT_FORMATS
+from ..shards import tar_members
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+CAPTION_SUFFIXES = (".txt", ".json")
+CAPTION_FILES = ("captions.csv", "captions.jsonl")
+FILE_NAME_COLUMNS = ("file_name", "file", "image", "path", "filename")
+LOCAL_KINDS = ("folder", "webdataset", "parquet", "coco")
+IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini"})  # what file managers leave beside pictures
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image-caption pair of a source; `read` returns the image's bytes (OSError if unreadable)."""
+
+    item_id: str
+    caption: str | None
+    read: Callable[[], bytes] | None
+    problem: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def source_kind(data: DataConfig) -> str:
+    """`data.format`, or the kind recognised from `data.source`; a path that is none of them raises
+    ValueError saying what was found there (FileNotFoundError when nothing is)."""
+    path = Path(data.source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data.source {path} does not exist")
+    kind = data.format if data.format != "auto" else _recognise(path, data)
+    wants_folder = kind == "folder"
+    if wants_folder and not path.is_dir():
+        raise ValueError(f"data.source {path}: format 'folder' needs a folder, not a file")
+    if kind in ("url_list", "coco") and not path.is_file():
+        raise ValueError(f"data.source {path}: format {kind!r} needs a file, not a folder")
+    return kind
+
+
+def _recognise(path: Path, data: DataConfig) -> str:
+    if path.is_file():
+        name = path.name.lower()
+        if name.endswith(".tar"):
+            return "webdataset"
+        if name.endswith(".parquet"):
+            return _parquet_kind(path, data)
+        if name.endswith(".json") and _is_coco(path):
+            return "coco"
+        if any(name.endswith(f".{kind}") or name.endswith(f".{kind}.gz") for kind in INPUT_FORMATS):
+            return "url_list"
+        raise ValueError(f"data.source {path}: cannot tell what this file is (a URL list is "
+                         f"*.{{{','.join(INPUT_FORMATS)}}}[.gz], webdataset *.tar, Parquet with images *.parquet, "
+                         "COCO captions *.json); set data.format")
+    files = [p for p in path.rglob("*") if p.is_file() and not _hidden(p, path)]
+    suffixes = {p.suffix.lower() for p in files}
+    if any(p.parent == path and p.suffix.lower() == ".tar" for p in files):
+        return "webdataset"
+    if suffixes & IMAGE_SUFFIXES:
+        return "folder"
+    if ".parquet" in suffixes:
+        return "parquet"
+    found = ", ".join(sorted(str(p.relative_to(path)) for p in files)[:5]) or "nothing"
+    raise ValueError(f"data.source {path}: a folder with no images, .tar shards or .parquet files "
+                     f"({len(files)} files: {found}{', ...' if len(files) > 5 else ''})")
+
+
+def _parquet_kind(path: Path, data: DataConfig) -> str:
+    schema = pq.read_schema(path)
+    if data.image_col in schema.names and _is_image_column(schema.field(data.image_col).type):
+        return "parquet"
+    if data.url_col in schema.names:
+        return "url_list"
+    raise ValueError(f"data.source {path}: a Parquet file with neither images (a column {data.image_col!r} of bytes "
+                     f"or a struct with `bytes`) nor URLs (a column {data.url_col!r}); its columns are {schema.names}")
+
+
+def _is_image_column(kind: pa.DataType) -> bool:
+    if pa.types.is_struct(kind):
+        return kind.get_field_index("bytes") >= 0
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def _is_coco(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16).lstrip()
+    if not head.startswith(b"{"):
+        return False
+    try:
+        document = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(document, dict) and "images" in document and "annotations" in document
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts) or path.name in IGNORED_NAMES
+
+
+def items(kind: str, data: DataConfig) -> Iterator[Item]:
+    """Every item of a local source, in a stable order."""
+    root = Path(data.source).expanduser().resolve()
+    readers = {"folder": _folder_items, "webdataset": _webdataset_items, "parquet": _parquet_items,
+               "coco": _coco_items}
+    if kind not in readers:
+        raise ValueError(f"{kind!r} is no local source kind; kinds are {list(readers)}")
+    return readers[kind](root, data)
+
+
+def _decode_caption(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")  # the filter reports U+FFFD as caption_not_utf8
+
+
+def _file_reader(path: Path) -> Callable[[], bytes]:
+    return path.read_bytes
+
+
+def _folder_items(root: Path, data: DataConfig) -> Iterator[Item]:
+    files = sorted(p for p in root.rglob("*") if not p.is_dir() and not _hidden(p, root))
+    mapped = _captions_file(root, data.caption_col)
+    images = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+    for path in files:
+        relative = path.relative_to(root).as_posix()
+        suffix = path.suffix.lower()
+        if path.parent == root and path.name in CAPTION_FILES:
+            continue
+        if suffix in CAPTION_SUFFIXES:
+            if path.with_suffix("") not in images:
+                yield Item(relative, None, None, problem="missing_image")
+            continue
+        if suffix not in IMAGE_SUFFIXES:
+            yield Item(relative, None, None, problem="unknown_file")
+            continue
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            yield Item(relative, None, None, problem="outside_source")
+            continue
+        caption = _sidecar_caption(path, data.caption_col)
+        if caption is None:
+            caption = mapped.get(relative, mapped.get(path.name))
+        yield Item(relative, caption, _file_reader(path), problem=None if caption is not None else "missing_caption")
+
+
+def _sidecar_caption(image: Path, caption_key: str) -> str | None:
+    text_file, json_file = image.with_suffix(".txt"), image.with_suffix(".json")
+    if text_file.is_file():
+        return _decode_caption(text_file.read_bytes())
+    if json_file.is_file():
+        try:
+            document = json.loads(json_file.read_bytes())
+        except ValueError:
+            return None
+        value = document.get(caption_key) if isinstance(document, dict) else None
+        return value if isinstance(value, str) else None
+    return None
+
+
+def _captions_file(root: Path, caption_col: str) -> dict[str, str]:
+    """file name -> caption from `captions.csv` / `captions.jsonl` at the top of a folder, if there."""
+    rows: list[dict] = []
+    if (root / "captions.csv").is_file():
+        rows = list(csv.DictReader(io.StringIO(_decode_caption((root / "captions.csv").read_bytes()))))
+    elif (root / "captions.jsonl").is_file():
+        lines = _decode_caption((root / "captions.jsonl").read_bytes()).splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
+    if not rows:
+        return {}
+    name_col = next((col for col in FILE_NAME_COLUMNS if col in rows[0]), None)
+    if name_col is None or caption_col not in rows[0]:
+        raise ValueError(f"{root}: the captions file needs a file name column (one of {list(FILE_NAME_COLUMNS)}) "
+                         f"and the caption column {caption_col!r}; it has {sorted(rows[0])}")
+    return {str(row[name_col]): str(row[caption_col]) for row in rows if row.get(caption_col) is not None}
+
+
+def _webdataset_items(root: Path, data: DataConfig) -> Iterator[Item]:
+    tars = [root] if root.is_file() else sorted(root.rglob("*.tar"))
+    for tar in tars:
+        name = tar.name if root.is_file() else tar.relative_to(root).as_posix()
+        groups: dict[str, dict[str, bytes]] = {}
+        try:
+            for member, content in tar_members(tar):
+                directory, _, base = member.rpartition("/")
+                key, dot, extension = base.partition(".")
+                if dot:
+                    groups.setdefault(f"{directory}/{key}" if directory else key, {})[extension.lower()] = content
+        except ValueError:
+            yield Item(f"{name}/<after {len(groups)} samples>", None, None, problem="damaged_shard")
+        for key, parts in groups.items():
+            yield _webdataset_item(f"{name}/{key}", parts, data.caption_col)
+
+
+def _webdataset_item(item_id: str, parts: dict[str, bytes], caption_key: str) -> Item:
+    meta = {}
+    if "json" in parts:
+        try:
+            document = json.loads(parts["json"])
+            meta = document if isinstance(document, dict) else {}
+        except ValueError:
+            pass
+    caption = _decode_caption(parts["txt"]) if "txt" in parts else meta.get(caption_key)
+    extension = next((ext for ext in parts if f".{ext}" in IMAGE_SUFFIXES), None)
+    source_meta = {key: value for key, value in meta.items() if key not in ("key", "caption", "status")}
+    if "url" in source_meta:
+        source_meta["source_url"] = source_meta.pop("url")
+    if extension is None:
+        return Item(item_id, caption, None, problem="missing_image", meta=source_meta)
+    image = parts[extension]
+    return Item(item_id, caption if isinstance(caption, str) else None, lambda: image,
+                problem=None if isinstance(caption, str) else "missing_caption", meta=source_meta)
+
+
+def _parquet_items(root: Path, data: DataConfig) -> Iterator[Item]:
+    files = [root] if root.is_file() else sorted(root.rglob("*.parquet"))
+    for path in files:
+        name = path.name if root.is_file() else path.relative_to(root).as_posix()
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        for column in (data.image_col, data.caption_col):
+            if column not in names:
+                raise ValueError(f"{path}: no column {column!r} (data.image_col / data.caption_col); columns are "
+                                 f"{names}")
+        row = 0
+        for batch in parquet.iter_batches(batch_size=256, columns=[data.image_col, data.caption_col]):
+            for image, caption in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                image_bytes = image.get("bytes") if isinstance(image, dict) else image
+                caption = caption if isinstance(caption, str) else None
+                item_id = f"{name}#{row}"
+                row += 1
+                if image_bytes is None:
+                    yield Item(item_id, caption, None, problem="missing_image")
+                    continue
+                yield Item(item_id, caption, lambda image_bytes=image_bytes: image_bytes,
+                           problem=None if caption is not None else "missing_caption")
+
+
+def _coco_items(root: Path, data: DataConfig) -> Iterator[Item]:
+    document = json.loads(root.read_bytes())
+    images = {image["id"]: image for image in document["images"]}
+    captions: dict[object, list[str]] = {}
+    for annotation in sorted(document["annotations"], key=lambda a: a.get("id", 0)):
+        if annotation.get("image_id") not in images:
+            yield Item(f"annotation:{annotation.get('id')}", annotation.get("caption"), None, problem="missing_image")
+            continue
+        captions.setdefault(annotation["image_id"], []).append(annotation.get("caption") or "")
+    folder = coco_images_dir(root, data, [image["file_name"] for image in images.values()])
+    for image_id, image in sorted(images.items(), key=lambda item: str(item[1]["file_name"])):
+        path = folder / image["file_name"]
+        own = captions.get(image_id, [])
+        meta = {"coco_id": image_id, "captions": own}
+        if not path.is_file():
+            yield Item(image["file_name"], own[0] if own else None, None, problem="missing_image", meta=meta)
+            continue
+        yield Item(image["file_name"], own[0] if own else None, _file_reader(path),
+                   problem=None if own else "missing_caption", meta=meta)
+
+
+def coco_images_dir(annotations: Path, data: DataConfig, file_names: list[str]) -> Path:
+    """`data.images_dir`, else the folder beside the JSON that holds its first image: `images/`, the
+    split named in `captions_<split>.json` (beside it or one up, as COCO ships it), or the JSON's own."""
+    if data.images_dir is not None:
+        folder = Path(data.images_dir).expanduser().resolve()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data.images_dir {folder} does not exist")
+        return folder
+    split = annotations.stem.removeprefix("captions_")
+    candidates = [annotations.parent / "images", annotations.parent / split, annotations.parent.parent / split,
+                  annotations.parent.parent / "images", annotations.parent]
+    probe = file_names[0] if file_names else None
+    for folder in candidates:
+        if probe is not None and (folder / probe).is_file():
+            return folder
+    raise FileNotFoundError(f"{annotations}: cannot find the folder of its images (looked for {probe!r} in "
+                            f"{[str(c) for c in candidates]}); set data.images_dir")

@@ -1,0 +1,268 @@
+"""Local sources: each kind, made here with its bad items, through the real ingest and filter."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dalle_pipeline.components.config import DataConfig, DownloadConfig, FilterConfig, resolve
+from dalle_pipeline.components.filter import read_report
+from dalle_pipeline.components.filter import run as filter_run
+from dalle_pipeline.components.filter.run import require_usable
+from dalle_pipeline.components.shards import iter_samples
+from dalle_pipeline.components.sources import run as ingest
+from dalle_pipeline.components.sources import source_kind
+from dalle_pipeline.flows.cli import main
+
+SIZE = 32
+RED, BLUE, GREEN = (220, 20, 20), (20, 20, 220), (20, 200, 20)
+
+
+def encode(image: Image.Image, kind: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind, **options)
+    return buffer.getvalue()
+
+
+def halves(top: tuple, bottom: tuple, size=(40, 60)) -> Image.Image:
+    """Upper half `top`, lower half `bottom`."""
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    pixels[: size[1] // 2], pixels[size[1] // 2 :] = top, bottom
+    return Image.fromarray(pixels)
+
+
+def rotated_with_exif() -> bytes:
+    """Stored sideways (left red, right blue) with EXIF orientation 6: shown upright, red on top."""
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:, :30], pixels[:, 30:] = RED, BLUE
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    return encode(Image.fromarray(pixels), exif=exif)
+
+
+def ingest_and_filter(tmp_path, data: DataConfig, **download):
+    downloaded = ingest(data, DownloadConfig(samples_per_shard=4, **download), tmp_path / "dl", SIZE)
+    curated = filter_run(FilterConfig(), tmp_path / "dl", tmp_path / "cur")
+    reasons = {row["url"]: row["reason"] for row in read_report(curated.report_path).to_pylist()}
+    samples = {sample.meta["url"]: sample for sample in iter_samples(curated.curated_dir)}
+    return downloaded, curated, reasons, samples
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A folder with every kind of good and bad item the issue names."""
+    root = tmp_path / "pictures"
+    (root / "sub").mkdir(parents=True)
+    jpeg = encode(halves(RED, BLUE), "JPEG", quality=95)
+    files = {
+        "red.png": encode(halves(RED, RED)), "red.txt": b"a red square",
+        "sub/rgba.png": encode(Image.new("RGBA", (48, 48), (0, 0, 255, 0))), "sub/rgba.json": b'{"caption": "clear"}',
+        "palette.gif": encode(halves(GREEN, BLUE).convert("P"), "GIF"),
+        "grey.png": encode(Image.new("L", (40, 40), 128)), "grey.txt": b"grey",
+        "deep.png": encode(Image.fromarray(np.full((40, 40), 65535, np.uint16))), "deep.txt": b"sixteen-bit white",
+        "upright.png": rotated_with_exif(), "upright.txt": b"red over blue",
+        "mapped.jpg": jpeg,
+        "zero.jpg": b"", "zero.txt": b"nothing",
+        "cut.jpg": jpeg[: len(jpeg) // 2], "cut.txt": b"truncated",
+        "page.png": b"<html>not a picture</html>", "page.txt": b"html",
+        "orphan.txt": b"a caption without its image",
+        "uncaptioned.png": encode(halves(RED, GREEN)),
+        "latin.png": encode(halves(BLUE, BLUE)), "latin.txt": "caf\u00e9".encode("latin-1"),
+        "notes.md": b"# my pictures",
+        "captions.csv": b"file_name,caption\nmapped.jpg,\"red, then blue\"\npalette.gif,palette\n",
+        ".DS_Store": b"finder",
+    }
+    for name, content in files.items():
+        (root / name).write_bytes(content)
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(encode(halves(RED, RED)))
+    os.symlink(outside, root / "escape.png")
+    (root / "escape.txt").write_bytes(b"out of the folder")
+    os.symlink(root / "red.png", root / "inside.png")
+    (root / "inside.txt").write_bytes(b"a link within the folder")
+    return root
+
+
+def test_a_folder_keeps_every_readable_pair_and_gives_every_other_item_one_reason(folder, tmp_path):
+    data = DataConfig(source=str(folder))
+    assert source_kind(data) == "folder"
+    downloaded, curated, reasons, samples = ingest_and_filter(tmp_path, data)
+
+    assert reasons == {
+        "red.png": "duplicate", "sub/rgba.png": "kept", "palette.gif": "kept", "grey.png": "kept", "deep.png": "kept",
+        "upright.png": "kept", "mapped.jpg": "kept", "inside.png": "kept",
+        "zero.jpg": "empty_image", "cut.jpg": "truncated_image", "page.png": "not_an_image",
+        "orphan.txt": "missing_image", "uncaptioned.png": "missing_caption", "latin.png": "caption_not_utf8",
+        "notes.md": "unknown_file", "escape.png": "outside_source",
+    }  # the captions file and .DS_Store are no items; every other file is one row; inside.png is red.png's bytes
+    assert downloaded.new_urls == len(reasons)
+    assert samples["mapped.jpg"].caption == "red, then blue" and samples["palette.gif"].caption == "palette"
+    assert samples["sub/rgba.png"].caption == "clear"
+    for sample in samples.values():
+        assert sample.image().size == (SIZE, SIZE) and sample.image().mode == "RGB"
+    assert (samples["sub/rgba.png"].pixels() == 255).all()  # a transparent image lies over white
+    assert (samples["deep.png"].pixels() == 255).all()  # 16-bit white is 8-bit white, not clipped noise
+    upright = samples["upright.png"].pixels().astype(int)
+    assert upright[:12, :, 0].mean() > 180 and upright[-12:, :, 2].mean() > 180  # EXIF applied: red on top
+    assert samples["inside.png"].meta["original_width"] == 40 and samples["inside.png"].meta["original_height"] == 60
+    assert curated.kept == 7
+
+
+def test_a_folder_that_grows_adds_only_its_new_files(folder, tmp_path):
+    data = DataConfig(source=str(folder))
+    ingest_and_filter(tmp_path, data)
+    again = ingest(data, DownloadConfig(samples_per_shard=4), tmp_path / "dl", SIZE)
+    assert again.new_urls == 0 and len(again.batches) == 1
+    (folder / "new.png").write_bytes(encode(halves(GREEN, GREEN)))
+    (folder / "new.txt").write_bytes(b"green")
+    grown = ingest(data, DownloadConfig(samples_per_shard=4), tmp_path / "dl", SIZE)
+    assert grown.new_urls == 1 and [batch.name for batch in grown.batches] == ["batch-00000", "batch-00001"]
+    curated = filter_run(FilterConfig(), tmp_path / "dl", tmp_path / "cur")
+    assert curated.kept == 8 and curated.reused_shards >= 1
+
+
+def test_webdataset_shards_such_as_an_img2dataset_output_are_read_as_they_are(tmp_path):
+    shards = tmp_path / "wds"
+    shards.mkdir()
+    members = {
+        "000000000.jpg": encode(halves(RED, RED), "JPEG"), "000000000.txt": b"red",
+        "000000000.json": json.dumps({"url": "https://example.com/red.jpg", "key": "000000000"}).encode(),
+        "000000001.png": encode(halves(BLUE, BLUE)), "000000001.json": b'{"caption": "blue from json"}',
+        "000000002.png": encode(halves(GREEN, GREEN)),
+        "000000003.txt": b"no image",
+        "000000004.webp": b"RIFF....WEBPdamaged", "000000004.txt": b"broken webp",
+    }
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    (shards / "00000.parquet").write_bytes(b"img2dataset's own table beside it")  # not read: .tar wins
+    data = DataConfig(source=str(shards))
+    assert source_kind(data) == "webdataset"
+    _, curated, reasons, samples = ingest_and_filter(tmp_path, data)
+    assert reasons == {"00000.tar/000000000": "kept", "00000.tar/000000001": "kept",
+                       "00000.tar/000000002": "missing_caption", "00000.tar/000000003": "missing_image",
+                       "00000.tar/000000004": "corrupt_image"}
+    assert samples["00000.tar/000000001"].caption == "blue from json"
+    assert samples["00000.tar/000000000"].meta["source_url"] == "https://example.com/red.jpg"
+
+
+def test_parquet_with_the_images_inside_as_datasets_exports_it(tmp_path):
+    images = [encode(halves(RED, RED)), encode(halves(BLUE, BLUE)), None, encode(halves(GREEN, GREEN))]
+    struct = pa.array([None if data is None else {"bytes": data, "path": f"{i}.png"} for i, data in enumerate(images)],
+                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    table = pa.table({"image": struct, "text": ["red", "blue", "gone", None]})
+    pq.write_table(table, tmp_path / "train-00000.parquet", row_group_size=2)
+    data = DataConfig(source=str(tmp_path / "train-00000.parquet"), caption_col="text")
+    assert source_kind(data) == "parquet"
+    _, _, reasons, samples = ingest_and_filter(tmp_path, data)
+    assert reasons == {"train-00000.parquet#0": "kept", "train-00000.parquet#1": "kept",
+                       "train-00000.parquet#2": "missing_image", "train-00000.parquet#3": "missing_caption"}
+    assert samples["train-00000.parquet#1"].pixels()[..., 2].mean() > 180
+
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    pq.write_table(pa.table({"png": pa.array(images[:2], pa.binary()), "caption": ["r", "b"]}), binary / "a.parquet")
+    assert source_kind(DataConfig(source=str(binary), image_col="png")) == "parquet"
+    with pytest.raises(ValueError, match=r"neither images \(a column 'image'.*columns are \['png', 'caption'\]"):
+        source_kind(DataConfig(source=str(binary / "a.parquet")))
+
+
+def test_coco_captions_with_their_image_folder_found_beside_them(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").mkdir()
+    (tmp_path / "val2017" / "1.jpg").write_bytes(encode(halves(RED, RED), "JPEG"))
+    (tmp_path / "val2017" / "2.jpg").write_bytes(encode(halves(BLUE, BLUE), "JPEG"))
+    (tmp_path / "val2017" / "4.jpg").write_bytes(encode(halves(GREEN, GREEN), "JPEG"))
+    document = {
+        "images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"}, {"id": 3, "file_name": "3.jpg"},
+                   {"id": 4, "file_name": "4.jpg"}],
+        "annotations": [{"id": 10, "image_id": 1, "caption": "a red picture"},
+                        {"id": 11, "image_id": 1, "caption": "something red"},
+                        {"id": 12, "image_id": 2, "caption": "a blue picture"},
+                        {"id": 13, "image_id": 3, "caption": "its file is gone"},
+                        {"id": 14, "image_id": 99, "caption": "no such image"}],
+    }
+    annotations = tmp_path / "annotations" / "captions_val2017.json"
+    annotations.write_text(json.dumps(document))
+    data = DataConfig(source=str(annotations))
+    assert source_kind(data) == "coco"
+    _, _, reasons, samples = ingest_and_filter(tmp_path, data)
+    assert reasons == {"1.jpg": "kept", "2.jpg": "kept", "3.jpg": "missing_image", "4.jpg": "missing_caption",
+                       "annotation:14": "missing_image"}
+    assert samples["1.jpg"].caption == "a red picture"
+    assert samples["1.jpg"].meta["captions"] == ["a red picture", "something red"]
+
+    (tmp_path / "val2017" / "1.jpg").rename(tmp_path / "1.jpg")
+    with pytest.raises(FileNotFoundError, match=r"cannot find the folder of its images.*set data.images_dir"):
+        ingest(data, DownloadConfig(), tmp_path / "dl2", SIZE)
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"notes.md": b"x", "a/b.doc": b"y"}, r"a folder with no images, .tar shards or .parquet files \(2 files: a/b.doc, "
+                                          r"notes.md\)"),
+    ({}, r"a folder with no images.*\(0 files: nothing\)"),
+])
+def test_a_folder_that_is_no_source_is_refused_with_what_was_found(tmp_path, files, message):
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        source_kind(DataConfig(source=str(tmp_path)))
+
+
+def test_a_file_that_is_no_source_or_a_missing_one_is_refused(tmp_path):
+    (tmp_path / "model.ckpt").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"model.ckpt: cannot tell what this file is.*set data.format"):
+        source_kind(DataConfig(source=str(tmp_path / "model.ckpt")))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        source_kind(DataConfig(source=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="format 'folder' needs a folder"):
+        source_kind(DataConfig(source=str(tmp_path / "model.ckpt"), format="folder"))
+
+
+def test_a_source_with_nothing_usable_fails_with_the_counts(tmp_path):
+    root = tmp_path / "bad"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(b"")
+    (root / "a.txt").write_bytes(b"empty image")
+    (root / "b.png").write_bytes(encode(halves(RED, RED)))
+    _, curated, _, _ = ingest_and_filter(tmp_path, DataConfig(source=str(root)))
+    with pytest.raises(ValueError, match=r"no usable image-caption pair.*of 2 items, (empty_image 1, missing_caption 1|"
+                                         r"missing_caption 1, empty_image 1)"):
+        require_usable(curated)
+
+
+def test_check_data_reports_counts_and_examples_and_fails_only_when_nothing_is_usable(folder, tmp_path, capsys):
+    assert main(["check-data", str(folder), "--out", str(tmp_path / "check")]) == 0
+    out = capsys.readouterr().out
+    assert "folder source: 16 items, 7 usable" in out
+    assert any(line.split()[:2] == ["empty_image", "1"] and "zero.jpg" in line for line in out.splitlines())
+    assert (tmp_path / "check" / "curated" / "filter_report.parquet").is_file()
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "lonely.png").write_bytes(encode(halves(RED, RED)))
+    assert main(["check-data", str(bad), "--out", str(tmp_path / "check-bad")]) == 1
+    assert "no usable image-caption pair" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["check-data", str(tmp_path / "empty")]) == 2
+    assert "a folder with no images" in capsys.readouterr().err
+
+
+def test_user_data_gets_safe_defaults_and_the_shapes_corpus_keeps_its_own(tmp_path):
+    shapes = resolve("tiny")
+    assert shapes.download_settings().allow_file_urls is True and shapes.filter_settings().drop_exact_duplicates is False
+    yours = resolve("tiny", {"data.source": str(tmp_path)})
+    assert yours.download_settings().allow_file_urls is False and yours.filter_settings().drop_exact_duplicates is True
+    chosen = resolve("tiny", {"data.source": str(tmp_path), "filter.drop_exact_duplicates": False})
+    assert chosen.filter_settings().drop_exact_duplicates is False
