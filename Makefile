@@ -10,7 +10,7 @@ STAMP = $(VENV)/.installed
 # no phoning home from Prefect, MLflow or Ray: the CLI, the flow and the tests set that themselves
 # (components/environment.py), for a run started outside make too
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install demo test test-slow test-all bench clean real-corpus
 
 # torch first, pinned: pip takes 2.14.1/0.29.1 from this machine's disk; the project's ranges then
 # admit them, so nothing is downloaded again. img2dataset drags in the `dataclasses` backport,
@@ -32,11 +32,18 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-test-slow: install
+test-slow: install real-corpus
 	$(PY) -m pytest -q -m slow
 
-test-all: install
+test-all: install real-corpus
 	$(PY) -m pytest -q -m "" --durations=15
+
+# the slow tier's real corpus (tests/real_corpus.py): OpenMoji's emoji, as the npm registry ships them
+OPENMOJI_VERSION = 17.0.0
+real-corpus: .cache/openmoji-$(OPENMOJI_VERSION).tgz
+.cache/openmoji-$(OPENMOJI_VERSION).tgz:
+	mkdir -p .cache
+	cd .cache && npm pack --silent openmoji@$(OPENMOJI_VERSION) >/dev/null
 
 bench: install
 	$(PY) bench/prior.py

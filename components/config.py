@@ -53,6 +53,11 @@ class DataConfig(StageConfig):
                                                                 "struct with a `bytes` field as `datasets` exports)")
     images_dir: str | None = Field(None, description="COCO: the folder of the images the JSON names; None: looked "
                                                      "for beside the JSON")
+    holdout_fraction: float = Field(
+        0.05, ge=0, lt=1, description="share of your corpus held out for evaluation (by a hash of each item's URL or "
+                                      "id, so it stays put as the corpus grows); no stage trains on it"
+    )
+    holdout_max: int = Field(1000, ge=2, description="most held-out images evaluated against (the lowest hashes)")
 
 
 class DownloadConfig(StageConfig):
@@ -253,6 +258,10 @@ class SampleConfig(StageConfig):
         "auto", description="where candidates are drawn, decoded and scored ('auto': the GPU where there is one)"
     )
     grid_prompts: int = Field(8, ge=1, description="prompts shown in the sample grid")
+    prompts_file: str | None = Field(
+        None, description="a text file of prompts, one per line (a published protocol such as COCO captions), in "
+                          "place of held-out captions; your data only"
+    )
     seed: int = Field(1234, description="seed of the sampling generator and of the held-out prompts")
     inception_weights: str | None = Field(
         None, description="torch-fidelity Inception weights file for FID; None: the torch hub cache, else no FID"
@@ -282,6 +291,12 @@ class PipelineConfig(StageConfig):
     def shapes_corpus(self) -> bool:
         """True when the pipeline trains on the embedded shapes corpus (no `data.source`)."""
         return self.data.source is None
+
+    @property
+    def holdout_fraction(self) -> float:
+        """The share of the corpus the filter holds out: none for the shapes corpus, whose evaluation set is drawn
+        apart from its training stream."""
+        return 0.0 if self.shapes_corpus else self.data.holdout_fraction
 
     def download_settings(self) -> DownloadConfig:
         """`download` with the source's defaults in place of None: file:// URLs for the shapes corpus only."""

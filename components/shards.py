@@ -2,10 +2,13 @@
 
 A shard is a plain tar whose members are `<key>.<ext>`; the members sharing a key form one
 sample (`png`/`jpg`/`webp` image, `txt` caption, `json` metadata), as img2dataset writes them.
+A curated corpus is a folder of shards, its held-out samples (your corpus's evaluation set) in
+the shards of its `holdout/` subfolder, which no training stage reads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -20,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+HOLDOUT_DIR = "holdout"  # the curated corpus's held-out shards
 # keys become tar member names (and file names wherever a shard is unpacked): plain names only
 SAFE_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")
 
@@ -46,6 +50,11 @@ class Sample:
     def pixels(self) -> np.ndarray:
         """HxWx3 uint8."""
         return np.asarray(self.image())
+
+
+def holdout_rank(url: str) -> float:
+    """Where an item falls in [0, 1), from a hash of its URL or id: below the holdout fraction it is held out."""
+    return int.from_bytes(hashlib.sha256(url.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
 def shard_paths(shards_dir: str | Path) -> list[Path]:

@@ -49,6 +49,7 @@ class Shards:
 class Curated:
     curated_dir: str
     report_rows: list[dict[str, Any]] = field(default_factory=list)  # samples per (stage, reason)
+    data_digest: str = ""  # of the training samples (`filter.run.corpus_digest`)
 
 
 @dataclass(frozen=True)
@@ -206,19 +207,23 @@ def filter_corpus(cfg: PipelineConfig, downloaded: StageRecord[Shards], stages: 
     from dalle_pipeline.components.filter.run import require_usable, run
 
     def finish(result, tracker: Tracker) -> tuple[Curated, dict[str, float]]:
-        metrics = {"kept": result.kept, **{f"dropped_{k}": v for k, v in result.dropped_by_reason.items()}}
+        metrics = {"kept": result.kept, "held_out": result.held_out,
+                   **{f"dropped_{k}": v for k, v in result.dropped_by_reason.items()}}
         tracker.log_metrics(metrics)
+        tracker.set_tags({"data_digest": result.data_digest})
         tracker.log_artifact(result.report_path)
-        print(f"kept {result.kept} samples, dropped {result.dropped_by_reason}")
+        print(f"kept {result.kept} samples ({result.held_out} more held out for evaluation), "
+              f"dropped {result.dropped_by_reason}")
         require_usable(result)  # nothing to train on: fail here, with the counts, not in a trainer
-        rows = [{"stage": "filter", "reason": "kept", "samples": result.kept}]
+        rows = [{"stage": "filter", "reason": "kept", "samples": result.kept},
+                *([{"stage": "filter", "reason": "held_out", "samples": result.held_out}] if result.held_out else [])]
         rows += [{"stage": "filter", "reason": k, "samples": v} for k, v in result.dropped_by_reason.items()]
         rows += [{"stage": "download", "reason": k, "samples": v}
                  for k, v in result.download_failures_by_reason.items()]
-        return Curated(str(result.curated_dir), rows), metrics
+        return Curated(str(result.curated_dir), rows, result.data_digest), metrics
 
-    record = stages.run("filter", run, cfg.filter_settings(), downloaded.outputs.shards_dir, finish=finish,
-                        accumulates=True)
+    record = stages.run("filter", run, cfg.filter_settings(), downloaded.outputs.shards_dir,
+                        holdout_fraction=cfg.holdout_fraction, finish=finish, accumulates=True)
     create_table_artifact(record.outputs.report_rows, key="filter-report",
                           description="Samples kept and dropped, by reason")
     return record
@@ -342,7 +347,8 @@ def evaluate(cfg: PipelineConfig, evaluation: EvaluationSet, samples: StageRecor
 @task(name="register", **STAGE_TASK)
 def register(cfg: PipelineConfig, dvae: StageRecord[Checkpoint], prior: StageRecord[Checkpoint],
              tokenizer: StageRecord[TextTokenizerFile], clip: StageRecord[Clip], samples: StageRecord[Samples],
-             evaluation: StageRecord[Nothing], stages: Stages) -> StageRecord[Registered]:
+             evaluation: StageRecord[Nothing], evaluation_set: EvaluationSet, curated: StageRecord[Curated],
+             stages: Stages) -> StageRecord[Registered]:
     from dalle_pipeline.components.register.run import register_bundle
 
     def finish(registration, tracker: Tracker) -> tuple[Registered, dict[str, float]]:
@@ -351,4 +357,5 @@ def register(cfg: PipelineConfig, dvae: StageRecord[Checkpoint], prior: StageRec
     # keyed by the parent's MLflow store (a tracker's stage_key): registering into another store is another stage
     return stages.run("register", register_bundle, cfg, dvae.outputs.checkpoint_dir, prior.outputs.checkpoint_dir,
                       tokenizer.outputs.tokenizer_path, clip.outputs.clip_source, evaluation.metrics,
-                      samples.outputs.prompts, stages.parent, finish=finish)
+                      samples.outputs.prompts, stages.parent, evaluation_ids=evaluation_set.ids,
+                      data_digest=curated.outputs.data_digest or None, finish=finish)

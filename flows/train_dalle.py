@@ -20,7 +20,8 @@ from dalle_pipeline.components import config as config_module
 from dalle_pipeline.components.cluster import disconnect
 from dalle_pipeline.components.config import PipelineConfig
 from dalle_pipeline.components.presets import PresetName
-from dalle_pipeline.components.evaluate.evaluation_set import shapes_evaluation_set
+from dalle_pipeline.components.evaluate.evaluation_set import (EvaluationSet, holdout_evaluation_set,
+                                                               shapes_evaluation_set)
 from dalle_pipeline.components.overrides import PipelineOverrides
 from dalle_pipeline.components.sources.kinds import source_kind
 from dalle_pipeline.components.stage_cache import StageCache, StageRecord
@@ -142,12 +143,20 @@ def train_from_scratch(run: PipelineRun) -> list[StageRecord]:
     return [*curation, tokenizer, dvae, clip, *train_prior_and_judge(run, curation[-1], tokenizer, dvae, clip)]
 
 
+def build_evaluation_set(cfg: PipelineConfig, curated: StageRecord, ids: list[str] | None = None) -> EvaluationSet:
+    """The shapes corpus's own set, or your corpus's held-out samples (`ids`: a champion's set)."""
+    if cfg.shapes_corpus:
+        return shapes_evaluation_set(cfg.corpus, cfg.sample.num_prompts, cfg.sample.seed)
+    return holdout_evaluation_set(curated.outputs.curated_dir, cfg.corpus.image_size, cfg.sample.num_prompts,
+                                  cfg.data.holdout_max, cfg.sample.prompts_file, ids)
+
+
 def retrain(run: PipelineRun, preset: str, overrides: PipelineOverrides, retrain_from: str,
             retrain_dvae: bool) -> tuple[PipelineRun, list[StageRecord]]:
     """Fine-tune the registered model `retrain_from` on the configured data: its config is the base
     of the overrides, its tokenizer and CLIP are kept, its prior (and with `retrain_dvae` its dVAE)
     starts the training."""
-    from dalle_pipeline.components.register.bundle import read_manifest
+    from dalle_pipeline.components.register.bundle import read_evaluation_ids, read_manifest
 
     base = fetch_base_model(retrain_from, run.stages)
     bundle = Path(base.outputs.bundle_dir)
@@ -163,19 +172,20 @@ def retrain(run: PipelineRun, preset: str, overrides: PipelineOverrides, retrain
     if retrain_dvae:
         dvae = train_dvae(cfg, curation[-1], run.stages)
         ran.append(dvae)
-    return run, [*ran, *train_prior_and_judge(run, curation[-1], tokenizer, dvae, clip)]
+    judged_on = read_evaluation_ids(bundle)  # the champion's held-out items: the challenger is judged on them
+    return run, [*ran, *train_prior_and_judge(run, curation[-1], tokenizer, dvae, clip, judged_on)]
 
 
 def train_prior_and_judge(run: PipelineRun, curated: StageRecord, tokenizer: StageRecord, dvae: StageRecord,
-                          clip: StageRecord) -> list[StageRecord]:
+                          clip: StageRecord, judged_on: list[str] | None = None) -> list[StageRecord]:
     """tokenize-corpus -> prior -> sample -> evaluate -> register, on the evaluation set built once."""
     cfg, stages = run.cfg, run.stages
+    evaluation_set = build_evaluation_set(cfg, curated, judged_on)  # before training: a bad set fails early
     dataset = tokenize_corpus(cfg, curated, dvae, tokenizer, stages)
     prior = train_prior(cfg, dataset, stages)
-    evaluation_set = shapes_evaluation_set(cfg.corpus, cfg.sample.num_prompts, cfg.sample.seed)
     samples = sample(cfg, evaluation_set, prior, dvae, tokenizer, clip, stages)
     evaluation = evaluate(cfg, evaluation_set, samples, clip, stages)
-    registration = register(cfg, dvae, prior, tokenizer, clip, samples, evaluation, stages)
+    registration = register(cfg, dvae, prior, tokenizer, clip, samples, evaluation, evaluation_set, curated, stages)
     return [dataset, prior, samples, evaluation, registration]
 
 

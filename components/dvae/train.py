@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import checkpoint
 from ..config import DVAEArchitecture, DVAEConfig
 from ..images import psnr, save_grid, to_float, to_uint8
-from ..shards import load_corpus, shard_paths
+from ..shards import HOLDOUT_DIR, load_corpus, shard_paths
 from ..tracking import Tracker
 from ..training import TensorBatches, fit, ray_train
 from ..training.loop import progress_logger, unwrap
@@ -201,6 +201,10 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     final_model.eval()
     corpus = load_corpus(curated_dir, image_size, limit=1024)
     eval_metrics, _ = evaluate(final_model, corpus.images)
+    held_out = Path(curated_dir) / HOLDOUT_DIR
+    if shard_paths(held_out):  # your corpus: what the tokenizer makes of images no stage trained on
+        holdout_metrics, _ = evaluate(final_model, load_corpus(held_out, image_size, limit=1024).images)
+        eval_metrics.update({name.replace("eval_", "holdout_", 1): value for name, value in holdout_metrics.items()})
     recon_grid = reconstruction_grid(final_model, corpus.images[:8], out_dir / "reconstructions.png")
     checkpoint_dir = checkpoint.save(
         out_dir / "checkpoint", KIND, final_model.state_dict(), model_cfg.to_dict(),

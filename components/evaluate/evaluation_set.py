@@ -1,7 +1,9 @@
 """The evaluation set of a run: the prompts sampled and scored, and the real images they are compared with.
 
 Built once per run and handed to the sample and evaluate stages alike. Its `stage_key` (a digest
-of everything in it) is what the stage cache keys both stages by.
+of everything in it) is what the stage cache keys both stages by. The shapes corpus draws its set
+apart from the training stream (`shapes_evaluation_set`, with the shapes behind each prompt for
+the oracle); your corpus is judged on its held-out samples (`holdout_evaluation_set`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..config import CorpusConfig
 from ..corpus.shapes import ShapeSpec, eval_set
+from ..shards import HOLDOUT_DIR, holdout_rank, iter_samples
 
 MIN_REFERENCES = 256
 
@@ -24,10 +29,17 @@ class EvaluationSet:
     references: np.ndarray  # held-out real images (N, H, W, 3) uint8, for FID and fd_clip
     specs: list[list[ShapeSpec]] | None = None  # the shapes behind each prompt (the shapes corpus: the oracle)
     holdout: list[bool] | None = None  # per prompt: a zero-shot pair, never in a training caption
+    captions: list[str] | None = None  # caption retrieval ranks each sample's prompt among these (None: the prompts)
+    ids: list[str] | None = None  # the held-out items behind the references, in order (your corpus)
+
+    @property
+    def retrieval_pool(self) -> list[str]:
+        """The distinct captions a sample's own prompt is ranked among, every prompt included."""
+        return list(dict.fromkeys([*(self.captions or []), *self.prompts]))
 
     def stage_key(self) -> str:
         digest = hashlib.sha256(json.dumps({
-            "prompts": self.prompts, "holdout": self.holdout,
+            "prompts": self.prompts, "holdout": self.holdout, "captions": self.captions, "ids": self.ids,
             "specs": [[asdict(spec) for spec in specs] for specs in self.specs] if self.specs is not None else None,
         }, sort_keys=True).encode())
         digest.update(np.ascontiguousarray(self.references).tobytes())
@@ -44,3 +56,35 @@ def shapes_evaluation_set(corpus: CorpusConfig, num_prompts: int, seed: int) -> 
                          references=np.stack([np.asarray(item.image) for item in references]),
                          specs=[item.specs for item in items + holdout_items],
                          holdout=[False] * len(items) + [True] * len(holdout_items))
+
+
+def holdout_evaluation_set(curated_dir: str | Path, image_size: int, num_prompts: int, max_references: int,
+                           prompts_file: str | Path | None = None, ids: list[str] | None = None) -> EvaluationSet:
+    """Your corpus's held-out samples (the filter's `holdout/`): the `max_references` of lowest hash as
+    references, the captions of the first `num_prompts` as prompts (or the lines of `prompts_file`), all
+    their captions as the retrieval pool. `ids` (a champion's set) picks those items instead, as far as
+    the corpus still holds them, so a retrain is judged on the champion's set."""
+    holdout = Path(curated_dir) / HOLDOUT_DIR
+    samples = {sample.meta.get("url") or sample.key: sample for sample in iter_samples(holdout)}
+    order = [item for item in ids if item in samples] if ids is not None else \
+        sorted(samples, key=holdout_rank)[:max_references]
+    if len(order) < 2:
+        raise ValueError(f"{len(order)} held-out samples in {holdout}: evaluation needs at least 2; raise "
+                         "data.holdout_fraction (or bring more data)")
+    captions = [samples[item].caption for item in order]
+    if prompts_file is not None:
+        lines = Path(prompts_file).expanduser().read_text(encoding="utf-8").splitlines()
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise ValueError(f"sample.prompts_file {prompts_file} holds no prompts")
+    else:
+        prompts = captions[:num_prompts]
+    references = np.stack([_fitted(samples[item].image(), image_size) for item in order])
+    return EvaluationSet(prompts=prompts, references=references, captions=prompts if prompts_file else captions,
+                         ids=order)
+
+
+def _fitted(image: Image.Image, size: int) -> np.ndarray:
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image)

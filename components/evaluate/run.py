@@ -1,8 +1,11 @@
-"""Stage 9: FID, FD on CLIP image features (`fd_clip`), CLIP score, and the shapes oracle per attribute.
+"""Stage 9: FID, FD on CLIP image features (`fd_clip`), CLIP score, caption retrieval, and the shapes oracle.
 
 Every metric is computed twice, on the CLIP-reranked kept candidates and on all candidates, so
 the gain of reranking is a number. The oracle is scored separately on the `holdout` prompts
-(colour-shape pairs never seen in training: zero-shot composition).
+(colour-shape pairs never seen in training: zero-shot composition). Caption retrieval ranks each
+sample's own prompt among the retrieval pool (every held-out caption) by the CLIP in use:
+`retrieval_top1` / `retrieval_top5` are the shares ranked first / in the first five, logged beside
+their chance levels (`retrieval_chance_top1`, `..._top5`: k over the pool size).
 
 FID (torchmetrics, Inception-v3 pool features) needs torch-fidelity's Inception weights on disk:
 nothing is downloaded here. Without them FID is skipped and `metrics.json` says so (`fid_skipped`).
@@ -133,6 +136,22 @@ def distinct_share(images: np.ndarray) -> float:
     return float(np.mean([len({candidate.tobytes() for candidate in prompt}) / len(prompt) for prompt in images]))
 
 
+@torch.no_grad()
+def caption_retrieval(clip: ClipScorer, images: np.ndarray, prompts: Sequence[str], pool: Sequence[str],
+                      batch_size: int = 256) -> dict[str, float]:
+    """images (P, K, H, W, 3), one row per prompt: the share of images whose own prompt ranks first, and in
+    the first five, among the `pool` captions by CLIP similarity (ties count against it)."""
+    pool = list(pool)
+    text = torch.cat([clip.text_features(pool[i : i + batch_size]) for i in range(0, len(pool), batch_size)])
+    index = {caption: position for position, caption in enumerate(pool)}
+    flat = images.reshape(-1, *images.shape[2:])
+    own = torch.tensor([index[prompt] for prompt in prompts for _ in range(images.shape[1])])
+    similarity = torch.from_numpy(_features(clip, flat)) @ text.T
+    own_similarity = similarity.gather(1, own[:, None])
+    rank = (similarity >= own_similarity).sum(1) - 1  # how many other captions score at least as high
+    return {"top1": float((rank < 1).float().mean()), "top5": float((rank < 5).float().mean())}
+
+
 def oracle_accuracy(pixels: np.ndarray, specs: Sequence[list[ShapeSpec]]) -> dict[str, float]:
     """pixels (P, K, H, W, 3): mean oracle score per attribute over every image of every prompt."""
     scores = [oracle.score(image, prompt_specs) for prompt_specs, images in zip(specs, pixels) for image in images]
@@ -141,9 +160,11 @@ def oracle_accuracy(pixels: np.ndarray, specs: Sequence[list[ShapeSpec]]) -> dic
 
 def run(samples_path: Path, prompts: list[str], reference_images: np.ndarray, clip: ClipScorer, out_dir: Path,
         specs: Sequence[list[ShapeSpec]] | None = None, holdout: Sequence[bool] | None = None,
-        tracker: Tracker | None = None, inception_weights: str | Path | None = None) -> dict[str, float]:
+        tracker: Tracker | None = None, inception_weights: str | Path | None = None,
+        retrieval_pool: Sequence[str] | None = None) -> dict[str, float]:
     """reference_images: held-out real images (N, H, W, 3) for fid and fd_clip; specs: the shapes behind each
-    prompt; inception_weights: the weights file for FID (None: the torch hub cache; see `find_inception_weights`)."""
+    prompt; inception_weights: the weights file for FID (None: the torch hub cache; see `find_inception_weights`);
+    retrieval_pool: the captions each sample's prompt is ranked among (None: the distinct prompts)."""
     data = np.load(samples_path)
     images, clip_scores, ranking = data["images"], data["clip_scores"], data["ranking"]
     kept = np.take_along_axis(images, ranking[:, :, None, None, None], axis=1)
@@ -164,6 +185,11 @@ def run(samples_path: Path, prompts: list[str], reference_images: np.ndarray, cl
     metrics["distinct_candidates"] = distinct_share(images)
     metrics["clip_score_reranked"] = float(100 * kept_scores.clip(min=0).mean())
     metrics["clip_score_all"] = float(100 * clip_scores.clip(min=0).mean())
+    pool = list(dict.fromkeys([*(retrieval_pool or []), *prompts]))
+    for label, pixels in (("reranked", kept), ("all", images)):
+        for k, value in caption_retrieval(clip, pixels, prompts, pool).items():
+            metrics[f"retrieval_{k}_{label}"] = value
+    metrics["retrieval_chance_top1"], metrics["retrieval_chance_top5"] = 1 / len(pool), min(5, len(pool)) / len(pool)
     if specs is not None:
         holdout_mask = np.asarray(holdout if holdout is not None else [False] * len(prompts))
         for subset, mask in (("", ~holdout_mask), ("holdout_", holdout_mask)):
@@ -188,4 +214,4 @@ def run_on_set(samples_path: Path, evaluation: EvaluationSet, clip_source: str, 
     """The stage's entry point: `run` on the samples of `evaluation`'s prompts, with the CLIP saved at `clip_source`."""
     return run(samples_path, evaluation.prompts, evaluation.references, load_clip(clip_source), out_dir,
                specs=evaluation.specs, holdout=evaluation.holdout, tracker=tracker,
-               inception_weights=inception_weights)
+               inception_weights=inception_weights, retrieval_pool=evaluation.retrieval_pool)

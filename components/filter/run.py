@@ -13,6 +13,12 @@ it. The checks, cheapest first:
   (when `near_duplicate_distance` is set, which is also when the pHash is computed) a perceptual
   hash within that many bits of a kept one.
 
+A sample that passes is `kept` (trained on) or `held_out`: with `holdout_fraction`, the samples
+whose URL (a local source's item id) hashes below that fraction go to `holdout/` instead, the
+evaluation set that no stage trains on. The rule is a function of the item alone, so the split
+stays put as the corpus grows, and a later copy of a held-out image is a duplicate, not a
+training sample.
+
 Work is per download shard: curated shard `<batch>-<shard>.tar`, then its report part in `_parts/`
 (the part's presence means the shard is done). A re-run with the same config reuses every part
 whose source shard is unchanged, reading the kept hashes back from the parts so duplicates are
@@ -34,20 +40,22 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
 from ..config import FilterConfig
 from ..download.fetch import reason_code
 from ..download.run import batch_shards, finished_batches
-from ..shards import Sample, read_shard, shard_paths, write_shard
+from ..shards import HOLDOUT_DIR, Sample, holdout_rank, read_shard, shard_paths, write_shard
 from ..storage import atomic_path, write_json
 
 REPORT_NAME = "filter_report.parquet"
 PARTS_DIR = "_parts"
 SETTINGS_NAME = "_filter_settings.json"
-FILTER_VERSION = 2  # bump when a change to this module changes verdicts: old parts are then redone
+FILTER_VERSION = 3  # bump when a change to this module changes verdicts: old parts are then redone
 KEPT = "kept"
+HELD_OUT = "held_out"
 REPORT_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("url", pa.string()),
@@ -70,6 +78,8 @@ class FilterResult:
     report_path: Path
     kept: int
     dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    held_out: int = 0  # samples that passed and went to `holdout/`, for evaluation only
+    data_digest: str = ""  # of the training samples (URL or id, image sha256): names the data a model was trained on
     download_failures_by_reason: dict[str, int] = field(default_factory=dict)
     reused_shards: int = 0
 
@@ -188,8 +198,9 @@ class _Deduplicator:
             self.near.add(phash)
 
 
-def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path) -> FilterResult:
-    """Filter every finished batch of the download folder `shards_dir` into `out_dir`; report last."""
+def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path, holdout_fraction: float = 0.0) -> FilterResult:
+    """Filter every finished batch of the download folder `shards_dir` into `out_dir` (held-out samples into
+    `out_dir/holdout/`); report last."""
     shards_dir, out_dir = Path(shards_dir), Path(out_dir)
     sources = [(batch, tar, parquet) for batch in finished_batches(shards_dir) for tar, parquet in batch_shards(batch)]
     if not sources:
@@ -199,21 +210,24 @@ def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path) -> Filte
     report_path = out_dir / REPORT_NAME
     report_path.unlink(missing_ok=True)  # a crash must never leave a report describing other shards
     parts_dir = out_dir / PARTS_DIR
-    settings = {"version": FILTER_VERSION, **cfg.model_dump(mode="json")}
+    if not 0 <= holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in [0, 1), not {holdout_fraction}")
+    settings = {"version": FILTER_VERSION, "holdout_fraction": holdout_fraction, **cfg.model_dump(mode="json")}
     if (out_dir / SETTINGS_NAME).is_file() and json.loads((out_dir / SETTINGS_NAME).read_text()) != settings:
         shutil.rmtree(parts_dir, ignore_errors=True)  # other thresholds: every verdict may change
     write_json(out_dir / SETTINGS_NAME, settings)
     _remove_stale_outputs(out_dir, {_curated_name(batch, tar) for batch, tar, _ in sources})
 
-    checker = _Checker(cfg)
+    checker = _Checker(cfg, holdout_fraction)
     parts, reused, reusable = [], 0, True
     for batch, tar, parquet in sources:
         name = _curated_name(batch, tar)
         part_path, signature = parts_dir / f"{name}.parquet", _signature(tar, parquet)
-        part = _reusable_part(part_path, out_dir / f"{name}.tar", signature) if reusable else None
+        outputs = (out_dir / f"{name}.tar", out_dir / HOLDOUT_DIR / f"{name}.tar")
+        part = _reusable_part(part_path, outputs, signature) if reusable else None
         if part is None:
             reusable = False  # verdicts depend on what was kept before: redo everything after
-            part = checker.filter_shard(batch, tar, parquet, out_dir / f"{name}.tar")
+            part = checker.filter_shard(batch, tar, parquet, *outputs)
             _write_part(part_path, part, signature)
         else:
             reused += 1
@@ -227,8 +241,9 @@ def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path) -> Filte
 
 
 class _Checker:
-    def __init__(self, cfg: FilterConfig) -> None:
+    def __init__(self, cfg: FilterConfig, holdout_fraction: float) -> None:
         self.cfg = cfg
+        self.holdout_fraction = holdout_fraction
         self.blocklist = blocklist_pattern(cfg.caption_blocklist)
         self.dedupe = _Deduplicator(cfg)
         self._clip = None
@@ -239,7 +254,7 @@ class _Checker:
         for digest, phash in zip(kept.column("sha256").to_pylist(), kept.column("phash").to_pylist()):
             self.dedupe.keep(digest, phash)
 
-    def filter_shard(self, batch: Path, tar: Path, parquet: Path | None, curated: Path) -> pa.Table:
+    def filter_shard(self, batch: Path, tar: Path, parquet: Path | None, curated: Path, held_out: Path) -> pa.Table:
         prefix = batch.name.removeprefix("batch-")
         rows = _download_failures(parquet, prefix) if parquet is not None else []
         samples, candidates = [], []
@@ -260,16 +275,21 @@ class _Checker:
             if row["reason"] is None:
                 candidates.append((row, sample, image))
         self._score_with_clip(candidates)
-        kept_keys = set()
+        verdicts = {}
         for row, _, _ in candidates:
-            row["reason"] = row["reason"] or self.dedupe.verdict(row["sha256"], row["phash"]) or KEPT
-            if row["reason"] == KEPT:
+            row["reason"] = row["reason"] or self.dedupe.verdict(row["sha256"], row["phash"]) or self._split(row)
+            if row["reason"] in (KEPT, HELD_OUT):
                 self.dedupe.keep(row["sha256"], row["phash"])
-                kept_keys.add(row["key"])
+                verdicts[row["key"]] = row["reason"]
         for row in rows:
-            row["kept"] = row["reason"] == KEPT
-        write_shard(curated, (sample for sample in samples if sample.key in kept_keys))
+            row["kept"] = row["reason"] in (KEPT, HELD_OUT)
+        write_shard(curated, (sample for sample in samples if verdicts.get(sample.key) == KEPT))
+        if HELD_OUT in verdicts.values():  # a held-out shard only where there are held-out samples
+            write_shard(held_out, (sample for sample in samples if verdicts.get(sample.key) == HELD_OUT))
         return pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
+
+    def _split(self, row: dict) -> str:
+        return HELD_OUT if holdout_rank(row["url"] or row["key"]) < self.holdout_fraction else KEPT
 
     def _score_with_clip(self, candidates: list[tuple[dict, Sample, Image.Image]], batch_size: int = 256) -> None:
         if self.cfg.clip_model is None or not candidates:
@@ -322,10 +342,13 @@ def _signature(tar: Path, parquet: Path | None) -> str:
     return json.dumps(stats)
 
 
-def _reusable_part(part_path: Path, curated: Path, signature: str) -> pa.Table | None:
+def _reusable_part(part_path: Path, outputs: tuple[Path, Path], signature: str) -> pa.Table | None:
+    curated, held_out = outputs
     if not (part_path.is_file() and curated.is_file()):
         return None
     part = pq.read_table(part_path)
+    if HELD_OUT in part.column("reason").to_pylist() and not held_out.is_file():
+        return None
     if (part.schema.metadata or {}).get(b"source") != signature.encode():
         return None
     return part.replace_schema_metadata(None).cast(REPORT_SCHEMA)
@@ -338,7 +361,8 @@ def _write_part(part_path: Path, part: pa.Table, signature: str) -> None:
 
 def _remove_stale_outputs(out_dir: Path, wanted: set[str]) -> None:
     """Curated shards and parts whose download shard is gone (a download folder started anew)."""
-    for path in [*shard_paths(out_dir), *sorted((out_dir / PARTS_DIR).glob("*.parquet"))]:
+    for path in [*shard_paths(out_dir), *shard_paths(out_dir / HOLDOUT_DIR),
+                 *sorted((out_dir / PARTS_DIR).glob("*.parquet"))]:
         if path.stem not in wanted:
             path.unlink()
 
@@ -346,24 +370,35 @@ def _remove_stale_outputs(out_dir: Path, wanted: set[str]) -> None:
 def _result(out_dir: Path, report_path: Path, report: pa.Table, reused: int) -> FilterResult:
     def counts(stage: str) -> dict[str, int]:
         reasons = Counter(r for r, s in zip(report.column("reason").to_pylist(), report.column("stage").to_pylist())
-                          if s == stage and r != KEPT)
+                          if s == stage and r not in (KEPT, HELD_OUT))
         return dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0])))
 
+    reasons = Counter(report.column("reason").to_pylist())
     return FilterResult(
         curated_dir=out_dir,
         report_path=report_path,
-        kept=int(np.sum(report.column("kept").to_numpy(zero_copy_only=False))),
+        kept=reasons[KEPT],
+        held_out=reasons[HELD_OUT],
+        data_digest=corpus_digest(report),
         dropped_by_reason=counts("filter"),
         download_failures_by_reason=counts("download"),
         reused_shards=reused,
     )
 
 
+def corpus_digest(report: pa.Table) -> str:
+    """A digest of the training samples of a report: their URLs (ids) and image hashes, in sorted order."""
+    kept = report.filter(pc.equal(report.column("reason"), KEPT))
+    pairs = sorted(zip(kept.column("url").to_pylist(), kept.column("sha256").to_pylist()), key=str)
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
+
+
 def require_usable(result: FilterResult) -> FilterResult:
     """`result`, or ValueError with the counts by reason when nothing was kept (nothing to train on)."""
     if result.kept:
         return result
-    dropped = {**result.download_failures_by_reason, **result.dropped_by_reason}
+    dropped = {**result.download_failures_by_reason, **result.dropped_by_reason,
+               **({HELD_OUT: result.held_out} if result.held_out else {})}
     reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(dropped.items(), key=lambda kv: -kv[1]))
     raise ValueError(f"no usable image-caption pair in the source: of {sum(dropped.values())} items, "
                      f"{reasons or 'none'} (one row per item in {result.report_path})")

@@ -34,8 +34,9 @@ CONFIG_FILE = "pipeline_config.json"
 
 
 def build(directory: Path, cfg: PipelineConfig, dvae_dir: Path, prior_dir: Path, tokenizer_path: Path,
-          clip_source: str) -> Path:
-    """Copy every part the model needs into one folder, written atomically."""
+          clip_source: str, evaluation_ids: list[str] | None = None) -> Path:
+    """Copy every part the model needs into one folder, written atomically; `evaluation_ids`, the held-out
+    items it was judged on, go into the manifest, so a retrain is judged on the same set."""
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         shutil.copytree(dvae_dir, tmp / "dvae")
@@ -44,8 +45,9 @@ def build(directory: Path, cfg: PipelineConfig, dvae_dir: Path, prior_dir: Path,
         if clip_source.startswith(LOCAL_DIR):
             shutil.copytree(clip_source[len(LOCAL_DIR):], tmp / "clip")
             clip_source = "bundle"
-        (tmp / CONFIG_FILE).write_text(json.dumps({"config": cfg.model_dump(mode="json"), "clip_source": clip_source},
-                                                  indent=2))
+        manifest = {"config": cfg.model_dump(mode="json"), "clip_source": clip_source,
+                    **({"evaluation_ids": evaluation_ids} if evaluation_ids is not None else {})}
+        (tmp / CONFIG_FILE).write_text(json.dumps(manifest, indent=2))
     return Path(directory)
 
 
@@ -58,6 +60,11 @@ def read_manifest(directory: Path) -> tuple[dict[str, Any], str]:
     if clip_source == "bundle":
         clip_source = LOCAL_DIR + str((directory / "clip").resolve())
     return upgrade(document["config"]), clip_source
+
+
+def read_evaluation_ids(directory: Path) -> list[str] | None:
+    """The held-out items the bundle was judged on (None: the shapes corpus, or a bundle built before)."""
+    return json.loads((Path(directory) / CONFIG_FILE).read_text()).get("evaluation_ids")
 
 
 @dataclass

@@ -69,13 +69,16 @@ class Registration:
     decision: str
 
 
-def run(bundle_dir: Path, metrics: dict[str, float], prompts: list[str], tracker: Tracker) -> Registration:
-    """Log + register the bundle under `tracker`'s run, then decide champion/challenger."""
+def run(bundle_dir: Path, metrics: dict[str, float], prompts: list[str], tracker: Tracker,
+        data_tags: dict[str, str] | None = None) -> Registration:
+    """Log + register the bundle under `tracker`'s run (its version tagged with `data_tags`: what it was
+    trained on), then decide champion/challenger."""
     name, value = primary_metric(metrics)
     fingerprint = evaluation_fingerprint(prompts)
     version = tracker.log_registered_pyfunc(MODEL_NAME, DallePyfunc(), {"bundle": str(bundle_dir)})
     client = tracker.client
-    for key, tag in {"primary_metric": name, "primary_value": value, "evaluation_set": fingerprint}.items():
+    tags = {"primary_metric": name, "primary_value": value, "evaluation_set": fingerprint, **(data_tags or {})}
+    for key, tag in tags.items():
         client.set_model_version_tag(MODEL_NAME, version, key, str(tag))
 
     try:
@@ -103,13 +106,18 @@ def run(bundle_dir: Path, metrics: dict[str, float], prompts: list[str], tracker
 
 def register_bundle(cfg: PipelineConfig, dvae_dir: Path, prior_dir: Path, tokenizer_path: Path, clip_source: str,
                     metrics: dict[str, float], prompts: list[str], parent: Tracker, out_dir: Path,
-                    tracker: Tracker | None = None) -> Registration:
+                    tracker: Tracker | None = None, evaluation_ids: list[str] | None = None,
+                    data_digest: str | None = None) -> Registration:
     """The stage's entry point: the bundle built in `out_dir/bundle`, logged as the model of the
-    pipeline's `parent` run (beside the metrics it is judged by), registered and judged."""
+    pipeline's `parent` run (beside the metrics it is judged by), registered and judged; its version
+    is tagged with the data (`data_source`, `data_digest` of the curated training samples)."""
     from .bundle import build
 
-    bundle_dir = build(Path(out_dir) / "bundle", cfg, dvae_dir, prior_dir, tokenizer_path, clip_source)
-    registration = run(bundle_dir, metrics, prompts, parent)
+    bundle_dir = build(Path(out_dir) / "bundle", cfg, dvae_dir, prior_dir, tokenizer_path, clip_source,
+                       evaluation_ids)
+    data_tags = {"data_source": cfg.data.source or "shapes corpus",
+                 **({"data_digest": data_digest} if data_digest else {})}
+    registration = run(bundle_dir, metrics, prompts, parent, data_tags)
     if tracker is not None:
         tracker.set_tags({"champion_decision": registration.decision, "model_version": registration.version})
     return registration

@@ -194,3 +194,31 @@ def test_the_share_of_distinct_candidates_counts_pixel_identical_copies_once():
     images[0, 1:] = images[0, 0]  # the first prompt's four candidates are one image
     images[1, 3] = images[1, 2]
     assert distinct_share(images) == pytest.approx((1 / 4 + 3 / 4) / 2)
+
+
+def test_caption_retrieval_ranks_each_image_against_the_whole_pool(random_clip):
+    from dalle_pipeline.components.evaluate.run import caption_retrieval
+    from dalle_pipeline.components.images import to_float
+
+    pool = [f"a {colour} {shape}" for colour in ("red", "green", "blue", "white") for shape in ("square", "circle")]
+    images = np.random.default_rng(3).integers(0, 256, size=(3, 2, 32, 32, 3), dtype=np.uint8)
+    # each image's similarity to every caption, through the scorer's own pairwise scores (not the ranking code)
+    scores = np.array([[float(random_clip.scores(to_float(image[None]), [caption])[0]) for caption in pool]
+                       for image in images[:, 0]])
+    best = [pool[i] for i in scores.argmax(1)]
+    worst = [pool[i] for i in scores.argmin(1)]
+    same = np.repeat(images[:, :1], 2, axis=1)  # both candidates of a prompt are that prompt's first image
+    assert caption_retrieval(random_clip, same, best, pool) == {"top1": 1.0, "top5": 1.0}
+    assert caption_retrieval(random_clip, same, worst, pool) == {"top1": 0.0, "top5": 0.0}  # ranked 8th of 8
+
+
+def test_retrieval_is_logged_beside_its_chance_level(random_clip, evaluation_inputs, tmp_path):
+    samples, references = evaluation_inputs
+    pool = ["a red square", "a blue circle", "a green triangle", "a white square", "a cyan circle", "a pink one"]
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        metrics = run(samples, ["a red square", "a blue circle"], references, random_clip, tmp_path,
+                      retrieval_pool=pool)
+    assert metrics["retrieval_chance_top1"] == pytest.approx(1 / 6)
+    assert metrics["retrieval_chance_top5"] == pytest.approx(5 / 6)
+    for name in ("retrieval_top1_reranked", "retrieval_top5_all"):
+        assert 0 <= metrics[name] <= 1

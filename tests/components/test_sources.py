@@ -266,3 +266,53 @@ def test_user_data_gets_safe_defaults_and_the_shapes_corpus_keeps_its_own(tmp_pa
     assert yours.download_settings().allow_file_urls is False and yours.filter_settings().drop_exact_duplicates is True
     chosen = resolve("tiny", {"data.source": str(tmp_path), "filter.drop_exact_duplicates": False})
     assert chosen.filter_settings().drop_exact_duplicates is False
+
+
+def _colour_folder(root, count: int):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (root / f"{index:03d}.png").write_bytes(encode(halves(colour, colour)))
+        (root / f"{index:03d}.txt").write_text(f"picture number {index}")
+
+
+def test_a_held_out_share_stays_out_of_training_and_stays_put_as_the_corpus_grows(tmp_path):
+    from dalle_pipeline.components.evaluate.evaluation_set import holdout_evaluation_set
+    from dalle_pipeline.components.shards import HOLDOUT_DIR, holdout_rank
+
+    folder = tmp_path / "pictures"
+    _colour_folder(folder, 40)
+    data = DataConfig(source=str(folder))
+    ingest(data, DownloadConfig(samples_per_shard=16), tmp_path / "dl", SIZE)
+    first = filter_run(FilterConfig(), tmp_path / "dl", tmp_path / "cur", holdout_fraction=0.25)
+    held = {s.meta["url"] for s in iter_samples(tmp_path / "cur" / HOLDOUT_DIR)}
+    trained = {s.meta["url"] for s in iter_samples(tmp_path / "cur")}
+    assert held == {f"{i:03d}.png" for i in range(40) if holdout_rank(f"{i:03d}.png") < 0.25} and held
+    assert not held & trained and len(held | trained) == 40
+    assert (first.kept, first.held_out) == (len(trained), len(held))
+    reasons = {row["url"]: row["reason"] for row in read_report(first.report_path).to_pylist()}
+    assert {url for url, reason in reasons.items() if reason == "held_out"} == held
+
+    # the corpus grows, and one new file copies a held-out picture: it is a duplicate, never a training sample
+    copied = sorted(held)[0]
+    (folder / "copy.png").write_bytes((folder / copied).read_bytes())
+    (folder / "copy.txt").write_text("a copy")
+    ingest(data, DownloadConfig(samples_per_shard=16), tmp_path / "dl", SIZE)
+    grown = filter_run(FilterConfig(), tmp_path / "dl", tmp_path / "cur", holdout_fraction=0.25)
+    assert {s.meta["url"] for s in iter_samples(tmp_path / "cur" / HOLDOUT_DIR)} == held  # stayed put
+    assert {row["url"]: row["reason"] for row in read_report(grown.report_path).to_pylist()}["copy.png"] == "duplicate"
+
+    evaluation = holdout_evaluation_set(tmp_path / "cur", SIZE, num_prompts=3, max_references=5)
+    expected = sorted(held, key=holdout_rank)[:5]
+    assert evaluation.ids == expected and evaluation.references.shape == (5, SIZE, SIZE, 3)
+    assert evaluation.prompts == [f"picture number {int(url[:3])}" for url in expected[:3]]
+    assert evaluation.retrieval_pool == [f"picture number {int(url[:3])}" for url in expected]
+    champions = holdout_evaluation_set(tmp_path / "cur", SIZE, 3, 5, ids=[expected[4], "gone.png", expected[0]])
+    assert champions.ids == [expected[4], expected[0]]  # the champion's items, as far as the corpus holds them
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a published prompt\n\nanother one\n")
+    published = holdout_evaluation_set(tmp_path / "cur", SIZE, 3, 5, prompts_file=prompts_file)
+    assert published.prompts == ["a published prompt", "another one"] and len(published.references) == 5
+    with pytest.raises(ValueError, match="0 held-out samples.*raise data.holdout_fraction"):
+        holdout_evaluation_set(tmp_path / "nothing", SIZE, 3, 5)

@@ -3,6 +3,7 @@ the folder's bad items reported, a grown folder ingesting only its new files."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,8 @@ from dalle_pipeline.components.filter import read_report
 from dalle_pipeline.components.tracking import EXPERIMENT_NAME, PARENT_RUN_TAG
 
 pytestmark = pytest.mark.e2e
-FAST = ["--set", "dvae.optim.steps=10", "--set", "prior.optim.steps=10", "--set", "clip.optim.steps=10"]
+FAST = ["--set", "dvae.optim.steps=10", "--set", "prior.optim.steps=10", "--set", "clip.optim.steps=10",
+        "--set", "data.holdout_fraction=0.1"]
 
 
 def _train(tmp_path, *args: str) -> subprocess.CompletedProcess:
@@ -68,6 +70,21 @@ def test_the_flow_trains_on_a_folder_and_a_grown_folder_ingests_only_its_new_fil
     assert reasons["broken.png"] == "corrupt_image" and len(reasons) == 151
     assert parent.data.params["data.source"] == str(folder)
     assert parent.data.params["filter.drop_exact_duplicates"] == "None"  # by source: on for a user's folder
+
+    # judged on its own held-out samples: their captions are the prompts, retrieval beside its chance level
+    held_out = {url for url, reason in reasons.items() if reason == "held_out"}
+    assert held_out and children["filter"].data.metrics["held_out"] == len(held_out)
+    captions = {path.name: path.with_suffix(".txt").read_text() for path in folder.glob("*.png")}
+    prompts = json.loads(next((tmp_path / "runs" / "stages" / "sample").glob("*/prompts.json")).read_text())
+    assert set(prompts) <= {captions[url] for url in held_out}
+    metrics = parent.data.metrics
+    assert {"retrieval_top1_reranked", "retrieval_top5_reranked", "retrieval_chance_top5", "fd_clip_reranked"} <= \
+        set(metrics)
+    assert not any(name.startswith("oracle_") for name in metrics)  # the shapes oracle is for the shapes corpus
+    assert "holdout_psnr" in children["dvae"].data.metrics and "holdout_codes_used" in children["dvae"].data.metrics
+    (version,) = client.search_model_versions("name='dalle'")
+    assert version.tags["data_source"] == str(folder)
+    assert version.tags["data_digest"] == children["filter"].data.tags["data_digest"]
 
     for path in sorted(corpus.images_dir.glob("*.png"))[150:]:  # ten new pictures arrive
         shutil.copy(path, folder / path.name)
