@@ -332,7 +332,7 @@ def sample(cfg: PipelineConfig, evaluation: EvaluationSet, prior: StageRecord[Ch
 
 @task(name="evaluate", **STAGE_TASK)
 def evaluate(cfg: PipelineConfig, evaluation: EvaluationSet, samples: StageRecord[Samples], clip: StageRecord[Clip],
-             stages: Stages) -> StageRecord[Nothing]:
+             dvae: StageRecord[Checkpoint], stages: Stages) -> StageRecord[Nothing]:
     from dalle_pipeline.components.evaluate.run import find_inception_weights, run_on_set
 
     def finish(metrics, tracker: Tracker) -> tuple[Nothing, dict[str, float]]:
@@ -341,7 +341,8 @@ def evaluate(cfg: PipelineConfig, evaluation: EvaluationSet, samples: StageRecor
     # resolved here, so weights appearing in the torch cache later are a new argument: the stage runs again, with FID
     weights = find_inception_weights(cfg.sample.inception_weights)
     return stages.run("evaluate", run_on_set, samples.outputs.samples, evaluation, clip.outputs.clip_source,
-                      inception_weights=str(weights) if weights else None, finish=finish)
+                      inception_weights=str(weights) if weights else None, dvae_dir=dvae.outputs.checkpoint_dir,
+                      finish=finish)
 
 
 @task(name="register", **STAGE_TASK)

@@ -184,7 +184,7 @@ def train_prior_and_judge(run: PipelineRun, curated: StageRecord, tokenizer: Sta
     dataset = tokenize_corpus(cfg, curated, dvae, tokenizer, stages)
     prior = train_prior(cfg, dataset, stages)
     samples = sample(cfg, evaluation_set, prior, dvae, tokenizer, clip, stages)
-    evaluation = evaluate(cfg, evaluation_set, samples, clip, stages)
+    evaluation = evaluate(cfg, evaluation_set, samples, clip, dvae, stages)
     registration = register(cfg, dvae, prior, tokenizer, clip, samples, evaluation, evaluation_set, curated, stages)
     return [dataset, prior, samples, evaluation, registration]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import ConfigDict, Field
@@ -19,6 +20,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..config import DVAEArchitecture
+from ..images import psnr, to_float, to_uint8
 
 KIND = "dvae"  # the checkpoint kind of a dVAE folder
 
@@ -175,6 +177,40 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     log_q = F.log_softmax(logits, dim=1)
     kl = (log_q.exp() * log_q).sum(dim=1) + math.log(logits.shape[1])
     return kl.flatten(1).sum(dim=1)
+
+
+def codebook_usage(tokens: torch.Tensor, codebook_size: int) -> dict[str, float]:
+    """Perplexity of the code histogram and the share of codes used at least once."""
+    counts = torch.bincount(tokens.flatten(), minlength=codebook_size).float()
+    probs = counts / counts.sum()
+    entropy = torch.special.entr(probs).sum()  # -p log p, 0 where p is 0
+    return {"codebook_perplexity": entropy.exp(), "codes_used": (counts > 0).float().mean()}
+
+
+@torch.no_grad()
+def reconstruct(model: DiscreteVAE, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """images (N, H, W, 3) uint8 through hard (argmax) codes and back, as uint8."""
+    device = next(model.parameters()).device
+    return np.concatenate([to_uint8(model.decode(model.encode(to_float(images[i : i + batch_size]).to(device))))
+                           for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def reconstruction_quality(model: DiscreteVAE, images: np.ndarray,
+                           batch_size: int = 256) -> tuple[dict[str, float], torch.Tensor]:
+    """Hard-code (argmax) reconstruction quality: what the prior's tokens can express."""
+    device = next(model.parameters()).device
+    tokens, errors = [], []
+    for start in range(0, len(images), batch_size):
+        batch = to_float(images[start : start + batch_size]).to(device)
+        batch_tokens = model.encode(batch)
+        tokens.append(batch_tokens)
+        errors.append(F.mse_loss(model.decode(batch_tokens), batch, reduction="none").flatten(1).mean(1))
+    tokens_all = torch.cat(tokens).cpu()
+    mse = float(torch.cat(errors).mean())
+    usage = {f"eval_{name}": float(value)
+             for name, value in codebook_usage(tokens_all, model.cfg.codebook_size).items()}
+    return {"eval_recon_mse": mse, "eval_psnr": psnr(mse), **usage}, tokens_all
 
 
 def load(checkpoint_dir: str | Path) -> DiscreteVAE:

@@ -26,7 +26,8 @@ from ..shards import HOLDOUT_DIR, load_corpus, shard_paths
 from ..tracking import Tracker
 from ..training import TensorBatches, fit, ray_train
 from ..training.loop import progress_logger, unwrap
-from .model import KIND, DiscreteVAE, DVAEModelConfig, kl_to_uniform, logit_laplace_nll
+from .model import (KIND, DiscreteVAE, DVAEModelConfig, codebook_usage, kl_to_uniform, logit_laplace_nll,
+                    reconstruction_quality)
 
 
 
@@ -41,14 +42,6 @@ def kl_weight_at(step: int, cfg: DVAEConfig) -> float:
     if cfg.kl_warmup_steps == 0:
         return cfg.kl_weight
     return cfg.kl_weight * min(1.0, step / cfg.kl_warmup_steps)
-
-
-def codebook_usage(tokens: torch.Tensor, codebook_size: int) -> dict[str, float]:
-    """Perplexity of the code histogram and the share of codes used at least once."""
-    counts = torch.bincount(tokens.flatten(), minlength=codebook_size).float()
-    probs = counts / counts.sum()
-    entropy = torch.special.entr(probs).sum()  # -p log p, 0 where p is 0
-    return {"codebook_perplexity": entropy.exp(), "codes_used": (counts > 0).float().mean()}
 
 
 def dvae_loss(cfg: DVAEConfig):
@@ -92,23 +85,6 @@ class DVAEResult:
     checkpoint_dir: Path
     recon_grid: Path
     metrics: dict[str, float]
-
-
-@torch.no_grad()
-def evaluate(model: DiscreteVAE, images: np.ndarray, batch_size: int = 256) -> tuple[dict[str, float], torch.Tensor]:
-    """Hard-code (argmax) reconstruction quality: what the prior's tokens can express."""
-    device = next(model.parameters()).device
-    tokens, errors = [], []
-    for start in range(0, len(images), batch_size):
-        batch = to_float(images[start : start + batch_size]).to(device)
-        batch_tokens = model.encode(batch)
-        tokens.append(batch_tokens)
-        errors.append(F.mse_loss(model.decode(batch_tokens), batch, reduction="none").flatten(1).mean(1))
-    tokens_all = torch.cat(tokens).cpu()
-    mse = float(torch.cat(errors).mean())
-    usage = {f"eval_{name}": float(value)
-             for name, value in codebook_usage(tokens_all, model.cfg.codebook_size).items()}
-    return {"eval_recon_mse": mse, "eval_psnr": psnr(mse), **usage}, tokens_all
 
 
 def reconstruction_grid(model: DiscreteVAE, images: np.ndarray, path: Path) -> Path:
@@ -166,7 +142,7 @@ def train_worker(config: dict[str, Any]) -> None:
         grid = reconstruction_grid(current, shown, out_dir / "reconstructions" / f"step_{step:07d}.png")
         if tracker is not None:
             tracker.log_artifact(grid, "reconstructions")
-        metrics, _ = evaluate(current, corpus.images[:256])
+        metrics, _ = reconstruction_quality(current, corpus.images[:256])
         return {"hard_psnr": metrics["eval_psnr"], "hard_codes_used": metrics["eval_codes_used"]}
 
     def on_checkpoint(step: int, state: dict[str, Any]) -> None:
@@ -200,10 +176,10 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     final_model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
     final_model.eval()
     corpus = load_corpus(curated_dir, image_size, limit=1024)
-    eval_metrics, _ = evaluate(final_model, corpus.images)
+    eval_metrics, _ = reconstruction_quality(final_model, corpus.images)
     held_out = Path(curated_dir) / HOLDOUT_DIR
     if shard_paths(held_out):  # your corpus: what the tokenizer makes of images no stage trained on
-        holdout_metrics, _ = evaluate(final_model, load_corpus(held_out, image_size, limit=1024).images)
+        holdout_metrics, _ = reconstruction_quality(final_model, load_corpus(held_out, image_size, limit=1024).images)
         eval_metrics.update({name.replace("eval_", "holdout_", 1): value for name, value in holdout_metrics.items()})
     recon_grid = reconstruction_grid(final_model, corpus.images[:8], out_dir / "reconstructions.png")
     checkpoint_dir = checkpoint.save(

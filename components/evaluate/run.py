@@ -9,6 +9,8 @@ their chance levels (`retrieval_chance_top1`, `..._top5`: k over the pool size).
 
 FID (torchmetrics, Inception-v3 pool features) needs torch-fidelity's Inception weights on disk:
 nothing is downloaded here. Without them FID is skipped and `metrics.json` says so (`fid_skipped`).
+Given the dVAE, FID also measures its reconstructions of the reference images (`fid_reconstructions`:
+the tokenizer's ceiling, the FID no prior on its codes can beat by much).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from ..clip.model import ClipScorer
 from ..clip.model import load as load_clip
 from ..corpus import oracle
 from ..corpus.shapes import ShapeSpec
+from ..dvae.model import DiscreteVAE, reconstruct
+from ..dvae.model import load as load_dvae
 from ..images import to_float
 from ..storage import write_json
 from ..tracking import Tracker
@@ -161,10 +165,11 @@ def oracle_accuracy(pixels: np.ndarray, specs: Sequence[list[ShapeSpec]]) -> dic
 def run(samples_path: Path, prompts: list[str], reference_images: np.ndarray, clip: ClipScorer, out_dir: Path,
         specs: Sequence[list[ShapeSpec]] | None = None, holdout: Sequence[bool] | None = None,
         tracker: Tracker | None = None, inception_weights: str | Path | None = None,
-        retrieval_pool: Sequence[str] | None = None) -> dict[str, float]:
+        retrieval_pool: Sequence[str] | None = None, dvae: DiscreteVAE | None = None) -> dict[str, float]:
     """reference_images: held-out real images (N, H, W, 3) for fid and fd_clip; specs: the shapes behind each
     prompt; inception_weights: the weights file for FID (None: the torch hub cache; see `find_inception_weights`);
-    retrieval_pool: the captions each sample's prompt is ranked among (None: the distinct prompts)."""
+    retrieval_pool: the captions each sample's prompt is ranked among (None: the distinct prompts); dvae: the
+    tokenizer, whose reconstructions of the references get their own FID."""
     data = np.load(samples_path)
     images, clip_scores, ranking = data["images"], data["clip_scores"], data["ranking"]
     kept = np.take_along_axis(images, ranking[:, :, None, None, None], axis=1)
@@ -180,6 +185,8 @@ def run(samples_path: Path, prompts: list[str], reference_images: np.ndarray, cl
         print(f"[evaluate] fid skipped: no Inception weights (set sample.inception_weights, or put torch-fidelity's "
               f"file at {inception_cache_path()})", flush=True)
     else:
+        if dvae is not None:
+            generated = {**generated, "reconstructions": reconstruct(dvae, reference_images)}
         metrics.update({f"fid_{label}": value
                         for label, value in inception_fid(weights, reference_images, generated).items()})
     metrics["distinct_candidates"] = distinct_share(images)
@@ -210,8 +217,11 @@ def run(samples_path: Path, prompts: list[str], reference_images: np.ndarray, cl
 
 
 def run_on_set(samples_path: Path, evaluation: EvaluationSet, clip_source: str, out_dir: Path,
-               tracker: Tracker | None = None, inception_weights: str | Path | None = None) -> dict[str, float]:
-    """The stage's entry point: `run` on the samples of `evaluation`'s prompts, with the CLIP saved at `clip_source`."""
+               tracker: Tracker | None = None, inception_weights: str | Path | None = None,
+               dvae_dir: str | Path | None = None) -> dict[str, float]:
+    """The stage's entry point: `run` on the samples of `evaluation`'s prompts, with the CLIP saved at
+    `clip_source` (and the dVAE saved at `dvae_dir`, for the FID of its reconstructions)."""
     return run(samples_path, evaluation.prompts, evaluation.references, load_clip(clip_source), out_dir,
                specs=evaluation.specs, holdout=evaluation.holdout, tracker=tracker,
-               inception_weights=inception_weights, retrieval_pool=evaluation.retrieval_pool)
+               inception_weights=inception_weights, retrieval_pool=evaluation.retrieval_pool,
+               dvae=load_dvae(dvae_dir) if dvae_dir is not None else None)

@@ -222,3 +222,21 @@ def test_retrieval_is_logged_beside_its_chance_level(random_clip, evaluation_inp
     assert metrics["retrieval_chance_top5"] == pytest.approx(5 / 6)
     for name in ("retrieval_top1_reranked", "retrieval_top5_all"):
         assert 0 <= metrics[name] <= 1
+
+
+def test_the_tokenizers_reconstructions_of_the_references_get_their_own_fid(inception_weights, random_clip,
+                                                                             evaluation_inputs, tmp_path, recwarn):
+    from dalle_pipeline.components.dvae.model import DiscreteVAE, DVAEModelConfig, reconstruct
+    from dalle_pipeline.components.evaluate.run import inception_fid
+
+    samples, references = evaluation_inputs
+    torch.manual_seed(0)
+    dvae = DiscreteVAE(DVAEModelConfig(image_size=32, codebook_size=16, n_hid=8)).eval()  # untrained: blurry
+    metrics = run(samples, ["a red square"] * 2, references, random_clip, tmp_path,
+                  inception_weights=str(inception_weights), dvae=dvae)
+    expected = inception_fid(inception_weights, references, {"r": reconstruct(dvae, references)})["r"]
+    assert metrics["fid_reconstructions"] == pytest.approx(expected, rel=1e-6)
+    assert metrics["fid_reconstructions"] > 1.0 and metrics["fid_reranked"] == pytest.approx(0.0, abs=1e-2)
+    without = run(samples, ["a red square"] * 2, references, random_clip, tmp_path / "no-dvae",
+                  inception_weights=str(inception_weights))
+    assert "fid_reconstructions" not in without

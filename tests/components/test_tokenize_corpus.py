@@ -91,7 +91,7 @@ def test_the_decode_check_compares_with_the_psnr_training_reported(inputs, tmp_p
     """The check decodes stored tokens of sampled rows against their shard images: it agrees with the
     dVAE's own evaluation on the corpus, and a dVAE reported far better than its tokens decode is refused."""
     from dalle_pipeline.components.dvae.model import load
-    from dalle_pipeline.components.dvae.train import evaluate
+    from dalle_pipeline.components.dvae.model import reconstruction_quality as evaluate
 
     curated, dvae_dir, tokenizer_path, corpus = inputs
     model = load(dvae_dir)
