@@ -179,8 +179,8 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
     )
     checkpoint_dir = checkpoint.save(
         out_dir / "checkpoint", KIND, state["model"], model_cfg.to_dict(),
-        meta={"step": state["step"], "dvae_hash": manifest["dvae_hash"], "tokenizer_hash": manifest["tokenizer_hash"],
-              **metrics},
+        meta={**metrics, "step": state["step"], "dvae_hash": manifest["dvae_hash"],
+              "tokenizer_hash": manifest["tokenizer_hash"]},
     )
     if tracker is not None:
         tracker.log_artifact(checkpoint_dir, "checkpoint")

@@ -39,10 +39,11 @@ def train_on_ray(
     ray_address: str | None = None,
     tracker: Tracker | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Run `worker_fn(loop_config)` on `cfg.num_workers` workers; (training state to keep, last metrics).
+    """Run `worker_fn(loop_config)` on `cfg.num_workers` workers; (training state kept, its metrics).
 
     The state kept is the best checkpoint by `score_attribute` (lower is better) when given, else
-    the latest. `loop_config` gains `threads_per_worker` and `tracker` (what rebuilds `tracker` on
+    the latest; the metrics are the ones reported with that checkpoint, so they describe its weights
+    (a run that overfit keeps an early step and that step's validation loss, not the last report's). `loop_config` gains `threads_per_worker` and `tracker` (what rebuilds `tracker` on
     rank 0: `rank_zero_tracker`); it must be plain data (it is pickled).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -74,11 +75,21 @@ def train_on_ray(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{name} training reported no checkpoint (error: {result.error})")
-    best = result.get_best_checkpoint(score_attribute, "min") if score_attribute else None
-    with (best or result.checkpoint).as_directory() as directory:
+    kept, reported = kept_checkpoint(result, score_attribute)
+    with kept.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
-    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    metrics = {k: float(v) for k, v in reported.items() if isinstance(v, (int, float))}
     return state, metrics
+
+
+def kept_checkpoint(result, score_attribute: str | None):
+    """(checkpoint, the metrics reported with it) of a finished Ray Train `result`: the lowest
+    `score_attribute` among the checkpoints kept, else the latest."""
+    scored = [(ckpt, reported) for ckpt, reported in (result.best_checkpoints or [])
+              if score_attribute and isinstance(reported.get(score_attribute), (int, float))]
+    if scored:
+        return min(scored, key=lambda pair: pair[1][score_attribute])
+    return result.checkpoint, result.metrics or {}  # every report carries a checkpoint
 
 
 def worker_rank(config: dict[str, Any], seed: int) -> tuple[int, int]:
