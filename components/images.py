@@ -60,3 +60,37 @@ def save_grid(
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return Path(path)
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: transparency composited over white, 16-bit and float greys scaled down."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode != "F" else max(1.0, float(pixels.max()))
+        image = Image.fromarray(np.clip(pixels / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resized(image: Image.Image, size: int, mode: str) -> Image.Image:
+    """`image` fitted to `size` by img2dataset's resize mode (`no`, `border`, `keep_ratio`, `center_crop`)."""
+    width, height = image.size
+    if mode == "no":
+        return image
+    if mode == "border":  # the longer side to `size`, white borders to a square
+        scale = size / max(width, height)
+        inner = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
+        square = Image.new("RGB", (size, size), (255, 255, 255))
+        square.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
+        return square
+    scale = size / min(width, height)  # keep_ratio and center_crop: the shorter side to `size`
+    image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.LANCZOS)
+    if mode == "keep_ratio":
+        return image
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))

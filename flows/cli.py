@@ -41,6 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--guidance-scale", type=float, default=None)
+    generate.add_argument("--image", default=None, metavar="PATH",
+                          help="image-to-image: keep the top rows of this image and draw the rest under each caption")
+    generate.add_argument("--prefix-rows", type=int, default=None, metavar="K",
+                          help="with --image: token rows kept from its top (default: half the grid)")
     generate.add_argument("--out", default="grid.png", help="PNG grid, one row per prompt")
     generate.add_argument("--root", default=None, help="artifact root whose mlflow.db holds the registry")
     check = commands.add_parser("check-data", help="read, filter and report on a data source; no training")
@@ -150,6 +154,8 @@ def load_bundle(model: str, root: str | None):
 def generate_images(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from PIL import Image
+
     from dalle_pipeline.components.images import save_grid
 
     try:
@@ -157,13 +163,31 @@ def generate_images(args: argparse.Namespace) -> int:
     except Exception as err:  # an unknown alias, a missing folder: say which model could not be loaded
         print(f"error: cannot load model {args.model!r}: {err}", file=sys.stderr)
         return 2
+    image = None
+    if args.image is not None:
+        try:
+            with Image.open(args.image) as opened:
+                opened.load()
+                image = opened.copy()
+            bundle.image_prefix(image, args.prefix_rows)  # a bad --prefix-rows is said before any sampling
+        except (OSError, ValueError) as err:
+            print(f"error: --image {args.image}: {err}", file=sys.stderr)
+            return 2
+    elif args.prefix_rows is not None:
+        print("error: --prefix-rows needs --image (the image whose top rows are kept)", file=sys.stderr)
+        return 2
     rows = []
     for prompt in tqdm(args.prompts, desc="generating", unit="prompt"):
-        images, scores = bundle.generate([prompt], num_images=args.num_images, seed=args.seed,
-                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                         guidance_scale=args.guidance_scale)
+        images, scores = bundle.generate([prompt], num_images=args.num_images, seed=args.seed, image=image,
+                                         prefix_rows=args.prefix_rows, temperature=args.temperature,
+                                         top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance_scale)
         rows.append(list(images[0]))
-    path = save_grid(rows, args.out, row_labels=args.prompts)
+    labels = list(args.prompts)
+    if image is not None:  # the given image first, as the model sees it, then each caption's completions
+        kept = bundle.image_prefix(image, args.prefix_rows).shape[1] // bundle.dvae.cfg.grid_size
+        rows.insert(0, [bundle.fitted(image)])
+        labels.insert(0, f"given image (its top {kept} of {bundle.dvae.cfg.grid_size} token rows kept)")
+    path = save_grid(rows, args.out, row_labels=labels)
     print(f"wrote {path} ({len(args.prompts)} prompts x {args.num_images} images)")
     return 0
 

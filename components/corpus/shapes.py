@@ -171,7 +171,8 @@ def sample_specs(
     return sorted(scene, key=_reading_order)
 
 
-def _outline(spec: ShapeSpec, image_size: int) -> tuple[float, float, float, float]:
+def outline(spec: ShapeSpec, image_size: int) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of the shape in pixels, both end pixels drawn."""
     cx, cy = POSITIONS[spec.position]
     half = SIZES[spec.size]
     # -1 on the far edge: PIL draws both end pixels, so the shape spans exactly 2*half*side pixels
@@ -188,7 +189,7 @@ def render(specs: Iterable[ShapeSpec], image_size: int) -> Image.Image:
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for spec in specs:
-        left, top, right, bottom = _outline(spec, image_size)
+        left, top, right, bottom = outline(spec, image_size)
         fill = COLOURS[spec.colour]
         if spec.shape == "circle":
             draw.ellipse((left, top, right, bottom), fill=fill)

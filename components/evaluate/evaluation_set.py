@@ -31,6 +31,7 @@ class EvaluationSet:
     holdout: list[bool] | None = None  # per prompt: a zero-shot pair, never in a training caption
     captions: list[str] | None = None  # caption retrieval ranks each sample's prompt among these (None: the prompts)
     ids: list[str] | None = None  # the held-out items behind the references, in order (your corpus)
+    scenes: np.ndarray | None = None  # (P, H, W, 3) the scene each prompt was drawn from (shapes: image-to-image)
 
     @property
     def retrieval_pool(self) -> list[str]:
@@ -43,6 +44,8 @@ class EvaluationSet:
             "specs": [[asdict(spec) for spec in specs] for specs in self.specs] if self.specs is not None else None,
         }, sort_keys=True).encode())
         digest.update(np.ascontiguousarray(self.references).tobytes())
+        if self.scenes is not None:
+            digest.update(np.ascontiguousarray(self.scenes).tobytes())
         return digest.hexdigest()
 
 
@@ -55,7 +58,8 @@ def shapes_evaluation_set(corpus: CorpusConfig, num_prompts: int, seed: int) -> 
     return EvaluationSet(prompts=[item.caption for item in items + holdout_items],
                          references=np.stack([np.asarray(item.image) for item in references]),
                          specs=[item.specs for item in items + holdout_items],
-                         holdout=[False] * len(items) + [True] * len(holdout_items))
+                         holdout=[False] * len(items) + [True] * len(holdout_items),
+                         scenes=np.stack([np.asarray(item.image) for item in items + holdout_items]))
 
 
 def holdout_evaluation_set(curated_dir: str | Path, image_size: int, num_prompts: int, max_references: int,

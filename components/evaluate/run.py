@@ -27,10 +27,10 @@ import torch
 from ..clip.model import ClipScorer
 from ..clip.model import load as load_clip
 from ..corpus import oracle
-from ..corpus.shapes import ShapeSpec
+from ..corpus.shapes import ShapeSpec, outline
 from ..dvae.model import DiscreteVAE, reconstruct
 from ..dvae.model import load as load_dvae
-from ..images import to_float
+from ..images import psnr, to_float
 from ..storage import write_json
 from ..tracking import Tracker
 from .evaluation_set import EvaluationSet
@@ -162,14 +162,38 @@ def oracle_accuracy(pixels: np.ndarray, specs: Sequence[list[ShapeSpec]]) -> dic
     return oracle.mean_scores(scores)
 
 
+def image_to_image_metrics(completions: Mapping[str, np.ndarray], specs: Sequence[list[ShapeSpec]]) -> dict[str, float]:
+    """How image-to-image completes the shapes corpus's scenes (`sample.run.complete_scenes`):
+    `i2i_prefix_psnr`, the given rows against the scene's (the rows come back); over the scenes whose
+    every shape starts inside the given rows and at least one continues below them, the oracle on
+    the best completion (`i2i_oracle_<attribute>`: does it finish the shape the prefix shows?) and
+    their share of all scenes (`i2i_scenes`)."""
+    images, scenes = completions["images"], completions["scenes"]
+    size, rows, grid = scenes.shape[1], int(completions["prefix_rows"]), int(completions["grid"])
+    boundary = rows * size // grid  # pixel rows the prefix holds
+    given = images[:, :, :boundary].astype(np.float64)
+    mse = float(np.mean((given - scenes[:, None, :boundary].astype(np.float64)) ** 2)) / 255.0**2
+    metrics = {"i2i_prefix_psnr": psnr(mse)}
+    eligible = [p for p, prompt_specs in enumerate(specs)
+                if all(outline(spec, size)[1] < boundary for spec in prompt_specs)
+                and any(outline(spec, size)[3] >= boundary for spec in prompt_specs)]
+    metrics["i2i_scenes"] = len(eligible) / len(specs)
+    if eligible:
+        scores = oracle.mean_scores([oracle.score(images[p, 0], specs[p]) for p in eligible])
+        metrics.update({f"i2i_oracle_{attribute}": value for attribute, value in scores.items()})
+    return metrics
+
+
 def run(samples_path: Path, prompts: list[str], reference_images: np.ndarray, clip: ClipScorer, out_dir: Path,
         specs: Sequence[list[ShapeSpec]] | None = None, holdout: Sequence[bool] | None = None,
         tracker: Tracker | None = None, inception_weights: str | Path | None = None,
-        retrieval_pool: Sequence[str] | None = None, dvae: DiscreteVAE | None = None) -> dict[str, float]:
+        retrieval_pool: Sequence[str] | None = None, dvae: DiscreteVAE | None = None,
+        completions_path: str | Path | None = None) -> dict[str, float]:
     """reference_images: held-out real images (N, H, W, 3) for fid and fd_clip; specs: the shapes behind each
     prompt; inception_weights: the weights file for FID (None: the torch hub cache; see `find_inception_weights`);
     retrieval_pool: the captions each sample's prompt is ranked among (None: the distinct prompts); dvae: the
-    tokenizer, whose reconstructions of the references get their own FID."""
+    tokenizer, whose reconstructions of the references get their own FID; completions_path: image-to-image
+    completions of each prompt's scene (with `specs`: `image_to_image_metrics`)."""
     data = np.load(samples_path)
     images, clip_scores, ranking = data["images"], data["clip_scores"], data["ranking"]
     kept = np.take_along_axis(images, ranking[:, :, None, None, None], axis=1)
@@ -206,6 +230,8 @@ def run(samples_path: Path, prompts: list[str], reference_images: np.ndarray, cl
             for label, pixels in (("reranked", kept[mask]), ("all", images[mask])):
                 for attribute, value in oracle_accuracy(pixels, chosen).items():
                     metrics[f"{subset}oracle_{attribute}_{label}"] = value
+    if specs is not None and completions_path is not None:
+        metrics.update(image_to_image_metrics(np.load(completions_path), specs))
     # the notes say why a metric is absent; they are not numbers, so they stay out of the returned metrics
     write_json(Path(out_dir) / "metrics.json", {**metrics, **notes})
     if tracker is not None:
@@ -218,10 +244,11 @@ def run(samples_path: Path, prompts: list[str], reference_images: np.ndarray, cl
 
 def run_on_set(samples_path: Path, evaluation: EvaluationSet, clip_source: str, out_dir: Path,
                tracker: Tracker | None = None, inception_weights: str | Path | None = None,
-               dvae_dir: str | Path | None = None) -> dict[str, float]:
+               dvae_dir: str | Path | None = None, completions_path: str | Path | None = None) -> dict[str, float]:
     """The stage's entry point: `run` on the samples of `evaluation`'s prompts, with the CLIP saved at
-    `clip_source` (and the dVAE saved at `dvae_dir`, for the FID of its reconstructions)."""
+    `clip_source` (and the dVAE saved at `dvae_dir`, for the FID of its reconstructions); the
+    image-to-image completions at `completions_path` are scored by the oracle too (the shapes corpus)."""
     return run(samples_path, evaluation.prompts, evaluation.references, load_clip(clip_source), out_dir,
                specs=evaluation.specs, holdout=evaluation.holdout, tracker=tracker,
                inception_weights=inception_weights, retrieval_pool=evaluation.retrieval_pool,
-               dvae=load_dvae(dvae_dir) if dvae_dir is not None else None)
+               dvae=load_dvae(dvae_dir) if dvae_dir is not None else None, completions_path=completions_path)

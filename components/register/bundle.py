@@ -10,20 +10,21 @@ import base64
 import io
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..clip.model import LOCAL_DIR, ClipScorer
 from ..clip.model import load as load_clip
 from ..config import PipelineConfig, SampleConfig, upgrade
 from ..dvae.model import DiscreteVAE
 from ..dvae.model import load as load_dvae
-from ..images import to_uint8
+from ..images import as_rgb, resized, to_float, to_uint8
 from ..prior.model import Prior
 from ..prior.model import load as load_prior
 from ..sample.run import draw_candidates, place_for_sampling, sampling_device, score_and_rank
@@ -86,11 +87,15 @@ class Bundle:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], num_images: int = 1, seed: int = 0,
+                 image: Image.Image | Sequence[Image.Image] | None = None, prefix_rows: int | None = None,
                  **sampling: Any) -> tuple[np.ndarray, np.ndarray]:
         """Best `num_images` of the preset's candidates per prompt by CLIP score.
 
         Returns images (P, num_images, H, W, 3) uint8 and their CLIP scores (P, num_images).
         `sampling` overrides SampleConfig fields (temperature, top_k, top_p, guidance_scale, candidates).
+        With `image` (one for every prompt, or one each), the paper's image-to-image: its top
+        `prefix_rows` token rows (default: half the grid), fitted to the model's size, are kept in every
+        candidate and the rest is drawn under the caption.
         """
         if not prompts:
             raise ValueError("no prompts given")
@@ -99,11 +104,45 @@ class Bundle:
         fields["keep"] = num_images
         cfg = SampleConfig.model_validate(fields)
         place_for_sampling(sampling_device(cfg), self.prior, self.dvae, self.clip)
-        images, _ = draw_candidates(cfg, prompts, self.prior, self.dvae, self.tokenizer, seed)
+        prefix = None
+        if image is not None or prefix_rows is not None:
+            given = [image] * len(prompts) if image is None or isinstance(image, Image.Image) else list(image)
+            if len(given) != len(prompts):
+                raise ValueError(f"{len(given)} images for {len(prompts)} prompts: give one, or one per prompt")
+            prefix = torch.cat([self.image_prefix(one, prefix_rows) for one in given])
+        images, _ = draw_candidates(cfg, prompts, self.prior, self.dvae, self.tokenizer, seed, prefix)
         scores, best = score_and_rank(self.clip, images, prompts, num_images)
         chosen = images[torch.arange(len(prompts))[:, None], best]
         pixels = to_uint8(chosen.flatten(0, 1)).reshape(len(prompts), num_images, *images.shape[-2:], 3)
         return pixels, scores.gather(1, best).numpy()
+
+
+    def image_prefix(self, image: Image.Image | None, prefix_rows: int | None = None) -> torch.Tensor:
+        """(1, prefix_rows * grid) dVAE tokens of the top rows of `image` (default: half the grid),
+        fitted to the model's size."""
+        grid = self.dvae.cfg.grid_size
+        prefix_rows = grid // 2 if prefix_rows is None else prefix_rows
+        if image is None:
+            raise ValueError(f"prefix_rows {prefix_rows} needs an image to take the rows from")
+        if not 0 < prefix_rows < grid:
+            raise ValueError(f"prefix_rows must be between 1 and {grid - 1} (the model's images are {grid} token "
+                             f"rows of {self.dvae.cfg.image_size // grid} px), got {prefix_rows}")
+        pixels = to_float(self.fitted(image)[None]).to(next(self.dvae.parameters()).device)
+        return self.dvae.encode(pixels)[:, : prefix_rows * grid].cpu()
+
+    def fitted(self, image: Image.Image) -> np.ndarray:
+        """`image` as the model takes it: upright, RGB, centre-cropped to its size; (H, W, 3) uint8."""
+        return np.array(resized(as_rgb(ImageOps.exif_transpose(image)), self.dvae.cfg.image_size, "center_crop"))
+
+
+def png_from_base64(text: str, what: str) -> Image.Image:
+    """The image a base64 string holds; ValueError naming `what` when it holds none."""
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as image:
+            image.load()
+            return image.copy()
+    except Exception as err:
+        raise ValueError(f"{what} is not a base64-encoded image: {type(err).__name__}: {err}") from None
 
 
 def png_base64(pixels: np.ndarray) -> str:

@@ -23,8 +23,9 @@ PRIMARY_METRICS = ("oracle_colour_reranked", "clip_score_reranked")  # first one
 
 class DallePyfunc(mlflow.pyfunc.PythonModel):
     """Input: a DataFrame with `prompt` and optional `num_images`, `seed`, `temperature`, `top_k`, `top_p`,
-    `guidance_scale` (taken from the first row). Output: one row per image with the prompt, the image's
-    rank, its CLIP score and the PNG as base64."""
+    `guidance_scale`, `prefix_rows` (taken from the first row), and `image_png` (base64 PNG, every row
+    or none): image-to-image, its top `prefix_rows` token rows kept (default half). Output: one row per
+    image with the prompt, the image's rank, its CLIP score and the PNG as base64."""
 
     def load_context(self, context) -> None:
         from .bundle import Bundle
@@ -34,7 +35,7 @@ class DallePyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
 
-        from .bundle import png_base64
+        from .bundle import png_base64, png_from_base64
 
         if "prompt" not in model_input.columns:
             raise ValueError(f"input needs a 'prompt' column, got {list(model_input.columns)}")
@@ -43,7 +44,15 @@ class DallePyfunc(mlflow.pyfunc.PythonModel):
         options = {key: first[key] for key in ("temperature", "top_k", "top_p", "guidance_scale") if key in first}
         num_images, seed = int(first.get("num_images", 1)), int(first.get("seed", 0))
         prompts = [str(p) for p in model_input["prompt"]]
-        images, scores = self.bundle.generate(prompts, num_images=num_images, seed=seed, **options)
+        given = None
+        if "image_png" in model_input.columns:
+            missing = [i for i, value in enumerate(model_input["image_png"]) if not isinstance(value, str) or not value]
+            if missing:
+                raise ValueError(f"image_png is empty in rows {missing}: give every row an image, or none")
+            given = [png_from_base64(value, f"image_png of row {i}") for i, value in enumerate(model_input["image_png"])]
+        prefix_rows = int(first["prefix_rows"]) if "prefix_rows" in first else None
+        images, scores = self.bundle.generate(prompts, num_images=num_images, seed=seed, image=given,
+                                              prefix_rows=prefix_rows, **options)
         rows = [
             {"prompt": prompt, "rank": rank, "clip_score": float(scores[p, rank]), "image_png": png_base64(images[p, rank])}
             for p, prompt in enumerate(prompts) for rank in range(num_images)

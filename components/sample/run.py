@@ -16,7 +16,7 @@ from ..clip.model import load as load_clip
 from ..config import SampleConfig
 from ..dvae.model import DiscreteVAE
 from ..dvae.model import load as load_dvae
-from ..images import save_grid, to_uint8
+from ..images import save_grid, to_float, to_uint8
 from ..prior.model import Prior
 from ..prior.model import load as load_prior
 from ..storage import atomic_path
@@ -25,6 +25,7 @@ from ..tracking import Tracker
 from .generate import rerank, sample_image_tokens
 
 SAMPLES_FILE = "samples.npz"
+COMPLETIONS_FILE = "completions.npz"
 SCORES_FILE = "scores.parquet"
 
 
@@ -33,6 +34,7 @@ class SampleResult:
     grid: Path
     samples: Path  # npz: images (P, C, H, W, 3) uint8, clip_scores, log_likelihood, ranking (P, keep)
     scores: Path
+    completions: Path | None = None  # npz: images (P, keep, H, W, 3) completing `scenes` (P, H, W, 3), prefix_rows
 
 
 def grid_rows(num_prompts: int, rows: int) -> list[int]:
@@ -71,26 +73,45 @@ def place_for_sampling(device: torch.device, prior: Prior, dvae: DiscreteVAE, cl
 
 
 @torch.no_grad()
-def draw_candidates(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: DiscreteVAE,
-                    tokenizer: TextTokenizer, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> images (P, C, 3, H, W) in [0, 1] and log-likelihoods (P, C), on the CPU. Sampling runs where
-    the prior is, with a generator there seeded with `seed`."""
+def draw_candidate_tokens(cfg: SampleConfig, prompts: list[str], prior: Prior, tokenizer: TextTokenizer, seed: int,
+                          image_prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> image tokens (P, C, N) and log-likelihoods (P, C), where the prior is, drawn with a generator
+    there seeded with `seed`. `image_prefix` (P, L): each prompt's first L image tokens, fixed in every
+    candidate (image-to-image: the top rows of a given image)."""
     device = next(prior.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     text, lengths = encode_prompts(tokenizer, prompts)
     text = text.repeat_interleave(cfg.candidates, dim=0).to(device)
     lengths = lengths.repeat_interleave(cfg.candidates, dim=0).to(device)
-    images, log_likelihoods = [], []
+    if image_prefix is not None:
+        if image_prefix.shape[0] != len(prompts):
+            raise ValueError(f"image_prefix has {image_prefix.shape[0]} rows for {len(prompts)} prompts")
+        image_prefix = image_prefix.repeat_interleave(cfg.candidates, dim=0).to(device)
+    tokens, log_likelihoods = [], []
     for start in range(0, len(text), cfg.batch_size):
-        tokens, log_likelihood = sample_image_tokens(
-            prior, text[start : start + cfg.batch_size], lengths[start : start + cfg.batch_size], generator,
+        rows = slice(start, start + cfg.batch_size)
+        drawn, log_likelihood = sample_image_tokens(
+            prior, text[rows], lengths[rows], generator,
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, guidance_scale=cfg.guidance_scale,
+            image_prefix=None if image_prefix is None else image_prefix[rows],
         )
-        images.append(dvae.decode(tokens.to(next(dvae.parameters()).device)).float().cpu())
-        log_likelihoods.append(log_likelihood.float().cpu())
-    images_all = torch.cat(images)
-    return images_all.view(len(prompts), cfg.candidates, *images_all.shape[1:]), torch.cat(log_likelihoods).view(
-        len(prompts), cfg.candidates)
+        tokens.append(drawn)
+        log_likelihoods.append(log_likelihood.float())
+    return (torch.cat(tokens).view(len(prompts), cfg.candidates, -1),
+            torch.cat(log_likelihoods).view(len(prompts), cfg.candidates))
+
+
+@torch.no_grad()
+def draw_candidates(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: DiscreteVAE,
+                    tokenizer: TextTokenizer, seed: int,
+                    image_prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draw_candidate_tokens` decoded by the dVAE: images (P, C, 3, H, W) in [0, 1] and
+    log-likelihoods (P, C), on the CPU."""
+    tokens, log_likelihood = draw_candidate_tokens(cfg, prompts, prior, tokenizer, seed, image_prefix)
+    flat = tokens.flatten(0, 1).to(next(dvae.parameters()).device)
+    images = torch.cat([dvae.decode(flat[start : start + cfg.batch_size]).float().cpu()
+                        for start in range(0, len(flat), cfg.batch_size)])
+    return images.view(*tokens.shape[:2], *images.shape[1:]), log_likelihood.cpu()
 
 
 def score_and_rank(clip: ClipScorer, images: torch.Tensor, prompts: list[str],
@@ -104,14 +125,42 @@ def score_and_rank(clip: ClipScorer, images: torch.Tensor, prompts: list[str],
 
 
 def run(cfg: SampleConfig, prompts: list[str], prior_dir: Path, dvae_dir: Path, tokenizer_path: Path, text_len: int,
-        clip_source: str, out_dir: Path, tracker: Tracker | None = None) -> SampleResult:
+        clip_source: str, out_dir: Path, tracker: Tracker | None = None,
+        scenes: np.ndarray | None = None) -> SampleResult:
     """Sample the trained models saved at these places (the stage's entry point)."""
     return sample_models(cfg, prompts, load_prior(prior_dir), load_dvae(dvae_dir),
-                         TextTokenizer.load(tokenizer_path, text_len), load_clip(clip_source), out_dir, tracker)
+                         TextTokenizer.load(tokenizer_path, text_len), load_clip(clip_source), out_dir, tracker,
+                         scenes)
+
+
+def complete_scenes(cfg: SampleConfig, prompts: list[str], scenes: np.ndarray, prior: Prior, dvae: DiscreteVAE,
+                    tokenizer: TextTokenizer, clip: ClipScorer, out_dir: Path) -> Path:
+    """Image-to-image on each prompt's own scene (P, H, W, 3): its top half of token rows kept, the rest
+    drawn under the prompt, the best `keep` by CLIP; saved with the prefix's rows (`COMPLETIONS_FILE`)
+    and shown beside their scenes in `completions.png`."""
+    grid = dvae.cfg.grid_size
+    prefix_rows = grid // 2
+    dvae_device = next(dvae.parameters()).device
+    prefix = torch.cat([dvae.encode(to_float(scenes[i : i + cfg.batch_size]).to(dvae_device)).cpu()
+                        for i in range(0, len(scenes), cfg.batch_size)])[:, : prefix_rows * grid]
+    images, _ = draw_candidates(cfg, prompts, prior, dvae, tokenizer, cfg.seed + 1, prefix)
+    _, ranking = score_and_rank(clip, images, prompts, cfg.keep)
+    kept = images[torch.arange(len(prompts))[:, None], ranking]
+    pixels = to_uint8(kept.flatten(0, 1)).reshape(len(prompts), cfg.keep, *scenes.shape[1:])
+    shown = grid_rows(len(prompts), cfg.grid_prompts)
+    save_grid([[scenes[p], *pixels[p]] for p in shown], out_dir / "completions.png",
+              row_labels=[f"{prompts[p]} (top {prefix_rows} of {grid} rows given)" for p in shown])
+    with atomic_path(out_dir / COMPLETIONS_FILE) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, images=pixels, scenes=scenes, prefix_rows=prefix_rows, grid=grid)
+    return out_dir / COMPLETIONS_FILE
 
 
 def sample_models(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: DiscreteVAE, tokenizer: TextTokenizer,
-                  clip: ClipScorer, out_dir: Path, tracker: Tracker | None = None) -> SampleResult:
+                  clip: ClipScorer, out_dir: Path, tracker: Tracker | None = None,
+                  scenes: np.ndarray | None = None) -> SampleResult:
+    """Candidates for every prompt, reranked, with their grid and scores; given `scenes` (each
+    prompt's own image, the shapes corpus), image-to-image completions of them too."""
     if not prompts:
         raise ValueError("no prompts to sample")
     out_dir = Path(out_dir)
@@ -142,9 +191,15 @@ def sample_models(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: Dis
     with atomic_path(out_dir / SCORES_FILE) as tmp:
         pq.write_table(table, tmp)
     (out_dir / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    completions = None
+    if scenes is not None:
+        completions = complete_scenes(cfg, prompts, scenes, prior, dvae, tokenizer, clip, out_dir)
     if tracker is not None:
         tracker.log_artifact(grid)
+        if completions is not None:
+            tracker.log_artifact(out_dir / "completions.png")
         tracker.log_artifact(out_dir / SCORES_FILE)
         tracker.log_metrics({"clip_score_kept": float(clip_scores.gather(1, ranking).mean()),
                              "clip_score_all": float(clip_scores.mean())})
-    return SampleResult(grid=grid, samples=out_dir / SAMPLES_FILE, scores=out_dir / SCORES_FILE)
+    return SampleResult(grid=grid, samples=out_dir / SAMPLES_FILE, scores=out_dir / SCORES_FILE,
+                        completions=completions)

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from ..config import DataConfig, DownloadConfig
+from ..images import as_rgb, resized
 from ..download.fetch import damaged_image_reason
 from ..download.run import (BATCH_PREFIX, ENCODE_QUALITY, SUCCESS_MARKER, DownloadResult, batch_settings,
                             check_same_settings, exclusive, finished_batches, next_batch_number, summarise)
@@ -144,42 +145,9 @@ def fit(data: bytes, cfg: DownloadConfig, image_size: int) -> tuple[str | None, 
             return "image_too_small", None
         if cfg.max_aspect_ratio is not None and max(width, height) / max(1, min(width, height)) > cfg.max_aspect_ratio:
             return "aspect_ratio_too_large", None
-        image = _resized(as_rgb(image), image_size, cfg.resize_mode)
+        image = resized(as_rgb(image), image_size, cfg.resize_mode)
     buffer = io.BytesIO()
     quality = ENCODE_QUALITY[cfg.encode_format] if cfg.encode_quality is None else cfg.encode_quality
     options = {"compress_level": quality} if cfg.encode_format == "png" else {"quality": quality}
     image.save(buffer, format=PIL_FORMATS[cfg.encode_format], **options)
     return None, Fitted(buffer.getvalue(), (width, height), hashlib.sha256(data).hexdigest())
-
-
-def as_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB: transparency composited over white, 16-bit and float greys scaled down."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode != "F" else max(1.0, float(pixels.max()))
-        image = Image.fromarray(np.clip(pixels / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _resized(image: Image.Image, size: int, mode: str) -> Image.Image:
-    width, height = image.size
-    if mode == "no":
-        return image
-    if mode == "border":  # the longer side to `size`, white borders to a square
-        scale = size / max(width, height)
-        inner = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
-        square = Image.new("RGB", (size, size), (255, 255, 255))
-        square.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
-        return square
-    scale = size / min(width, height)  # keep_ratio and center_crop: the shorter side to `size`
-    image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.LANCZOS)
-    if mode == "keep_ratio":
-        return image
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return image.crop((left, top, left + size, top + size))

@@ -240,3 +240,31 @@ def test_the_tokenizers_reconstructions_of_the_references_get_their_own_fid(ince
     without = run(samples, ["a red square"] * 2, references, random_clip, tmp_path / "no-dvae",
                   inception_weights=str(inception_weights))
     assert "fid_reconstructions" not in without
+
+
+def _completions(scenes, images, prefix_rows=4, grid=8):
+    return {"images": images, "scenes": scenes, "prefix_rows": np.array(prefix_rows), "grid": np.array(grid)}
+
+
+def test_image_to_image_is_scored_on_the_scenes_whose_shapes_the_prefix_starts():
+    """A completion that is its scene finishes every shape; one whose lower half is background does
+    not. A shape wholly below the given rows (nothing to finish from) or wholly inside them (nothing
+    to finish) is left out of the score."""
+    from dalle_pipeline.components.corpus.shapes import ShapeSpec, render
+    from dalle_pipeline.components.evaluate.run import image_to_image_metrics
+
+    specs = [[ShapeSpec("green", "square", "large", "center")],   # rows 9-22 of 32: given 0-15, continues below
+             [ShapeSpec("red", "triangle", "large", "left")],
+             [ShapeSpec("white", "circle", "small", "top")],      # rows 3-11: wholly given
+             [ShapeSpec("blue", "circle", "small", "bottom")]]    # rows 20-29: nothing of it given
+    scenes = np.stack([np.asarray(render(s, 32)) for s in specs])
+    perfect = image_to_image_metrics(_completions(scenes, scenes[:, None]), specs)
+    assert perfect["i2i_scenes"] == pytest.approx(2 / 4)
+    assert perfect["i2i_oracle_colour"] == perfect["i2i_oracle_shape"] == 1.0
+    assert perfect["i2i_prefix_psnr"] == pytest.approx(100.0)
+
+    cut = scenes.copy()
+    cut[:, 16:] = scenes[0, 0, 0]  # the background below the given rows: the shapes are left unfinished
+    unfinished = image_to_image_metrics(_completions(scenes, cut[:, None]), specs)
+    assert unfinished["i2i_prefix_psnr"] == pytest.approx(100.0)  # the given rows came back
+    assert unfinished["i2i_oracle_size"] < 1.0 and unfinished["i2i_oracle_all"] == 0.0  # half a shape is smaller

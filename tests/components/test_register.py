@@ -4,6 +4,7 @@ import os
 
 import mlflow
 import mlflow.pyfunc
+import numpy as np
 import pytest
 import torch
 
@@ -46,6 +47,43 @@ def test_bundle_generates_the_best_images_by_clip_score(bundle_dir):
     assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
     again, _ = bundle.generate(["a small red circle", "a blue square"], num_images=3, seed=1)
     assert (again == images).all()  # seeded
+
+
+def _scene():
+    from dalle_pipeline.components.corpus.shapes import ShapeSpec, render
+
+    return render([ShapeSpec("green", "triangle", "large", "center")], 32)
+
+
+def test_image_to_image_keeps_the_given_images_top_token_rows_in_every_candidate(bundle_dir):
+    """The paper's zero-shot image-to-image: the top K of the grid's 8 token rows are the given image's
+    own tokens in every candidate of every prompt; the rest is drawn."""
+    from dalle_pipeline.components.images import to_float
+    from dalle_pipeline.components.sample.run import draw_candidate_tokens
+
+    bundle = Bundle.load(bundle_dir)
+    image = _scene()
+    own = bundle.dvae.encode(to_float(np.array(image)[None]))
+    prefix = bundle.image_prefix(image, 3)
+    assert torch.equal(prefix, own[:, :24])
+    assert bundle.image_prefix(image).shape == (1, 4 * 8)  # half the grid by default
+    prompts = ["a large green triangle", "a small red circle"]
+    tokens, _ = draw_candidate_tokens(bundle.cfg.sample, prompts, bundle.prior, bundle.tokenizer, 0,
+                                      prefix.expand(2, -1))
+    assert (tokens[:, :, :24] == own[0, :24]).all()
+    assert not (tokens[:, :, 24:] == own[0, 24:]).all(), "the rows below the prefix were not drawn"
+    images, scores = bundle.generate(prompts, num_images=2, seed=0, image=image, prefix_rows=3)
+    assert images.shape == (2, 2, 32, 32, 3) and (scores[:, :-1] >= scores[:, 1:]).all()
+    larger = image.resize((96, 64))  # fitted to the model's size first: centre-cropped and scaled
+    assert bundle.image_prefix(larger, 2).shape == (1, 16)
+
+
+@pytest.mark.parametrize(("with_image", "rows", "message"), [(True, 0, "between 1 and 7"), (True, 8, "between 1 and 7"),
+                                                              (False, 2, "needs an image")])
+def test_image_to_image_refuses_a_prefix_it_cannot_take(bundle_dir, with_image, rows, message):
+    bundle = Bundle.load(bundle_dir)
+    with pytest.raises(ValueError, match=message):
+        bundle.generate(["a red circle"], image=_scene() if with_image else None, prefix_rows=rows)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no CUDA device")
@@ -99,6 +137,18 @@ def test_champion_moves_only_to_a_better_model_on_the_same_evaluation_set(bundle
     assert list(predictions["rank"]) == [0, 1, 0, 1]
     with pytest.raises(ValueError, match="'prompt' column"):
         model.predict(pd.DataFrame({"caption": ["a red circle"]}))
+
+    from dalle_pipeline.components.register.bundle import png_base64
+
+    # image-to-image through the registered model: an `image_png` column (and `prefix_rows`)
+    given = png_base64(np.asarray(_scene()))
+    completed = model.predict(pd.DataFrame({"prompt": ["a large green triangle"], "num_images": [2],
+                                            "image_png": [given], "prefix_rows": [4]}))
+    assert list(completed["rank"]) == [0, 1]
+    with pytest.raises(ValueError, match=r"image_png is empty in rows \[1\]"):
+        model.predict(pd.DataFrame({"prompt": ["a", "b"], "image_png": [given, None]}))
+    with pytest.raises(ValueError, match="image_png of row 0 is not a base64-encoded image"):
+        model.predict(pd.DataFrame({"prompt": ["a"], "image_png": ["bm90IGFuIGltYWdl"]}))
 
 
 def test_a_model_registered_before_the_layout_moved_still_loads_and_generates(bundle_dir, tmp_path):
