@@ -39,14 +39,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from common import device_name, emit, step_seconds
 from torch.utils.flop_counter import FlopCounterMode
 
 from dalle_pipeline.components.config import resolve
 from dalle_pipeline.components.presets import PRESETS
-from dalle_pipeline.components.dvae.model import DiscreteVAE, DVAEModelConfig, kl_to_uniform, logit_laplace_nll
-from dalle_pipeline.components.dvae.train import dvae_loss, kl_weight_at, model_config, temperature_at
+from dalle_pipeline.components.dvae.model import DiscreteVAE, DVAEModelConfig
+from dalle_pipeline.components.dvae.train import dvae_loss, model_config
 from dalle_pipeline.components.images import to_float
 from dalle_pipeline.components.training import TensorBatches, fit
 from dalle_pipeline.components.training.flops import measured_matmul_peak
@@ -60,7 +59,7 @@ DIM_FLAGS = {
     "blocks_per_group": "dvae.blocks_per_group",
     "codebook_size": "dvae.codebook_size",
 }
-BASELINE = "same model and initial weights in plain eager fp32 NCHW: same loss terms, torch AdamW, no EMA"
+BASELINE = "same model and initial weights in plain eager fp32 NCHW: same loss (dvae_loss), torch AdamW, no EMA"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     for name, field in DIM_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, help=f"overrides {field}")
+    parser.add_argument("--quantizer", choices=["gumbel", "vq"], help="overrides dvae.quantizer (the tokenizer kind)")
     parser.add_argument("--batch", type=int, help="training batch (default: the preset's dvae.optim.batch_size)")
     parser.add_argument("--encode-batch", type=int, help="encoding batch (default: --batch)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps and encoding batches")
@@ -98,11 +98,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def flops_per_image(model_cfg: DVAEModelConfig, train: bool) -> float:
     """FlopCounterMode's count for one image (batch 1) on the meta device: nothing is computed."""
     with torch.device("meta"):
-        model = DiscreteVAE(model_cfg)
+        model = DiscreteVAE(model_cfg).eval()  # eval: vq's codebook update reads values, which meta tensors lack
         images = torch.rand(1, 3, model_cfg.image_size, model_cfg.image_size)
     with FlopCounterMode(display=False) as counter:
         if train:  # the loss's elementwise terms are not matmul-class work and are not counted
-            logits, stats = model(images, 1.0)
+            logits, stats, _ = model(images, 1.0)
             (logits.sum() + stats.sum()).backward()
         else:
             model.encode(images)
@@ -136,20 +136,13 @@ def train_ours(model: DiscreteVAE, cfg, pixels: torch.Tensor, batch: int, args, 
 
 
 def train_baseline(model: DiscreteVAE, cfg, pixels: torch.Tensor, batch: int, args) -> list[float]:
-    """Step seconds of a plain eager fp32 step: forward, the same loss terms, backward, torch AdamW."""
+    """Step seconds of a plain eager fp32 step: forward, the same loss (`dvae_loss`), backward, torch AdamW."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    images = to_float(pixels[:batch]).contiguous()  # NCHW (to_float of NHWC uint8 is channels_last)
-    dims = images[0].numel()
-    tau, beta = temperature_at(0, cfg), kl_weight_at(cfg.kl_warmup_steps, cfg)
+    loss_fn, batch_pixels = dvae_loss(cfg), pixels[:batch]
     model.train()
 
     def step() -> None:
-        logits, stats = model(images, tau)
-        if cfg.recon_loss == "mse":
-            nll = F.mse_loss(model.decode_stats_to_image(stats), images) / (2 * cfg.mse_sigma**2)
-        else:
-            nll = logit_laplace_nll(stats, model.map_pixels(images)).mean() / dims
-        loss = nll + beta * kl_to_uniform(logits).mean() / dims
+        loss, _ = loss_fn(model, (batch_pixels,), cfg.kl_warmup_steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -183,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_threads(args.threads)
     device = torch.device(args.device)
     overrides = {DIM_FLAGS[name]: getattr(args, name) for name in DIM_FLAGS if getattr(args, name) is not None}
+    if args.quantizer is not None:
+        overrides["dvae.quantizer"] = args.quantizer
     pipeline_cfg = resolve(args.preset, overrides)
     cfg = pipeline_cfg.dvae
     model_cfg = model_config(cfg, pipeline_cfg.corpus.image_size)

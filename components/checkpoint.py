@@ -50,10 +50,12 @@ def load(directory: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dic
 
 
 def check_same_model(directory: str | Path, kind: str, config: dict[str, Any], setting: str,
-                     ignore: tuple[str, ...] = ()) -> None:
+                     ignore: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
     """ValueError unless the checkpoint at `directory` is a `kind` built with `config` (but `ignore`);
-    `setting` names the config field that pointed there, for the message."""
+    `setting` names the config field that pointed there, for the message. `defaults` stand in for the
+    fields a checkpoint written before they existed lacks."""
     theirs, _ = read_config(directory, kind)
+    theirs = {**(defaults or {}), **theirs}
     differing = sorted(key for key in config if key not in ignore and theirs.get(key) != config[key])
     if differing:
         raise ValueError(f"{setting} {directory}: its model differs in {differing}; fine-tuning needs the same "

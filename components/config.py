@@ -165,6 +165,10 @@ class DVAEArchitecture(StageConfig):
     num_groups: int = Field(3, ge=2, le=4, description="residual groups; downsampling = 2**(num_groups-1)")
     blocks_per_group: int = Field(1, ge=1, description="residual blocks per group")
     logit_laplace_eps: float = Field(0.1, gt=0, lt=0.5, description="pixels are mapped into [eps, 1-eps]")
+    quantizer: Literal["gumbel", "vq"] = Field("vq", description="the image tokenizer kind: gumbel (the paper's "
+                                               "dVAE) or vq (l2-normalised codes, nearest by cosine; dvae/model.py)")
+    code_dim: int = Field(8, ge=2, description="vq: dimension of each code (l2-normalised)")
+    codebook_decay: float = Field(0.99, gt=0, lt=1, description="vq: EMA decay of the codebook's cluster means")
 
 
 class DVAEConfig(RayTrainConfig, DVAEArchitecture):
@@ -173,11 +177,14 @@ class DVAEConfig(RayTrainConfig, DVAEArchitecture):
     temperature_anneal_steps: int = Field(800, ge=1, description="cosine anneal length, updates")
     kl_weight: float = Field(6.6, ge=0, description="final KL weight beta")
     kl_warmup_steps: int = Field(200, ge=0, description="beta ramps 0 -> kl_weight over these updates")
+    commitment_weight: float = Field(0.25, ge=0, description="vq: weight of ||z - sg(code)||^2, the commitment loss")
     recon_loss: Literal["logit_laplace", "mse"] = Field(
         "mse", description="pixel likelihood: the paper's logit-Laplace, or a Gaussian with fixed sigma (mse)"
     )
     mse_sigma: float = Field(0.1, gt=0, description="sigma of the Gaussian likelihood when recon_loss is mse")
     recon_grid_every: int = Field(250, ge=1, description="log a reconstruction grid every this many updates")
+    recon_oracle_floor: float = Field(0.9, ge=0, le=1, description="shapes corpus: the stage fails when the "
+                                      "oracle reads less of any attribute back from reconstructions of held-out scenes")
     init_from: str | None = Field(
         None, description="a dVAE checkpoint folder whose weights start training (fine-tuning); same architecture"
     )
@@ -389,9 +396,12 @@ SOURCE_DEFAULTS = {("download", "allow_file_urls"): True, ("filter", "drop_exact
 
 
 def upgrade(config: dict[str, Any]) -> dict[str, Any]:
-    """A saved whole config (a bundle's `config.json`) in today's form: moved fields moved, and the
-    shapes corpus's defaults that older configs spelled out put back to None (by source)."""
+    """A saved whole config (a bundle's `config.json`) in today's form: moved fields moved, the
+    shapes corpus's defaults that older configs spelled out put back to None (by source), and a dVAE
+    saved before `dvae.quantizer` existed named for what it is (gumbel)."""
     tree = json.loads(json.dumps(config))
+    if "dvae" in tree and "quantizer" not in tree["dvae"]:  # saved before the vq kind: the paper's dVAE
+        tree["dvae"]["quantizer"] = "gumbel"
     download = tree.get("download", {})
     if "url_list" not in download:
         return tree

@@ -19,6 +19,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dvae.optim.batch_size": 32,
         "dvae.temperature_anneal_steps": 30,
         "dvae.kl_warmup_steps": 10,
+        "dvae.recon_oracle_floor": 0.0,  # 30 updates learn next to nothing
         "tokenizer.vocab_size": 300,
         "prior.layers": 2,
         "prior.d_model": 64,
@@ -46,6 +47,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "corpus.max_shapes": 2,
         "dvae.codebook_size": 1024,
         "dvae.n_hid": 64,
+        "dvae.quantizer": "gumbel",  # not measured against vq at this size yet
+        "dvae.recon_oracle_floor": 0.0,
         "dvae.recon_loss": "logit_laplace",
         "dvae.num_groups": 3,
         "dvae.blocks_per_group": 2,
@@ -75,6 +78,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "corpus.image_size": 256,
         "dvae.codebook_size": 8192,
         "dvae.n_hid": 256,
+        "dvae.quantizer": "gumbel",  # the paper's dVAE, faithful
+        "dvae.recon_oracle_floor": 0.0,
         "dvae.recon_loss": "logit_laplace",
         "dvae.num_groups": 4,
         "dvae.blocks_per_group": 2,

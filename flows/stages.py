@@ -78,6 +78,7 @@ class Samples:
     grid: str
     samples: str
     prompts: list[str]
+    completions: str | None = None  # image-to-image completions of the prompts' scenes (the shapes corpus)
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ def train_dvae(cfg: PipelineConfig, curated: StageRecord[Curated], stages: Stage
     from dalle_pipeline.components.dvae.train import run
 
     return stages.run("dvae", run, cfg.dvae, curated.outputs.curated_dir, image_size=cfg.corpus.image_size,
-                      seed=cfg.seed, finish=_checkpoint)
+                      seed=cfg.seed, shapes=cfg.corpus if cfg.shapes_corpus else None, finish=_checkpoint)
 
 
 @task(name="tokenize-corpus", **STAGE_TASK)
@@ -323,11 +324,12 @@ def sample(cfg: PipelineConfig, evaluation: EvaluationSet, prior: StageRecord[Ch
     from dalle_pipeline.components.sample.run import run
 
     def finish(result, tracker: Tracker) -> tuple[Samples, dict[str, float]]:
-        return Samples(str(result.grid), str(result.samples), evaluation.prompts), {}
+        completions = str(result.completions) if result.completions is not None else None
+        return Samples(str(result.grid), str(result.samples), evaluation.prompts, completions), {}
 
     return stages.run("sample", run, cfg.sample, evaluation.prompts, prior.outputs.checkpoint_dir,
                       dvae.outputs.checkpoint_dir, tokenizer.outputs.tokenizer_path, cfg.tokenizer.text_len,
-                      clip.outputs.clip_source, finish=finish)
+                      clip.outputs.clip_source, scenes=evaluation.scenes, finish=finish)
 
 
 @task(name="evaluate", **STAGE_TASK)
@@ -342,7 +344,7 @@ def evaluate(cfg: PipelineConfig, evaluation: EvaluationSet, samples: StageRecor
     weights = find_inception_weights(cfg.sample.inception_weights)
     return stages.run("evaluate", run_on_set, samples.outputs.samples, evaluation, clip.outputs.clip_source,
                       inception_weights=str(weights) if weights else None, dvae_dir=dvae.outputs.checkpoint_dir,
-                      finish=finish)
+                      completions_path=samples.outputs.completions, finish=finish)
 
 
 @task(name="register", **STAGE_TASK)

@@ -10,6 +10,7 @@ scaled by 1 / (number of residual blocks)^2 so deep stacks start close to the id
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from ..config import DVAEArchitecture
 from ..images import psnr, to_float, to_uint8
 
 KIND = "dvae"  # the checkpoint kind of a dVAE folder
+# what a checkpoint saved before these fields existed was built with (the default is another now)
+BEFORE_FIELDS = {"quantizer": "gumbel"}
 
 
 class DVAEModelConfig(DVAEArchitecture):
@@ -47,6 +50,81 @@ class DVAEModelConfig(DVAEArchitecture):
 
 def _widths(cfg: DVAEModelConfig) -> list[int]:
     return [cfg.n_hid * 2**i for i in range(cfg.num_groups)]
+
+
+def code_channels(cfg: DVAEModelConfig) -> int:
+    """Channels between encoder and decoder: a logit per code (gumbel), or the code vector (vq)."""
+    return cfg.codebook_size if cfg.quantizer == "gumbel" else cfg.code_dim
+
+
+class Codebook(nn.Module):
+    """vq: `codebook_size` unit vectors of `code_dim`; a position takes the code nearest its encoder
+    output by cosine. The codes are EMA cluster means of the encoder outputs they take (no gradient),
+    initialised by spherical k-means on the first training batch; a code used less than
+    `DEAD_CODE_COUNT` times a batch (EMA) is restarted at one of the batch's worst-represented encoder
+    outputs (lowest cosine to their code: what the codebook misses, a rare colour say), and has
+    `RESTART_COUNT` batches' worth of uses to prove itself. Every state is a buffer, so DDP's buffer
+    broadcast keeps the workers on rank 0's codebook."""
+
+    DEAD_CODE_COUNT = 1.0  # uses per batch, as EMA
+    RESTART_COUNT = 2.0
+    KMEANS_ITERS = 10
+
+    def __init__(self, size: int, dim: int, decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("codes", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("cluster_sum", torch.zeros(size, dim))
+        self.register_buffer("cluster_count", torch.zeros(size))
+        self.register_buffer("initialised", torch.tensor(False))
+
+    def similarities(self, z: torch.Tensor) -> torch.Tensor:
+        """unit vectors (B, D, h, w) -> cosine to every code (B, K, h, w), in fp32 under autocast too
+        (bf16 cosines tie, and the argmax is the token)."""
+        exact = torch.autocast(z.device.type, enabled=False) if z.device.type in ("cpu", "cuda") else nullcontext()
+        with exact:
+            return torch.einsum("bdhw,kd->bkhw", z.float(), self.codes.float())
+
+    @torch.no_grad()
+    def _kmeans(self, flat: torch.Tensor) -> None:
+        size = self.codes.shape[0]
+        picks = torch.randint(len(flat), (size,), device=flat.device) if len(flat) < size else \
+            torch.randperm(len(flat), device=flat.device)[:size]
+        codes = flat[picks].clone()
+        for _ in range(self.KMEANS_ITERS):
+            nearest = (flat @ codes.T).argmax(1)
+            sums = torch.zeros_like(codes).index_add_(0, nearest, flat)
+            counts = torch.bincount(nearest, minlength=size).float()
+            codes = torch.where(counts[:, None] > 0, F.normalize(sums, dim=1), codes)
+        self.codes.copy_(codes)
+        self.cluster_sum.copy_(codes * self.RESTART_COUNT)
+        self.cluster_count.fill_(self.RESTART_COUNT)
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor, nearest: torch.Tensor) -> None:
+        """One training batch: EMA of each code's cluster, dead codes restarted."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+        if not bool(self.initialised):
+            self._kmeans(flat)
+            return
+        size = self.codes.shape[0]
+        index = nearest.flatten()
+        counts = torch.bincount(index, minlength=size).float()
+        sums = torch.zeros_like(self.cluster_sum).index_add_(0, index, flat)
+        self.cluster_count.lerp_(counts, 1 - self.decay)
+        self.cluster_sum.lerp_(sums, 1 - self.decay)
+        self.codes.copy_(F.normalize(self.cluster_sum, dim=1))
+        dead = self.cluster_count < self.DEAD_CODE_COUNT
+        if dead.any():
+            error = 1 - (flat * self.codes[index]).sum(1)  # 1 - cosine to the code each output took
+            worst = error.topk(min(len(flat), 4 * int(dead.sum()))).indices
+            fresh = flat[worst[torch.randperm(len(worst), device=flat.device)[: int(dead.sum())]]]
+            if len(fresh) < int(dead.sum()):  # a batch smaller than the dead codes: repeat
+                fresh = fresh[torch.arange(int(dead.sum()), device=flat.device) % len(fresh)]
+            self.cluster_sum[dead] = fresh * self.RESTART_COUNT
+            self.cluster_count[dead] = self.RESTART_COUNT
+            self.codes[dead] = fresh
 
 
 class ResidualBlock(nn.Module):
@@ -78,7 +156,7 @@ class Encoder(nn.Module):
                 n_in = width
             if index < cfg.num_groups - 1:
                 layers.append(nn.MaxPool2d(2))
-        layers += [nn.ReLU(), nn.Conv2d(n_in, cfg.codebook_size, 1)]
+        layers += [nn.ReLU(), nn.Conv2d(n_in, code_channels(cfg), 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +168,7 @@ class Decoder(nn.Module):
         super().__init__()
         post_gain = 1 / (cfg.num_groups * cfg.blocks_per_group) ** 2
         widths = list(reversed(_widths(cfg)))
-        layers: list[nn.Module] = [nn.Conv2d(cfg.codebook_size, widths[0] // 2, 1)]
+        layers: list[nn.Module] = [nn.Conv2d(code_channels(cfg), widths[0] // 2, 1)]
         n_in = widths[0] // 2
         for index, width in enumerate(widths):
             for _ in range(cfg.blocks_per_group):
@@ -113,6 +191,7 @@ class DiscreteVAE(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self.codebook = Codebook(cfg.codebook_size, cfg.code_dim, cfg.codebook_decay) if cfg.quantizer == "vq" else None
 
     # pixels <-> the logit-Laplace domain ------------------------------------------------------
     def map_pixels(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,16 +203,38 @@ class DiscreteVAE(nn.Module):
         eps = self.cfg.logit_laplace_eps
         return ((x - eps) / (1 - 2 * eps)).clamp(0, 1)
 
-    def forward(self, images: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training pass: images in [0, 1] -> (codebook logits, decoder statistics of the
-        gumbel-softmax relaxed codes at `temperature`). Under DDP this call is what syncs gradients."""
-        logits = self.logits(images)
-        codes = F.gumbel_softmax(logits, tau=temperature, hard=False, dim=1)
-        return logits, self.decode_codes(codes)
+    def forward(self, images: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass: images in [0, 1] -> (codebook logits, decoder statistics, quantiser loss).
+
+        gumbel: the statistics of the gumbel-softmax relaxed codes at `temperature`, no quantiser
+        loss (the KL is the caller's). vq: of the nearest codes passed straight through, and the
+        commitment loss ||z - sg(code)||^2 per position; the codebook takes this batch (training
+        mode). Under DDP this call is what syncs gradients."""
+        if self.codebook is None:
+            logits = self.logits(images)
+            codes = F.gumbel_softmax(logits, tau=temperature, hard=False, dim=1)
+            return logits, self.decode_codes(codes), logits.new_zeros(())
+        z = self._unit_codes(images)
+        if self.training:
+            self.codebook.update(z.detach(), self.codebook.similarities(z.detach()).argmax(1))
+        similarities = self.codebook.similarities(z)
+        quantised = self._code_vectors(similarities.argmax(1))
+        commitment = (z - quantised).pow(2).sum(1).mean()
+        return similarities, self.decode_codes(z + (quantised - z).detach()), commitment
+
+    def _unit_codes(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encoder(self.map_pixels(images)).float(), dim=1)
+
+    def _code_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, h, w) -> their code vectors (B, D, h, w)."""
+        return self.codebook.codes[tokens].permute(0, 3, 1, 2)
 
     # encode / decode --------------------------------------------------------------------------
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """images in [0, 1], (B, 3, H, W) -> codebook logits (B, K, h, w)."""
+        """images in [0, 1], (B, 3, H, W) -> a score per code (B, K, h, w), the token its argmax:
+        logits (gumbel), cosine similarities (vq)."""
+        if self.codebook is not None:
+            return self.codebook.similarities(self._unit_codes(images))
         return self.encoder(self.map_pixels(images))
 
     @torch.no_grad()
@@ -142,8 +243,8 @@ class DiscreteVAE(nn.Module):
         return self.logits(images).argmax(dim=1).flatten(1)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """(relaxed) one-hot codes (B, K, h, w) -> decoder statistics (B, 6, H, W)."""
-        return self.decoder(codes)
+        """(relaxed) one-hot codes (B, K, h, w), or code vectors (B, D, h, w) -> decoder statistics (B, 6, H, W)."""
+        return self.decoder(codes.to(self.decoder.net[0].weight.dtype))
 
     def decode_stats_to_image(self, stats: torch.Tensor) -> torch.Tensor:
         return self.unmap_pixels(torch.sigmoid(stats[:, :3]))
@@ -152,8 +253,10 @@ class DiscreteVAE(nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, h*w) -> images in [0, 1], (B, 3, H, W)."""
         grid = self.cfg.grid_size
-        one_hot = F.one_hot(tokens.long().view(-1, grid, grid), self.cfg.codebook_size)
-        codes = one_hot.permute(0, 3, 1, 2).to(next(self.parameters()).dtype)
+        tokens = tokens.long().view(-1, grid, grid)
+        if self.codebook is not None:
+            return self.decode_stats_to_image(self.decode_codes(self._code_vectors(tokens)))
+        codes = F.one_hot(tokens, self.cfg.codebook_size).permute(0, 3, 1, 2)
         return self.decode_stats_to_image(self.decode_codes(codes))
 
 
@@ -216,6 +319,6 @@ def reconstruction_quality(model: DiscreteVAE, images: np.ndarray,
 def load(checkpoint_dir: str | Path) -> DiscreteVAE:
     """The dVAE saved in `checkpoint_dir` (weights and the config that rebuilds it), in eval mode."""
     state, config, _ = checkpoint.load(checkpoint_dir, KIND)
-    model = DiscreteVAE(DVAEModelConfig(**config))
+    model = DiscreteVAE(DVAEModelConfig(**{**BEFORE_FIELDS, **config}))
     model.load_state_dict(state)
     return model.eval()

@@ -20,15 +20,20 @@ import torch
 import torch.nn.functional as F
 
 from .. import checkpoint
-from ..config import DVAEArchitecture, DVAEConfig
-from ..images import psnr, save_grid, to_float, to_uint8
+from ..config import CorpusConfig, DVAEArchitecture, DVAEConfig
+from ..corpus import oracle
+from ..corpus.oracle import mean_scores
+from ..corpus.shapes import eval_set
+from ..images import psnr, save_grid, to_float
 from ..shards import HOLDOUT_DIR, load_corpus, shard_paths
 from ..tracking import Tracker
 from ..training import TensorBatches, fit, ray_train
 from ..training.loop import progress_logger, unwrap
-from .model import (KIND, DiscreteVAE, DVAEModelConfig, codebook_usage, kl_to_uniform, logit_laplace_nll,
-                    reconstruction_quality)
+from .model import (BEFORE_FIELDS, KIND, DiscreteVAE, DVAEModelConfig, codebook_usage, kl_to_uniform, logit_laplace_nll,
+                    reconstruct, reconstruction_quality)
 
+# held-out scenes the reconstruction oracle reads, on the shapes corpus
+RECON_ORACLE_SCENES = 256
 
 
 def temperature_at(step: int, cfg: DVAEConfig) -> float:
@@ -45,7 +50,8 @@ def kl_weight_at(step: int, cfg: DVAEConfig) -> float:
 
 
 def dvae_loss(cfg: DVAEConfig):
-    """The loss callback for `fit`: pixel NLL + beta * KL(q || uniform), both per pixel dimension.
+    """The loss callback for `fit`: pixel NLL + beta * KL(q || uniform), both per pixel dimension
+    (gumbel), or pixel NLL + commitment_weight * the commitment loss (vq).
 
     The NLL is the paper's logit-Laplace, or (recon_loss="mse") a Gaussian with fixed sigma. At the
     tiny preset's few hundred updates the logit-Laplace pays only log(error) for a wrong colour
@@ -61,20 +67,23 @@ def dvae_loss(cfg: DVAEConfig):
         if images.is_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
         tau, beta = temperature_at(step, cfg), kl_weight_at(step, cfg)
-        logits, stats = model(images, tau)
+        logits, stats, commitment = model(images, tau)
         logits, stats = logits.float(), stats.float()  # the losses in fp32 under bf16 autocast
         dims = images[0].numel()
         if cfg.recon_loss == "mse":
             nll = F.mse_loss(inner.decode_stats_to_image(stats), images) / (2 * cfg.mse_sigma**2)
         else:
             nll = logit_laplace_nll(stats, inner.map_pixels(images)).mean() / dims
-        kl = kl_to_uniform(logits).mean() / dims
         with torch.no_grad():
             mse = F.mse_loss(inner.decode_stats_to_image(stats), images)
             usage = codebook_usage(logits.argmax(dim=1), logits.shape[1])  # of this batch's hard codes
         # device tensors: `fit` reads them once per log window
-        metrics = {"nll": nll.detach(), "kl": kl.detach(), "recon_mse": mse, "temperature": tau, "beta": beta,
-                   **usage}
+        metrics = {"nll": nll.detach(), "recon_mse": mse, **usage}
+        if inner.codebook is not None:  # vq: the codes' commitment, no relaxation to anneal
+            metrics["commitment"] = commitment.detach()
+            return nll + cfg.commitment_weight * commitment, metrics
+        kl = kl_to_uniform(logits).mean() / dims
+        metrics.update({"kl": kl.detach(), "temperature": tau, "beta": beta})
         return nll + beta * kl, metrics
 
     return loss_fn
@@ -89,9 +98,31 @@ class DVAEResult:
 
 def reconstruction_grid(model: DiscreteVAE, images: np.ndarray, path: Path) -> Path:
     """Originals above their reconstructions from hard (argmax) codes: what the prior will see."""
-    batch = to_float(images).to(next(model.parameters()).device)
-    recon = to_uint8(model.decode(model.encode(batch)))
-    return save_grid([list(images), list(recon)], path, row_labels=["originals", "dVAE reconstructions"])
+    return save_grid([list(images), list(reconstruct(model, images))], path,
+                     row_labels=["originals", "dVAE reconstructions"])
+
+
+def reconstruction_oracle(model: DiscreteVAE, shapes: CorpusConfig, scenes: int = RECON_ORACLE_SCENES) -> dict[str, float]:
+    """The shapes oracle read on the reconstructions of `scenes` scenes drawn apart from the training
+    corpus (`recon_oracle_colour`, `_shape`, `_size`, `_position`, `_all`): what of each attribute
+    the tokenizer keeps, the ceiling of any prior trained on its tokens."""
+    items = eval_set(shapes, scenes, seed=shapes.seed)
+    recon = reconstruct(model.eval(), np.stack([np.asarray(item.image) for item in items]))
+    scores = mean_scores([oracle.score(image, item.specs) for image, item in zip(recon, items)])
+    return {f"recon_oracle_{name}": value for name, value in scores.items()}
+
+
+def check_recon_floor(metrics: dict[str, float], floor: float, where: Path) -> None:
+    """ValueError naming every attribute the reconstructions keep less of than `floor`."""
+    weak = {name: value for name, value in metrics.items()
+            if name.startswith("recon_oracle_") and name != "recon_oracle_all" and value < floor}
+    if weak:
+        read = ", ".join(f"{name.removeprefix('recon_oracle_')} {value:.2f}" for name, value in sorted(weak.items()))
+        raise ValueError(
+            f"the dVAE's reconstructions of {RECON_ORACLE_SCENES} held-out shapes scenes keep {read}, below "
+            f"dvae.recon_oracle_floor {floor:.2f}: no prior can draw what its tokenizer cannot represent (see "
+            f"{where / 'reconstructions.png'}); train the dVAE longer (dvae.optim.steps) or change its losses, "
+            f"or lower the floor")
 
 
 def model_config(cfg: DVAEConfig, image_size: int) -> DVAEModelConfig:
@@ -155,14 +186,21 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed: int,
-        tracker: Tracker | None = None, ray_address: str | None = None) -> DVAEResult:
-    """Train on Ray Train (resuming a run killed earlier in `out_dir`), then save the EMA weights."""
+        shapes: CorpusConfig | None = None, tracker: Tracker | None = None,
+        ray_address: str | None = None) -> DVAEResult:
+    """Train on Ray Train (resuming a run killed earlier in `out_dir`), then save the EMA weights.
+
+    `shapes`: the shapes corpus's settings when the images are that corpus; the oracle then reads
+    held-out scenes back from the reconstructions (`reconstruction_oracle`), and the stage fails
+    below `cfg.recon_oracle_floor`, after saving, so the weights can be looked at.
+    """
     out_dir = Path(out_dir).resolve()
     if not shard_paths(curated_dir):  # fail here, not in every worker and its restarts
         raise FileNotFoundError(f"no curated shards (*.tar) in {curated_dir}")
     model_cfg = model_config(cfg, image_size)
     if cfg.init_from:
-        checkpoint.check_same_model(cfg.init_from, KIND, model_cfg.to_dict(), "dvae.init_from")
+        checkpoint.check_same_model(cfg.init_from, KIND, model_cfg.to_dict(), "dvae.init_from",
+                                    defaults={**DVAEModelConfig().to_dict(), **BEFORE_FIELDS})
     loop_config = {
         "dvae": cfg.model_dump(mode="json"),
         "curated_dir": str(Path(curated_dir).resolve()),
@@ -181,6 +219,8 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     if shard_paths(held_out):  # your corpus: what the tokenizer makes of images no stage trained on
         holdout_metrics, _ = reconstruction_quality(final_model, load_corpus(held_out, image_size, limit=1024).images)
         eval_metrics.update({name.replace("eval_", "holdout_", 1): value for name, value in holdout_metrics.items()})
+    if shapes is not None:
+        eval_metrics.update(reconstruction_oracle(final_model, shapes))
     recon_grid = reconstruction_grid(final_model, corpus.images[:8], out_dir / "reconstructions.png")
     checkpoint_dir = checkpoint.save(
         out_dir / "checkpoint", KIND, final_model.state_dict(), model_cfg.to_dict(),
@@ -190,4 +230,5 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
         tracker.log_metrics(eval_metrics, step=state["step"])
         tracker.log_artifact(recon_grid)
         tracker.log_artifact(checkpoint_dir, "checkpoint")
+    check_recon_floor(eval_metrics, cfg.recon_oracle_floor, out_dir)
     return DVAEResult(checkpoint_dir=checkpoint_dir, recon_grid=recon_grid, metrics={**train_metrics, **eval_metrics})

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from dalle_pipeline.components.config import DVAEConfig
 from dalle_pipeline.components.dvae import train as dvae_train
-from dalle_pipeline.components.dvae.model import (KIND, DiscreteVAE, DVAEModelConfig, kl_to_uniform, logit_laplace_nll,
-                                                  reconstruction_quality)
+from dalle_pipeline.components.dvae.model import (BEFORE_FIELDS, KIND, DiscreteVAE, DVAEModelConfig, kl_to_uniform,
+                                                  logit_laplace_nll, reconstruction_quality)
 from dalle_pipeline.components.dvae.model import load as load_dvae
 from dalle_pipeline.components.tracking import Tracker
 
@@ -79,7 +79,8 @@ def test_kl_to_uniform_is_zero_for_uniform_and_log_k_for_one_hot():
 
 def test_one_hot_decode_path_equals_argmax_token_path():
     torch.manual_seed(0)
-    model = DiscreteVAE(DVAEModelConfig(image_size=16, codebook_size=32, n_hid=8, num_groups=2)).eval()
+    model = DiscreteVAE(DVAEModelConfig(image_size=16, codebook_size=32, n_hid=8, num_groups=2,
+                                        quantizer="gumbel")).eval()
     images = torch.rand(3, 3, 16, 16)
     logits = model.logits(images)
     one_hot = F.one_hot(logits.argmax(1), 32).permute(0, 3, 1, 2).float()
@@ -95,8 +96,8 @@ def test_loss_falls_and_checkpoint_rebuilds_the_model(curated_shards, tmp_path, 
     cfg.optim.steps, cfg.optim.log_every, cfg.recon_grid_every, cfg.num_workers = 40, 10, 20, 2
     tracker = Tracker.start(f"sqlite:///{tmp_path}/mlflow.db", "dvae-test", artifact_root=(tmp_path / "art").as_uri())
     result = dvae_train.run(cfg, curated_shards, tmp_path / "dvae", micro_config.corpus.image_size, seed=0,
-                            tracker=tracker)
-    for metric in ("psnr", "kl", "temperature", "beta", "codebook_perplexity", "codes_used", "images_per_s"):
+                            shapes=micro_config.corpus, tracker=tracker)
+    for metric in ("psnr", "commitment", "codebook_perplexity", "codes_used", "images_per_s"):  # vq: no kl to anneal
         steps = [m.step for m in tracker.client.get_metric_history(tracker.run_id, metric)]
         assert steps == [10, 20, 30, 40], f"{metric} logged once per window by rank 0 only: {steps}"
     assert result.recon_grid.exists()
@@ -114,22 +115,107 @@ def test_loss_falls_and_checkpoint_rebuilds_the_model(curated_shards, tmp_path, 
     trained_mse = reconstruction_quality(model, images)[0]["eval_recon_mse"]
     assert trained_mse < reconstruction_quality(fresh, images)[0]["eval_recon_mse"]
 
+    # the oracle read the reconstructions of held-out scenes, logged beside PSNR; 40 updates keep
+    # far less than every colour, so the floor stops the stage
+    oracle = {name: value for name, value in result.metrics.items() if name.startswith("recon_oracle_")}
+    assert set(oracle) == {f"recon_oracle_{name}" for name in ("colour", "shape", "size", "position", "all")}
+    assert all(0 <= value <= 1 for value in oracle.values())
+    logged = tracker.client.get_run(tracker.run_id).data.metrics
+    assert logged["recon_oracle_colour"] == pytest.approx(oracle["recon_oracle_colour"])
+    weakest = min(value for name, value in oracle.items() if name != "recon_oracle_all")
+    assert weakest < 0.95
+    dvae_train.check_recon_floor(result.metrics, weakest, tmp_path / "dvae")  # at the floor passes
+    with pytest.raises(ValueError, match=r"held-out shapes scenes keep .*below dvae.recon_oracle_floor 0.95"):
+        dvae_train.check_recon_floor(result.metrics, 0.95, tmp_path / "dvae")
 
-@pytest.mark.parametrize("recon_loss", ["logit_laplace", "mse"])
-def test_training_history_shows_the_loss_falling(curated_shards, recon_loss):
+
+def test_a_reconstruction_oracle_below_the_floor_fails_the_stage(curated_shards, tmp_path, micro_config, local_ray):
+    """An untrained-for-long dVAE on the shapes corpus: the stage saves its weights, then fails saying
+    which attributes its reconstructions lose."""
+    cfg = micro_config.dvae.model_copy(deep=True)
+    cfg.optim.steps, cfg.recon_oracle_floor = 5, 0.99
+    with pytest.raises(ValueError, match=r"keep colour \d\.\d\d.*dvae.recon_oracle_floor 0.99"):
+        dvae_train.run(cfg, curated_shards, tmp_path / "dvae", micro_config.corpus.image_size, seed=0,
+                       shapes=micro_config.corpus)
+    assert load_dvae(tmp_path / "dvae" / "checkpoint").cfg.codebook_size == cfg.codebook_size
+
+
+@pytest.mark.parametrize(("recon_loss", "quantizer"), [("logit_laplace", "gumbel"), ("mse", "gumbel"), ("mse", "vq")])
+def test_training_history_shows_the_loss_falling(curated_shards, recon_loss, quantizer):
     from dalle_pipeline.components.shards import load_corpus
     from dalle_pipeline.components.training import TensorBatches, fit
 
     corpus = load_corpus(curated_shards, 32)
     cfg = DVAEConfig(n_hid=8, codebook_size=32, temperature_anneal_steps=60, kl_warmup_steps=10,
-                     recon_loss=recon_loss)
+                     recon_loss=recon_loss, quantizer=quantizer)
     cfg.optim.steps, cfg.optim.log_every, cfg.optim.batch_size, cfg.optim.warmup_steps = 60, 10, 32, 5
     torch.manual_seed(0)
-    model = DiscreteVAE(DVAEModelConfig(codebook_size=32, n_hid=8))
+    model = DiscreteVAE(dvae_train.model_config(cfg, 32))
     result = fit(model, dvae_train.dvae_loss(cfg), iter(TensorBatches((torch.from_numpy(corpus.images),), 32, 0)),
                  cfg.optim)
     nll = [row["nll"] for row in result.history]
     assert nll[-1] < nll[0] - 0.5
+
+
+def _vq(codebook_size=16, **fields):
+    torch.manual_seed(0)
+    return DiscreteVAE(DVAEModelConfig(quantizer="vq", codebook_size=codebook_size, code_dim=4, n_hid=8, **fields))
+
+
+def test_vq_codes_are_unit_vectors_from_k_means_and_tokens_decode_through_them():
+    model = _vq()
+    images = torch.rand(6, 3, 32, 32)
+    assert not bool(model.codebook.initialised)
+    logits, stats, commitment = model.train()(images, 1.0)
+    assert bool(model.codebook.initialised) and logits.shape == (6, 16, 8, 8) and stats.shape == (6, 6, 32, 32)
+    assert torch.allclose(model.codebook.codes.norm(dim=1), torch.ones(16), atol=1e-5)
+    assert logits.abs().max() <= 1 + 1e-5  # cosines
+    assert 0 <= float(commitment.detach()) <= 4
+    tokens = model.eval().encode(images)
+    assert tokens.shape == (6, 64) and int(tokens.max()) < 16
+    # the decoder sees the code vectors the tokens name, as in training (straight through)
+    vectors = model.codebook.codes[tokens.view(6, 8, 8)].permute(0, 3, 1, 2)
+    torch.testing.assert_close(model.decode(tokens), model.decode_stats_to_image(model.decode_codes(vectors)))
+
+
+def test_vq_restarts_a_code_nothing_uses_and_round_trips_its_checkpoint(tmp_path):
+    from dalle_pipeline.components import checkpoint
+
+    model = _vq().train()
+    images = torch.rand(6, 3, 32, 32)
+    model(images, 1.0)  # k-means
+    model.codebook.codes[3] = -model.codebook.codes[3]  # far from everything: no position takes it
+    model.codebook.cluster_sum[3] = model.codebook.codes[3]
+    model.codebook.cluster_count[3] = model.codebook.DEAD_CODE_COUNT * 1.005
+    before = model.codebook.codes[3].clone()
+    model(images, 1.0)  # its count decays below the threshold: restarted at an encoder output
+    assert float(model.codebook.cluster_count[3]) == model.codebook.RESTART_COUNT
+    assert not torch.allclose(model.codebook.codes[3], before)
+
+    saved = checkpoint.save(tmp_path / "vq", KIND, model.state_dict(), model.cfg.to_dict())
+    loaded = load_dvae(saved)
+    assert loaded.cfg.quantizer == "vq" and torch.equal(loaded.encode(images), model.eval().encode(images))
+
+
+def test_a_gumbel_checkpoint_written_before_the_quantizer_field_still_loads(tmp_path):
+    from dalle_pipeline.components import checkpoint
+
+    from dalle_pipeline.components.config import resolve, upgrade
+
+    cfg = DVAEModelConfig(codebook_size=16, n_hid=8, quantizer="gumbel")
+    old_config = {k: v for k, v in cfg.to_dict().items() if k not in ("quantizer", "code_dim", "codebook_decay")}
+    saved = checkpoint.save(tmp_path / "old", KIND, DiscreteVAE(cfg).state_dict(), old_config)
+    assert load_dvae(saved).cfg.quantizer == "gumbel"
+    # a retrain of a champion registered before: its config names a gumbel dVAE, and fine-tuning
+    # takes the checkpoint as the same model (and another kind as another)
+    old_pipeline = resolve("tiny").model_dump(mode="json")
+    del old_pipeline["dvae"]["quantizer"]
+    assert resolve(base=upgrade(old_pipeline)).dvae.quantizer == "gumbel"
+    legacy = {**DVAEModelConfig().to_dict(), **BEFORE_FIELDS}
+    checkpoint.check_same_model(saved, KIND, cfg.to_dict(), "dvae.init_from", defaults=legacy)
+    with pytest.raises(ValueError, match=r"differs in \['code_dim', 'quantizer'\]"):
+        checkpoint.check_same_model(saved, KIND, cfg.model_copy(update={"quantizer": "vq", "code_dim": 4}).to_dict(),
+                                    "dvae.init_from", defaults=legacy)
 
 
 @pytest.mark.slow  # kill-and-resume; fit's own resume is in test_training_loop

@@ -90,8 +90,9 @@ def test_micro_flow_end_to_end(micro_run):
     assert [m.step for m in prior_history] == [10, 20, 30]
     assert len(client.get_metric_history(children["dvae"].info.run_id, "recon_mse")) >= 3
     for name in ("fd_clip_reranked", "clip_score_reranked", "oracle_colour_reranked", "oracle_shape_reranked",
-                 "oracle_position_reranked", "holdout_oracle_colour_reranked"):
+                 "oracle_position_reranked", "holdout_oracle_colour_reranked", "i2i_scenes", "i2i_prefix_psnr"):
         assert name in parent.data.metrics, name
+    assert {"recon_oracle_colour", "recon_oracle_shape"} <= set(children["dvae"].data.metrics)
     assert children["download"].data.metrics["successes"] == 256
 
     # artifacts: config, sample grid, reconstruction grid, checkpoints
@@ -105,6 +106,7 @@ def test_micro_flow_end_to_end(micro_run):
     assert "filter_report.parquet" in _artifact_paths(client, children["filter"].info.run_id)
     assert {child.data.tags["cache"] for child in children.values()} == {"miss"}
     assert Path(children["sample"].data.tags["stage_dir"], "samples.png").exists()
+    assert Path(children["sample"].data.tags["stage_dir"], "completions.png").exists()
 
 
 def test_bad_override_fails_before_any_work(tmp_path):
@@ -142,6 +144,23 @@ def test_registered_champion_generates_from_the_cli_and_serves_over_http(micro_r
     )
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert Image.open(out).size[0] > 3 * 32
+
+    # image-to-image from the CLI: the given image's top rows kept, the rest drawn under the caption
+    from dalle_pipeline.components.corpus.shapes import ShapeSpec, render
+
+    given = tmp_path / "given.png"
+    render([ShapeSpec("red", "square", "large", "center")], 32).save(given)
+    cli = [sys.executable, "-m", "dalle_pipeline.flows.cli", "generate", "a large red square in the center",
+           "--model", "models:/dalle@champion", "-n", "2", "--out", str(tmp_path / "completed.png")]
+    completed = subprocess.run([*cli, "--image", str(given), "--prefix-rows", "3"], env=env, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "2 images" in completed.stdout and Image.open(tmp_path / "completed.png").size[0] > 2 * 32
+    for args, message in (([ "--prefix-rows", "3"], "--prefix-rows needs --image"),
+                          (["--image", str(tmp_path / "missing.png")], "--image .*missing.png"),
+                          (["--image", str(given), "--prefix-rows", "99"], "prefix_rows must be between 1 and")):
+        refused = subprocess.run([*cli, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and re.search(message, refused.stderr), refused.stderr[-2000:]
 
     port = free_port()
     serve_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/runs/mlflow.db",
