@@ -9,6 +9,7 @@ file path, where relative imports fail.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import shutil
 import time
@@ -25,6 +26,7 @@ from dalle_pipeline.components.config import PipelineConfig
 from dalle_pipeline.components.evaluate.evaluation_set import EvaluationSet
 from dalle_pipeline.components.stage_cache import OUTPUT_DIR, TRACKER, StageCache, StageRecord, bind_call
 from dalle_pipeline.components.tracking import Tracker, stage_run
+from dalle_pipeline.flows.concurrency import COMPUTE_STAGES, training_slot
 
 STAGE_TASK = {"cache_policy": NO_CACHE}  # our StageCache decides what to skip; Prefect's input cache would not log it
 # stages that fetch over the network retry: each is idempotent (a download resumes its batch)
@@ -137,12 +139,24 @@ class Stages:
             call = dict(bound.arguments, **{OUTPUT_DIR: folder})
             if TRACKER in inspect.signature(function).parameters:
                 call[TRACKER] = tracker
-            outputs, metrics = finish(function(**call), tracker)
+            with self._slot(name, tracker):
+                result = function(**call)
+            outputs, metrics = finish(result, tracker)
             seconds = time.perf_counter() - started
             record = StageRecord(stage=name, key=key, folder=folder, outputs=outputs, metrics=metrics,
                                  mlflow_run_id=tracker.run_id, build_seconds=seconds)
             self.cache.commit(record)
             return replace(record, seconds=seconds)
+
+    @contextlib.contextmanager
+    def _slot(self, name: str, tracker: Tracker):
+        """A compute stage holds a slot of the `training` limit while it runs (flows/concurrency.py)."""
+        if name not in COMPUTE_STAGES:
+            yield
+            return
+        with training_slot(name) as waited:
+            tracker.log_metrics({"training_slot_wait_s": waited})
+            yield
 
 
 def _outputs_type(finish: Callable) -> type:
@@ -352,9 +366,17 @@ def register(cfg: PipelineConfig, dvae: StageRecord[Checkpoint], prior: StageRec
              tokenizer: StageRecord[TextTokenizerFile], clip: StageRecord[Clip], samples: StageRecord[Samples],
              evaluation: StageRecord[Nothing], evaluation_set: EvaluationSet, curated: StageRecord[Curated],
              stages: Stages) -> StageRecord[Registered]:
-    from dalle_pipeline.components.register.run import register_bundle
+    from prefect.events import emit_event
+    from prefect.runtime import flow_run
+
+    from dalle_pipeline.components.register.run import MODEL_NAME, register_bundle
+    from dalle_pipeline.flows.notifications import CHAMPION_MOVED, champion_resource
 
     def finish(registration, tracker: Tracker) -> tuple[Registered, dict[str, float]]:
+        if registration.promoted:  # the champion automation (flows/notifications.py) calls its webhook on this
+            emit_event(CHAMPION_MOVED, resource=champion_resource(MODEL_NAME),
+                       payload={"version": registration.version, "decision": registration.decision,
+                                "flow_run": flow_run.get_name(), "mlflow_run_id": stages.parent.run_id})
         return Registered(registration.version, registration.promoted, registration.decision), {}
 
     # keyed by the parent's MLflow store (a tracker's stage_key): registering into another store is another stage

@@ -27,6 +27,7 @@ from dalle_pipeline.components.sources.kinds import source_kind
 from dalle_pipeline.components.stage_cache import StageCache, StageRecord
 from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri
 from dalle_pipeline.components.environment import use_defaults
+from dalle_pipeline.flows.concurrency import ensure_training_limit
 from dalle_pipeline.flows.stages import (StageName, Stages, base_model_parts, download, evaluate, fetch_base_model,
                                          filter_corpus, ingest, make_corpus, register, sample, tokenize_corpus,
                                          train_clip, train_dvae, train_prior, train_text_tokenizer)
@@ -65,6 +66,7 @@ def train_dalle(preset: PresetName = "tiny", overrides: PipelineOverrides = Pipe
     cfg = config_module.resolve(preset, overrides) if retrain_from is None else None
     if cfg is not None and not cfg.shapes_corpus:
         source_kind(cfg.data)  # a source that is none of the kinds is refused before any work
+    ensure_training_limit()  # the compute stages queue on it: two runs on one machine take turns
     run = start_run(cfg, preset, root, rerun_set, retrain_from)
     started = time.perf_counter()
     try:

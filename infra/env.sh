@@ -14,7 +14,8 @@
 #     $ROOT/pids/*.pid      one pid file per service; each pid leads its own process group
 #
 # Knobs (environment): DALLE_HOME, PREFECT_PORT (4200), MLFLOW_PORT (5000), PREFECT_POOL
-# (dalle-pool), VENV (<repo>/.venv), DALLE_PREFECT_HOME ($ROOT/prefect), DALLE_WORKER_LIMIT (1),
+# (dalle-pool), VENV (<repo>/.venv), DALLE_PREFECT_HOME ($ROOT/prefect), DALLE_WORKER_LIMIT (3), DALLE_WEBHOOK_URL
+# (unset: no notifications),
 # DALLE_START_TIMEOUT (180 s per service), DALLE_STOP_GRACE (5 s), DALLE_STOP_TIMEOUT (20 s),
 # PREFECT_DATABASE_URL (empty: SQLite under the root; else the Prefect server's PostgreSQL database
 # as postgresql+asyncpg://USER:PASSWORD@HOST:PORT/NAME, checked by serve.sh before the server

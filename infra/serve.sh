@@ -6,7 +6,9 @@
 #   2. an MLflow server over the same store the flows log to, waited for on /health
 #   3. the process work pool $PREFECT_POOL (created if missing)
 #   4. the deployments of prefect.yaml (`prefect deploy --all`, re-applied on every call)
-#   5. one process worker polling that pool, waited for until the server lists it
+#   4b. the `training` concurrency limit and, with DALLE_WEBHOOK_URL set, the webhook automations
+#   5. one process worker polling that pool (up to DALLE_WORKER_LIMIT=3 runs at once: their compute
+#      stages take turns on the `training` limit), waited for until the server lists it
 #
 # Idempotent: a service whose pid file names a live process is left alone, so a second call only
 # redeploys. Each service leads its own session (setsid); infra/stop.sh stops it together with
@@ -177,6 +179,14 @@ if ! "$PREFECT_BIN" deploy --all --no-prompt >"$LOG_DIR/deploy.log" 2>&1; then
 fi
 echo "deployments: $(grep -o "Deployment '[^']*'" "$LOG_DIR/deploy.log" | sort -u | tr '\n' ' ')" >&2
 
+# 4b. The `training` concurrency limit the compute stages queue on (flows/concurrency.py: one slot, or one per
+# GPU; a limit that exists is left as set), and with DALLE_WEBHOOK_URL the automations that call it when a
+# run fails and when the champion moves (flows/notifications.py).
+"$VENV/bin/python" -c 'from dalle_pipeline.flows.concurrency import ensure_training_limit as e; print(f"concurrency limit training: {e()} slot(s)")' >&2
+if [[ -n "${DALLE_WEBHOOK_URL:-}" ]]; then
+    "$VENV/bin/python" -m dalle_pipeline.flows.notifications "$DALLE_WEBHOOK_URL" >&2
+fi
+
 # 5. Worker. Its flow runs log to the MLflow store the server above shows, under the same root.
 # Ready once this start's part of its log says so and the server lists it (the listing alone
 # proves nothing after a restart: the server remembers workers by name).
@@ -190,7 +200,7 @@ worker_ready() {
 pid="$(start_service prefect-worker - \
     env MLFLOW_TRACKING_URI="$MLFLOW_BACKEND_URI" \
     "$PREFECT_BIN" worker start --pool "$PREFECT_POOL" --type process --name "$worker_name" \
-    --limit "${DALLE_WORKER_LIMIT:-1}" --install-policy never)"
+    --limit "${DALLE_WORKER_LIMIT:-3}" --install-policy never)"
 if [[ -n "$pid" ]]; then
     wait_until prefect-worker "$pid" "polling $PREFECT_POOL" worker_ready
 fi

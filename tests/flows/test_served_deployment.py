@@ -16,7 +16,11 @@ import signal
 import subprocess
 import sys
 import time
+import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,15 +85,19 @@ def _get_json(url: str, body: dict | None = None) -> dict:
         return json.load(response)
 
 
-def _run_deployment(served: Served, deployment: str, *params: str) -> tuple[str, dict]:
-    """`prefect deployment run` with `--param` each of `params`; waits for the run; (id, flow run)."""
+def _start_deployment(served: Served, deployment: str, *params: str) -> str:
+    """`prefect deployment run` with `--param` each of `params`; the new flow run's id."""
     arguments = [item for param in params for item in ("--param", param)]
     created = served.prefect("deployment", "run", deployment, *arguments)
     assert created.returncode == 0, f"deployment run failed:\n{created.stdout}\n{created.stderr}"
     match = re.search(r"UUID: ([0-9a-f-]{36})", created.stdout)
     assert match, created.stdout
-    flow_run_id = match.group(1)
-    deadline = time.monotonic() + RUN_TIMEOUT_S
+    return match.group(1)
+
+
+def _wait_for(served: Served, flow_run_id: str, expected: str = "COMPLETED", timeout: float = RUN_TIMEOUT_S) -> dict:
+    """The flow run once it reached a final state, which must be `expected`."""
+    deadline = time.monotonic() + timeout
     state: dict = {}
     while time.monotonic() < deadline:
         flow_run = _get_json(f"{served.prefect_api}/flow_runs/{flow_run_id}")
@@ -97,17 +105,31 @@ def _run_deployment(served: Served, deployment: str, *params: str) -> tuple[str,
         if state.get("type") == "COMPLETED" or state.get("type") in FAILED_STATES:
             break
         time.sleep(2)
-    if state.get("type") != "COMPLETED":
+    if state.get("type") != expected:
         outcome = f"{state.get('name')}: {state.get('message')}" if state else "no state"
         pytest.fail(
-            f"{deployment} run {flow_run_id} did not complete within {RUN_TIMEOUT_S}s ({outcome}); "
+            f"flow run {flow_run_id} did not end {expected} within {timeout:.0f}s ({outcome}); "
             f"last lines of the worker log:\n{served.log_tail('prefect-worker')}"
         )
-    return flow_run_id, flow_run
+    return flow_run
 
 
-@pytest.fixture
-def served(tmp_path: Path):
+def _run_deployment(served: Served, deployment: str, *params: str) -> tuple[str, dict]:
+    """`prefect deployment run` with `--param` each of `params`; waits for the run; (id, flow run)."""
+    flow_run_id = _start_deployment(served, deployment, *params)
+    return flow_run_id, _wait_for(served, flow_run_id)
+
+
+def _flow_runs(served: Served, deployment: str) -> list[dict]:
+    """The flow runs of one deployment (by its name: `full`, `retrain`, `watch`)."""
+    return _get_json(f"{served.prefect_api}/flow_runs/filter",
+                     {"deployments": {"name": {"any_": [deployment]}}})
+
+
+@contextmanager
+def serving(tmp_path: Path, **settings: str) -> Iterator[Served]:
+    """infra/serve.sh under a home in `tmp_path` on free ports (and `settings` in its environment);
+    stops everything started under that home at the end."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(
@@ -117,6 +139,7 @@ def served(tmp_path: Path):
         PREFECT_POOL="dalle-e2e",
         PREFECT_WORKER_QUERY_SECONDS="2",  # pick the run up sooner than the default 10 s
     )
+    env.update(settings)
     # The scripts use the virtualenv running this test when it has the CLIs, else <repo>/.venv.
     if (Path(sys.prefix) / "bin" / "prefect").exists():
         env["VENV"] = sys.prefix
@@ -147,6 +170,12 @@ def served(tmp_path: Path):
                 pass
 
 
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    with serving(tmp_path) as server:
+        yield server
+
+
 def test_deployment_run_trains_and_logs_to_the_served_mlflow(served: Served) -> None:
     # serve.sh is idempotent: a second call finds everything running and starts nothing new.
     pids_before = {p.name: p.read_text() for p in (served.home / "pids").glob("*.pid")}
@@ -166,7 +195,7 @@ def test_deployment_run_trains_and_logs_to_the_served_mlflow(served: Served) -> 
     refused = served.prefect("deployment", "run", "train-dalle/full", "--param",
                              'overrides={"prior": {"optim": {"steps": "many"}}}')
     assert refused.returncode != 0 and "overrides.prior.optim.steps" in refused.stdout + refused.stderr, refused
-    assert not _get_json(f"{served.prefect_api}/flow_runs/filter", {}), "a refused run was created"
+    assert not _flow_runs(served, "full"), "a refused run was created"
 
     # --param values are read as JSON, falling back to a plain string (`preset=micro`).
     flow_run_id, flow_run = _run_deployment(served, "train-dalle/full", "preset=micro", 'overrides={"seed": 1}')
@@ -217,3 +246,128 @@ def test_deployment_run_trains_and_logs_to_the_served_mlflow(served: Served) -> 
     assert stopped.returncode == 0, f"stop.sh failed:\n{stopped.stdout}\n{stopped.stderr}"
     assert not list((served.home / "pids").glob("*.pid")), "stop.sh left pid files behind"
     assert not served.leftovers(), f"processes left running after stop.sh: {served.leftovers()}"
+
+
+class WebhookReceiver:
+    """A loopback HTTP server keeping the JSON body of every request: the webhook the automations call."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        calls = self.calls
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    calls.append(json.loads(body))
+                except ValueError:
+                    calls.append({"unparsed": body.decode(errors="replace")})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def wait_for(self, wanted, timeout: float = 90) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [call for call in self.calls if wanted(call)]
+            if found:
+                return found[0]
+            time.sleep(1)
+        pytest.fail(f"no webhook call as wanted within {timeout:.0f}s; calls: {self.calls}")
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    hook = WebhookReceiver()
+    yield hook
+    hook.server.shutdown()
+
+
+def _compute_spans(client, parent_run_id: str) -> list[tuple[float, float, str]]:
+    """(start, end, stage) in seconds of each compute stage a pipeline run built, from its slot to its end."""
+    from dalle_pipeline.flows.concurrency import COMPUTE_STAGES
+
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    children = client.search_runs(experiment_ids, filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'")
+    return sorted((child.info.start_time / 1000 + child.data.metrics.get("training_slot_wait_s", 0.0),
+                   child.info.end_time / 1000, child.data.tags["stage"])
+                  for child in children
+                  if child.data.tags.get("stage") in COMPUTE_STAGES and child.data.tags.get("cache") != "hit")
+
+
+def _parent_run_id(client, flow_run_id: str) -> str:
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    tagged = client.search_runs(experiment_ids, filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'")
+    (parent,) = [run for run in tagged if PARENT_RUN_TAG not in run.data.tags]
+    return parent.info.run_id
+
+
+def test_runs_take_turns_retrain_on_a_data_change_and_call_the_webhook(tmp_path: Path, receiver) -> None:
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+
+    with serving(tmp_path, DALLE_WEBHOOK_URL=receiver.url) as served:
+        # a run that fails calls the webhook, naming the run and the error
+        failing = _start_deployment(served, "train-dalle/full", "preset=micro",
+                                    'overrides={"data": {"source": "/nonexistent/urls.parquet"}}')
+        _wait_for(served, failing, expected="FAILED", timeout=180)
+        call = receiver.wait_for(lambda c: c.get("flow_run_id") == failing)
+        assert call["event"] == "prefect.flow-run.Failed" and "does not exist" in call["message"], call
+
+        # two runs started together (the worker takes up to 3): their compute stages take turns on `training`
+        first = _start_deployment(served, "train-dalle/full", "preset=micro", f"root={served.home / 'a'}")
+        second = _start_deployment(served, "train-dalle/full", "preset=micro", f"root={served.home / 'b'}",
+                                   'overrides={"seed": 1}')
+        for flow_run_id in (first, second):
+            _wait_for(served, flow_run_id, timeout=2 * RUN_TIMEOUT_S)
+        client = MlflowClient(tracking_uri=served.tracking_uri)
+        spans = sorted(_compute_spans(client, _parent_run_id(client, first))
+                       + _compute_spans(client, _parent_run_id(client, second)))
+        assert len(spans) >= 10, spans  # dvae, tokenize-corpus, prior, clip, sample, evaluate of each
+        overlaps = [(a, b) for a, b in zip(spans, spans[1:]) if b[0] < a[1] - 0.5]
+        assert not overlaps, f"compute stages of the two runs ran at once: {overlaps}"
+
+        # the first registered version became champion: the webhook hears of it
+        call = receiver.wait_for(lambda c: c.get("event") == "dalle.model.champion-moved")
+        assert call["version"] == "1" and "champion" in call["message"], call
+
+        # retrain on a data change: the watcher sees the retrain deployment's source grow, emits
+        # dalle.data.changed, and the deployment's trigger starts one retrain for two changes in a row
+        (corpus,) = (served.home / "a").glob("stages/corpus/*/urls.parquet")
+        rows = pq.read_table(corpus)
+        url_list = served.home / "urls.parquet"
+        pq.write_table(rows.slice(0, 64), url_list)
+        retrain = _get_json(f"{served.prefect_api}/deployments/name/train-dalle/retrain")
+        parameters = {**retrain["parameters"], "preset": "micro",
+                      "overrides": {"data": {"source": str(url_list)}, "download": {"allow_file_urls": True},
+                                    "prior": {"optim": {"steps": 10}}}}
+        request = urllib.request.Request(f"{served.prefect_api}/deployments/{retrain['id']}", method="PATCH",
+                                         data=json.dumps({"parameters": parameters}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=10).close()
+        _run_deployment(served, "watch-data/watch")  # the first look records the source
+        assert not _flow_runs(served, "retrain")
+        pq.write_table(rows, url_list.with_suffix(".tmp"))  # the list grows
+        url_list.with_suffix(".tmp").replace(url_list)
+        _run_deployment(served, "watch-data/watch")
+        deadline = time.monotonic() + 60
+        while not _flow_runs(served, "retrain") and time.monotonic() < deadline:
+            time.sleep(2)
+        os.utime(url_list, ns=(time.time_ns(), time.time_ns() + 10**9))  # a second change, soon after
+        _run_deployment(served, "watch-data/watch")
+        time.sleep(15)  # what a second trigger would have needed to create a run
+        runs = _flow_runs(served, "retrain")
+        assert len(runs) == 1, [run["name"] for run in runs]
+        _wait_for(served, runs[0]["id"])
+        versions = {str(v.version): v for v in client.search_model_versions("name='dalle'")}
+        assert sorted(versions, key=int) == ["1", "2", "3"]
+        assert client.get_run(versions["3"].run_id).data.tags["retrain_from"] == "models:/dalle@champion"
