@@ -22,6 +22,7 @@ _started_here = False
 # - a local Ray has no preemptible nodes for its PreemptionWatcher (an actor that logged an error at start).
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 LOCAL_WORKER_ENV = {**WORKER_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+DASHBOARD_HOST = "127.0.0.1"
 NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
@@ -42,6 +43,13 @@ def setup_worker() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def local_dashboard() -> dict[str, object]:
+    """ray.init's dashboard settings for a local Ray: none unless DALLE_RAY_DASHBOARD=1 (it is several
+    processes on a small machine), and then on 127.0.0.1 only, never on every interface."""
+    wanted = os.environ.get("DALLE_RAY_DASHBOARD", "0") not in ("", "0", "false")
+    return {"include_dashboard": wanted, **({"dashboard_host": DASHBOARD_HOST} if wanted else {})}
+
+
 def connect(address: str | None = None) -> dict[str, float]:
     """Join Ray at `address` (None: RAY_ADDRESS, else a new local Ray); the cluster's resources."""
     global _started_here
@@ -53,8 +61,11 @@ def connect(address: str | None = None) -> dict[str, float]:
         address = address or os.environ.get("RAY_ADDRESS") or "local"
         runtime_env = {"env_vars": LOCAL_WORKER_ENV if address == "local" else WORKER_ENV,
                        "worker_process_setup_hook": f"{__name__}.setup_worker"}
-        ray.init(address=address, include_dashboard=False, configure_logging=False, runtime_env=runtime_env)
+        context = ray.init(address=address, configure_logging=False, runtime_env=runtime_env,
+                           **(local_dashboard() if address == "local" else {}))
         _started_here = True
+        if address == "local" and context.dashboard_url:
+            print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
     return ray.cluster_resources()
 
 

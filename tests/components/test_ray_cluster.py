@@ -60,3 +60,23 @@ def test_the_prior_trains_across_both_nodes(tmp_path, two_node_cluster):
     assert result["metrics"]["step"] == 60
     assert result["metrics"]["val_image_loss"] < 2.5  # chance over 32 image codes is ln 32 = 3.47
     assert result["layers"] == 2
+
+
+def test_a_local_dashboard_listens_on_loopback_only(monkeypatch, capsys):
+    import psutil
+    import ray
+
+    from dalle_pipeline.components.cluster import connect, disconnect
+
+    monkeypatch.setenv("DALLE_RAY_DASHBOARD", "1")
+    disconnect()
+    try:
+        connect()
+        url = ray.get_runtime_context().worker.node.address_info["webui_url"]
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        listening = {conn.laddr.ip for conn in psutil.net_connections("inet")
+                     if conn.status == psutil.CONN_LISTEN and conn.laddr.port == int(port)}
+    finally:
+        disconnect()
+    assert host == "127.0.0.1" and listening == {"127.0.0.1"}, (url, listening)
+    assert f"Ray dashboard: http://127.0.0.1:{port}" in capsys.readouterr().out
