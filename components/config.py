@@ -234,6 +234,8 @@ class PriorConfig(RayTrainConfig, PriorArchitecture):
     init_from: str | None = Field(
         None, description="a prior checkpoint folder whose weights start training (fine-tuning); same architecture"
     )
+    preview_prompts: int = Field(4, ge=0, description="held-out captions the prior draws at every checkpoint into "
+                                 "the MLflow run's image view (needs the dVAE; 0 = none)")
 
 class ClipConfig(StageConfig):
     pretrained: str | None = Field(

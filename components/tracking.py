@@ -12,13 +12,19 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .lineage import DatasetRef
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 EXPERIMENT_NAME = "train-dalle"
+# seconds between two samples of the system metrics: MLflow's default; its environment variable
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it (a test sets a fraction of a second)
+SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 def default_root() -> Path:
@@ -162,24 +168,95 @@ class Tracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """One picture of the series `key` (a numpy array or PIL image): MLflow's image view on the run
+        page steps through a series by `step`, so a preview logged every checkpoint shows training progress."""
+        self.client.log_image(self.run_id, image, key=key, step=step)
+
+    @contextmanager
+    def system_metrics(self, sampling_interval: float = SYSTEM_METRICS_INTERVAL_S) -> Iterator[None]:
+        """Log this machine's CPU, memory, disk, network (and GPU, where pynvml finds one) as `system/...`
+        metrics of this run while the block runs; the monitor thread stops when the block ends or raises.
+
+        MLflow's monitor takes the run id and the store explicitly, so no fluent active run is needed;
+        a resumed stage continues its steps after the last ones logged instead of starting again at 0.
+        """
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=sampling_interval, resume_logging=True,
+                                       tracking_uri=self.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
+    def log_input_dataset(self, dataset: DatasetRef, context: str) -> None:
+        """Record `dataset` (`lineage`: its name, where it lies, its digest and profile) as an input of this
+        run, tagged with the `context` it was read in ("training", "evaluation"): the run page's datasets."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():  # a local path matches MLflow's local source under two schemes
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            source = resolve_dataset_source(dataset.source_uri)
+        described = MetaDataset(source, name=dataset.name, digest=dataset.digest).to_dict()
+        entity = Dataset(**described, profile=json.dumps(dataset.profile, sort_keys=True) if dataset.profile else None)
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
     def log_dict(self, obj: Any, filename: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / filename
             target.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
             self.log_artifact(target)
 
-    def log_registered_pyfunc(self, name: str, python_model: Any, artifacts: Mapping[str, str]) -> str:
-        """Log an MLflow pyfunc model into this run, register it under `name`; returns the version."""
+    def log_registered_pyfunc(self, name: str, python_model: Any, artifacts: Mapping[str, str],
+                              signature: Any = None, input_example: Any = None,
+                              pip_requirements: list[str] | None = None) -> str:
+        """Log an MLflow pyfunc model into this run, register it under `name`; returns the version.
+
+        `signature` (an `mlflow.models.ModelSignature`) is what serving validates requests against;
+        `input_example` is saved beside the model and checked against the signature, but never run.
+        `mlflow.pyfunc.log_model` runs it twice, each after loading the logged model: to check that it
+        serves, and (without `pip_requirements`) in the subprocess that infers the requirements from
+        what loading and predicting import. For a model whose predict draws images, each costs a load
+        of every weight and a sampling run; here the check is off, and given `pip_requirements` there
+        is no inference."""
         import mlflow
         import mlflow.pyfunc
+        from mlflow.models import Model
 
         with fluent_store(self.tracking_uri), mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pyfunc.log_model(name=name, python_model=python_model, artifacts=dict(artifacts),
-                                           registered_model_name=name)
+            info = Model.log(artifact_path=None, name=name, flavor=_PyfuncWithoutServingCheck,
+                             python_model=python_model, artifacts=dict(artifacts), registered_model_name=name,
+                             signature=signature, input_example=input_example, pip_requirements=pip_requirements,
+                             validate_serving_input=False,
+                             flavor_name=mlflow.pyfunc._get_pyfunc_model_flavor_name(python_model))
         return str(info.registered_model_version)
 
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri
+
+
+class _PyfuncWithoutServingCheck:
+    """`mlflow.pyfunc` as `Model.log` calls a flavor (what `mlflow.pyfunc.log_model` does), taking the
+    `validate_serving_input` switch that `Model.log` reads and pyfunc's `save_model` refuses."""
+
+    @staticmethod
+    def save_model(validate_serving_input: bool = True, **kwargs: Any) -> Any:
+        import mlflow.pyfunc
+
+        del validate_serving_input  # Model.log has read it
+        return mlflow.pyfunc.save_model(**kwargs)
+
+
+def monitor_system(tracker: Tracker | None) -> AbstractContextManager[None]:
+    """`tracker.system_metrics()`, or no monitor for a stage called without a tracker."""
+    return tracker.system_metrics() if tracker is not None else nullcontext()
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import shutil
+import threading
 import time
 import typing
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from dalle_pipeline.flows.concurrency import COMPUTE_STAGES, training_slot
 STAGE_TASK = {"cache_policy": NO_CACHE}  # our StageCache decides what to skip; Prefect's input cache would not log it
 # stages that fetch over the network retry: each is idempotent (a download resumes its batch)
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
+TRAINING_STAGES = frozenset({"dvae", "prior", "clip"})  # their training loop logs `progress` (training/loop.py)
+PROGRESS_POLL_S = 5.0
 StageName = Literal["corpus", "download", "ingest", "filter", "text-tokenizer", "dvae", "tokenize-corpus", "prior", "clip",
                     "sample", "evaluate", "register", "base-model", "all"]
 Outputs = TypeVar("Outputs")
@@ -139,7 +142,7 @@ class Stages:
             call = dict(bound.arguments, **{OUTPUT_DIR: folder})
             if TRACKER in inspect.signature(function).parameters:
                 call[TRACKER] = tracker
-            with self._slot(name, tracker):
+            with self._slot(name, tracker), stage_progress(name, tracker):
                 result = function(**call)
             outputs, metrics = finish(result, tracker)
             seconds = time.perf_counter() - started
@@ -157,6 +160,42 @@ class Stages:
         with training_slot(name) as waited:
             tracker.log_metrics({"training_slot_wait_s": waited})
             yield
+
+
+@contextlib.contextmanager
+def stage_progress(name: str, tracker: Tracker, every_s: float = PROGRESS_POLL_S):
+    """For a stage that trains, a Prefect progress artifact (`<stage>-progress`) on the flow run page,
+    moved every `every_s` seconds to the `progress` metric its training loop logs to the stage's
+    MLflow run (the loop runs in Ray workers, which have no Prefect context; MLflow is the seam
+    they share), and to 100 when the stage ends."""
+    if name not in TRAINING_STAGES:
+        yield
+        return
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    artifact_id = create_progress_artifact(0.0, key=f"{name}-progress",
+                                           description=f"{name}: share of its training steps done")
+    done = threading.Event()
+
+    def follow() -> None:
+        shown = 0.0
+        while not done.wait(every_s):
+            try:
+                value = tracker.client.get_run(tracker.run_id).data.metrics.get("progress")
+                if value is not None and 100 * value > shown:
+                    shown = 100 * value
+                    update_progress_artifact(artifact_id, shown)
+            except Exception as error:  # a busy store or API misses one update, never the stage
+                print(f"{name}: progress not updated ({type(error).__name__}: {error})", flush=True)
+
+    follower = threading.Thread(target=follow, name=f"{name}-progress", daemon=True)
+    follower.start()
+    try:
+        yield
+    finally:
+        done.set()
+        follower.join()
+    update_progress_artifact(artifact_id, 100.0)
 
 
 def _outputs_type(finish: Callable) -> type:
@@ -287,10 +326,13 @@ def tokenize_corpus(cfg: PipelineConfig, curated: StageRecord[Curated], dvae: St
 
 
 @task(name="prior", **STAGE_TASK)
-def train_prior(cfg: PipelineConfig, dataset: StageRecord[TokenDataset], stages: Stages) -> StageRecord[Checkpoint]:
+def train_prior(cfg: PipelineConfig, dataset: StageRecord[TokenDataset], dvae: StageRecord[Checkpoint],
+                stages: Stages) -> StageRecord[Checkpoint]:
+    """The prior on the token Parquet; the dVAE that made the tokens draws its previews in the MLflow run."""
     from dalle_pipeline.components.prior.train import run
 
-    return stages.run("prior", run, cfg.prior, dataset.outputs.dataset_dir, seed=cfg.seed, finish=_checkpoint)
+    return stages.run("prior", run, cfg.prior, dataset.outputs.dataset_dir, seed=cfg.seed,
+                      dvae_dir=dvae.outputs.checkpoint_dir, finish=_checkpoint)
 
 
 @task(name="clip", **STAGE_TASK)

@@ -184,11 +184,27 @@ def train_prior_and_judge(run: PipelineRun, curated: StageRecord, tokenizer: Sta
     cfg, stages = run.cfg, run.stages
     evaluation_set = build_evaluation_set(cfg, curated, judged_on)  # before training: a bad set fails early
     dataset = tokenize_corpus(cfg, curated, dvae, tokenizer, stages)
-    prior = train_prior(cfg, dataset, stages)
+    log_lineage(run, curated, dataset)
+    prior = train_prior(cfg, dataset, dvae, stages)
     samples = sample(cfg, evaluation_set, prior, dvae, tokenizer, clip, stages)
     evaluation = evaluate(cfg, evaluation_set, samples, clip, dvae, stages)
     registration = register(cfg, dvae, prior, tokenizer, clip, samples, evaluation, evaluation_set, curated, stages)
     return [dataset, prior, samples, evaluation, registration]
+
+
+def log_lineage(run: PipelineRun, curated: StageRecord, dataset: StageRecord) -> None:
+    """The data this pipeline run read, as MLflow datasets of its parent run (each stage logs its own):
+    your source, the curated corpus and the token Parquet it trains on, the held-out corpus it is judged on."""
+    from dalle_pipeline.components import lineage
+
+    parent = run.stages.parent
+    if not run.cfg.shapes_corpus:
+        parent.log_input_dataset(lineage.data_source(run.cfg.data.source), "source")
+    parent.log_input_dataset(lineage.curated_corpus(curated.outputs.curated_dir), "training")
+    parent.log_input_dataset(lineage.token_dataset(dataset.outputs.dataset_dir), "training")
+    held_out = lineage.held_out_corpus(curated.outputs.curated_dir)
+    if held_out is not None:
+        parent.log_input_dataset(held_out, "evaluation")
 
 
 def finish_run(run: PipelineRun, records: list[StageRecord], seconds: float) -> dict:

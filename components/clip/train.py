@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from ..config import ClipConfig
 from ..images import to_float
+from ..lineage import curated_corpus
 from ..shards import load_corpus
-from ..tracking import Tracker
+from ..tracking import Tracker, monitor_system
 from ..training import TensorBatches, fit, seed_everything
 from ..training.loop import progress_logger, set_threads
 from .model import LOCAL_DIR, ClipScorer, architecture, register_architecture
@@ -54,12 +55,15 @@ def run(cfg: ClipConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     register_architecture(cfg, image_size, out_dir / "architecture")
     scorer = ClipScorer.build(cfg.model_name)
     corpus = load_corpus(curated_dir, image_size)
+    if tracker is not None:
+        tracker.log_input_dataset(curated_corpus(curated_dir), "training")
     tokens = scorer.tokenizer(corpus.captions)
     batch_size = min(cfg.optim.batch_size, len(corpus))
     batches = iter(TensorBatches((torch.from_numpy(corpus.images), tokens), batch_size, seed=seed))
 
-    result = fit(scorer.model, contrastive_loss(scorer), batches, cfg.optim,
-                 on_log=progress_logger("clip", cfg.optim.steps, tracker), samples_per_batch=batch_size)
+    with monitor_system(tracker):
+        result = fit(scorer.model, contrastive_loss(scorer), batches, cfg.optim,
+                     on_log=progress_logger("clip", cfg.optim.steps, tracker), samples_per_batch=batch_size)
     scorer.model = result.model.eval()
     directory = scorer.save(out_dir / "model", architecture(cfg, image_size))
     if tracker is not None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .. import checkpoint
 from ..config import CorpusConfig, DVAEArchitecture, DVAEConfig
@@ -25,8 +26,9 @@ from ..corpus import oracle
 from ..corpus.oracle import mean_scores
 from ..corpus.shapes import eval_set
 from ..images import psnr, save_grid, to_float
+from ..lineage import curated_corpus, held_out_corpus
 from ..shards import HOLDOUT_DIR, load_corpus, shard_paths
-from ..tracking import Tracker
+from ..tracking import Tracker, monitor_system
 from ..training import TensorBatches, fit, ray_train
 from ..training.loop import progress_logger, unwrap
 from .model import (BEFORE_FIELDS, KIND, DiscreteVAE, DVAEModelConfig, codebook_usage, kl_to_uniform, logit_laplace_nll,
@@ -34,6 +36,7 @@ from .model import (BEFORE_FIELDS, KIND, DiscreteVAE, DVAEModelConfig, codebook_
 
 # held-out scenes the reconstruction oracle reads, on the shapes corpus
 RECON_ORACLE_SCENES = 256
+RECONSTRUCTIONS_KEY = "reconstructions"  # the MLflow image series of the grids logged while training
 
 
 def temperature_at(step: int, cfg: DVAEConfig) -> float:
@@ -173,6 +176,8 @@ def train_worker(config: dict[str, Any]) -> None:
         grid = reconstruction_grid(current, shown, out_dir / "reconstructions" / f"step_{step:07d}.png")
         if tracker is not None:
             tracker.log_artifact(grid, "reconstructions")
+            with Image.open(grid) as picture:  # the run page's image view steps through these
+                tracker.log_image(picture.convert("RGB"), RECONSTRUCTIONS_KEY, step)
         metrics, _ = reconstruction_quality(current, corpus.images[:256])
         return {"hard_psnr": metrics["eval_psnr"], "hard_codes_used": metrics["eval_codes_used"]}
 
@@ -180,9 +185,23 @@ def train_worker(config: dict[str, Any]) -> None:
         ray_train.report_checkpoint(rank, {**latest_metrics, "step": step}, state,
                                     {"model_config.json": json.dumps(model_cfg.to_dict())})
 
+    if start_step == 0 and tracker is not None:  # the untrained grid: the image view's slider starts at step 0
+        with torch.random.fork_rng(devices=[]):
+            during_training(unwrap(model), 0)
+        model.train()
     fit(model, dvae_loss(cfg), batches, cfg.optim, on_log=on_log, samples_per_batch=per_rank_batch,
         evaluate=during_training, eval_every=cfg.recon_grid_every, on_checkpoint=on_checkpoint,
         checkpoint_every=cfg.checkpoint_every, resume_state=resume_state)
+
+
+def log_inputs(curated_dir: Path, tracker: Tracker | None) -> None:
+    """The curated corpus the dVAE trains on and, where the filter set one apart, the held-out corpus its
+    reconstructions are measured on, as the stage run's datasets."""
+    if tracker is None:
+        return
+    tracker.log_input_dataset(curated_corpus(curated_dir), "training")
+    if (held_out := held_out_corpus(curated_dir)) is not None:
+        tracker.log_input_dataset(held_out, "evaluation")
 
 
 def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed: int,
@@ -208,19 +227,23 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
         "seed": seed,
         "out_dir": str(out_dir),
     }
-    state, train_metrics = ray_train.train_on_ray("dvae", train_worker, loop_config, cfg, out_dir,
-                                                  ray_address=ray_address, tracker=tracker)
-    final_model = DiscreteVAE(model_cfg)
-    final_model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
-    final_model.eval()
-    corpus = load_corpus(curated_dir, image_size, limit=1024)
-    eval_metrics, _ = reconstruction_quality(final_model, corpus.images)
-    held_out = Path(curated_dir) / HOLDOUT_DIR
-    if shard_paths(held_out):  # your corpus: what the tokenizer makes of images no stage trained on
-        holdout_metrics, _ = reconstruction_quality(final_model, load_corpus(held_out, image_size, limit=1024).images)
-        eval_metrics.update({name.replace("eval_", "holdout_", 1): value for name, value in holdout_metrics.items()})
-    if shapes is not None:
-        eval_metrics.update(reconstruction_oracle(final_model, shapes))
+    log_inputs(curated_dir, tracker)
+    with monitor_system(tracker):
+        state, train_metrics = ray_train.train_on_ray("dvae", train_worker, loop_config, cfg, out_dir,
+                                                      ray_address=ray_address, tracker=tracker)
+        final_model = DiscreteVAE(model_cfg)
+        final_model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        final_model.eval()
+        corpus = load_corpus(curated_dir, image_size, limit=1024)
+        eval_metrics, _ = reconstruction_quality(final_model, corpus.images)
+        held_out = Path(curated_dir) / HOLDOUT_DIR
+        if shard_paths(held_out):  # your corpus: what the tokenizer makes of images no stage trained on
+            held_out_images = load_corpus(held_out, image_size, limit=1024).images
+            holdout_metrics, _ = reconstruction_quality(final_model, held_out_images)
+            eval_metrics.update({name.replace("eval_", "holdout_", 1): value
+                                 for name, value in holdout_metrics.items()})
+        if shapes is not None:
+            eval_metrics.update(reconstruction_oracle(final_model, shapes))
     recon_grid = reconstruction_grid(final_model, corpus.images[:8], out_dir / "reconstructions.png")
     checkpoint_dir = checkpoint.save(
         out_dir / "checkpoint", KIND, final_model.state_dict(), model_cfg.to_dict(),

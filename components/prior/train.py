@@ -3,25 +3,40 @@
 `train_worker` is the thin Ray shell around the shared `fit` loop: it streams its rank's share of
 the token dataset through a shuffle buffer (`ParquetBatches`), resumes from Ray's latest
 checkpoint when a worker or the driver was lost, logs to MLflow from rank 0 and reports
-checkpoints through `ray_train.report_checkpoint`.
+checkpoints through `ray_train.report_checkpoint`. Given the dVAE that made the tokens, rank 0 also
+draws a few captions at every checkpoint into the run's image view (`Preview`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from .. import checkpoint
 from ..config import PriorArchitecture, PriorConfig
-from ..tracking import Tracker
+from ..dvae.model import DiscreteVAE
+from ..dvae.model import load as load_dvae
+from ..images import to_uint8
+from ..lineage import token_dataset
+from ..sample.generate import sample_image_tokens
+from ..tracking import Tracker, monitor_system
 from ..training import ParquetBatches, TokenParquet, fit, ray_train
 from ..training.flops import measured_matmul_peak, transformer_flops_per_token
 from ..training.loop import progress_logger, unwrap, uses_bf16
 from .model import KIND, Prior, PriorModelConfig, prior_loss
+
+# the MLflow image series of the preview, one per caption: "preview-<n> <caption>" (MLflow turns a "/" in a key into "~")
+PREVIEW_KEY = "preview"
+PREVIEW_SCALE = 4  # preview pixels are shown this many screen pixels wide, as the stages' grids are
+
 
 def model_config(cfg: PriorConfig, manifest: dict) -> PriorModelConfig:
     """The architecture of `cfg` with the vocabularies and lengths of the token dataset."""
@@ -101,6 +116,76 @@ def distribute(model: Prior, parallel: str) -> torch.nn.Module:
     return model
 
 
+def captions_of(dataset: TokenParquet, rows: np.ndarray) -> list[str]:
+    """The captions of some global rows of the token dataset, in the order given."""
+    groups = np.searchsorted(dataset.group_start, rows, side="right") - 1
+    captions = []
+    for row, group in zip(rows.tolist(), groups.tolist()):
+        part = int(dataset.group_part[group])
+        with pq.ParquetFile(dataset.paths[part], metadata=dataset.metadata[part]) as parquet:
+            column = parquet.read_row_group(int(dataset.group_index[group]), columns=["caption"]).column("caption")
+        captions.append(column[row - int(dataset.group_start[group])].as_py())
+    return captions
+
+
+def preview_key(index: int, caption: str) -> str:
+    """`PREVIEW_KEY-<index> <caption>`, the caption cut short and kept to what an MLflow image key may hold."""
+    readable = " ".join(re.sub(r"[^A-Za-z0-9_\-. ]", " ", caption).split())[:60]
+    return f"{PREVIEW_KEY}-{index} {readable}".rstrip()
+
+
+@dataclass
+class Preview:
+    """A few captions of the token dataset (validation rows, which training never sees, where there are
+    any), as the prior reads them, that the prior draws one image for at every checkpoint, decoded by the
+    dVAE and logged as MLflow image series, one per caption: the run page's image view steps through what
+    the prior learns. The tokens are drawn with a generator of the preview's own, seeded the same every
+    time, so the training's random streams are untouched and the pictures change only with the weights."""
+
+    captions: list[str]
+    text: torch.Tensor
+    lengths: torch.Tensor
+    dvae: DiscreteVAE
+    seed: int
+
+    @torch.no_grad()
+    def images(self, prior: Prior) -> np.ndarray:
+        """(captions, H, W, 3) uint8: one image each, drawn at temperature 1 without filtering."""
+        generator = torch.Generator(self.text.device).manual_seed(self.seed)
+        tokens, _ = sample_image_tokens(prior, self.text, self.lengths, generator, cuda_graph=False)
+        with torch.autocast(self.text.device.type, enabled=False):  # fp32, as the sample stage decodes
+            return to_uint8(self.dvae.decode(tokens))
+
+    def log(self, prior: Prior, tracker: Tracker, step: int) -> None:
+        for index, (caption, pixels) in enumerate(zip(self.captions, self.images(prior))):
+            picture = Image.fromarray(pixels)
+            picture = picture.resize((picture.width * PREVIEW_SCALE, picture.height * PREVIEW_SCALE),
+                                     Image.Resampling.NEAREST)
+            tracker.log_image(picture, preview_key(index, caption), step)
+
+
+def load_preview(dataset: TokenParquet, val_rows: torch.Tensor, dvae_dir: str, count: int, seed: int,
+                 device: torch.device) -> Preview:
+    """The preview of the first `count` validation rows (of the first rows, without a validation split)."""
+    pool = val_rows if len(val_rows) else torch.arange(dataset.num_rows)
+    rows = pool[:count].numpy()
+    text, lengths, _ = dataset.read_rows(rows)
+    return Preview(captions_of(dataset, rows), text.to(device), lengths.to(device),
+                   load_dvae(dvae_dir).to(device), seed)
+
+
+def worker_preview(config: dict[str, Any], cfg: PriorConfig, rank: int, dataset: TokenParquet,
+                   val_rows: torch.Tensor, device: torch.device) -> Preview | None:
+    """Rank 0's preview, where the run logs to MLflow and was given the dVAE; None on the other ranks.
+    FSDP gets none: its parameters are whole only inside the forward pass of every rank together."""
+    if rank != 0 or not (cfg.preview_prompts and config.get("dvae_dir") and config.get("tracker")):
+        return None
+    if cfg.parallel == "fsdp":
+        print("[prior] no image preview under FSDP (prior.parallel=fsdp); the sample stage draws images", flush=True)
+        return None
+    return load_preview(dataset, val_rows, config["dvae_dir"], cfg.preview_prompts, config["seed"], device)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function; `config` is plain data so it pickles to every worker."""
     cfg = PriorConfig.model_validate(config["prior"])
@@ -127,6 +212,7 @@ def train_worker(config: dict[str, Any]) -> None:
     ).from_step(start_step * cfg.optim.grad_accum_steps)
     validate = validation_loss(*(t.to(device) for t in dataset.read_rows(val_rows)), cfg) if len(val_rows) else None
     tracker = ray_train.rank_zero_tracker(config, rank, "prior", resume_state)
+    preview = worker_preview(config, cfg, rank, dataset, val_rows, device)
     log_progress = progress_logger("prior", cfg.optim.steps, tracker)
     latest_metrics: dict[str, float] = {}
 
@@ -141,18 +227,23 @@ def train_worker(config: dict[str, Any]) -> None:
             log_progress(step, metrics)
 
     def evaluate(unwrapped: Prior, step: int) -> dict[str, float]:
-        """Validation runs right before each checkpoint, so every report carries its val_loss."""
-        metrics = validate(unwrapped)
+        """Validation runs right before each checkpoint, so every report carries its val_loss; the
+        preview's images are drawn there too."""
+        metrics = validate(unwrapped) if validate else {}
         latest_metrics.update({f"val_{key}": value for key, value in metrics.items()})
+        if preview is not None:
+            preview.log(unwrapped, tracker, step)
         return metrics
 
     def on_checkpoint(step: int, state: dict[str, Any]) -> None:
         ray_train.report_checkpoint(rank, {**latest_metrics, "step": step}, state,
                                     {"model_config.json": json.dumps(model_cfg.to_dict())})
 
+    if preview is not None and start_step == 0:  # the untrained prior's: the image view's slider starts at step 0
+        preview.log(unwrap(model), tracker, 0)
     fit(model, prior_loss_fn(cfg), batches, cfg.optim, on_log=on_log, on_checkpoint=on_checkpoint,
         checkpoint_every=cfg.checkpoint_every, resume_state=resume_state, samples_per_batch=per_rank_batch,
-        evaluate=evaluate if validate else None, eval_every=cfg.checkpoint_every)
+        evaluate=evaluate if validate or preview else None, eval_every=cfg.checkpoint_every)
 
 
 @dataclass
@@ -161,22 +252,42 @@ class PriorResult:
     metrics: dict[str, float]
 
 
+def check_preview_dvae(dvae_dir: str | Path, manifest: dict) -> None:
+    """ValueError unless `dvae_dir` holds the dVAE that made the token dataset's image tokens."""
+    found = checkpoint.weights_hash(dvae_dir)
+    if found != manifest["dvae_hash"]:
+        raise ValueError(f"the dVAE at {dvae_dir} (weights {found[:12]}) did not tokenize this dataset (made by "
+                         f"weights {manifest['dvae_hash'][:12]}): its decoder would draw the preview's tokens as "
+                         f"something else; pass the dVAE the tokenize-corpus stage used")
+
+
 def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: Tracker | None = None,
-        ray_address: str | None = None) -> PriorResult:
+        ray_address: str | None = None, dvae_dir: Path | None = None) -> PriorResult:
+    """Train on Ray Train (resuming a run killed earlier in `out_dir`), then save the kept weights.
+
+    `dvae_dir`: the dVAE that tokenized the dataset; with it (and a `tracker`), rank 0 draws
+    `cfg.preview_prompts` held-out captions at every checkpoint into the run's image view (`Preview`).
+    """
     out_dir = Path(out_dir).resolve()
     manifest = TokenParquet(dataset_dir).manifest  # fail here, not in a worker, if the dataset is incomplete
     model_cfg = model_config(cfg, manifest)
     if cfg.init_from:
         check_same_architecture(cfg.init_from, model_cfg)
+    if dvae_dir is not None:
+        check_preview_dvae(dvae_dir, manifest)
     loop_config = {
         "prior": cfg.model_dump(mode="json"),
         "dataset_dir": str(Path(dataset_dir).resolve()),
         "seed": seed,
+        "dvae_dir": str(Path(dvae_dir).resolve()) if dvae_dir is not None else None,
     }
-    state, metrics = ray_train.train_on_ray(
-        "prior", train_worker, loop_config, cfg, out_dir,
-        score_attribute="val_loss" if cfg.val_fraction > 0 else None, ray_address=ray_address, tracker=tracker,
-    )
+    if tracker is not None:
+        tracker.log_input_dataset(token_dataset(dataset_dir), "training")
+    with monitor_system(tracker):
+        state, metrics = ray_train.train_on_ray(
+            "prior", train_worker, loop_config, cfg, out_dir,
+            score_attribute="val_loss" if cfg.val_fraction > 0 else None, ray_address=ray_address, tracker=tracker,
+        )
     checkpoint_dir = checkpoint.save(
         out_dir / "checkpoint", KIND, state["model"], model_cfg.to_dict(),
         meta={**metrics, "step": state["step"], "dvae_hash": manifest["dvae_hash"],

@@ -19,6 +19,13 @@ from ..tracking import Tracker, fluent_store
 MODEL_NAME = "dalle"
 CHAMPION = "champion"
 PRIMARY_METRICS = ("oracle_colour_reranked", "clip_score_reranked")  # first one present decides; higher wins
+# what a model version's description quotes besides the primary metric, where the evaluation measured it
+HEADLINE_METRICS = ("oracle_all_reranked", "holdout_oracle_colour_reranked", "clip_score_reranked", "fid_reranked",
+                    "fd_clip_reranked", "retrieval_top1_reranked")
+# the pyfunc's request columns besides `prompt`, with their MLflow types; every one may be left out
+OPTION_COLUMNS = {"num_images": "long", "seed": "long", "temperature": "double", "top_k": "long", "top_p": "double",
+                  "guidance_scale": "double", "prefix_rows": "long", "image_png": "string"}
+OUTPUT_COLUMNS = {"prompt": "string", "rank": "long", "clip_score": "double", "image_png": "string"}
 
 
 class DallePyfunc(mlflow.pyfunc.PythonModel):
@@ -60,6 +67,46 @@ class DallePyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows)
 
 
+def model_signature():
+    """The request and response columns of `DallePyfunc`, as serving validates requests against them.
+
+    `prompt` is marked optional too: a request without it then reaches `predict`, whose error names
+    the column it needs (MLflow's own would say only that an input is missing)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    inputs = [ColSpec("string", "prompt", required=False),
+              *(ColSpec(kind, name, required=False) for name, kind in OPTION_COLUMNS.items())]
+    outputs = [ColSpec(kind, name) for name, kind in OUTPUT_COLUMNS.items()]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+
+
+def model_requirements() -> list[str]:
+    """What a serving environment installs to load the model: this project (which brings torch and the
+    rest) and the versions of MLflow and cloudpickle that wrote it, as this environment has them."""
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package)}" for package in ("dalle-pipeline", "mlflow", "cloudpickle")]
+
+
+def input_example(prompts: list[str]):
+    """A request of one evaluation prompt and nothing else: every option takes the bundle's default."""
+    import pandas as pd
+
+    return pd.DataFrame({"prompt": prompts[:1]}) if prompts else None
+
+
+def version_description(metrics: dict[str, float], prompts: list[str], data_tags: dict[str, str]) -> str:
+    """What a registered version was trained on, what it was judged on and how it scored, for the registry page."""
+    name, value = primary_metric(metrics)
+    headline = ", ".join(f"{key} {metrics[key]:.4f}" for key in HEADLINE_METRICS if key in metrics and key != name)
+    data = data_tags.get("data_source", "unknown data")
+    digest = data_tags.get("data_digest")
+    return (f"Trained on {data}" + (f" (data digest {digest})" if digest else " (no data digest recorded)") + ". "
+            f"Judged on evaluation set {evaluation_fingerprint(prompts)} ({len(prompts)} prompts): "
+            f"{name} {value:.4f} (the primary metric)" + (f"; {headline}" if headline else "") + ".")
+
+
 def primary_metric(metrics: dict[str, float]) -> tuple[str, float]:
     for name in PRIMARY_METRICS:
         if name in metrics:
@@ -84,8 +131,11 @@ def run(bundle_dir: Path, metrics: dict[str, float], prompts: list[str], tracker
     trained on), then decide champion/challenger."""
     name, value = primary_metric(metrics)
     fingerprint = evaluation_fingerprint(prompts)
-    version = tracker.log_registered_pyfunc(MODEL_NAME, DallePyfunc(), {"bundle": str(bundle_dir)})
+    version = tracker.log_registered_pyfunc(MODEL_NAME, DallePyfunc(), {"bundle": str(bundle_dir)},
+                                            signature=model_signature(), input_example=input_example(prompts),
+                                            pip_requirements=model_requirements())
     client = tracker.client
+    client.update_model_version(MODEL_NAME, version, description=version_description(metrics, prompts, data_tags or {}))
     tags = {"primary_metric": name, "primary_value": value, "evaluation_set": fingerprint, **(data_tags or {})}
     for key, tag in tags.items():
         client.set_model_version_tag(MODEL_NAME, version, key, str(tag))

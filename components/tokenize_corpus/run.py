@@ -29,10 +29,12 @@ from .. import checkpoint
 from ..cluster import connect
 from ..dvae.model import load as load_dvae
 from ..images import psnr, to_float
+from ..lineage import curated_corpus
 from ..shards import read_shard, shard_paths
 from ..storage import file_sha256, write_json
 from ..text.tokenizer import TextTokenizer
 from ..token_parquet import MANIFEST, part_metadata, write_part
+from ..tracking import Tracker
 
 READ_BATCH_ROWS = 256  # rows per block leaving a reader task: bounded memory whatever the shard size
 DECODE_CHECK_ROWS = 64
@@ -134,7 +136,10 @@ class ImageEncoder:
 
 
 def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, text_len: int,
-        batch_size: int = 256, bpe_dropout: float = 0.0, ray_address: str | None = None) -> TokenizedCorpus:
+        batch_size: int = 256, bpe_dropout: float = 0.0, ray_address: str | None = None,
+        tracker: Tracker | None = None) -> TokenizedCorpus:
+    """Tokenize the curated shards of `curated_dir` into `out_dir` (resuming at shard granularity); `tracker`
+    records the curated corpus as the run's input."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_dvae(dvae_dir)
@@ -151,6 +156,8 @@ def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, 
     shards = shard_paths(curated_dir)
     if not shards:
         raise FileNotFoundError(f"no curated shards (*.tar) in {curated_dir}")
+    if tracker is not None:
+        tracker.log_input_dataset(curated_corpus(curated_dir), "training")
     pending = [shard for shard in shards if not _reusable(out_dir / f"{shard.stem}.parquet", metadata)]
     if pending:
         _tokenize(pending, out_dir, metadata, Path(dvae_dir), Path(tokenizer_path), text_len,

@@ -95,8 +95,8 @@ def progress_logger(stage: str, total_steps: int, tracker: Any = None) -> LogHoo
     def on_log(step: int, metrics: dict[str, float]) -> None:
         print(f"[{stage}] step {step}/{total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
               flush=True)
-        if tracker is not None:
-            tracker.log_metrics(metrics, step=step)
+        if tracker is not None:  # `progress` moves the flow run's progress artifact (flows/stages.py)
+            tracker.log_metrics({**metrics, "progress": step / max(1, total_steps)}, step=step)
 
     return on_log
 

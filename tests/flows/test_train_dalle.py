@@ -108,6 +108,18 @@ def test_micro_flow_end_to_end(micro_run):
     assert Path(children["sample"].data.tags["stage_dir"], "samples.png").exists()
     assert Path(children["sample"].data.tags["stage_dir"], "completions.png").exists()
 
+    # MLflow's own views: image series stepping through training (from step 0), datasets, system metrics
+    images = _artifact_paths(client, children["prior"].info.run_id, "images")
+    assert any(path.startswith("images/preview-0 ") and "+step+0+" in path for path in images), images
+    assert any(path.startswith("images/preview-0 ") and "+step+30+" in path for path in images), images
+    assert any(path.startswith("images/reconstructions+step+0+")
+               for path in _artifact_paths(client, children["dvae"].info.run_id, "images"))
+    inputs = {(d.dataset.name, next(t.value for t in d.tags if t.key == "mlflow.data.context"))
+              for d in client.get_run(parent.info.run_id).inputs.dataset_inputs}
+    assert {("curated-corpus", "training"), ("token-dataset", "training")} <= inputs, inputs
+    assert any(name.startswith("system/") for name in children["prior"].data.metrics), children["prior"].data.metrics
+    assert client.get_metric_history(children["prior"].info.run_id, "progress")[-1].value == 1.0
+
 
 def test_bad_override_fails_before_any_work(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DALLE_HOME": str(tmp_path / "runs")}

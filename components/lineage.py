@@ -1,0 +1,113 @@
+"""What data a run read, as MLflow datasets: a name, where the data lies, a digest of what it holds.
+
+Stages log these as inputs of their runs (`Tracker.log_input_dataset`), so a run page says which
+corpus a model was trained and evaluated on, and two runs that read the same data show the same
+digest. Every digest is cheap: the curated corpus's is the filter stage's `data_digest` (computed
+from its report, which lies in the curated folder), the same digest the registered model version
+is tagged with; the token dataset's comes from the part checksums its manifest lists; a folder
+without either gets one from its files' names and sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .shards import HOLDOUT_DIR, shard_paths
+
+DIGEST_CHARS = 16  # the filter stage's data_digest length; MLflow stores at most 36
+
+CURATED_CORPUS = "curated-corpus"
+HELD_OUT_CORPUS = "held-out-corpus"
+TOKEN_DATASET = "token-dataset"
+DATA_SOURCE = "data-source"
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """One dataset as MLflow records it: `source_uri` is a local path or URL, `profile` a few counts."""
+
+    name: str
+    source_uri: str
+    digest: str
+    profile: dict[str, Any] = field(default_factory=dict)
+
+
+def listing_digest(files: Iterable[Path], root: Path) -> str:
+    """A digest of files' paths relative to `root` and their sizes: another file, one fewer or one
+    rewritten to another size gives another digest, without reading any file."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:DIGEST_CHARS]
+
+
+def _shard_profile(shards: list[Path], digest_of: str) -> dict[str, Any]:
+    return {"shards": len(shards), "bytes": sum(path.stat().st_size for path in shards), "digest_of": digest_of}
+
+
+def curated_corpus(curated_dir: str | Path) -> DatasetRef:
+    """The curated training shards of `curated_dir`, digested as the filter stage's `data_digest` where its
+    report is there (the URL and image hash of every training sample), else by the shards' names and sizes."""
+    from .filter.run import REPORT_NAME, corpus_digest, read_report
+
+    curated_dir = Path(curated_dir).resolve()
+    shards = shard_paths(curated_dir)
+    if not shards:
+        raise FileNotFoundError(f"no curated shards (*.tar) in {curated_dir}")
+    report = curated_dir / REPORT_NAME
+    if report.is_file():
+        digest, digest_of = corpus_digest(read_report(report)), f"training samples in {REPORT_NAME}"
+    else:
+        digest, digest_of = listing_digest(shards, curated_dir), "shard names and sizes"
+    return DatasetRef(CURATED_CORPUS, curated_dir.as_uri(), digest, _shard_profile(shards, digest_of))
+
+
+def held_out_corpus(curated_dir: str | Path) -> DatasetRef | None:
+    """The held-out shards the filter stage set apart in `curated_dir` (None when it set none apart):
+    what stages evaluate on, never train on."""
+    held_out = Path(curated_dir).resolve() / HOLDOUT_DIR
+    shards = shard_paths(held_out)
+    if not shards:
+        return None
+    return DatasetRef(HELD_OUT_CORPUS, held_out.as_uri(), listing_digest(shards, held_out),
+                      _shard_profile(shards, "shard names and sizes"))
+
+
+def token_dataset(dataset_dir: str | Path) -> DatasetRef:
+    """The token Parquet at `dataset_dir`, digested by its parts' sha256 as its manifest lists them (by the
+    parts' names and sizes for a manifest without checksums); FileNotFoundError for an unfinished one."""
+    from .token_parquet import MANIFEST, read_manifest
+
+    dataset_dir = Path(dataset_dir).resolve()
+    manifest = read_manifest(dataset_dir)
+    parts = manifest["parts"]
+    if all("sha256" in part for part in parts):
+        listed = json.dumps([[part["file"], part["sha256"]] for part in parts])
+        digest, digest_of = hashlib.sha256(listed.encode()).hexdigest()[:DIGEST_CHARS], f"part sha256s in {MANIFEST}"
+    else:
+        digest = listing_digest([dataset_dir / part["file"] for part in parts], dataset_dir)
+        digest_of = "part names and sizes"
+    profile = {"rows": int(manifest.get("rows", sum(part["rows"] for part in parts))), "parts": len(parts),
+               "digest_of": digest_of,
+               **{key: manifest[key] for key in ("dvae_hash", "tokenizer_hash", "grid_size", "text_len")
+                  if key in manifest}}
+    return DatasetRef(TOKEN_DATASET, dataset_dir.as_uri(), digest, profile)
+
+
+def data_source(source: str) -> DatasetRef:
+    """The data source a pipeline downloads or ingests (`data.source`): a URL is digested by itself (what
+    lies behind it is the download stage's to find out), a local file or folder by its files' names and sizes."""
+    if "://" in source and not source.startswith("file://"):
+        return DatasetRef(DATA_SOURCE, source, hashlib.sha256(source.encode()).hexdigest()[:DIGEST_CHARS])
+    path = Path(source.removeprefix("file://")).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"data source {path} does not exist")
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return DatasetRef(DATA_SOURCE, path.as_uri(), listing_digest(files, path.parent if path.is_file() else path),
+                      {"files": len(files), "bytes": sum(p.stat().st_size for p in files),
+                       "digest_of": "file names and sizes"})
