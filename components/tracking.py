@@ -260,11 +260,9 @@ def monitor_system(tracker: Tracker | None) -> AbstractContextManager[None]:
 
 
 @contextmanager
-def stage_run(parent: Tracker, name: str, params: Mapping[str, Any] | None = None) -> Iterator[Tracker]:
+def stage_run(parent: Tracker, name: str) -> Iterator[Tracker]:
     """A nested run for one stage: FINISHED when the block completes, FAILED when it raises."""
     child = parent.start_child(name, tags={"stage": name})
-    if params:
-        child.log_params(params)
     try:
         yield child
     except BaseException:

@@ -34,6 +34,7 @@ STAGE_TASK = {"cache_policy": NO_CACHE}  # our StageCache decides what to skip; 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
 TRAINING_STAGES = frozenset({"dvae", "prior", "clip"})  # their training loop logs `progress` (training/loop.py)
 PROGRESS_POLL_S = 5.0
+STAGE_CALL_FILE = "stage_call.json"  # what a stage run was called with (its arguments, paths as they are)
 StageName = Literal["corpus", "download", "ingest", "filter", "text-tokenizer", "dvae", "tokenize-corpus", "prior", "clip",
                     "sample", "evaluate", "register", "base-model", "all"]
 Outputs = TypeVar("Outputs")
@@ -126,7 +127,10 @@ class Stages:
         folder = self.cache.folder(name, self.cache.call_key(name, function, bound.arguments, content=False)
                                    if accumulates else key)
         started = time.perf_counter()
-        with stage_run(self.parent, name, self.cache.stage_value(bound.arguments, content=False)) as tracker:
+        # the call goes in as an artifact, not as params: the parent run holds the config as params, and MLflow's
+        # image charts print every param of a run above its image (the prior's 37 hid its preview)
+        with stage_run(self.parent, name) as tracker:
+            tracker.log_dict(self.cache.stage_value(bound.arguments, content=False), STAGE_CALL_FILE)
             forced = name in self.rerun or "all" in self.rerun
             record = None if forced else self.cache.lookup(folder, key, outputs_type)
             if record is not None:

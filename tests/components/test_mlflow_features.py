@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from dalle_pipeline.components import checkpoint, lineage
-from dalle_pipeline.components.config import ClipConfig, PriorConfig, TokenizerConfig, resolve
+from dalle_pipeline.components.config import PriorConfig, TokenizerConfig
 from dalle_pipeline.components.dvae.model import KIND as DVAE_KIND
 from dalle_pipeline.components.dvae.model import DiscreteVAE, DVAEModelConfig
 from dalle_pipeline.components.filter.run import REPORT_NAME, REPORT_SCHEMA, corpus_digest
 from dalle_pipeline.components.shards import HOLDOUT_DIR, iter_samples, write_shard
 from dalle_pipeline.components.text.tokenizer import run as train_tokenizer
 from dalle_pipeline.components.tracking import Tracker
+from test_register import bundle_dir  # noqa: F401 - the same randomly initialised bundle
 
 IMAGE_FILE = re.compile(r"images/(?P<key>.+)\+step\+(?P<step>\d+)\+timestamp\+\d+\+[0-9a-f-]+\.png")
 
@@ -221,26 +222,6 @@ def test_a_data_source_is_digested_by_its_files_or_its_url(tmp_path):
     assert remote.source_uri == "https://example.com/urls.parquet" and len(remote.digest) == lineage.DIGEST_CHARS
     with pytest.raises(FileNotFoundError, match="does not exist"):
         lineage.data_source(str(tmp_path / "nowhere"))
-
-
-@pytest.fixture
-def bundle_dir(tmp_path):
-    """A bundle of randomly initialised models, as test_register builds one."""
-    from dalle_pipeline.components.clip.model import LOCAL_DIR, ClipScorer, architecture, register_architecture
-    from dalle_pipeline.components.prior.model import Prior, PriorModelConfig
-    from dalle_pipeline.components.register.bundle import build
-
-    captions = ["a small red circle in the center", "a large blue square at the top"] * 10
-    dvae_dir = save_dvae(tmp_path / "dvae")
-    tokenizer_path, _ = train_tokenizer(TokenizerConfig(vocab_size=300), captions, tmp_path / "tok")
-    prior_cfg = PriorModelConfig(text_vocab=300, image_vocab=64, text_len=24, grid_size=8, layers=1, d_model=32,
-                                 heads=2)
-    prior_dir = checkpoint.save(tmp_path / "prior", "prior", Prior(prior_cfg).state_dict(), prior_cfg.to_dict())
-    clip_cfg = ClipConfig(model_name="features-test-clip", embed_dim=16, vision_width=32, vision_layers=1,
-                          text_width=32, text_layers=1)
-    register_architecture(clip_cfg, 32, tmp_path / "arch")
-    clip_dir = ClipScorer.build(clip_cfg.model_name).save(tmp_path / "clip", architecture(clip_cfg, 32))
-    return build(tmp_path / "bundle", resolve("micro"), dvae_dir, prior_dir, tokenizer_path, LOCAL_DIR + str(clip_dir))
 
 
 def test_the_registered_version_keeps_its_signature_input_example_and_description(bundle_dir, tmp_path, tracker):

@@ -316,3 +316,24 @@ def test_a_held_out_share_stays_out_of_training_and_stays_put_as_the_corpus_grow
     assert published.prompts == ["a published prompt", "another one"] and len(published.references) == 5
     with pytest.raises(ValueError, match="0 held-out samples.*raise data.holdout_fraction"):
         holdout_evaluation_set(tmp_path / "nothing", SIZE, 3, 5)
+
+
+def test_a_source_fingerprint_changes_when_a_file_is_added_grows_or_is_rewritten(tmp_path):
+    from dalle_pipeline.components.sources.fingerprint import source_fingerprint, source_id
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"a" * 10)
+    seen = source_fingerprint(folder)
+    assert source_fingerprint(folder) == seen  # a second look at the same files
+    (folder / "b.png").write_bytes(b"b")
+    grown = source_fingerprint(folder)
+    assert grown != seen
+    (folder / "b.png").write_bytes(b"bb")
+    assert source_fingerprint(folder) != grown
+    listing = tmp_path / "urls.csv"
+    listing.write_text("url,caption\n")
+    assert source_fingerprint(listing) != source_fingerprint(folder)
+    assert source_id(listing) == source_id(str(listing)) and len(source_id(listing)) == 12
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        source_fingerprint(tmp_path / "missing")

@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import dataclass
 from pathlib import Path
 
+import browser
 import pytest
 from local_processes import free_port, processes_with_env
 
@@ -204,6 +205,9 @@ def test_deployment_run_trains_and_logs_to_the_served_mlflow(served: Served) -> 
                           {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
     tables = {a["key"]: a for a in artifacts if a["type"] == "table"}
     assert {"filter-report", "stage-timings"} <= set(tables), artifacts
+    # each training stage's progress artifact, moved to 100 when it finished
+    assert {a["key"]: a["data"] for a in artifacts if a["type"] == "progress"} == {
+        "dvae-progress": 100.0, "prior-progress": 100.0, "clip-progress": 100.0}, artifacts
     summary = [a for a in artifacts if a["type"] == "markdown" and a["key"] == "train-dalle-summary"]
     assert summary and "champion" in summary[0]["data"] and "data:image/png;base64," in summary[0]["data"]
     timings = tables["stage-timings"]["data"]
@@ -228,6 +232,24 @@ def test_deployment_run_trains_and_logs_to_the_served_mlflow(served: Served) -> 
     assert parent.info.status == "FINISHED"
     shown = _get_json(f"{served.mlflow_url}/api/2.0/mlflow/runs/get?run_id={parent.info.run_id}")
     assert shown["run"]["info"]["run_id"] == parent.info.run_id
+
+    # what a user sees in a real browser: the prior's run page draws its preview images, step 0 first
+    (prior_run,) = client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}' "
+                                                    "and tags.stage = 'prior'")
+    page = (f"{served.mlflow_url}/#/experiments/{parent.info.experiment_id}/runs/{prior_run.info.run_id}"
+            "/model-metrics")
+    with browser.open_page(page, 'img[src*="get-artifact?path=images%2Fpreview-"]') as shown_page:
+        shown_page.wait_for_function("[...document.querySelectorAll('img.rc-image-img')]"
+                                     ".every(image => image.complete && image.naturalWidth > 0)")
+        drawn = shown_page.eval_on_selector_all("img.rc-image-img", """images => images.map(image => {
+            const card = image.closest('[data-testid="experiment-view-compare-runs-card"]').getBoundingClientRect();
+            const box = image.getBoundingClientRect();
+            return [image.src, box.height > 100 && box.top >= card.top && box.bottom <= card.bottom]; })""")
+        shown_page.screenshot(path=str(served.home / "prior-run-page.png"), full_page=True)
+    steps = {re.search(r"%2Bstep%2B(\d+)%2B", src).group(1) for src, _ in drawn}
+    assert len(drawn) == 4 and steps == {"0"}, drawn  # one chart per preview caption, its slider at step 0
+    assert all(inside for _, inside in drawn), drawn  # drawn in full inside its card, not pushed out by text
 
     # retrain: weekly, its schedule inactive until a source is set; forced to run now, it fine-tunes the
     # champion on the list and registers a challenger with its decision

@@ -97,6 +97,10 @@ def test_micro_flow_end_to_end(micro_run):
 
     # artifacts: config, sample grid, reconstruction grid, checkpoints
     assert {"config.json", "samples.png"} <= _artifact_paths(client, parent.info.run_id)
+    assert not children["prior"].data.params  # the config is the parent's; a stage's call is its stage_call.json
+    call = json.loads(Path(client.download_artifacts(children["prior"].info.run_id, "stage_call.json", str(tmp_path)))
+                      .read_text())
+    assert call["cfg"]["layers"] == 2 and call["dvae_dir"] == children["dvae"].data.tags["stage_dir"] + "/checkpoint"
     dvae_artifacts = _artifact_paths(client, children["dvae"].info.run_id)
     assert {"reconstructions.png", "checkpoint/model.safetensors", "checkpoint/config.json"} <= dvae_artifacts
     assert any(path.startswith("reconstructions/step_") for path in dvae_artifacts)  # grids during training
