@@ -219,7 +219,7 @@ def test_served_prefect_server_stores_its_runs_in_postgres(postgres: Postgres, t
             "SELECT state_type, count(*) FROM task_run"
             f" WHERE flow_run_id = '{flow_run_id}' GROUP BY state_type"
         ) == [["COMPLETED", "1"]]
-        assert sorted(row[0] for row in postgres.psql("SELECT name FROM deployment")) == ["full", "retrain"]
+        assert sorted(row[0] for row in postgres.psql("SELECT name FROM deployment")) == ["full", "retrain", "watch"]
         assert postgres.psql("SELECT w.name FROM worker w JOIN work_pool p ON p.id = w.work_pool_id"
                              " WHERE p.name = 'dalle-pg'") == [["dalle-worker"]]
         assert not (home / "prefect" / "prefect.db").exists()
