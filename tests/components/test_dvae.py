@@ -102,7 +102,7 @@ def test_loss_falls_and_checkpoint_rebuilds_the_model(curated_shards, tmp_path, 
         assert steps == [10, 20, 30, 40], f"{metric} logged once per window by rank 0 only: {steps}"
     assert result.recon_grid.exists()
     grids = sorted(p.name for p in (tmp_path / "dvae" / "reconstructions").iterdir())
-    assert grids == ["step_0000020.png", "step_0000040.png"]
+    assert grids == ["step_0000000.png", "step_0000020.png", "step_0000040.png"]  # the untrained one first
     model = load_dvae(result.checkpoint_dir)
     assert model.cfg.codebook_size == cfg.codebook_size
     assert "eval_psnr" in result.metrics and result.metrics["eval_psnr"] > 0
