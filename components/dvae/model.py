@@ -291,25 +291,35 @@ def codebook_usage(tokens: torch.Tensor, codebook_size: int) -> dict[str, float]
 
 
 @torch.no_grad()
+def encode_images(model: DiscreteVAE, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """images (N, H, W, 3) uint8 -> their tokens (N, h*w), encoded in batches where the model is; on the CPU."""
+    device = next(model.parameters()).device
+    return torch.cat([model.encode(to_float(images[i : i + batch_size]).to(device)).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def decode_tokens(model: DiscreteVAE, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """tokens (N, h*w) -> images in [0, 1] (N, 3, H, W), decoded in batches where the model is; on the CPU."""
+    device = next(model.parameters()).device
+    return torch.cat([model.decode(tokens[i : i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(tokens), batch_size)])
+
+
+@torch.no_grad()
 def reconstruct(model: DiscreteVAE, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """images (N, H, W, 3) uint8 through hard (argmax) codes and back, as uint8."""
-    device = next(model.parameters()).device
-    return np.concatenate([to_uint8(model.decode(model.encode(to_float(images[i : i + batch_size]).to(device))))
-                           for i in range(0, len(images), batch_size)])
+    return to_uint8(decode_tokens(model, encode_images(model, images, batch_size), batch_size))
 
 
 @torch.no_grad()
 def reconstruction_quality(model: DiscreteVAE, images: np.ndarray,
                            batch_size: int = 256) -> tuple[dict[str, float], torch.Tensor]:
     """Hard-code (argmax) reconstruction quality: what the prior's tokens can express."""
-    device = next(model.parameters()).device
-    tokens, errors = [], []
-    for start in range(0, len(images), batch_size):
-        batch = to_float(images[start : start + batch_size]).to(device)
-        batch_tokens = model.encode(batch)
-        tokens.append(batch_tokens)
-        errors.append(F.mse_loss(model.decode(batch_tokens), batch, reduction="none").flatten(1).mean(1))
-    tokens_all = torch.cat(tokens).cpu()
+    tokens_all = encode_images(model, images, batch_size)
+    errors = [F.mse_loss(decode_tokens(model, tokens_all[start : start + batch_size], batch_size),
+                         to_float(images[start : start + batch_size]), reduction="none").flatten(1).mean(1)
+              for start in range(0, len(images), batch_size)]
     mse = float(torch.cat(errors).mean())
     usage = {f"eval_{name}": float(value)
              for name, value in codebook_usage(tokens_all, model.cfg.codebook_size).items()}

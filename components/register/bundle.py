@@ -24,10 +24,11 @@ from ..clip.model import load as load_clip
 from ..config import PipelineConfig, SampleConfig, upgrade
 from ..dvae.model import DiscreteVAE
 from ..dvae.model import load as load_dvae
-from ..images import as_rgb, resized, to_float, to_uint8
+from ..images import as_rgb, resized, to_uint8
 from ..prior.model import Prior
 from ..prior.model import load as load_prior
-from ..sample.run import draw_candidates, place_for_sampling, sampling_device, score_and_rank
+from ..sample.run import (draw_candidates, image_prefix, kept_candidates, place_for_sampling, sampling_device,
+                          score_and_rank)
 from ..storage import atomic_path
 from ..text.tokenizer import TextTokenizer
 
@@ -112,23 +113,16 @@ class Bundle:
             prefix = torch.cat([self.image_prefix(one, prefix_rows) for one in given])
         images, _ = draw_candidates(cfg, prompts, self.prior, self.dvae, self.tokenizer, seed, prefix)
         scores, best = score_and_rank(self.clip, images, prompts, num_images)
-        chosen = images[torch.arange(len(prompts))[:, None], best]
+        chosen = kept_candidates(images, best)
         pixels = to_uint8(chosen.flatten(0, 1)).reshape(len(prompts), num_images, *images.shape[-2:], 3)
         return pixels, scores.gather(1, best).numpy()
-
 
     def image_prefix(self, image: Image.Image | None, prefix_rows: int | None = None) -> torch.Tensor:
         """(1, prefix_rows * grid) dVAE tokens of the top rows of `image` (default: half the grid),
         fitted to the model's size."""
-        grid = self.dvae.cfg.grid_size
-        prefix_rows = grid // 2 if prefix_rows is None else prefix_rows
         if image is None:
             raise ValueError(f"prefix_rows {prefix_rows} needs an image to take the rows from")
-        if not 0 < prefix_rows < grid:
-            raise ValueError(f"prefix_rows must be between 1 and {grid - 1} (the model's images are {grid} token "
-                             f"rows of {self.dvae.cfg.image_size // grid} px), got {prefix_rows}")
-        pixels = to_float(self.fitted(image)[None]).to(next(self.dvae.parameters()).device)
-        return self.dvae.encode(pixels)[:, : prefix_rows * grid].cpu()
+        return image_prefix(self.dvae, self.fitted(image)[None], prefix_rows)[0]
 
     def fitted(self, image: Image.Image) -> np.ndarray:
         """`image` as the model takes it: upright, RGB, centre-cropped to its size; (H, W, 3) uint8."""

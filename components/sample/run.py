@@ -14,9 +14,9 @@ import torch
 from ..clip.model import ClipScorer
 from ..clip.model import load as load_clip
 from ..config import SampleConfig
-from ..dvae.model import DiscreteVAE
+from ..dvae.model import DiscreteVAE, decode_tokens, encode_images
 from ..dvae.model import load as load_dvae
-from ..images import save_grid, to_float, to_uint8
+from ..images import save_grid, to_uint8
 from ..prior.model import Prior
 from ..prior.model import load as load_prior
 from ..storage import atomic_path
@@ -108,10 +108,20 @@ def draw_candidates(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: D
     """`draw_candidate_tokens` decoded by the dVAE: images (P, C, 3, H, W) in [0, 1] and
     log-likelihoods (P, C), on the CPU."""
     tokens, log_likelihood = draw_candidate_tokens(cfg, prompts, prior, tokenizer, seed, image_prefix)
-    flat = tokens.flatten(0, 1).to(next(dvae.parameters()).device)
-    images = torch.cat([dvae.decode(flat[start : start + cfg.batch_size]).float().cpu()
-                        for start in range(0, len(flat), cfg.batch_size)])
+    images = decode_tokens(dvae, tokens.flatten(0, 1), cfg.batch_size)
     return images.view(*tokens.shape[:2], *images.shape[1:]), log_likelihood.cpu()
+
+
+def image_prefix(dvae: DiscreteVAE, images: np.ndarray, prefix_rows: int | None = None,
+                 batch_size: int = 256) -> tuple[torch.Tensor, int]:
+    """Image-to-image's fixed part: the tokens of the top `prefix_rows` token rows of each image
+    (N, H, W, 3) uint8 at the dVAE's size (default: half the grid) -> ((N, prefix_rows * grid), prefix_rows)."""
+    grid = dvae.cfg.grid_size
+    prefix_rows = grid // 2 if prefix_rows is None else prefix_rows
+    if not 0 < prefix_rows < grid:
+        raise ValueError(f"prefix_rows must be between 1 and {grid - 1} (the model's images are {grid} token "
+                         f"rows of {dvae.cfg.image_size // grid} px), got {prefix_rows}")
+    return encode_images(dvae, images, batch_size)[:, : prefix_rows * grid], prefix_rows
 
 
 def score_and_rank(clip: ClipScorer, images: torch.Tensor, prompts: list[str],
@@ -122,6 +132,11 @@ def score_and_rank(clip: ClipScorer, images: torch.Tensor, prompts: list[str],
     scores = clip.scores(images.flatten(0, 1), [p for p in prompts for _ in range(candidates)])
     scores = scores.view(len(prompts), candidates)
     return scores, rerank(scores, keep)
+
+
+def kept_candidates(images: torch.Tensor, ranking: torch.Tensor) -> torch.Tensor:
+    """images (P, C, ...) and ranking (P, keep), candidate indices best first -> the kept images (P, keep, ...)."""
+    return images[torch.arange(len(images))[:, None], ranking]
 
 
 def run(cfg: SampleConfig, prompts: list[str], prior_dir: Path, dvae_dir: Path, tokenizer_path: Path, text_len: int,
@@ -139,13 +154,10 @@ def complete_scenes(cfg: SampleConfig, prompts: list[str], scenes: np.ndarray, p
     drawn under the prompt, the best `keep` by CLIP; saved with the prefix's rows (`COMPLETIONS_FILE`)
     and shown beside their scenes in `completions.png`."""
     grid = dvae.cfg.grid_size
-    prefix_rows = grid // 2
-    dvae_device = next(dvae.parameters()).device
-    prefix = torch.cat([dvae.encode(to_float(scenes[i : i + cfg.batch_size]).to(dvae_device)).cpu()
-                        for i in range(0, len(scenes), cfg.batch_size)])[:, : prefix_rows * grid]
+    prefix, prefix_rows = image_prefix(dvae, scenes, batch_size=cfg.batch_size)
     images, _ = draw_candidates(cfg, prompts, prior, dvae, tokenizer, cfg.seed + 1, prefix)
     _, ranking = score_and_rank(clip, images, prompts, cfg.keep)
-    kept = images[torch.arange(len(prompts))[:, None], ranking]
+    kept = kept_candidates(images, ranking)
     pixels = to_uint8(kept.flatten(0, 1)).reshape(len(prompts), cfg.keep, *scenes.shape[1:])
     shown = grid_rows(len(prompts), cfg.grid_prompts)
     save_grid([[scenes[p], *pixels[p]] for p in shown], out_dir / "completions.png",
