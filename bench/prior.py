@@ -7,14 +7,23 @@ Runs with torch alone (no Prefect, Ray or MLflow), so it runs on a lent GPU mach
 
 Prints one JSON object: tokens/s of each, the ratio, each one's MFU (6N + 12·L·T·d FLOPs per token
 against this device's measured matmul peak in the precision used) and the settings. The baseline
-is measured in the same process, so the ratio compares like with like. The GPU run of #5, with the
-paper's masks and then all-dense-causal for the masks' cost:
+is measured in the same process, so the ratio compares like with like. `--peer SITE` also runs the
+peer (lucidrains' DALLE-pytorch 1.6.6, `../shared/anchors/peer_prior.py`; SITE is what
+`../shared/anchors/peer_setup.sh PYTHON` prints) at the same dims and steps, right after ours, and
+reports `ours_over_peer`. `--precision auto` is the training loop's choice: bf16 where this device
+has native bf16 matmuls, fp32 elsewhere. The GPU run of #5, with the paper's masks and then
+all-dense-causal for the masks' cost:
 
     python bench/prior.py --layers 24 --d-model 1024 --heads 16 --text-len 256 --grid 32 \
         --text-vocab 16384 --image-vocab 8192 --batch 16 --steps 10 --precision bf16 --compile
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +32,9 @@ from torch import nn
 
 from dalle_pipeline.components.prior.model import Prior, prior_loss
 from dalle_pipeline.components.training.flops import measured_matmul_peak, transformer_flops_per_token
+from dalle_pipeline.components.training.loop import bf16_supported
+
+PEER_SCRIPT = Path(__file__).resolve().parents[1].parent / "shared" / "anchors" / "peer_prior.py"
 
 
 class PlainGPT(nn.Module):
@@ -54,13 +66,30 @@ class PlainGPT(nn.Module):
         return self.head(self.norm(x))
 
 
+def peer_tokens_per_s(site: str, args, script: Path = PEER_SCRIPT) -> dict:
+    """The peer's training throughput at our dims, from its anchor script in a process of its own."""
+    if not script.is_file():
+        raise SystemExit(f"--peer: the peer's benchmark {script} is not there (it lives in the shared anchors)")
+    flags = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in
+             ("layers", "d_model", "heads", "text_len", "grid", "image_vocab", "text_vocab", "batch", "steps")]
+    done = subprocess.run([sys.executable, str(script), site, *flags, f"--device={args.device}"],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"--peer: {script.name} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = prior_parser(__doc__.splitlines()[0], layers=6, d_model=192, heads=6, text_len=24, grid=8,
                           text_vocab=1000, image_vocab=256, batch=64, steps=5)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast for ours")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                        help="autocast for ours; auto: bf16 where the device has native bf16 matmuls")
     parser.add_argument("--compile", action="store_true", help="torch.compile ours")
+    parser.add_argument("--peer", metavar="SITE", help="also run the peer (DALLE-pytorch) installed in SITE")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.precision == "auto":
+        args.precision = "bf16" if bf16_supported(device.type) else "fp32"
     torch.manual_seed(0)
 
     cfg = prior_config(args)
@@ -105,6 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline": "plain eager GPT, dense causal SDPA, same dims, AdamW",
     }
     result["ours_over_baseline"] = result["ours_tokens_per_s"] / result["baseline_tokens_per_s"]
+    if args.peer:
+        peer = peer_tokens_per_s(args.peer, args)
+        result.update({"peer": peer["system"], "peer_tokens_per_s": peer["tokens_per_s"],
+                       "ours_over_peer": result["ours_tokens_per_s"] / peer["tokens_per_s"]})
     ours_peak = measured_matmul_peak(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     fp32_peak = measured_matmul_peak(device, torch.float32)
     ours_flops = transformer_flops_per_token(ours, args.layers, cfg.seq_len, args.d_model)

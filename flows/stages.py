@@ -389,7 +389,7 @@ def sample(cfg: PipelineConfig, evaluation: EvaluationSet, prior: StageRecord[Ch
 
     return stages.run("sample", run, cfg.sample, evaluation.prompts, prior.outputs.checkpoint_dir,
                       dvae.outputs.checkpoint_dir, tokenizer.outputs.tokenizer_path, cfg.tokenizer.text_len,
-                      clip.outputs.clip_source, scenes=evaluation.scenes, finish=finish)
+                      clip.outputs.clip_source, scenes=evaluation.scenes, specs=evaluation.specs, finish=finish)
 
 
 @task(name="evaluate", **STAGE_TASK)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -182,6 +182,13 @@ def outline(spec: ShapeSpec, image_size: int) -> tuple[float, float, float, floa
         (cx + half) * image_size - 1,
         (cy + half) * image_size - 1,
     )
+
+
+def completable_below(specs: Sequence[ShapeSpec], image_size: int, boundary: int) -> bool:
+    """Whether image-to-image given the pixel rows above `boundary` has a shape to finish: every shape
+    starts above it (the given rows show them all) and one continues below it."""
+    return (all(outline(spec, image_size)[1] < boundary for spec in specs)
+            and any(outline(spec, image_size)[3] >= boundary for spec in specs))
 
 
 def render(specs: Iterable[ShapeSpec], image_size: int) -> Image.Image:

@@ -27,7 +27,7 @@ import torch
 from ..clip.model import ClipScorer
 from ..clip.model import load as load_clip
 from ..corpus import oracle
-from ..corpus.shapes import ShapeSpec, outline
+from ..corpus.shapes import ShapeSpec, completable_below
 from ..dvae.model import DiscreteVAE, reconstruct
 from ..dvae.model import load as load_dvae
 from ..images import psnr, to_float
@@ -163,23 +163,23 @@ def oracle_accuracy(pixels: np.ndarray, specs: Sequence[list[ShapeSpec]]) -> dic
 
 
 def image_to_image_metrics(completions: Mapping[str, np.ndarray], specs: Sequence[list[ShapeSpec]]) -> dict[str, float]:
-    """How image-to-image completes the shapes corpus's scenes (`sample.run.complete_scenes`):
-    `i2i_prefix_psnr`, the given rows against the scene's (the rows come back); over the scenes whose
-    every shape starts inside the given rows and at least one continues below them, the oracle on
-    the best completion (`i2i_oracle_<attribute>`: does it finish the shape the prefix shows?) and
-    their share of all scenes (`i2i_scenes`)."""
+    """How image-to-image completes the shapes corpus's scenes (`sample.run.complete_scenes`, which
+    completes the scenes whose every shape starts inside the given rows and one continues below
+    them): `i2i_prefix_psnr`, the given rows against the scene's (the rows come back); the oracle
+    on the best completion (`i2i_oracle_<attribute>`: does it finish the shape the prefix shows?);
+    and the share of all scenes completed (`i2i_scenes`)."""
     images, scenes = completions["images"], completions["scenes"]
     size, rows, grid = scenes.shape[1], int(completions["prefix_rows"]), int(completions["grid"])
     boundary = rows * size // grid  # pixel rows the prefix holds
-    given = images[:, :, :boundary].astype(np.float64)
-    mse = float(np.mean((given - scenes[:, None, :boundary].astype(np.float64)) ** 2)) / 255.0**2
-    metrics = {"i2i_prefix_psnr": psnr(mse)}
-    eligible = [p for p, prompt_specs in enumerate(specs)
-                if all(outline(spec, size)[1] < boundary for spec in prompt_specs)
-                and any(outline(spec, size)[3] >= boundary for spec in prompt_specs)]
-    metrics["i2i_scenes"] = len(eligible) / len(specs)
+    # which prompt each completion is of (completions cached before the index, of every scene, carry none)
+    completed = completions["prompt_index"] if "prompt_index" in completions else np.arange(len(scenes))
+    eligible = [row for row, prompt in enumerate(completed) if completable_below(specs[prompt], size, boundary)]
+    metrics = {"i2i_scenes": len(eligible) / len(specs)}
     if eligible:
-        scores = oracle.mean_scores([oracle.score(images[p, 0], specs[p]) for p in eligible])
+        given = images[eligible, :, :boundary].astype(np.float64)
+        mse = float(np.mean((given - scenes[eligible, None, :boundary].astype(np.float64)) ** 2)) / 255.0**2
+        metrics["i2i_prefix_psnr"] = psnr(mse)
+        scores = oracle.mean_scores([oracle.score(images[row, 0], specs[completed[row]]) for row in eligible])
         metrics.update({f"i2i_oracle_{attribute}": value for attribute, value in scores.items()})
     return metrics
 

@@ -122,7 +122,7 @@ class Bundle:
         fitted to the model's size."""
         if image is None:
             raise ValueError(f"prefix_rows {prefix_rows} needs an image to take the rows from")
-        return image_prefix(self.dvae, self.fitted(image)[None], prefix_rows)[0]
+        return image_prefix(self.dvae, self.fitted(image)[None], prefix_rows)
 
     def fitted(self, image: Image.Image) -> np.ndarray:
         """`image` as the model takes it: upright, RGB, centre-cropped to its size; (H, W, 3) uint8."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from ..clip.model import ClipScorer
 from ..clip.model import load as load_clip
 from ..config import SampleConfig
+from ..corpus.shapes import ShapeSpec, completable_below
 from ..dvae.model import DiscreteVAE, decode_tokens, encode_images
 from ..dvae.model import load as load_dvae
 from ..images import save_grid, to_uint8
@@ -34,7 +36,8 @@ class SampleResult:
     grid: Path
     samples: Path  # npz: images (P, C, H, W, 3) uint8, clip_scores, log_likelihood, ranking (P, keep)
     scores: Path
-    completions: Path | None = None  # npz: images (P, keep, H, W, 3) completing `scenes` (P, H, W, 3), prefix_rows
+    # npz: images (S, keep, H, W, 3) completing `scenes` (S, H, W, 3), those of prompts `prompt_index` (S,), prefix_rows
+    completions: Path | None = None
 
 
 def grid_rows(num_prompts: int, rows: int) -> list[int]:
@@ -112,16 +115,22 @@ def draw_candidates(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: D
     return images.view(*tokens.shape[:2], *images.shape[1:]), log_likelihood.cpu()
 
 
-def image_prefix(dvae: DiscreteVAE, images: np.ndarray, prefix_rows: int | None = None,
-                 batch_size: int = 256) -> tuple[torch.Tensor, int]:
-    """Image-to-image's fixed part: the tokens of the top `prefix_rows` token rows of each image
-    (N, H, W, 3) uint8 at the dVAE's size (default: half the grid) -> ((N, prefix_rows * grid), prefix_rows)."""
+def checked_prefix_rows(dvae: DiscreteVAE, prefix_rows: int | None = None) -> int:
+    """The token rows image-to-image keeps of a given image: `prefix_rows`, or half the grid."""
     grid = dvae.cfg.grid_size
     prefix_rows = grid // 2 if prefix_rows is None else prefix_rows
     if not 0 < prefix_rows < grid:
         raise ValueError(f"prefix_rows must be between 1 and {grid - 1} (the model's images are {grid} token "
                          f"rows of {dvae.cfg.image_size // grid} px), got {prefix_rows}")
-    return encode_images(dvae, images, batch_size)[:, : prefix_rows * grid], prefix_rows
+    return prefix_rows
+
+
+def image_prefix(dvae: DiscreteVAE, images: np.ndarray, prefix_rows: int | None = None,
+                 batch_size: int = 256) -> torch.Tensor:
+    """Image-to-image's fixed part: the tokens of the top `prefix_rows` token rows (`checked_prefix_rows`)
+    of each image (N, H, W, 3) uint8 at the dVAE's size -> (N, prefix_rows * grid)."""
+    rows = checked_prefix_rows(dvae, prefix_rows)
+    return encode_images(dvae, images, batch_size)[:, : rows * dvae.cfg.grid_size]
 
 
 def score_and_rank(clip: ClipScorer, images: torch.Tensor, prompts: list[str],
@@ -141,38 +150,47 @@ def kept_candidates(images: torch.Tensor, ranking: torch.Tensor) -> torch.Tensor
 
 def run(cfg: SampleConfig, prompts: list[str], prior_dir: Path, dvae_dir: Path, tokenizer_path: Path, text_len: int,
         clip_source: str, out_dir: Path, tracker: Tracker | None = None,
-        scenes: np.ndarray | None = None) -> SampleResult:
+        scenes: np.ndarray | None = None, specs: Sequence[Sequence[ShapeSpec]] | None = None) -> SampleResult:
     """Sample the trained models saved at these places (the stage's entry point)."""
     return sample_models(cfg, prompts, load_prior(prior_dir), load_dvae(dvae_dir),
                          TextTokenizer.load(tokenizer_path, text_len), load_clip(clip_source), out_dir, tracker,
-                         scenes)
+                         scenes, specs)
 
 
-def complete_scenes(cfg: SampleConfig, prompts: list[str], scenes: np.ndarray, prior: Prior, dvae: DiscreteVAE,
-                    tokenizer: TextTokenizer, clip: ClipScorer, out_dir: Path) -> Path:
-    """Image-to-image on each prompt's own scene (P, H, W, 3): its top half of token rows kept, the rest
-    drawn under the prompt, the best `keep` by CLIP; saved with the prefix's rows (`COMPLETIONS_FILE`)
-    and shown beside their scenes in `completions.png`."""
-    grid = dvae.cfg.grid_size
-    prefix, prefix_rows = image_prefix(dvae, scenes, batch_size=cfg.batch_size)
+def complete_scenes(cfg: SampleConfig, prompts: list[str], scenes: np.ndarray, specs: Sequence[Sequence[ShapeSpec]],
+                    prior: Prior, dvae: DiscreteVAE, tokenizer: TextTokenizer, clip: ClipScorer,
+                    out_dir: Path) -> Path | None:
+    """Image-to-image on the prompts' own scenes (P, H, W, 3) that it can be judged on, those whose
+    top half of token rows shows every shape (`specs`, each prompt's) and where one continues below
+    (`shapes.completable_below`): that half kept, the rest drawn under the prompt, the best `keep` by
+    CLIP; saved with their prompts' indices and the prefix's rows (`COMPLETIONS_FILE`) and shown
+    beside their scenes in `completions.png`. None where no scene qualifies."""
+    grid, size = dvae.cfg.grid_size, scenes.shape[1]
+    prefix_rows = checked_prefix_rows(dvae)
+    boundary = prefix_rows * size // grid  # the pixel rows given
+    chosen = [p for p, prompt_specs in enumerate(specs) if completable_below(prompt_specs, size, boundary)]
+    if not chosen:
+        return None
+    scenes, prompts = scenes[chosen], [prompts[p] for p in chosen]
+    prefix = image_prefix(dvae, scenes, prefix_rows, cfg.batch_size)
     images, _ = draw_candidates(cfg, prompts, prior, dvae, tokenizer, cfg.seed + 1, prefix)
     _, ranking = score_and_rank(clip, images, prompts, cfg.keep)
-    kept = kept_candidates(images, ranking)
-    pixels = to_uint8(kept.flatten(0, 1)).reshape(len(prompts), cfg.keep, *scenes.shape[1:])
+    pixels = to_uint8(kept_candidates(images, ranking).flatten(0, 1)).reshape(len(prompts), cfg.keep, *scenes.shape[1:])
     shown = grid_rows(len(prompts), cfg.grid_prompts)
     save_grid([[scenes[p], *pixels[p]] for p in shown], out_dir / "completions.png",
               row_labels=[f"{prompts[p]} (top {prefix_rows} of {grid} rows given)" for p in shown])
     with atomic_path(out_dir / COMPLETIONS_FILE) as tmp:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, images=pixels, scenes=scenes, prefix_rows=prefix_rows, grid=grid)
+            np.savez_compressed(handle, images=pixels, scenes=scenes, prompt_index=np.array(chosen),
+                                prefix_rows=prefix_rows, grid=grid)
     return out_dir / COMPLETIONS_FILE
 
 
 def sample_models(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: DiscreteVAE, tokenizer: TextTokenizer,
                   clip: ClipScorer, out_dir: Path, tracker: Tracker | None = None,
-                  scenes: np.ndarray | None = None) -> SampleResult:
-    """Candidates for every prompt, reranked, with their grid and scores; given `scenes` (each
-    prompt's own image, the shapes corpus), image-to-image completions of them too."""
+                  scenes: np.ndarray | None = None, specs: Sequence[Sequence[ShapeSpec]] | None = None) -> SampleResult:
+    """Candidates for every prompt, reranked, with their grid and scores; given `scenes` and `specs`
+    (each prompt's own image and its shapes, the shapes corpus), image-to-image completions of them too."""
     if not prompts:
         raise ValueError("no prompts to sample")
     out_dir = Path(out_dir)
@@ -204,8 +222,8 @@ def sample_models(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: Dis
         pq.write_table(table, tmp)
     (out_dir / "prompts.json").write_text(json.dumps(prompts, indent=1))
     completions = None
-    if scenes is not None:
-        completions = complete_scenes(cfg, prompts, scenes, prior, dvae, tokenizer, clip, out_dir)
+    if scenes is not None and specs is not None:
+        completions = complete_scenes(cfg, prompts, scenes, specs, prior, dvae, tokenizer, clip, out_dir)
     if tracker is not None:
         tracker.log_artifact(grid)
         if completions is not None:

@@ -268,3 +268,7 @@ def test_image_to_image_is_scored_on_the_scenes_whose_shapes_the_prefix_starts()
     unfinished = image_to_image_metrics(_completions(scenes, cut[:, None]), specs)
     assert unfinished["i2i_prefix_psnr"] == pytest.approx(100.0)  # the given rows came back
     assert unfinished["i2i_oracle_size"] < 1.0 and unfinished["i2i_oracle_all"] == 0.0  # half a shape is smaller
+
+    # the sample stage completes the two that count only, and says whose they are
+    only = {**_completions(scenes[:2], scenes[:2, None]), "prompt_index": np.array([0, 1])}
+    assert image_to_image_metrics(only, specs) == perfect

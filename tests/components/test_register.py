@@ -166,3 +166,29 @@ def test_a_model_registered_before_the_layout_moved_still_loads_and_generates(bu
     model = mlflow.pyfunc.load_model(str(model_dir))
     predictions = model.predict(pd.DataFrame({"prompt": ["a small red circle"], "num_images": [2]}))
     assert list(predictions["rank"]) == [0, 1] and all(len(png) > 100 for png in predictions["image_png"])
+
+
+def test_the_sample_stage_completes_only_the_scenes_image_to_image_is_judged_on(bundle_dir, tmp_path):
+    """Of four scenes, the two whose every shape starts in the given top half and one continues below
+    are completed (their prompts' indices saved with them); a shape wholly given or wholly below is
+    left out, and a set with none of those completes nothing."""
+    from dalle_pipeline.components.corpus.shapes import ShapeSpec, render
+    from dalle_pipeline.components.sample.run import sample_models
+
+    bundle = Bundle.load(bundle_dir)
+    specs = [[ShapeSpec("white", "circle", "small", "top")],      # wholly in the given rows
+             [ShapeSpec("green", "square", "large", "center")],   # starts above the middle, ends below
+             [ShapeSpec("blue", "circle", "small", "bottom")],    # wholly below
+             [ShapeSpec("red", "triangle", "large", "left")]]
+    scenes = np.stack([np.asarray(render(s, 32)) for s in specs])
+    prompts = ["a small white circle", "a large green square", "a small blue circle", "a large red triangle"]
+    result = sample_models(bundle.cfg.sample, prompts, bundle.prior, bundle.dvae, bundle.tokenizer, bundle.clip,
+                           tmp_path / "some", scenes=scenes, specs=specs)
+    completions = np.load(result.completions)
+    assert completions["prompt_index"].tolist() == [1, 3]
+    assert (completions["scenes"] == scenes[[1, 3]]).all()
+    assert completions["images"].shape == (2, bundle.cfg.sample.keep, 32, 32, 3)
+    assert (tmp_path / "some" / "completions.png").exists()
+    none = sample_models(bundle.cfg.sample, prompts[::2], bundle.prior, bundle.dvae, bundle.tokenizer, bundle.clip,
+                         tmp_path / "none", scenes=scenes[::2], specs=specs[::2])
+    assert none.completions is None and not (tmp_path / "none" / "completions.png").exists()
