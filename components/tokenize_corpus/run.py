@@ -9,8 +9,9 @@ writes its part atomically as soon as the last one arrives. A re-run skips parts
 for the same dVAE and tokenizer, so a killed run resumes at shard granularity and never leaves a
 half part. An image that does not decode is counted (`skipped` per part) and left out, never fatal.
 Last, a decode check: the dVAE decodes the stored tokens of a sample of rows, which must match
-their original images with the PSNR the dVAE's training reported; `_manifest.json`, written after
-it, marks the dataset complete.
+their original images with the PSNR the dVAE's training reported and, on the shapes corpus (rows
+whose metadata holds their shapes), the oracle's reading of its reconstructions (`recon_oracle_*`);
+`_manifest.json`, written after it, marks the dataset complete.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import torch
 
 from .. import checkpoint
 from ..cluster import connect
+from ..corpus import oracle
+from ..corpus.shapes import specs_from_json
 from ..dvae.model import load as load_dvae
-from ..images import psnr, to_float
+from ..images import psnr, to_float, to_uint8
 from ..lineage import curated_corpus
 from ..shards import read_shard, shard_paths
 from ..storage import file_sha256, write_json
@@ -39,6 +42,10 @@ from ..tracking import Tracker
 READ_BATCH_ROWS = 256  # rows per block leaving a reader task: bounded memory whatever the shard size
 DECODE_CHECK_ROWS = 64
 DECODE_CHECK_TOLERANCE_DB = 2.0
+# the oracle on the decoded rows may fall this far below what the dVAE stage read from its own
+# reconstructions (256 scenes) before the check fails: 64 rows are a coarse sample, wrong tokens
+# (another dVAE, another order) read near chance
+DECODE_CHECK_ORACLE_TOLERANCE = 0.2
 
 
 @dataclass
@@ -171,8 +178,7 @@ def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, 
         total += rows
     if total == 0:
         raise ValueError(f"no samples to tokenize in {curated_dir}")
-    reported_psnr = checkpoint.read_config(dvae_dir, "dvae")[1].get("eval_psnr")
-    check = decode_check(model, out_dir, parts, Path(curated_dir), reported_psnr)
+    check = decode_check(model, out_dir, parts, Path(curated_dir), checkpoint.read_config(dvae_dir, "dvae")[1])
     manifest = {**metadata, "rows": total, "skipped": sum(p["skipped"] for p in parts), "parts": parts,
                 "text_len": text_len, "decode_check": check}
     write_json(out_dir / MANIFEST, manifest)
@@ -230,17 +236,21 @@ def _write_shard_part(chunks: list[dict[str, np.ndarray]], part: Path, metadata:
 
 @torch.no_grad()
 def decode_check(model, dataset_dir: Path, parts: list[dict[str, Any]], curated_dir: Path,
-                 reported_psnr: float | None, rows: int = DECODE_CHECK_ROWS, seed: int = 0) -> dict[str, Any]:
+                 reported: dict[str, Any], rows: int = DECODE_CHECK_ROWS, seed: int = 0) -> dict[str, Any]:
     """Decode the stored tokens of a seeded sample of rows and compare them with their original images.
 
-    The PSNR must come within DECODE_CHECK_TOLERANCE_DB of the one the dVAE's training reported
-    (`eval_psnr` in its checkpoint) when it reported one: tokens stored out of order, from another
-    dVAE or damaged, decode to something else and fail here, before the prior trains on them.
+    `reported` is what the dVAE's training measured (its checkpoint's metadata). The PSNR must come
+    within DECODE_CHECK_TOLERANCE_DB of its `eval_psnr`, and where the rows carry their shapes (the
+    shapes corpus: `objects` in their metadata) the oracle's reading of the decoded images within
+    DECODE_CHECK_ORACLE_TOLERANCE of its `recon_oracle_<attribute>`: tokens stored out of order,
+    from another dVAE or damaged, decode to something else and fail here, before the prior trains
+    on them.
     """
+    reported_psnr = reported.get("eval_psnr")
     generator = np.random.default_rng(seed)
     candidates = [part for part in parts if part["rows"]]
     chosen = generator.choice(len(candidates), size=min(len(candidates), 4), replace=False)
-    originals, tokens = [], []
+    originals, tokens, specs = [], [], []
     for index in sorted(chosen):
         part = candidates[index]
         table = pq.read_table(dataset_dir / part["file"], columns=["key", "image_tokens"])
@@ -248,17 +258,35 @@ def decode_check(model, dataset_dir: Path, parts: list[dict[str, Any]], curated_
                                          replace=False))
         keys = [table.column("key")[int(i)].as_py() for i in picks]
         wanted = set(keys)
-        images = {s.key: s.pixels() for s in read_shard(curated_dir / part["source_shard"]) if s.key in wanted}
-        originals += [images[key] for key in keys]
+        samples = {s.key: s for s in read_shard(curated_dir / part["source_shard"]) if s.key in wanted}
+        originals += [samples[key].pixels() for key in keys]
+        specs += [samples[key].meta.get("objects") for key in keys]
         column = table.column("image_tokens").combine_chunks()
         flat = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
         tokens.append(torch.from_numpy(flat[picks].astype(np.int64)))
     target = to_float(np.stack(originals))
-    mse = float(torch.nn.functional.mse_loss(model.eval().decode(torch.cat(tokens)), target))
+    decoded = model.eval().decode(torch.cat(tokens))
+    mse = float(torch.nn.functional.mse_loss(decoded, target))
     result = {"rows": len(originals), "psnr": psnr(mse), "dvae_eval_psnr": reported_psnr}
+    problem = None
     if reported_psnr is not None and result["psnr"] < reported_psnr - DECODE_CHECK_TOLERANCE_DB:
-        raise ValueError(
-            f"decode check failed in {dataset_dir}: the stored tokens of {len(originals)} rows decode to their "
-            f"images at {result['psnr']:.2f} dB PSNR, the dVAE's training reported {reported_psnr:.2f} dB; the "
-            f"tokens do not belong to these images (another dVAE, wrong order or damaged parts)")
+        problem = (f"decode to their images at {result['psnr']:.2f} dB PSNR, the dVAE's training reported "
+                   f"{reported_psnr:.2f} dB")
+    shaped = [row for row, objects in enumerate(specs) if objects]
+    if shaped:
+        pixels = to_uint8(decoded[shaped])
+        read = oracle.mean_scores([oracle.score(image, specs_from_json(specs[row]))
+                                   for image, row in zip(pixels, shaped)])
+        result["oracle_rows"] = len(shaped)
+        for attribute in oracle.ATTRIBUTES:
+            result[f"oracle_{attribute}"] = read[attribute]
+            expected = reported.get(f"recon_oracle_{attribute}")
+            short = expected is not None and read[attribute] < expected - DECODE_CHECK_ORACLE_TOLERANCE
+            if short and problem is None:
+                problem = (f"decode to images whose {attribute} the oracle reads right in {read[attribute]:.2f} of "
+                           f"{len(shaped)}, where the dVAE's own reconstructions read {expected:.2f}")
+    if problem is not None:
+        raise ValueError(f"decode check failed in {dataset_dir}: the stored tokens of {len(originals)} rows "
+                         f"{problem}; the tokens do not belong to these images (another dVAE, wrong order or "
+                         "damaged parts)")
     return result

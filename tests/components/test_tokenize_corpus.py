@@ -106,3 +106,31 @@ def test_the_decode_check_compares_with_the_psnr_training_reported(inputs, tmp_p
     with pytest.raises(ValueError, match="decode check failed"):
         run(curated, boasting, tokenizer_path, tmp_path / "refused", text_len=24)
     assert not (tmp_path / "refused" / MANIFEST).exists()
+
+
+def test_the_decode_check_reads_the_shapes_back_as_the_dvae_stage_did(inputs, tmp_path):
+    """On the shapes corpus (its rows carry their shapes) the check runs the oracle on the decoded
+    rows: it agrees with the oracle on the same dVAE's reconstructions, and a dVAE that reported it
+    keeps colour it does not keep is refused, naming the attribute."""
+    from dalle_pipeline.components.corpus import oracle, specs_from_json
+    from dalle_pipeline.components.dvae.model import load, reconstruct
+    from dalle_pipeline.components.shards import iter_samples
+
+    curated, dvae_dir, tokenizer_path, _ = inputs
+    model = load(dvae_dir)
+    samples = list(iter_samples(curated))
+    assert all(sample.meta.get("objects") for sample in samples)  # the shapes travel with the rows
+    reconstructions = reconstruct(model, np.stack([sample.pixels() for sample in samples]))
+    read = oracle.mean_scores([oracle.score(image, specs_from_json(sample.meta["objects"]))
+                               for image, sample in zip(reconstructions, samples)])
+    honest = checkpoint.save(tmp_path / "honest", KIND, model.state_dict(), model.cfg.to_dict(),
+                             meta={f"recon_oracle_{name}": read[name] for name in oracle.ATTRIBUTES})
+    check = run(curated, honest, tokenizer_path, tmp_path / "ok", text_len=24).manifest["decode_check"]
+    assert check["oracle_rows"] == 64
+    assert all(abs(check[f"oracle_{name}"] - read[name]) < 0.2 for name in oracle.ATTRIBUTES)
+    assert read["colour"] < 0.7  # untrained: it loses colour, so a claim of 1.0 is a lie the check can see
+    boasting = checkpoint.save(tmp_path / "boasting", KIND, model.state_dict(), model.cfg.to_dict(),
+                               meta={"recon_oracle_colour": 1.0})
+    with pytest.raises(ValueError, match="decode check failed.*colour the oracle reads right"):
+        run(curated, boasting, tokenizer_path, tmp_path / "refused", text_len=24)
+    assert not (tmp_path / "refused" / MANIFEST).exists()
