@@ -2,7 +2,7 @@
 
 4,495 emoji drawn as SVGs (`color/svg/<hexcode>.svg`), each with its Unicode annotation in
 `data/openmoji.json` ("grinning face", "woman office worker: light skin tone", "flag: Germany").
-`make real-corpus` (run by `make test-slow` / `make test-all`, so by CI) fetches the package
+`make real-corpus` (run by `make test-slow` / `make test-all`, so by CI, and `make test-quality`) fetches the package
 tarball from the npm registry into `.cache/`; nothing is fetched at import or test time. The
 tests rasterise it (cairosvg) into a folder of `<hexcode>.png` + `<hexcode>.txt`, and serve that
 folder on loopback for the URL-list kind.
