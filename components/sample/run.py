@@ -159,29 +159,30 @@ def run(cfg: SampleConfig, prompts: list[str], prior_dir: Path, dvae_dir: Path, 
 
 def complete_scenes(cfg: SampleConfig, prompts: list[str], scenes: np.ndarray, specs: Sequence[Sequence[ShapeSpec]],
                     prior: Prior, dvae: DiscreteVAE, tokenizer: TextTokenizer, clip: ClipScorer,
-                    out_dir: Path) -> Path | None:
+                    out_dir: Path) -> Path:
     """Image-to-image on the prompts' own scenes (P, H, W, 3) that it can be judged on, those whose
     top half of token rows shows every shape (`specs`, each prompt's) and where one continues below
     (`shapes.completable_below`): that half kept, the rest drawn under the prompt, the best `keep` by
     CLIP; saved with their prompts' indices and the prefix's rows (`COMPLETIONS_FILE`) and shown
-    beside their scenes in `completions.png`. None where no scene qualifies."""
+    beside their scenes in `completions.png` (none where no scene qualifies: the file then holds none)."""
     grid, size = dvae.cfg.grid_size, scenes.shape[1]
     prefix_rows = checked_prefix_rows(dvae)
     boundary = prefix_rows * size // grid  # the pixel rows given
     chosen = [p for p, prompt_specs in enumerate(specs) if completable_below(prompt_specs, size, boundary)]
-    if not chosen:
-        return None
     scenes, prompts = scenes[chosen], [prompts[p] for p in chosen]
-    prefix = image_prefix(dvae, scenes, prefix_rows, cfg.batch_size)
-    images, _ = draw_candidates(cfg, prompts, prior, dvae, tokenizer, cfg.seed + 1, prefix)
-    _, ranking = score_and_rank(clip, images, prompts, cfg.keep)
-    pixels = to_uint8(kept_candidates(images, ranking).flatten(0, 1)).reshape(len(prompts), cfg.keep, *scenes.shape[1:])
-    shown = grid_rows(len(prompts), cfg.grid_prompts)
-    save_grid([[scenes[p], *pixels[p]] for p in shown], out_dir / "completions.png",
-              row_labels=[f"{prompts[p]} (top {prefix_rows} of {grid} rows given)" for p in shown])
+    pixels = np.zeros((0, cfg.keep, *scenes.shape[1:]), dtype=np.uint8)
+    if chosen:
+        prefix = image_prefix(dvae, scenes, prefix_rows, cfg.batch_size)
+        images, _ = draw_candidates(cfg, prompts, prior, dvae, tokenizer, cfg.seed + 1, prefix)
+        _, ranking = score_and_rank(clip, images, prompts, cfg.keep)
+        pixels = to_uint8(kept_candidates(images, ranking).flatten(0, 1)).reshape(len(prompts), cfg.keep,
+                                                                                  *scenes.shape[1:])
+        shown = grid_rows(len(prompts), cfg.grid_prompts)
+        save_grid([[scenes[p], *pixels[p]] for p in shown], out_dir / "completions.png",
+                  row_labels=[f"{prompts[p]} (top {prefix_rows} of {grid} rows given)" for p in shown])
     with atomic_path(out_dir / COMPLETIONS_FILE) as tmp:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, images=pixels, scenes=scenes, prompt_index=np.array(chosen),
+            np.savez_compressed(handle, images=pixels, scenes=scenes, prompt_index=np.array(chosen, dtype=np.int64),
                                 prefix_rows=prefix_rows, grid=grid)
     return out_dir / COMPLETIONS_FILE
 
@@ -226,7 +227,7 @@ def sample_models(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: Dis
         completions = complete_scenes(cfg, prompts, scenes, specs, prior, dvae, tokenizer, clip, out_dir)
     if tracker is not None:
         tracker.log_artifact(grid)
-        if completions is not None:
+        if (out_dir / "completions.png").exists():
             tracker.log_artifact(out_dir / "completions.png")
         tracker.log_artifact(out_dir / SCORES_FILE)
         tracker.log_metrics({"clip_score_kept": float(clip_scores.gather(1, ranking).mean()),
