@@ -34,7 +34,7 @@ test: install
 	$(PY) -m pytest -q
 
 test-slow: install real-corpus
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m "slow and not quality"
 
 test-all: install real-corpus
 	$(PY) -m pytest -q -m "not quality" --durations=15
