@@ -171,8 +171,7 @@ def image_to_image_metrics(completions: Mapping[str, np.ndarray], specs: Sequenc
     images, scenes = completions["images"], completions["scenes"]
     size, rows, grid = scenes.shape[1], int(completions["prefix_rows"]), int(completions["grid"])
     boundary = rows * size // grid  # pixel rows the prefix holds
-    # which prompt each completion is of (completions cached before the index, of every scene, carry none)
-    completed = completions["prompt_index"] if "prompt_index" in completions else np.arange(len(scenes))
+    completed = completions["prompt_index"]  # which prompt each completion is of
     eligible = [row for row, prompt in enumerate(completed) if completable_below(specs[prompt], size, boundary)]
     metrics = {"i2i_scenes": len(eligible) / len(specs)}
     if eligible:

@@ -243,7 +243,8 @@ def test_the_tokenizers_reconstructions_of_the_references_get_their_own_fid(ince
 
 
 def _completions(scenes, images, prefix_rows=4, grid=8):
-    return {"images": images, "scenes": scenes, "prefix_rows": np.array(prefix_rows), "grid": np.array(grid)}
+    return {"images": images, "scenes": scenes, "prompt_index": np.arange(len(scenes)),
+            "prefix_rows": np.array(prefix_rows), "grid": np.array(grid)}
 
 
 def test_image_to_image_is_scored_on_the_scenes_whose_shapes_the_prefix_starts():
