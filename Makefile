@@ -1,7 +1,7 @@
 # dalle-pipeline: `make demo` trains a text-to-image model end to end on the embedded shapes corpus;
 # `make test` runs the quick tests (unit tests and one micro end-to-end flow, a few minutes),
 # `make test-all` the quick and the slow tier (CI's), `make test-slow` the slow tier alone,
-# `make test-quality` the demo's quality floors (the tiny preset end to end). All install into
+# `make test-quality` the tiny preset trained on the real corpus (OpenMoji). All install into
 # .venv first (idempotent).
 PYTHON ?= python3
 VENV ?= $(CURDIR)/.venv
@@ -39,8 +39,8 @@ test-slow: install real-corpus
 test-all: install real-corpus
 	$(PY) -m pytest -q -m "not quality" --durations=15
 
-# not in CI: on the AVX2-only CPU kind each of its two tiny-preset runs takes 22-25 minutes, and CI
-# with them ran past its 90 (102 minutes of tests); run it before saying how well the demo draws
+# not in CI: the tiny preset trained on OpenMoji (25 minutes on the AVX2-only CPU kind before #15 cut
+# the preset's updates; CI's 90 minutes hold the shapes run, tests/flows/test_quality.py, not both)
 test-quality: install real-corpus
 	$(PY) -m pytest -q -m quality -s
 

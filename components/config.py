@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .presets import PRESETS
+from .saved_configs import upgrade
 
 
 class StageConfig(BaseModel):
@@ -161,14 +162,14 @@ class DVAEArchitecture(StageConfig):
     """The dVAE's shape: with the image size (`dvae.model.DVAEModelConfig`) it rebuilds the model."""
 
     codebook_size: int = Field(256, ge=2, description="number of image codes")
-    n_hid: int = Field(32, ge=4, description="base width; groups are 1, 2, 4, 8 x n_hid")
+    n_hid: int = Field(24, ge=4, description="base width; groups are 1, 2, 4, 8 x n_hid")
     num_groups: int = Field(3, ge=2, le=4, description="residual groups; downsampling = 2**(num_groups-1)")
     blocks_per_group: int = Field(1, ge=1, description="residual blocks per group")
     logit_laplace_eps: float = Field(0.1, gt=0, lt=0.5, description="pixels are mapped into [eps, 1-eps]")
     quantizer: Literal["gumbel", "vq"] = Field("vq", description="the image tokenizer kind: gumbel (the paper's "
                                                "dVAE) or vq (l2-normalised codes, nearest by cosine; dvae/model.py)")
     code_dim: int = Field(8, ge=2, description="vq: dimension of each code (l2-normalised)")
-    codebook_decay: float = Field(0.99, gt=0, lt=1, description="vq: EMA decay of the codebook's cluster means")
+    codebook_decay: float = Field(0.9, gt=0, lt=1, description="vq: EMA decay of the codebook's cluster means")
 
 
 class DVAEConfig(RayTrainConfig, DVAEArchitecture):
@@ -189,8 +190,18 @@ class DVAEConfig(RayTrainConfig, DVAEArchitecture):
         None, description="a dVAE checkpoint folder whose weights start training (fine-tuning); same architecture"
     )
     optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, ema_decay=0.99)
+        default_factory=lambda: OptimConfig(steps=800, batch_size=64, lr=2e-3, min_lr=1e-4, ema_decay=0.0)
     )
+
+    @model_validator(mode="after")
+    def _vq_has_no_weight_average(self) -> DVAEConfig:
+        if self.quantizer == "vq" and self.optim.ema_decay > 0:
+            raise ValueError(
+                f"dvae.optim.ema_decay {self.optim.ema_decay} with dvae.quantizer vq: the vq codebook is the "
+                "cluster means of the live encoder's outputs, and an average of the encoder's weights has no "
+                "codebook of its own (averaging the codes blends restarted ones into vectors no output is near); "
+                "set dvae.optim.ema_decay=0, or use the gumbel kind")
+        return self
 
 
 class PriorArchitecture(StageConfig):
@@ -223,7 +234,7 @@ class PriorConfig(RayTrainConfig, PriorArchitecture):
         "ddp", description="data parallel (replicas) or FSDP2 (parameters, grads and optimizer state sharded)"
     )
     optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(steps=1000, batch_size=64, lr=2e-3, min_lr=1e-4, weight_decay=0.01,
+        default_factory=lambda: OptimConfig(steps=500, batch_size=64, lr=2e-3, min_lr=1e-4, weight_decay=0.01,
                                             precision="auto")
     )
     shuffle_buffer_rows: int = Field(
@@ -388,33 +399,6 @@ def dotted_overrides(overrides: Any) -> dict[str, Any]:
 
 def validation_problems(err: ValidationError, root: str = "config") -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or root}: {e['msg']}" for e in err.errors())
-
-
-# where fields of configs saved before they moved now live: a model registered then still loads and retrains
-MOVED_FIELDS = {"download.url_list": "data.source", "download.url_col": "data.url_col",
-                "download.caption_col": "data.caption_col"}
-# the shapes corpus's values that configs saved before `None` meant "by source" held for every source
-SOURCE_DEFAULTS = {("download", "allow_file_urls"): True, ("filter", "drop_exact_duplicates"): False}
-
-
-def upgrade(config: dict[str, Any]) -> dict[str, Any]:
-    """A saved whole config (a bundle's `config.json`) in today's form: moved fields moved, the
-    shapes corpus's defaults that older configs spelled out put back to None (by source), and a dVAE
-    saved before `dvae.quantizer` existed named for what it is (gumbel)."""
-    tree = json.loads(json.dumps(config))
-    if "dvae" in tree and "quantizer" not in tree["dvae"]:  # saved before the vq kind: the paper's dVAE
-        tree["dvae"]["quantizer"] = "gumbel"
-    download = tree.get("download", {})
-    if "url_list" not in download:
-        return tree
-    for old, new in MOVED_FIELDS.items():
-        (section, field), (new_section, new_field) = old.split("."), new.split(".")
-        if field in tree.get(section, {}):
-            tree.setdefault(new_section, {})[new_field] = tree[section].pop(field)
-    for (section, field), shapes_value in SOURCE_DEFAULTS.items():
-        if tree.get(section, {}).get(field) == shapes_value:
-            tree[section][field] = None
-    return tree
 
 
 def resolve(preset: str = "tiny", overrides: Any = None,

@@ -54,6 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dvae.blocks_per_group": 2,
         "dvae.optim.steps": 20_000,
         "dvae.optim.precision": "auto",
+        "dvae.optim.ema_decay": 0.99,
         "dvae.temperature_anneal_steps": 15_000,
         "dvae.kl_warmup_steps": 2_000,
         "tokenizer.vocab_size": 4096,
@@ -96,6 +97,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "prior.layers": 64,
         "prior.d_model": 3968,
         "prior.heads": 62,
+        "prior.optim.steps": 1000,  # a smoke run's length, as before tiny's prior went to 500
         "prior.optim.lr": 4.5e-4,
         "prior.optim.betas": (0.9, 0.96),
         "prior.optim.weight_decay": 4.5e-2,

@@ -1,10 +1,11 @@
-"""Train the dVAE on curated images with the gumbel-softmax relaxation, on Ray Train, and save it.
+"""Train the dVAE (gumbel-softmax relaxation, or vq codes) on curated images, on Ray Train, and save it.
 
 Each Ray Train worker loads the curated corpus, takes its rank's share of every batch and runs the
 shared `fit` loop (DDP over gloo on CPU, NCCL on GPUs, bf16 autocast and channels_last on CUDA).
 Checkpoints every `checkpoint_every` updates carry weights, optimizer, EMA, every rank's RNG and
 the step, so a run killed and started again resumes at the same step with the same data next.
-The checkpoint kept is the EMA's weights: those encode the corpus and decode samples.
+The weights kept are the EMA's where `optim.ema_decay` keeps one (never for vq, whose codebook
+follows the live encoder), else the last: those encode the corpus and decode samples.
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ def log_inputs(curated_dir: Path, tracker: Tracker | None) -> None:
 def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed: int,
         shapes: CorpusConfig | None = None, tracker: Tracker | None = None,
         ray_address: str | None = None) -> DVAEResult:
-    """Train on Ray Train (resuming a run killed earlier in `out_dir`), then save the EMA weights.
+    """Train on Ray Train (resuming a run killed earlier in `out_dir`), then save its weights (the EMA's, where kept).
 
     `shapes`: the shapes corpus's settings when the images are that corpus; the oracle then reads
     held-out scenes back from the reconstructions (`reconstruction_oracle`), and the stage fails

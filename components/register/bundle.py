@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from ..clip.model import LOCAL_DIR, ClipScorer
 from ..clip.model import load as load_clip
-from ..config import PipelineConfig, SampleConfig, upgrade
+from ..config import PipelineConfig, SampleConfig
 from ..dvae.model import DiscreteVAE
 from ..dvae.model import load as load_dvae
 from ..images import as_rgb, resized, to_uint8
@@ -29,6 +29,7 @@ from ..prior.model import Prior
 from ..prior.model import load as load_prior
 from ..sample.run import (draw_candidates, image_prefix, kept_candidates, place_for_sampling, sampling_device,
                           score_and_rank)
+from ..saved_configs import upgrade
 from ..storage import atomic_path
 from ..text.tokenizer import TextTokenizer
 

@@ -5,6 +5,7 @@ from pydantic import BaseModel, ValidationError
 
 from dalle_pipeline.components import overrides as overrides_module
 from dalle_pipeline.components.config import ConfigError, PipelineConfig, resolve
+from dalle_pipeline.components.saved_configs import upgrade
 from dalle_pipeline.components.presets import PRESETS
 from dalle_pipeline.components.overrides import PipelineOverrides, as_overrides
 
@@ -33,6 +34,7 @@ def test_overrides_reach_nested_fields_and_keep_section_defaults():
         ({"corpus.image_size": 30}, "corpus.image_size"),
         ({"sample.keep": 20, "sample.candidates": 4}, "keep"),
         ({"dvae.optim.lr": -1}, "dvae.optim.lr"),
+        ({"dvae.optim.ema_decay": 0.99}, "dvae.optim.ema_decay 0.99 with dvae.quantizer vq"),
     ],
 )
 def test_bad_values_fail_naming_the_field(overrides, field):
@@ -119,3 +121,13 @@ def test_bad_overrides_are_refused_naming_the_field(overrides, field):
 def test_cross_field_checks_of_the_configs_still_apply_to_nested_overrides():
     with pytest.raises(ConfigError, match=r"prior: .*d_model \(130\)"):
         resolve("tiny", PipelineOverrides(prior={"d_model": 130}))
+
+
+def test_a_vq_dvae_saved_with_a_weight_average_fine_tunes_without_one():
+    # before vq refused ema_decay > 0, tiny saved vq with 0.99: its bundle's config must still resolve
+    saved = resolve("tiny").model_dump(mode="json")
+    saved["dvae"]["optim"]["ema_decay"] = 0.99
+    cfg = resolve(base=upgrade(saved))
+    assert cfg.dvae.quantizer == "vq" and cfg.dvae.optim.ema_decay == 0.0
+    # the paper's gumbel dVAE keeps its average
+    assert resolve(base=upgrade(resolve("paper").model_dump(mode="json"))).dvae.optim.ema_decay == 0.999

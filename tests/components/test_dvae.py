@@ -200,7 +200,8 @@ def test_vq_restarts_a_code_nothing_uses_and_round_trips_its_checkpoint(tmp_path
 def test_a_gumbel_checkpoint_written_before_the_quantizer_field_still_loads(tmp_path):
     from dalle_pipeline.components import checkpoint
 
-    from dalle_pipeline.components.config import resolve, upgrade
+    from dalle_pipeline.components.config import resolve
+    from dalle_pipeline.components.saved_configs import upgrade
 
     cfg = DVAEModelConfig(codebook_size=16, n_hid=8, quantizer="gumbel")
     old_config = {k: v for k, v in cfg.to_dict().items() if k not in ("quantizer", "code_dim", "codebook_decay")}
