@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# where fields of configs saved before they moved now live: a model registered then still loads and retrains
+# where fields of configs saved before they moved now live
 MOVED_FIELDS = {"download.url_list": "data.source", "download.url_col": "data.url_col",
                 "download.caption_col": "data.caption_col"}
 # the shapes corpus's values that configs saved before `None` meant "by source" held for every source

@@ -5,9 +5,9 @@ from pydantic import BaseModel, ValidationError
 
 from dalle_pipeline.components import overrides as overrides_module
 from dalle_pipeline.components.config import ConfigError, PipelineConfig, resolve
-from dalle_pipeline.components.saved_configs import upgrade
 from dalle_pipeline.components.presets import PRESETS
 from dalle_pipeline.components.overrides import PipelineOverrides, as_overrides
+from dalle_pipeline.components.saved_configs import upgrade
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
