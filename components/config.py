@@ -186,6 +186,14 @@ class DVAEConfig(RayTrainConfig, DVAEArchitecture):
     recon_grid_every: int = Field(250, ge=1, description="log a reconstruction grid every this many updates")
     recon_oracle_floor: float = Field(0.9, ge=0, le=1, description="shapes corpus: the stage fails when the "
                                       "oracle reads less of any attribute back from reconstructions of held-out scenes")
+    adversarial_weight: float = Field(0.0, ge=0, description="weight of a patch discriminator's hinge loss on "
+                                      "the reconstructions (dvae/losses.py; 0 = no discriminator)")
+    adversarial_start: int = Field(0, ge=0, description="updates before the discriminator's loss reaches the dVAE "
+                                   "(the discriminator itself learns from step 0)")
+    discriminator_width: int = Field(32, ge=4, description="the patch discriminator's first-layer width")
+    perceptual_weight: float = Field(0.0, ge=0, description="weight of the VGG16 perceptual distance (0 = none)")
+    perceptual_weights: str | None = Field(None, description="a torchvision vgg16 state dict file for the perceptual "
+                                           "distance (never downloaded)")
     init_from: str | None = Field(
         None, description="a dVAE checkpoint folder whose weights start training (fine-tuning); same architecture"
     )
@@ -194,13 +202,16 @@ class DVAEConfig(RayTrainConfig, DVAEArchitecture):
     )
 
     @model_validator(mode="after")
-    def _vq_has_no_weight_average(self) -> DVAEConfig:
+    def _losses_are_consistent(self) -> DVAEConfig:
         if self.quantizer == "vq" and self.optim.ema_decay > 0:
             raise ValueError(
                 f"dvae.optim.ema_decay {self.optim.ema_decay} with dvae.quantizer vq: the vq codebook is the "
                 "cluster means of the live encoder's outputs, and an average of the encoder's weights has no "
                 "codebook of its own (averaging the codes blends restarted ones into vectors no output is near); "
                 "set dvae.optim.ema_decay=0, or use the gumbel kind")
+        if self.perceptual_weight > 0 and not self.perceptual_weights:
+            raise ValueError(f"dvae.perceptual_weight {self.perceptual_weight} needs dvae.perceptual_weights, the "
+                             "file of a torchvision vgg16 state dict (nothing is downloaded)")
         return self
 
 

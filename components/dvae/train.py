@@ -32,6 +32,7 @@ from ..shards import HOLDOUT_DIR, load_corpus, shard_paths
 from ..tracking import Tracker, monitor_system
 from ..training import TensorBatches, fit, ray_train
 from ..training.loop import progress_logger, unwrap
+from .losses import PatchDiscriminator, PerceptualDistance, discriminator_loss, generator_loss
 from .model import (BEFORE_FIELDS, KIND, DiscreteVAE, DVAEModelConfig, codebook_usage, kl_to_uniform, logit_laplace_nll,
                     reconstruct, reconstruction_quality)
 
@@ -53,9 +54,13 @@ def kl_weight_at(step: int, cfg: DVAEConfig) -> float:
     return cfg.kl_weight * min(1.0, step / cfg.kl_warmup_steps)
 
 
-def dvae_loss(cfg: DVAEConfig):
+def dvae_loss(cfg: DVAEConfig, perceptual: PerceptualDistance | None = None):
     """The loss callback for `fit`: pixel NLL + beta * KL(q || uniform), both per pixel dimension
-    (gumbel), or pixel NLL + commitment_weight * the commitment loss (vq).
+    (gumbel), or pixel NLL + commitment_weight * the commitment loss (vq); plus, where configured,
+    `perceptual_weight` x the perceptual distance and, once `adversarial_start` updates are done,
+    `adversarial_weight` x the patch discriminator's generator loss. The discriminator (the model's
+    `discriminator` submodule, attached by `attach_discriminator`) learns its hinge loss in the same
+    backward pass from step 0.
 
     The NLL is the paper's logit-Laplace, or (recon_loss="mse") a Gaussian with fixed sigma. At the
     tiny preset's few hundred updates the logit-Laplace pays only log(error) for a wrong colour
@@ -74,21 +79,40 @@ def dvae_loss(cfg: DVAEConfig):
         logits, stats, commitment = model(images, tau)
         logits, stats = logits.float(), stats.float()  # the losses in fp32 under bf16 autocast
         dims = images[0].numel()
+        recon = inner.decode_stats_to_image(stats)
         if cfg.recon_loss == "mse":
-            nll = F.mse_loss(inner.decode_stats_to_image(stats), images) / (2 * cfg.mse_sigma**2)
+            nll = F.mse_loss(recon, images) / (2 * cfg.mse_sigma**2)
         else:
             nll = logit_laplace_nll(stats, inner.map_pixels(images)).mean() / dims
         with torch.no_grad():
-            mse = F.mse_loss(inner.decode_stats_to_image(stats), images)
+            mse = F.mse_loss(recon, images)
             usage = codebook_usage(logits.argmax(dim=1), logits.shape[1])  # of this batch's hard codes
         # device tensors: `fit` reads them once per log window
         metrics = {"nll": nll.detach(), "recon_mse": mse, **usage}
+        loss = nll + image_losses(inner, images, recon, step, metrics)
         if inner.codebook is not None:  # vq: the codes' commitment, no relaxation to anneal
             metrics["commitment"] = commitment.detach()
-            return nll + cfg.commitment_weight * commitment, metrics
+            return loss + cfg.commitment_weight * commitment, metrics
         kl = kl_to_uniform(logits).mean() / dims
         metrics.update({"kl": kl.detach(), "temperature": tau, "beta": beta})
-        return nll + beta * kl, metrics
+        return loss + beta * kl, metrics
+
+    def image_losses(inner: DiscreteVAE, images: torch.Tensor, recon: torch.Tensor, step: int,
+                     metrics: dict) -> torch.Tensor | float:
+        """The perceptual and adversarial terms (and the discriminator's own loss), each logged."""
+        total: torch.Tensor | float = 0.0
+        if perceptual is not None and cfg.perceptual_weight > 0:
+            distance = perceptual(images.float(), recon.float()).mean()
+            metrics["perceptual"] = distance.detach()
+            total = total + cfg.perceptual_weight * distance
+        discriminator = getattr(inner, "discriminator", None)
+        if discriminator is not None:
+            d_loss = discriminator_loss(discriminator, images, recon)
+            g_loss = generator_loss(discriminator, recon)
+            metrics.update({"discriminator_loss": d_loss.detach(), "adversarial": g_loss.detach()})
+            weight = cfg.adversarial_weight if step >= cfg.adversarial_start else 0.0
+            total = total + d_loss + weight * g_loss
+        return total
 
     return loss_fn
 
@@ -129,6 +153,22 @@ def check_recon_floor(metrics: dict[str, float], floor: float, where: Path) -> N
             f"or lower the floor")
 
 
+DISCRIMINATOR = "discriminator"  # the training-only submodule; its weights never leave the stage
+
+
+def attach_discriminator(model: DiscreteVAE, cfg: DVAEConfig) -> DiscreteVAE:
+    """Give `model` a patch discriminator (trained with it, saved in its training checkpoints, so a
+    resumed run continues both) where `cfg.adversarial_weight` asks for one."""
+    if cfg.adversarial_weight > 0:
+        model.add_module(DISCRIMINATOR, PatchDiscriminator(cfg.discriminator_width))
+    return model
+
+
+def tokenizer_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A training state's model weights without the discriminator's: what the dVAE checkpoint holds."""
+    return {key: value for key, value in state.items() if not key.startswith(DISCRIMINATOR + ".")}
+
+
 def model_config(cfg: DVAEConfig, image_size: int) -> DVAEModelConfig:
     """The architecture of `cfg` at this image size."""
     return DVAEModelConfig(**cfg.model_dump(include=set(DVAEArchitecture.model_fields)), image_size=image_size)
@@ -147,7 +187,8 @@ def train_worker(config: dict[str, Any]) -> None:
     resume_state = ray_train.resume_state(rank, world_size)
     if cfg.init_from and resume_state is None:  # fine-tuning; a resumed run has its own weights
         model.load_state_dict(checkpoint.load(cfg.init_from, KIND)[0])
-    model = model.to(device)
+    model = attach_discriminator(model, cfg).to(device)
+    perceptual = PerceptualDistance.from_file(cfg.perceptual_weights).to(device) if cfg.perceptual_weight else None
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -190,9 +231,9 @@ def train_worker(config: dict[str, Any]) -> None:
         with torch.random.fork_rng(devices=[]):
             during_training(unwrap(model), 0)
         model.train()
-    fit(model, dvae_loss(cfg), batches, cfg.optim, on_log=on_log, samples_per_batch=per_rank_batch,
+    fit(model, dvae_loss(cfg, perceptual), batches, cfg.optim, on_log=on_log, samples_per_batch=per_rank_batch,
         evaluate=during_training, eval_every=cfg.recon_grid_every, on_checkpoint=on_checkpoint,
-        checkpoint_every=cfg.checkpoint_every, resume_state=resume_state)
+        checkpoint_every=cfg.checkpoint_every, resume_state=resume_state, clip_separately=(DISCRIMINATOR,))
 
 
 def log_inputs(curated_dir: Path, tracker: Tracker | None) -> None:
@@ -218,6 +259,8 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     if not shard_paths(curated_dir):  # fail here, not in every worker and its restarts
         raise FileNotFoundError(f"no curated shards (*.tar) in {curated_dir}")
     model_cfg = model_config(cfg, image_size)
+    if cfg.perceptual_weight:  # a missing or wrong weights file fails here, before any worker starts
+        PerceptualDistance.from_file(cfg.perceptual_weights)
     if cfg.init_from:
         checkpoint.check_same_model(cfg.init_from, KIND, model_cfg.to_dict(), "dvae.init_from",
                                     defaults={**DVAEModelConfig().to_dict(), **BEFORE_FIELDS})
@@ -233,7 +276,7 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
         state, train_metrics = ray_train.train_on_ray("dvae", train_worker, loop_config, cfg, out_dir,
                                                       ray_address=ray_address, tracker=tracker)
         final_model = DiscreteVAE(model_cfg)
-        final_model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        final_model.load_state_dict(tokenizer_weights(state["ema"] if state.get("ema") is not None else state["model"]))
         final_model.eval()
         corpus = load_corpus(curated_dir, image_size, limit=1024)
         eval_metrics, _ = reconstruction_quality(final_model, corpus.images)

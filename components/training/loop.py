@@ -246,8 +246,8 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None,
 
 
 def _update(model: nn.Module, forward_model: nn.Module, loss_fn: LossFn, batches: Iterator[Any],
-            optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, lr: float,
-            device_type: str) -> tuple[dict[str, float | torch.Tensor], bool | torch.Tensor]:
+            optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, lr: float, device_type: str,
+            clip_separately: tuple[str, ...] = ()) -> tuple[dict[str, float | torch.Tensor], bool | torch.Tensor]:
     """One optimizer update at learning rate `lr` over `cfg.grad_accum_steps` micro-batches: its
     metrics (device tensors, averaged over the micro-batches, with the grad norm) and whether every
     loss was finite."""
@@ -267,11 +267,24 @@ def _update(model: nn.Module, forward_model: nn.Module, loss_fn: LossFn, batches
         finite = finite & torch.isfinite(loss.detach())
         for key, value in {"loss": loss, **metrics}.items():
             metrics_sum[key] = metrics_sum.get(key, 0.0) + _metric(value) / accumulate
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-        grad_norm = grad_norm.full_tensor()
+    norms = {f"grad_norm_{name}" if name else "grad_norm": _metric(_clip(params, cfg.grad_clip))
+             for name, params in _clip_groups(model, clip_separately).items()}
     optimizer.step()
-    return {**metrics_sum, "grad_norm": _metric(grad_norm)}, finite
+    return {**metrics_sum, **norms}, finite
+
+
+def _clip_groups(model: nn.Module, separately: tuple[str, ...]) -> dict[str, list[nn.Parameter]]:
+    """The parameters whose gradient norm is clipped together: the submodules named in `separately`
+    each on their own (an adversary's gradients must not scale the model's down), the rest as one."""
+    inner = unwrap(model)
+    groups = {name: list(inner.get_submodule(name).parameters()) for name in separately if hasattr(inner, name)}
+    apart = {id(param) for params in groups.values() for param in params}
+    return {"": [param for param in model.parameters() if id(param) not in apart], **groups}
+
+
+def _clip(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
 
 def _validate(model: nn.Module, evaluate: Callable[[nn.Module, int], dict[str, float]], cfg: OptimConfig,
@@ -302,6 +315,7 @@ def fit(
     samples_per_batch: int | None = None,
     evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
     eval_every: int | None = None,
+    clip_separately: tuple[str, ...] = (),
 ) -> FitResult:
     """Train `model` for `cfg.steps` updates on `batches`; returns the final metrics and models.
 
@@ -310,7 +324,8 @@ def fit(
     `on_log(step, metrics)` receives averages over the last `cfg.log_every` updates, plus lr, grad
     norm, samples/s and, every `eval_every` updates, `evaluate(model, step)`'s metrics prefixed `val_`.
     `on_checkpoint(step, state)` receives everything needed to resume (weights, optimizer, EMA,
-    RNG): pass that state back as `resume_state` to continue at the same step.
+    RNG): pass that state back as `resume_state` to continue at the same step. The submodules named
+    in `clip_separately` (the dVAE's discriminator) have their gradient norm clipped apart from the rest.
     """
     if cfg.ema_decay > 0 and is_sharded(model):
         raise ValueError("ema_decay > 0 is not supported with FSDP sharding yet; set optim.ema_decay=0")
@@ -328,7 +343,8 @@ def fit(
     validation: dict[str, float] = {}
     while step < cfg.steps:
         lr = learning_rate(step, cfg)
-        metrics, finite = _update(model, forward_model, loss_fn, batches, optimizer, cfg, step, lr, device_type)
+        metrics, finite = _update(model, forward_model, loss_fn, batches, optimizer, cfg, step, lr, device_type,
+                                  clip_separately)
         if ema is not None:
             ema.update(model)
         step += 1

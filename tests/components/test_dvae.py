@@ -248,3 +248,82 @@ def test_fine_tuning_refuses_a_dvae_of_another_architecture(curated_shards, tmp_
     cfg = DVAEConfig(n_hid=16, codebook_size=32, init_from=str(saved))
     with pytest.raises(ValueError, match=r"dvae.init_from .*differs in \['n_hid'\]"):
         dvae_train.run(cfg, curated_shards, tmp_path / "dvae", 32, seed=0)
+
+
+def test_the_discriminator_learns_its_hinge_and_its_generator_loss_reaches_the_dvae_only():
+    from dalle_pipeline.components.dvae.losses import PatchDiscriminator, discriminator_loss, generator_loss
+
+    torch.manual_seed(0)
+    discriminator = PatchDiscriminator(width=8)
+    vae = _vq()
+    real = torch.rand(4, 3, 32, 32)
+    fake = vae.decode_stats_to_image(vae(real, 1.0)[1])
+    assert discriminator(real).shape == (4, 1, 6, 6)  # a logit per overlapping patch
+
+    generator_loss(discriminator, fake).backward(retain_graph=True)
+    assert all(p.grad is None for p in discriminator.parameters()), "the decoder's loss trained the discriminator"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.decoder.parameters())
+    vae.zero_grad(set_to_none=True)
+    discriminator_loss(discriminator, real, fake).backward()
+    assert all(p.grad is None for p in vae.parameters()), "the discriminator's loss reached the dVAE"
+    assert all(p.grad is not None for p in discriminator.parameters())
+    # hinge: no loss once real patches score above +1 and reconstructed ones below -1
+    confident = lambda images: torch.where(images.mean() > 0.5, 2.0, -2.0) * torch.ones(len(images), 1, 6, 6)  # noqa: E731
+    assert float(discriminator_loss(confident, torch.ones(2, 3, 32, 32), torch.zeros(2, 3, 32, 32))) == 0
+
+
+def test_the_perceptual_distance_reads_vgg16_weights_from_a_file_and_names_a_wrong_one(tmp_path):
+    """Weights created and saved here, as a user's downloaded torchvision vgg16 would be."""
+    from torchvision.models import vgg16
+
+    from dalle_pipeline.components.dvae.losses import PerceptualDistance
+
+    torch.manual_seed(0)
+    full = tmp_path / "vgg16.pt"
+    torch.save({k: v for k, v in vgg16(weights=None).state_dict().items() if k.startswith("features.")}, full)
+    distance = PerceptualDistance.from_file(full)
+    assert not any(p.requires_grad for p in distance.parameters())
+    images, other = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    assert torch.allclose(distance(images, images), torch.zeros(3), atol=1e-6)
+    far, near = distance(images, other), distance(images, (images + 0.02 * other).clamp(0, 1))
+    assert (far > near).all() and (near > 0).all()
+
+    with pytest.raises(FileNotFoundError, match=r"dvae.perceptual_weights: no file .*missing.pt"):
+        PerceptualDistance.from_file(tmp_path / "missing.pt")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "resnet.pt")
+    with pytest.raises(ValueError, match=r"resnet.pt is not torchvision's vgg16 \(missing \['0.bias'"):
+        PerceptualDistance.from_file(tmp_path / "resnet.pt")
+    (tmp_path / "notes.pt").write_text("not weights")
+    with pytest.raises(ValueError, match=r"notes.pt is not a torch state dict"):
+        PerceptualDistance.from_file(tmp_path / "notes.pt")
+    with pytest.raises(ValueError, match=r"dvae.perceptual_weight 1.0 needs dvae.perceptual_weights"):
+        DVAEConfig(perceptual_weight=1.0)
+
+
+def test_adversarial_and_perceptual_training_exports_the_tokenizer_alone(curated_shards, tmp_path, micro_config,
+                                                                          local_ray):
+    """Two Ray Train workers (DDP): the discriminator trains inside the model, its weights are in the
+    training checkpoints a resumed run restores, and not in the dVAE checkpoint the pipeline uses."""
+    from torchvision.models import vgg16
+
+    torch.manual_seed(0)
+    torch.save(vgg16(weights=None).features.state_dict(), tmp_path / "vgg16_features.pt")
+    cfg = micro_config.dvae.model_copy(update={
+        "adversarial_weight": 0.1, "adversarial_start": 10, "discriminator_width": 8, "perceptual_weight": 0.5,
+        "perceptual_weights": str(tmp_path / "vgg16_features.pt"), "num_workers": 2, "checkpoint_every": 10,
+        "recon_oracle_floor": 0.0})
+    cfg.optim = cfg.optim.model_copy(update={"steps": 20, "log_every": 10})
+    tracker = Tracker.start(f"sqlite:///{tmp_path}/mlflow.db", "dvae-gan", artifact_root=(tmp_path / "art").as_uri())
+    result = dvae_train.run(cfg, curated_shards, tmp_path / "dvae", 32, seed=0, tracker=tracker)
+    logged = tracker.client.get_run(tracker.run_id).data.metrics
+    assert {"discriminator_loss", "adversarial", "perceptual"} <= set(logged)
+    assert all(math.isfinite(logged[name]) for name in ("discriminator_loss", "adversarial", "perceptual"))
+
+    states = sorted((tmp_path / "dvae" / "ray").glob("*/checkpoint_*/train_state.pt"))
+    assert states
+    trained = torch.load(states[-1], weights_only=True)["model"]
+    assert any(key.startswith("discriminator.") for key in trained)
+    exported = load_dvae(result.checkpoint_dir)
+    assert not any(key.startswith("discriminator.") for key in exported.state_dict())
+    for name, value in exported.state_dict().items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0)

@@ -41,6 +41,33 @@ def test_tensor_metrics_are_averaged_over_the_window_and_logged_as_floats():
     assert result.history[-1]["loss"] == logged[-1][1]["loss"]
 
 
+def test_a_submodule_clipped_separately_does_not_scale_the_models_gradients_down():
+    """An adversary with huge gradients (the dVAE's discriminator): clipped together with it, the
+    model's own gradient shrinks to almost nothing; clipped apart, each group is held to grad_clip."""
+
+    def clipped(clip_separately):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        model.adversary = nn.Linear(4, 1)
+
+        def loss_fn(current, batch, step):
+            x, y = batch
+            return (current(x) - y).pow(2).mean() + 1e6 * current.adversary(x).pow(2).mean(), {}
+
+        logged = []
+        fit(model, loss_fn, _regression_batches(), OptimConfig(steps=1, lr=0.1, warmup_steps=0, log_every=1),
+            clip_separately=clip_separately, on_log=lambda step, metrics: logged.append(metrics))
+        own = torch.cat([model.weight.grad.flatten(), model.bias.grad.flatten()]).norm()
+        return float(own), logged[0]
+
+    own_apart, metrics = clipped(("adversary",))
+    assert metrics["grad_norm_adversary"] > 1e3 and 0.1 < metrics["grad_norm"] < 1e3
+    assert own_apart == pytest.approx(min(1.0, metrics["grad_norm"]), rel=1e-4)  # grad_clip 1.0
+    own_together, metrics = clipped(())
+    assert "grad_norm_adversary" not in metrics and metrics["grad_norm"] > 1e3
+    assert own_together < 1e-3 * own_apart
+
+
 def test_a_non_finite_loss_stops_training_before_anything_is_logged_or_saved_from_it():
     saved, logged = [], []
     with pytest.raises(FloatingPointError, match=r"not finite \(nan or inf\) in steps 5\.\.6"):
