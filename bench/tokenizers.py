@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from common import device_name, emit
 
-from dalle_pipeline.components.config import resolve
+from dalle_pipeline.components.config import DVAEConfig, resolve
 from dalle_pipeline.components.corpus import generate
 from dalle_pipeline.components.presets import PRESETS
 from dalle_pipeline.components.shards import Sample, write_shard
@@ -73,11 +73,14 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         base = resolve(args.preset, args.overrides)
+        # validated before the corpus is drawn: a kind the preset's other settings do not allow (vq with a
+        # weight average) is refused, naming the setting
+        configs = {kind: DVAEConfig.model_validate({**base.dvae.model_dump(), "quantizer": kind}) for kind in args.kinds}
         curated = curated_corpus(base, Path(scratch))
         for kind in args.kinds:
             runs = []
             for seed in args.seeds:
-                cfg = base.dvae.model_copy(update={"quantizer": kind})
+                cfg = configs[kind]
                 started = time.perf_counter()
                 result = train_dvae(cfg, curated, Path(scratch) / f"{kind}-{seed}", base.corpus.image_size, seed,
                                     shapes=base.corpus)
