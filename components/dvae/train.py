@@ -105,7 +105,7 @@ def dvae_loss(cfg: DVAEConfig, perceptual: PerceptualDistance | None = None):
             distance = perceptual(images.float(), recon.float()).mean()
             metrics["perceptual"] = distance.detach()
             total = total + cfg.perceptual_weight * distance
-        discriminator = getattr(inner, "discriminator", None)
+        discriminator = getattr(inner, DISCRIMINATOR, None)
         if discriminator is not None:
             d_loss = discriminator_loss(discriminator, images, recon)
             g_loss = generator_loss(discriminator, recon)

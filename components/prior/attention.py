@@ -33,18 +33,15 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     tokens/s at 6 layers, d 192, bf16). The mask enters as an additive bias of its own size, which
     one batched matmul adds with the scale (no masked_fill and no multiply over the scores), and
     the softmax runs in the scores' dtype: the CPU and CUDA kernels accumulate bf16 in fp32, and
-    autocast's fp32 softmax was rounded back to bf16 for the values' matmul anyway. `mask` None
-    means causal."""
+    autocast's fp32 softmax was rounded back to bf16 for the values' matmul anyway. `mask`: (Lq, Lk)
+    boolean, True where a query may attend; None means causal."""
     scale = q.shape[-1] ** -0.5
     if mask is None:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
     scores_dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
     bias = torch.zeros(mask.shape, dtype=scores_dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    if bias.dim() == 2:
-        scores = torch.baddbmm(bias, q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]).transpose(-1, -2),
-                               alpha=scale).view(*q.shape[:-1], k.shape[-2])
-    else:
-        scores = (q @ k.transpose(-1, -2)) * scale + bias
+    scores = torch.baddbmm(bias, q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]).transpose(-1, -2),
+                           alpha=scale).view(*q.shape[:-1], k.shape[-2])
     with torch.autocast(q.device.type, enabled=False):
         weights = scores.softmax(dim=-1).to(v.dtype)
     if dropout:

@@ -247,10 +247,10 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None,
 
 def _update(model: nn.Module, forward_model: nn.Module, loss_fn: LossFn, batches: Iterator[Any],
             optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, lr: float, device_type: str,
-            clip_separately: tuple[str, ...] = ()) -> tuple[dict[str, float | torch.Tensor], bool | torch.Tensor]:
+            clip_groups: dict[str, list[nn.Parameter]]) -> tuple[dict[str, float | torch.Tensor], bool | torch.Tensor]:
     """One optimizer update at learning rate `lr` over `cfg.grad_accum_steps` micro-batches: its
-    metrics (device tensors, averaged over the micro-batches, with the grad norm) and whether every
-    loss was finite."""
+    metrics (device tensors, averaged over the micro-batches, with each clip group's grad norm) and
+    whether every loss was finite."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -268,7 +268,7 @@ def _update(model: nn.Module, forward_model: nn.Module, loss_fn: LossFn, batches
         for key, value in {"loss": loss, **metrics}.items():
             metrics_sum[key] = metrics_sum.get(key, 0.0) + _metric(value) / accumulate
     norms = {f"grad_norm_{name}" if name else "grad_norm": _metric(_clip(params, cfg.grad_clip))
-             for name, params in _clip_groups(model, clip_separately).items()}
+             for name, params in clip_groups.items()}
     optimizer.step()
     return {**metrics_sum, **norms}, finite
 
@@ -332,6 +332,7 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     step = _resume(model, optimizer, ema, resume_state)
+    clip_groups = _clip_groups(model, clip_separately)
     device_type = _device_type(model)
     forward_model = torch.compile(model) if _should_compile(cfg, device_type) else model
     model.train()
@@ -344,7 +345,7 @@ def fit(
     while step < cfg.steps:
         lr = learning_rate(step, cfg)
         metrics, finite = _update(model, forward_model, loss_fn, batches, optimizer, cfg, step, lr, device_type,
-                                  clip_separately)
+                                  clip_groups)
         if ema is not None:
             ema.update(model)
         step += 1
