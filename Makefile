@@ -16,14 +16,11 @@ STAMP = $(VENV)/.installed
 # torch first, pinned: pip takes 2.14.1/0.29.1 from this machine's disk; the project's ranges then
 # admit them, so nothing is downloaded again. img2dataset drags in the `dataclasses` backport,
 # which shadows the standard library in subprocesses (Prefect's ephemeral server dies on it).
-# --no-compile: pip would byte-compile every module of every package (half the install's CPU time,
-# about 2 of the 4 minutes on the AVX2-only CPU kind); Python compiles the few thousand modules a
-# run imports on first import instead, a few seconds once.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q --no-compile -e ".[test]"
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip uninstall -y -q dataclasses || true
 	touch $(STAMP)
 
