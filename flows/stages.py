@@ -293,10 +293,11 @@ def train_text_tokenizer(cfg: PipelineConfig, curated: StageRecord[Curated],
     from dalle_pipeline.components.text.tokenizer import run_on_shards
 
     def finish(result, tracker: Tracker) -> tuple[TextTokenizerFile, dict[str, float]]:
-        path, digest = result
+        path, digest, caption_lengths = result
         tracker.set_tags({"tokenizer_hash": digest})
+        tracker.log_metrics(caption_lengths)
         tracker.log_artifact(path)
-        return TextTokenizerFile(str(path), digest), {}
+        return TextTokenizerFile(str(path), digest), caption_lengths
 
     return stages.run("text-tokenizer", run_on_shards, cfg.tokenizer, curated.outputs.curated_dir, finish=finish)
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from ..config import TokenizerConfig
@@ -80,6 +81,25 @@ def run(cfg: TokenizerConfig, captions: Sequence[str], out_dir: str | Path) -> t
     return path, file_sha256(path)
 
 
-def run_on_shards(cfg: TokenizerConfig, curated_dir: str | Path, out_dir: str | Path) -> tuple[Path, str]:
-    """`run` on the captions of the curated shards in `curated_dir` (the stage's entry point)."""
-    return run(cfg, [sample.caption for sample in iter_samples(curated_dir)], out_dir)
+def caption_lengths(path: str | Path, captions: Sequence[str], text_len: int) -> dict[str, float]:
+    """The captions' lengths in the saved tokenizer's tokens, and the share of them longer than
+    `text_len` (`captions_cut`: the prior sees only their first `text_len` tokens)."""
+    lengths = np.array([len(encoding.ids) for encoding in Tokenizer.from_file(str(path)).encode_batch(list(captions))])
+    return {"caption_tokens_mean": float(lengths.mean()), "caption_tokens_p95": float(np.percentile(lengths, 95)),
+            "caption_tokens_max": float(lengths.max()), "captions_cut": float((lengths > text_len).mean())}
+
+
+def run_on_shards(cfg: TokenizerConfig, curated_dir: str | Path,
+                  out_dir: str | Path) -> tuple[Path, str, dict[str, float]]:
+    """`run` on the captions of the curated shards in `curated_dir` (the stage's entry point), and
+    the captions' `caption_lengths`; says so when text_len cuts more than 1% of them."""
+    captions = [sample.caption for sample in iter_samples(curated_dir)]
+    path, digest = run(cfg, captions, out_dir)
+    lengths = caption_lengths(path, captions, cfg.text_len)
+    if lengths["captions_cut"] > 0.01:
+        print(f"text-tokenizer: {lengths['captions_cut']:.0%} of the captions are longer than tokenizer.text_len="
+              f"{cfg.text_len} tokens (95th percentile {lengths['caption_tokens_p95']:.0f}, longest "
+              f"{lengths['caption_tokens_max']:.0f}): the prior sees only their first {cfg.text_len}; "
+              f"--set tokenizer.text_len={int(np.ceil(lengths['caption_tokens_p95']))} keeps 95% of them whole",
+              flush=True)
+    return path, digest, lengths

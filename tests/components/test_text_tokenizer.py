@@ -43,3 +43,28 @@ def test_bpe_dropout_varies_the_segmentation_not_the_text_and_never_touches_the_
     from dalle_pipeline.components.storage import file_sha256
 
     assert file_sha256(path) == digest
+
+
+def test_the_stage_reports_caption_lengths_and_says_when_text_len_cuts_them(tmp_path, capsys):
+    from dalle_pipeline.components.shards import Sample, write_shard
+    from dalle_pipeline.components.text.tokenizer import run_on_shards
+
+    long = "a small red circle in the top left next to a large blue square in the center of a green field"
+    captions = CAPTIONS + [long] * 20  # a quarter of the captions
+    write_shard(tmp_path / "curated" / "00000.tar",
+                [Sample(f"{index:05d}", b"not read here", "png", caption) for index, caption in enumerate(captions)])
+    cfg = TokenizerConfig(vocab_size=400, text_len=12)
+    path, _, lengths = run_on_shards(cfg, tmp_path / "curated", tmp_path / "tok")
+    tokenizer = TextTokenizer.load(path, text_len=1000)
+    long_tokens = len(tokenizer.encode([long])[0])
+    assert long_tokens > 12 >= max(len(ids) for ids in tokenizer.encode(CAPTIONS))
+    assert lengths["captions_cut"] == 0.25
+    assert lengths["caption_tokens_max"] == long_tokens
+    out = capsys.readouterr().out
+    assert "25% of the captions are longer than tokenizer.text_len=12" in out
+    assert f"--set tokenizer.text_len={long_tokens}" in out  # the 95th percentile: the long ones
+
+    _, _, fitting = run_on_shards(cfg.model_copy(update={"text_len": long_tokens}), tmp_path / "curated",
+                                  tmp_path / "tok2")
+    assert fitting["captions_cut"] == 0.0
+    assert "longer than" not in capsys.readouterr().out
