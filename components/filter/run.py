@@ -258,7 +258,10 @@ class _Checker:
         prefix = batch.name.removeprefix("batch-")
         rows = _download_failures(parquet, prefix) if parquet is not None else []
         samples, candidates = [], []
-        for sample in read_shard(tar):
+        # in key order, not the tar's: img2dataset's threads write a shard's samples as their downloads
+        # finish, and the trainers' batches follow the curated order (the same key must train the same
+        # weights: seed 0 drew recon oracle shape 0.996, 0.953 and 0.88 from three download orders)
+        for sample in sorted(read_shard(tar), key=lambda sample: sample.key):
             sample.key = prefix + sample.key  # batches number their keys from 0 each
             image = decode(sample.image_bytes)
             original = _original_size(sample, image)

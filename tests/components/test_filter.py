@@ -203,3 +203,16 @@ def test_a_folder_without_finished_batches_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished download batch"):
         run(CFG, tmp_path / "empty", tmp_path / "curated")
     assert not (tmp_path / "curated").exists()
+
+
+def test_curated_shards_hold_their_samples_in_key_order_whatever_order_the_download_wrote(tmp_path):
+    # img2dataset's threads write a shard as downloads finish: the same URLs come in another order
+    # each run, and the trainers' batches follow the curated order
+    samples = [_sample(f"00000000{index}", seed=index, caption=f"picture number {index}") for index in range(8)]
+    curated = []
+    for name, order in (("a", [3, 0, 7, 5, 1, 6, 2, 4]), ("b", [6, 2, 4, 0, 1, 7, 3, 5])):
+        download = tmp_path / name / "download"
+        _write_batch(download, 0, {"00000": [samples[index] for index in order]})
+        result = run(FilterConfig(), download, tmp_path / name / "curated")
+        curated.append([sample.key for sample in iter_samples(result.curated_dir)])
+    assert curated[0] == curated[1] == sorted(curated[0]) and len(curated[0]) == 8
