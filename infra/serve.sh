@@ -2,7 +2,8 @@
 # Start, on 127.0.0.1 only, what `prefect deployment run train-dalle/full` needs:
 #
 #   1. a Prefect server (API + UI) on SQLite under the root, or on the PostgreSQL database
-#      PREFECT_DATABASE_URL names (checked first), waited for on /api/health
+#      PREFECT_DATABASE_URL names (checked first), waited for on /api/health; it logs the cause of
+#      every 5xx it answers
 #   2. an MLflow server over the same store the flows log to, waited for on /health
 #   3. the process work pool $PREFECT_POOL (created if missing)
 #   4. the deployments of prefect.yaml (`prefect deploy --all`, re-applied on every call)
@@ -137,13 +138,18 @@ PY
 }
 
 # 1. Prefect server, on PREFECT_DATABASE_URL (handed over in its environment, so it stays out of the
-# log's command line).
+# log's command line). `prefect server start` through flows/prefect_server.py: on SQLite its
+# transactions take the write lock when they begin, so concurrent writers wait their turn instead of
+# one of them being refused (SQLITE_BUSY, answered 503; that module says why).
 if [[ -z "$(service_pid prefect-server)" ]]; then
     check_database
 fi
+# PREFECT_SERVER_LOG_RETRYABLE_ERRORS: the server logs the database error behind each 503 it answers
+# (a "retryable" one, which Prefect's own clients retry), so its log says why a request was refused.
 pid="$(PREFECT_SERVER_DATABASE_CONNECTION_URL="$PREFECT_DATABASE_URL" \
+    PREFECT_SERVER_LOG_RETRYABLE_ERRORS="${PREFECT_SERVER_LOG_RETRYABLE_ERRORS:-true}" \
     start_service prefect-server "$PREFECT_PORT" \
-    "$PREFECT_BIN" server start --host 127.0.0.1 --port "$PREFECT_PORT")"
+    "$VENV/bin/python" -m dalle_pipeline.flows.prefect_server --host 127.0.0.1 --port "$PREFECT_PORT")"
 if [[ -n "$pid" ]]; then
     wait_until prefect-server "$pid" healthy http_ok "$PREFECT_API_URL/health"
 fi

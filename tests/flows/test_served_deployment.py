@@ -393,3 +393,36 @@ def test_runs_take_turns_retrain_on_a_data_change_and_call_the_webhook(tmp_path:
         versions = {str(v.version): v for v in client.search_model_versions("name='dalle'")}
         assert sorted(versions, key=int) == ["1", "2", "3"]
         assert client.get_run(versions["3"].run_id).data.tags["retrain_from"] == "models:/dalle@champion"
+
+
+# what the server logs with a 5xx answer (a 503's cause too: serve.sh sets PREFECT_SERVER_LOG_RETRYABLE_ERRORS),
+# a uvicorn access line with a 5xx status, or SQLite refusing a write to a request or a service of the server
+SERVER_ERROR_LINE = re.compile(r'Encountered (retryable )?exception in request|"[A-Z]+ [^"]*" 5\d\d\b|database is locked')
+
+
+def server_errors(served: Served) -> list[str]:
+    """The lines of the Prefect server's log that report a 5xx answer, the exception behind one, or a refused write."""
+    log = (served.home / "logs" / "prefect-server.log").read_text(errors="replace")
+    return [line for line in log.splitlines() if SERVER_ERROR_LINE.search(line)]
+
+
+def test_three_runs_at_once_take_turns_and_the_server_answers_every_request(tmp_path: Path) -> None:
+    """What `make serve` meets when a scheduled retrain, a data-change retrain and a manual run arrive
+    together: the worker's three runs at once all complete, their compute stages take turns through
+    the `training` limit, and the server answers every request without a 5xx."""
+    from mlflow import MlflowClient
+
+    with serving(tmp_path) as served:
+        runs = [_start_deployment(served, "train-dalle/full", "preset=micro", f"root={served.home / name}",
+                                  f'overrides={{"seed": {seed}}}')
+                for seed, name in enumerate("abc")]
+        for flow_run_id in runs:
+            _wait_for(served, flow_run_id, timeout=3 * RUN_TIMEOUT_S)
+        client = MlflowClient(tracking_uri=served.tracking_uri)
+        spans = sorted(span for flow_run_id in runs for span in _compute_spans(client, _parent_run_id(client, flow_run_id)))
+        assert {stage for _, _, stage in spans} >= {"dvae", "prior", "clip", "sample", "evaluate"}, spans
+        assert len(spans) >= 15, spans  # the compute stages of each of the three runs
+        overlaps = [(a, b) for a, b in zip(spans, spans[1:]) if b[0] < a[1] - 0.5]
+        assert not overlaps, f"compute stages of two runs ran at once: {overlaps}"
+        errors = server_errors(served)
+        assert not errors, "the Prefect server answered with 5xx:\n" + "\n".join(errors[:40])
