@@ -10,7 +10,6 @@ follows the live encoder), else the last: those encode the corpus and decode sam
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from ..lineage import curated_corpus, held_out_corpus
 from ..shards import HOLDOUT_DIR, load_corpus, shard_paths
 from ..tracking import Tracker, monitor_system
 from ..training import TensorBatches, fit, ray_train
-from ..training.loop import progress_logger, unwrap
+from ..training.loop import unwrap
 from .losses import PatchDiscriminator, PerceptualDistance, discriminator_loss, generator_loss
 from .model import (BEFORE_FIELDS, KIND, DiscreteVAE, DVAEModelConfig, codebook_usage, kl_to_uniform, logit_laplace_nll,
                     reconstruct, reconstruction_quality)
@@ -179,40 +178,36 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = DVAEConfig.model_validate(config["dvae"])
-    rank, world_size = ray_train.worker_rank(config, config["seed"])
-    corpus = load_corpus(config["curated_dir"], config["image_size"])
     model_cfg = model_config(cfg, config["image_size"])
+    worker = ray_train.StageWorker.start("dvae", config, model_cfg.to_dict(), cfg.optim.steps)
+    rank, world_size = worker.rank, worker.world_size
+    corpus = load_corpus(config["curated_dir"], config["image_size"])
     device = ray.train.torch.get_device()
     model = DiscreteVAE(model_cfg)
-    resume_state = ray_train.resume_state(rank, world_size)
-    if cfg.init_from and resume_state is None:  # fine-tuning; a resumed run has its own weights
+    if worker.fine_tunes(cfg.init_from):
         model.load_state_dict(checkpoint.load(cfg.init_from, KIND)[0])
     model = attach_discriminator(model, cfg).to(device)
     perceptual = PerceptualDistance.from_file(cfg.perceptual_weights).to(device) if cfg.perceptual_weight else None
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    start_step = int(resume_state["step"]) if resume_state else 0
     per_rank_batch = max(1, min(cfg.optim.batch_size, len(corpus)) // world_size)
     batches = TensorBatches((torch.from_numpy(corpus.images).to(device),), per_rank_batch, seed=config["seed"],
-                            rank=rank, world_size=world_size).from_step(start_step * cfg.optim.grad_accum_steps)
-    tracker = ray_train.rank_zero_tracker(config, rank, "dvae", resume_state)
+                            rank=rank, world_size=world_size).from_step(worker.start_step * cfg.optim.grad_accum_steps)
+    tracker = worker.tracker
 
     out_dir = Path(config["out_dir"])
-    log_progress = progress_logger("dvae", cfg.optim.steps, tracker)
     shown = corpus.images[:8]
-    latest_metrics: dict[str, float] = {}
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "psnr": psnr(metrics["recon_mse"])}
         if "samples_per_s" in metrics:
             metrics["images_per_s"] = metrics.pop("samples_per_s") * world_size
-        latest_metrics.update(metrics)
-        if rank == 0:
-            log_progress(step, metrics)
+        worker.on_log(step, metrics)
 
     def during_training(current: DiscreteVAE, step: int) -> dict[str, float]:
-        """Every recon_grid_every updates, on rank 0: hard-code reconstruction quality and a grid."""
+        """Every recon_grid_every updates, on rank 0: a grid, and how the hard (argmax) codes reconstruct
+        training images (`train_hard_*`: the held-out measure is the stage's, at the end)."""
         if rank != 0:
             return {}
         grid = reconstruction_grid(current, shown, out_dir / "reconstructions" / f"step_{step:07d}.png")
@@ -221,19 +216,15 @@ def train_worker(config: dict[str, Any]) -> None:
             with Image.open(grid) as picture:  # the run page's image view steps through these
                 tracker.log_image(picture.convert("RGB"), RECONSTRUCTIONS_KEY, step)
         metrics, _ = reconstruction_quality(current, corpus.images[:256])
-        return {"hard_psnr": metrics["eval_psnr"], "hard_codes_used": metrics["eval_codes_used"]}
+        return {"train_hard_psnr": metrics["eval_psnr"], "train_hard_codes_used": metrics["eval_codes_used"]}
 
-    def on_checkpoint(step: int, state: dict[str, Any]) -> None:
-        ray_train.report_checkpoint(rank, {**latest_metrics, "step": step}, state,
-                                    {"model_config.json": json.dumps(model_cfg.to_dict())})
-
-    if start_step == 0 and tracker is not None:  # the untrained grid: the image view's slider starts at step 0
+    if worker.start_step == 0 and tracker is not None:  # the untrained grid: the image view's slider starts at step 0
         with torch.random.fork_rng(devices=[]):
             during_training(unwrap(model), 0)
         model.train()
     fit(model, dvae_loss(cfg, perceptual), batches, cfg.optim, on_log=on_log, samples_per_batch=per_rank_batch,
-        evaluate=during_training, eval_every=cfg.recon_grid_every, on_checkpoint=on_checkpoint,
-        checkpoint_every=cfg.checkpoint_every, resume_state=resume_state, clip_separately=(DISCRIMINATOR,))
+        measure=during_training, measure_every=cfg.recon_grid_every, on_checkpoint=worker.on_checkpoint,
+        checkpoint_every=cfg.checkpoint_every, resume_state=worker.resume_state, clip_separately=(DISCRIMINATOR,))
 
 
 def log_inputs(curated_dir: Path, tracker: Tracker | None) -> None:

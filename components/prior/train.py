@@ -9,7 +9,6 @@ draws a few captions at every checkpoint into the run's image view (`Preview`).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from ..sample.generate import sample_image_tokens
 from ..tracking import Tracker, monitor_system
 from ..training import ParquetBatches, TokenParquet, fit, ray_train
 from ..training.flops import measured_matmul_peak, transformer_flops_per_token
-from ..training.loop import progress_logger, unwrap, uses_bf16
+from ..training.loop import unwrap, uses_bf16
 from .model import KIND, Prior, PriorModelConfig, prior_loss
 
 # the MLflow image series of the preview, one per caption: "preview-<n> <caption>" (MLflow turns a "/" in a key into "~")
@@ -189,32 +188,28 @@ def worker_preview(config: dict[str, Any], cfg: PriorConfig, rank: int, dataset:
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function; `config` is plain data so it pickles to every worker."""
     cfg = PriorConfig.model_validate(config["prior"])
-    rank, world_size = ray_train.worker_rank(config, config["seed"])
-
     dataset = TokenParquet(config["dataset_dir"])
-    _, val_rows = split_validation(dataset.num_rows, cfg, config["seed"])
     model_cfg = model_config(cfg, dataset.manifest)
+    worker = ray_train.StageWorker.start("prior", config, model_cfg.to_dict(), cfg.optim.steps)
+    rank, world_size = worker.rank, worker.world_size
+    _, val_rows = split_validation(dataset.num_rows, cfg, config["seed"])
     model = Prior(model_cfg)
-    resume_state = ray_train.resume_state(rank, world_size)
-    if cfg.init_from and resume_state is None:  # a resumed run has its own weights
+    if worker.fine_tunes(cfg.init_from):
         initialise_from(model, cfg.init_from)
     model = distribute(model, cfg.parallel)
     device = next(model.parameters()).device
     flops_per_token = transformer_flops_per_token(model, model_cfg.layers, model_cfg.seq_len, model_cfg.d_model)
     peak = measured_matmul_peak(device, torch.bfloat16 if uses_bf16(cfg.optim, device.type) else torch.float32)
 
-    start_step = int(resume_state["step"]) if resume_state else 0
     per_rank_batch = max(1, cfg.optim.batch_size // world_size)
     # streamed from the Parquet row groups through a shuffle buffer; the validation rows never enter it
     batches = ParquetBatches(
         dataset, per_rank_batch, seed=config["seed"], rank=rank, world_size=world_size,
         buffer_rows=cfg.shuffle_buffer_rows, exclude_rows=val_rows, device=device,
-    ).from_step(start_step * cfg.optim.grad_accum_steps)
+    ).from_step(worker.start_step * cfg.optim.grad_accum_steps)
     validate = validation_loss(*(t.to(device) for t in dataset.read_rows(val_rows)), cfg) if len(val_rows) else None
-    tracker = ray_train.rank_zero_tracker(config, rank, "prior", resume_state)
+    tracker = worker.tracker
     preview = worker_preview(config, cfg, rank, dataset, val_rows, device)
-    log_progress = progress_logger("prior", cfg.optim.steps, tracker)
-    latest_metrics: dict[str, float] = {}
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         metrics = dict(metrics)
@@ -222,28 +217,22 @@ def train_worker(config: dict[str, Any]) -> None:
             metrics["tokens_per_s"] = metrics.pop("samples_per_s") * model_cfg.seq_len * world_size
             # each worker against its own device's measured matmul peak
             metrics["mfu"] = metrics["tokens_per_s"] / world_size * flops_per_token / peak
-        latest_metrics.update(metrics)
-        if rank == 0:  # one line and one MLflow write per step, not one per worker
-            log_progress(step, metrics)
+        worker.on_log(step, metrics)
 
-    def evaluate(unwrapped: Prior, step: int) -> dict[str, float]:
+    def validate_and_preview(unwrapped: Prior, step: int) -> dict[str, float]:
         """Validation runs right before each checkpoint, so every report carries its val_loss; the
         preview's images are drawn there too."""
-        metrics = validate(unwrapped) if validate else {}
-        latest_metrics.update({f"val_{key}": value for key, value in metrics.items()})
+        metrics = {f"val_{key}": value for key, value in validate(unwrapped).items()} if validate else {}
+        worker.latest_metrics.update(metrics)
         if preview is not None:
             preview.log(unwrapped, tracker, step)
         return metrics
 
-    def on_checkpoint(step: int, state: dict[str, Any]) -> None:
-        ray_train.report_checkpoint(rank, {**latest_metrics, "step": step}, state,
-                                    {"model_config.json": json.dumps(model_cfg.to_dict())})
-
-    if preview is not None and start_step == 0:  # the untrained prior's: the image view's slider starts at step 0
+    if preview is not None and worker.start_step == 0:  # the untrained prior's: the image view's slider starts at step 0
         preview.log(unwrap(model), tracker, 0)
-    fit(model, prior_loss_fn(cfg), batches, cfg.optim, on_log=on_log, on_checkpoint=on_checkpoint,
-        checkpoint_every=cfg.checkpoint_every, resume_state=resume_state, samples_per_batch=per_rank_batch,
-        evaluate=evaluate if validate or preview else None, eval_every=cfg.checkpoint_every)
+    fit(model, prior_loss_fn(cfg), batches, cfg.optim, on_log=on_log, on_checkpoint=worker.on_checkpoint,
+        checkpoint_every=cfg.checkpoint_every, resume_state=worker.resume_state, samples_per_batch=per_rank_batch,
+        measure=validate_and_preview if validate or preview else None, measure_every=cfg.checkpoint_every)
 
 
 @dataclass

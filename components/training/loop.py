@@ -287,13 +287,13 @@ def _clip(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
 
-def _validate(model: nn.Module, evaluate: Callable[[nn.Module, int], dict[str, float]], cfg: OptimConfig,
-              step: int, device_type: str) -> dict[str, float]:
+def _measure(model: nn.Module, measure: Callable[[nn.Module, int], dict[str, float]], cfg: OptimConfig,
+             step: int, device_type: str) -> dict[str, float]:
     model.eval()
     with torch.no_grad(), _precision_context(cfg, device_type):
-        validation = {f"val_{key}": value for key, value in evaluate(unwrap(model), step).items()}
+        measured = measure(unwrap(model), step)
     model.train()
-    return validation
+    return measured
 
 
 def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, step: int) -> dict[str, Any]:
@@ -313,8 +313,8 @@ def fit(
     checkpoint_every: int | None = None,
     resume_state: dict[str, Any] | None = None,
     samples_per_batch: int | None = None,
-    evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
-    eval_every: int | None = None,
+    measure: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    measure_every: int | None = None,
     clip_separately: tuple[str, ...] = (),
 ) -> FitResult:
     """Train `model` for `cfg.steps` updates on `batches`; returns the final metrics and models.
@@ -322,7 +322,9 @@ def fit(
     Each update accumulates gradients over `cfg.grad_accum_steps` batches (under DDP, only the last
     micro-batch synchronises), in `cfg.precision`, through `torch.compile` where `cfg.compile` says.
     `on_log(step, metrics)` receives averages over the last `cfg.log_every` updates, plus lr, grad
-    norm, samples/s and, every `eval_every` updates, `evaluate(model, step)`'s metrics prefixed `val_`.
+    norm, samples/s and, every `measure_every` updates, `measure(model, step)`'s metrics (the model in eval
+    mode, without gradients), under the names it gives them: `val_*` for held-out data, `train_*` for
+    training data.
     `on_checkpoint(step, state)` receives everything needed to resume (weights, optimizer, EMA,
     RNG): pass that state back as `resume_state` to continue at the same step. The submodules named
     in `clip_separately` (the dVAE's discriminator) have their gradient norm clipped apart from the rest.
@@ -341,7 +343,7 @@ def fit(
     window = _Window(step)
     history: list[dict[str, float]] = []
     last: dict[str, float] = {}
-    validation: dict[str, float] = {}
+    measured: dict[str, float] = {}
     while step < cfg.steps:
         lr = learning_rate(step, cfg)
         metrics, finite = _update(model, forward_model, loss_fn, batches, optimizer, cfg, step, lr, device_type,
@@ -355,18 +357,18 @@ def fit(
             step % checkpoint_every == 0 or step == cfg.steps)
         if logs or checkpoints:
             window.check_finite(step)
-        if evaluate is not None and eval_every and (step % eval_every == 0 or step == cfg.steps):
-            validation = _validate(model, evaluate, cfg, step, device_type)
+        if measure is not None and measure_every and (step % measure_every == 0 or step == cfg.steps):
+            measured = _measure(model, measure, cfg, step, device_type)
         if logs:
             last, updates, elapsed = window.close()
             last["lr"] = lr
             if samples_per_batch:
                 last["samples_per_s"] = samples_per_batch * cfg.grad_accum_steps * updates / max(elapsed, 1e-9)
-            last.update(validation)
+            last.update(measured)
             history.append({"step": step, **last})
             if on_log is not None:
                 on_log(step, last)
-            validation = {}
+            measured = {}
         if checkpoints:
             on_checkpoint(step, _training_state(model, optimizer, ema, step))
     model.eval()

@@ -14,8 +14,10 @@ training state from rank 0, so a resumed run draws the same random numbers as an
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import torch
 from ..cluster import connect
 from ..config import RayTrainConfig
 from ..tracking import Tracker
-from .loop import rng_state, seed_everything, set_threads
+from .loop import LogHook, progress_logger, rng_state, seed_everything, set_threads
 
 STATE_FILE = "train_state.pt"
 
@@ -160,3 +162,47 @@ def report_checkpoint(rank: int, metrics: dict[str, float], state: dict[str, Any
         for file_name, text in (files or {}).items():
             (Path(directory) / file_name).write_text(text)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+@dataclass
+class StageWorker:
+    """The Ray Train worker shell every training stage shares: this worker's rank, seeded; the state a
+    restarted run resumes from; the stage's tracker on rank 0; the latest metrics, which each checkpoint
+    reports with the model's config beside its weights."""
+
+    stage: str
+    rank: int
+    world_size: int
+    resume_state: dict[str, Any] | None
+    tracker: Tracker | None
+    model_config: dict[str, Any]
+    log_progress: LogHook
+    latest_metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, stage: str, config: dict[str, Any], model_config: dict[str, Any], total_steps: int) -> StageWorker:
+        """In a worker of `train_on_ray`: `config` is its loop config (seeded by `config["seed"]`)."""
+        rank, world_size = worker_rank(config, config["seed"])
+        state = resume_state(rank, world_size)
+        tracker = rank_zero_tracker(config, rank, stage, state)
+        return cls(stage, rank, world_size, state, tracker, model_config, progress_logger(stage, total_steps, tracker))
+
+    @property
+    def start_step(self) -> int:
+        """The optimizer update the run continues at: 0, or the resumed checkpoint's."""
+        return int(self.resume_state["step"]) if self.resume_state else 0
+
+    def fine_tunes(self, init_from: str | None) -> bool:
+        """Whether to load `init_from`'s weights: a resumed run has its own."""
+        return bool(init_from) and self.resume_state is None
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        """`fit`'s on_log, once the stage has added its own rates: kept for the next checkpoint's report, and
+        one progress line and one MLflow write per step from rank 0, not one per worker."""
+        self.latest_metrics.update(metrics)
+        if self.rank == 0:
+            self.log_progress(step, metrics)
+
+    def on_checkpoint(self, step: int, state: dict[str, Any]) -> None:
+        report_checkpoint(self.rank, {**self.latest_metrics, "step": step}, state,
+                          {"model_config.json": json.dumps(self.model_config)})
