@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": vars(args),
         "device": device_name(torch.device("cpu")),
         "load_average_1m": {"start": load_at_start, "end": os.getloadavg()[0]},
-        "dims": {"image_size": base.corpus.image_size, "grid_size": base.corpus.image_size // 2 ** (base.dvae.num_groups - 1),
+        "dims": {"image_size": base.corpus.image_size, "grid_size": base.corpus.image_size // base.dvae.downsample,
                  "codebook_size": base.dvae.codebook_size, "steps": base.dvae.optim.steps,
                  "corpus_images": base.corpus.num_images},
         "kinds": results,

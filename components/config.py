@@ -171,6 +171,11 @@ class DVAEArchitecture(StageConfig):
     code_dim: int = Field(8, ge=2, description="vq: dimension of each code (l2-normalised)")
     codebook_decay: float = Field(0.9, gt=0, lt=1, description="vq: EMA decay of the codebook's cluster means")
 
+    @property
+    def downsample(self) -> int:
+        """Pixels per token along a side: each group after the first halves the resolution."""
+        return 2 ** (self.num_groups - 1)
+
 
 class DVAEConfig(RayTrainConfig, DVAEArchitecture):
     temperature_start: float = Field(1.0, gt=0, description="gumbel-softmax temperature at step 0")
@@ -341,20 +346,12 @@ class PipelineConfig(StageConfig):
             return self.filter
         return self.filter.model_copy(update={"drop_exact_duplicates": not self.shapes_corpus})
 
-    @property
-    def downsample(self) -> int:
-        return 2 ** (self.dvae.num_groups - 1)
-
-    @property
-    def grid_size(self) -> int:
-        return self.corpus.image_size // self.downsample
-
     @model_validator(mode="after")
     def _image_fits_grid(self) -> PipelineConfig:
-        if self.corpus.image_size % self.downsample:
+        if self.corpus.image_size % self.dvae.downsample:
             raise ValueError(
                 f"corpus.image_size ({self.corpus.image_size}) must be divisible by the dVAE "
-                f"downsampling 2**(dvae.num_groups-1) = {self.downsample}"
+                f"downsampling 2**(dvae.num_groups-1) = {self.dvae.downsample}"
             )
         if self.clip.pretrained is None and self.corpus.image_size % self.clip.patch_size:
             raise ValueError(

@@ -1,4 +1,5 @@
-"""The one MLflow seam: every stage logs params, metrics and artifacts through a `Tracker`.
+"""The one MLflow seam: every stage logs params, metrics and artifacts through a `Tracker`, and the CLI
+loads registered models through `load_registered_model`.
 
 A `Tracker` holds an explicit run id and an `MlflowClient`, never MLflow's fluent active-run
 state: Prefect runs tasks in threads and Ray runs training in other processes, and both need to
@@ -238,9 +239,6 @@ class Tracker:
                              flavor_name=mlflow.pyfunc._get_pyfunc_model_flavor_name(python_model))
         return str(info.registered_model_version)
 
-    def artifact_uri(self) -> str:
-        return self.client.get_run(self.run_id).info.artifact_uri
-
 
 class _PyfuncWithoutServingCheck:
     """`mlflow.pyfunc` as `Model.log` calls a flavor (what `mlflow.pyfunc.log_model` does), taking the
@@ -257,6 +255,15 @@ class _PyfuncWithoutServingCheck:
 def monitor_system(tracker: Tracker | None) -> AbstractContextManager[None]:
     """`tracker.system_metrics()`, or no monitor for a stage called without a tracker."""
     return tracker.system_metrics() if tracker is not None else nullcontext()
+
+
+def load_registered_model(model_uri: str, tracking_uri: str) -> Any:
+    """The Python model of an MLflow pyfunc (`models:/dalle@champion`, a run's or a version's URI) in the
+    store at `tracking_uri`, which holds the registry too; the process-wide URIs are left as they were."""
+    import mlflow.pyfunc
+
+    with fluent_store(tracking_uri):
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
 
 
 @contextmanager

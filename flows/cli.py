@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as err:  # before Prefect starts: the source is none of the kinds
             print(f"error: {err}", file=sys.stderr)
             return 2
+    from dalle_pipeline.components.evaluate import headline_metrics
     from dalle_pipeline.flows.train_dalle import train_dalle
 
     summary = train_dalle(preset=args.preset, overrides=overrides, root=args.root, rerun=args.rerun,
@@ -111,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sample grid   : {summary['sample_grid']}")
     if summary["reused_stages"]:
         print(f"reused stages : {', '.join(summary['reused_stages'])} (inputs unchanged; --rerun STAGE to force)")
-    for name in sorted(metrics):
-        if name.endswith("_reranked") or name.endswith("_all"):
-            print(f"  {name:40s} {metrics[name]:.4f}")
+    for name, value in headline_metrics(metrics).items():
+        print(f"  {name:40s} {value:.4f}")
+    print("  (every metric, reranked and of all candidates: the MLflow run above)")
     return 0
 
 
@@ -141,14 +142,9 @@ def load_bundle(model: str, root: str | None):
 
     if Path(model).is_dir():
         return Bundle.load(model)
-    import mlflow.pyfunc
+    from dalle_pipeline.components.tracking import default_tracking_uri, load_registered_model
 
-    from dalle_pipeline.components.tracking import default_tracking_uri
-
-    uri = default_tracking_uri(Path(root) if root else None)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return mlflow.pyfunc.load_model(model).unwrap_python_model().bundle
+    return load_registered_model(model, default_tracking_uri(Path(root) if root else None)).bundle
 
 
 def generate_images(args: argparse.Namespace) -> int:

@@ -37,10 +37,6 @@ class DVAEModelConfig(DVAEArchitecture):
     image_size: int = Field(32, ge=8, description="side of the square input images, in pixels")
 
     @property
-    def downsample(self) -> int:
-        return 2 ** (self.num_groups - 1)
-
-    @property
     def grid_size(self) -> int:
         return self.image_size // self.downsample
 

@@ -14,7 +14,7 @@ from dalle_pipeline.components.saved_configs import upgrade
 def test_every_preset_resolves(preset):
     cfg = resolve(preset)
     assert cfg.preset == preset
-    assert cfg.corpus.image_size % cfg.downsample == 0
+    assert cfg.corpus.image_size % cfg.dvae.downsample == 0
 
 
 def test_overrides_reach_nested_fields_and_keep_section_defaults():
