@@ -247,7 +247,7 @@ def build_inputs(pipeline_cfg, model_cfg: DVAEModelConfig, root: Path, count: in
     from dalle_pipeline.components import checkpoint
     from dalle_pipeline.components.corpus import caption, render, sample_specs
     from dalle_pipeline.components.shards import Sample, write_shard
-    from dalle_pipeline.components.text.tokenizer import run as train_tokenizer
+    from dalle_pipeline.components.text.tokenizer import train_and_save as train_tokenizer
 
     rng = np.random.default_rng(0)
     corpus = pipeline_cfg.corpus

@@ -17,9 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-TRAINING_LIMIT = "training"
-# the stages that run a model on every core the process has (Ray workers sized to the machine)
-COMPUTE_STAGES = frozenset({"dvae", "tokenize-corpus", "prior", "clip", "sample", "evaluate"})
+TRAINING_LIMIT = "training"  # taken by the stages `stage_names.COMPUTE_STAGES` names
 
 
 def machine_slots() -> int:

@@ -18,7 +18,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -27,16 +27,13 @@ from dalle_pipeline.components.config import PipelineConfig
 from dalle_pipeline.components.evaluate.evaluation_set import EvaluationSet
 from dalle_pipeline.components.stage_cache import OUTPUT_DIR, TRACKER, StageCache, StageRecord, bind_call
 from dalle_pipeline.components.tracking import Tracker, stage_run
-from dalle_pipeline.flows.concurrency import COMPUTE_STAGES, training_slot
+from dalle_pipeline.flows.concurrency import training_slot
+from dalle_pipeline.flows.stage_names import COMPUTE_STAGES, EVERY_STAGE, STAGES, TRAINING_STAGES
 
-STAGE_TASK = {"cache_policy": NO_CACHE}  # our StageCache decides what to skip; Prefect's input cache would not log it
 # stages that fetch over the network retry: each is idempotent (a download resumes its batch)
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
-TRAINING_STAGES = frozenset({"dvae", "prior", "clip"})  # their training loop logs `progress` (training/loop.py)
 PROGRESS_POLL_S = 5.0
 STAGE_CALL_FILE = "stage_call.json"  # what a stage run was called with (its arguments, paths as they are)
-StageName = Literal["corpus", "download", "ingest", "filter", "text-tokenizer", "dvae", "tokenize-corpus", "prior", "clip",
-                    "sample", "evaluate", "register", "base-model", "all"]
 Outputs = TypeVar("Outputs")
 
 
@@ -111,16 +108,18 @@ class Stages:
 
     parent: Tracker
     cache: StageCache
-    rerun: frozenset[str] = frozenset()  # stage names to run even when cached; "all" for every stage
+    rerun: frozenset[str] = frozenset()  # stage names to run even when cached; EVERY_STAGE for every stage
 
-    def run(self, name: str, function: Callable, *args: Any,
+    def run(self, function: Callable, *args: Any,
             finish: Callable[[Any, Tracker], tuple[Outputs, dict[str, float]]], accumulates: bool = False,
             **kwargs: Any) -> StageRecord[Outputs]:
-        """`function(*args, **kwargs, out_dir=<stage folder>[, tracker=<stage run>])` in a nested MLflow
-        run, unless a stage finished with the same key: then log that it was reused (tags `cache`,
-        `built_by_run`, its metrics again) and return its record. `finish(result, tracker)` makes the
-        outputs and summary metrics of the call's result. `accumulates`: the folder is named by the
-        call's settings and input locations (a growing URL list keeps its folder), not by its key."""
+        """In the task of a stage (`stage_task`): `function(*args, **kwargs, out_dir=<stage folder>[,
+        tracker=<stage run>])` in a nested MLflow run, unless a stage finished with the same key: then log
+        that it was reused (tags `cache`, `built_by_run`, its metrics again) and return its record.
+        `finish(result, tracker)` makes the outputs and summary metrics of the call's result. `accumulates`:
+        the folder is named by the call's settings and input locations (a growing URL list keeps its
+        folder), not by its key."""
+        name = current_stage()
         outputs_type = _outputs_type(finish)
         bound = bind_call(function, args, kwargs)
         key = self.cache.call_key(name, function, bound.arguments)
@@ -131,7 +130,7 @@ class Stages:
         # image charts print every param of a run above its image (the prior's 37 hid its preview)
         with stage_run(self.parent, name) as tracker:
             tracker.log_dict(self.cache.stage_value(bound.arguments, content=False), STAGE_CALL_FILE)
-            forced = name in self.rerun or "all" in self.rerun
+            forced = name in self.rerun or EVERY_STAGE in self.rerun
             record = None if forced else self.cache.lookup(folder, key, outputs_type)
             if record is not None:
                 tracker.set_tags({"cache": "hit", "cache_key": key, "built_by_run": record.mlflow_run_id,
@@ -202,6 +201,25 @@ def stage_progress(name: str, tracker: Tracker, every_s: float = PROGRESS_POLL_S
     update_progress_artifact(artifact_id, 100.0)
 
 
+def stage_task(name: str, **options: Any) -> Callable:
+    """The Prefect task of the stage `name` (a key of `stage_names.STAGES`), which `Stages.run` inside it
+    takes the stage's name from. Prefect's own result cache stays off: our StageCache decides what to skip,
+    and Prefect's would skip a stage without an MLflow record of the reuse."""
+    if name not in STAGES:
+        raise ValueError(f"no stage {name!r} in stage_names.STAGES")
+    return task(name=name, cache_policy=NO_CACHE, **options)
+
+
+def current_stage() -> str:
+    """The stage whose task is running."""
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    if context is None or context.task.name not in STAGES:
+        raise RuntimeError("Stages.run runs inside a stage's task (stage_task)")
+    return context.task.name
+
+
 def _outputs_type(finish: Callable) -> type:
     """The outputs class of a stage: the first element of its `finish`'s return annotation."""
     return typing.get_args(typing.get_type_hints(finish)["return"])[0]
@@ -213,7 +231,7 @@ def derived(stage: str, outputs: Any, base: StageRecord) -> StageRecord:
                        mlflow_run_id=base.mlflow_run_id, build_seconds=0.0, reused=True)
 
 
-@task(name="corpus", **STAGE_TASK)
+@stage_task("corpus")
 def make_corpus(cfg: PipelineConfig, stages: Stages) -> StageRecord[UrlList]:
     """The embedded shapes corpus as a URL list of file:// images."""
     from dalle_pipeline.components.corpus import generate
@@ -222,7 +240,7 @@ def make_corpus(cfg: PipelineConfig, stages: Stages) -> StageRecord[UrlList]:
         tracker.log_metrics({"num_images": result.num_images})
         return UrlList(str(result.url_list)), {"num_images": result.num_images}
 
-    return stages.run("corpus", generate, cfg.corpus, finish=finish)
+    return stages.run(generate, cfg.corpus, finish=finish)
 
 
 def _finish_shards(verb: str) -> Callable[[Any, Tracker], tuple[Shards, dict[str, float]]]:
@@ -237,28 +255,28 @@ def _finish_shards(verb: str) -> Callable[[Any, Tracker], tuple[Shards, dict[str
     return finish
 
 
-@task(name="download", **IO_RETRIES, **STAGE_TASK)
+@stage_task("download", **IO_RETRIES)
 def download(cfg: PipelineConfig, url_list: str, stages: Stages) -> StageRecord[Shards]:
     from dalle_pipeline.components.download.run import run
 
     # one folder per URL list location and settings: a list that grows downloads only its new rows
-    return stages.run("download", run, cfg.download_settings(), url_list, image_size=cfg.corpus.image_size,
+    return stages.run(run, cfg.download_settings(), url_list, image_size=cfg.corpus.image_size,
                       url_col=cfg.data.url_col, caption_col=cfg.data.caption_col, finish=_finish_shards("downloaded"),
                       accumulates=True)
 
 
-@task(name="ingest", **STAGE_TASK)
+@stage_task("ingest")
 def ingest(cfg: PipelineConfig, stages: Stages) -> StageRecord[Shards]:
     """A local source (folder, webdataset, Parquet with images, COCO) into the download stage's layout."""
     from dalle_pipeline.components.sources import run
 
     data = cfg.data.model_copy(update={"source": str(Path(cfg.data.source).expanduser().resolve())})
     # one folder per source location and settings: a folder that grows ingests only its new files
-    return stages.run("ingest", run, data, cfg.download_settings(), image_size=cfg.corpus.image_size,
+    return stages.run(run, data, cfg.download_settings(), image_size=cfg.corpus.image_size,
                       finish=_finish_shards("ingested"), accumulates=True)
 
 
-@task(name="filter", **STAGE_TASK)
+@stage_task("filter")
 def filter_corpus(cfg: PipelineConfig, downloaded: StageRecord[Shards], stages: Stages) -> StageRecord[Curated]:
     from prefect.artifacts import create_table_artifact
 
@@ -280,41 +298,40 @@ def filter_corpus(cfg: PipelineConfig, downloaded: StageRecord[Shards], stages: 
                  for k, v in result.download_failures_by_reason.items()]
         return Curated(str(result.curated_dir), rows, result.data_digest), metrics
 
-    record = stages.run("filter", run, cfg.filter_settings(), downloaded.outputs.shards_dir,
+    record = stages.run(run, cfg.filter_settings(), downloaded.outputs.shards_dir,
                         holdout_fraction=cfg.holdout_fraction, finish=finish, accumulates=True)
     create_table_artifact(record.outputs.report_rows, key="filter-report",
                           description="Samples kept and dropped, by reason")
     return record
 
 
-@task(name="text-tokenizer", **STAGE_TASK)
+@stage_task("text-tokenizer")
 def train_text_tokenizer(cfg: PipelineConfig, curated: StageRecord[Curated],
                          stages: Stages) -> StageRecord[TextTokenizerFile]:
-    from dalle_pipeline.components.text.tokenizer import run_on_shards
+    from dalle_pipeline.components.text.tokenizer import run
 
     def finish(result, tracker: Tracker) -> tuple[TextTokenizerFile, dict[str, float]]:
-        path, digest, caption_lengths = result
-        tracker.set_tags({"tokenizer_hash": digest})
-        tracker.log_metrics(caption_lengths)
-        tracker.log_artifact(path)
-        return TextTokenizerFile(str(path), digest), caption_lengths
+        tracker.set_tags({"tokenizer_hash": result.tokenizer_hash})
+        tracker.log_metrics(result.metrics)
+        tracker.log_artifact(result.tokenizer_path)
+        return TextTokenizerFile(str(result.tokenizer_path), result.tokenizer_hash), result.metrics
 
-    return stages.run("text-tokenizer", run_on_shards, cfg.tokenizer, curated.outputs.curated_dir, finish=finish)
+    return stages.run(run, cfg.tokenizer, curated.outputs.curated_dir, finish=finish)
 
 
 def _checkpoint(result, tracker: Tracker) -> tuple[Checkpoint, dict[str, float]]:
     return Checkpoint(str(result.checkpoint_dir)), result.metrics
 
 
-@task(name="dvae", **STAGE_TASK)
+@stage_task("dvae")
 def train_dvae(cfg: PipelineConfig, curated: StageRecord[Curated], stages: Stages) -> StageRecord[Checkpoint]:
     from dalle_pipeline.components.dvae.train import run
 
-    return stages.run("dvae", run, cfg.dvae, curated.outputs.curated_dir, image_size=cfg.corpus.image_size,
+    return stages.run(run, cfg.dvae, curated.outputs.curated_dir, image_size=cfg.corpus.image_size,
                       seed=cfg.seed, shapes=cfg.corpus if cfg.shapes_corpus else None, finish=_checkpoint)
 
 
-@task(name="tokenize-corpus", **STAGE_TASK)
+@stage_task("tokenize-corpus")
 def tokenize_corpus(cfg: PipelineConfig, curated: StageRecord[Curated], dvae: StageRecord[Checkpoint],
                     tokenizer: StageRecord[TextTokenizerFile], stages: Stages) -> StageRecord[TokenDataset]:
     from dalle_pipeline.components.tokenize_corpus.run import run
@@ -325,33 +342,33 @@ def tokenize_corpus(cfg: PipelineConfig, curated: StageRecord[Curated], dvae: St
         return TokenDataset(str(result.dataset_dir)), {"rows": result.rows}
 
     # new curated shards add parts; another dVAE or tokenizer (another folder in their paths) starts another folder
-    return stages.run("tokenize-corpus", run, curated.outputs.curated_dir, dvae.outputs.checkpoint_dir,
+    return stages.run(run, curated.outputs.curated_dir, dvae.outputs.checkpoint_dir,
                       tokenizer.outputs.tokenizer_path, text_len=cfg.tokenizer.text_len,
                       bpe_dropout=cfg.tokenizer.bpe_dropout, finish=finish, accumulates=True)
 
 
-@task(name="prior", **STAGE_TASK)
+@stage_task("prior")
 def train_prior(cfg: PipelineConfig, dataset: StageRecord[TokenDataset], dvae: StageRecord[Checkpoint],
                 stages: Stages) -> StageRecord[Checkpoint]:
     """The prior on the token Parquet; the dVAE that made the tokens draws its previews in the MLflow run."""
     from dalle_pipeline.components.prior.train import run
 
-    return stages.run("prior", run, cfg.prior, dataset.outputs.dataset_dir, seed=cfg.seed,
+    return stages.run(run, cfg.prior, dataset.outputs.dataset_dir, seed=cfg.seed,
                       dvae_dir=dvae.outputs.checkpoint_dir, finish=_checkpoint)
 
 
-@task(name="clip", **STAGE_TASK)
+@stage_task("clip")
 def train_clip(cfg: PipelineConfig, curated: StageRecord[Curated], stages: Stages) -> StageRecord[Clip]:
     from dalle_pipeline.components.clip.train import run
 
     def finish(result, tracker: Tracker) -> tuple[Clip, dict[str, float]]:
         return Clip(result.source), result.metrics
 
-    return stages.run("clip", run, cfg.clip, curated.outputs.curated_dir, image_size=cfg.corpus.image_size,
+    return stages.run(run, cfg.clip, curated.outputs.curated_dir, image_size=cfg.corpus.image_size,
                       seed=cfg.seed, finish=finish)
 
 
-@task(name="base-model", **IO_RETRIES, **STAGE_TASK)
+@stage_task("base-model", **IO_RETRIES)
 def fetch_base_model(model_uri: str, stages: Stages) -> StageRecord[BaseBundle]:
     """The registered model a retrain starts from, downloaded into the stage cache."""
     from dalle_pipeline.components.register.run import fetch_bundle, resolve_version
@@ -363,7 +380,7 @@ def fetch_base_model(model_uri: str, stages: Stages) -> StageRecord[BaseBundle]:
         print(f"retraining from {model_uri} (version {version}), bundle in {bundle}")
         return BaseBundle(str(bundle), version), {}
 
-    return stages.run("base-model", fetch_bundle, f"models:/{name}/{version}", stages.parent, finish=finish)
+    return stages.run(fetch_bundle, f"models:/{name}/{version}", stages.parent, finish=finish)
 
 
 def base_model_parts(base: StageRecord[BaseBundle]) -> tuple[StageRecord, StageRecord, StageRecord]:
@@ -374,11 +391,11 @@ def base_model_parts(base: StageRecord[BaseBundle]) -> tuple[StageRecord, StageR
     bundle = Path(base.outputs.bundle_dir)
     _, clip_source = read_manifest(bundle)
     tokenizer = TextTokenizerFile(str(bundle / "tokenizer.json"), file_sha256(bundle / "tokenizer.json"))
-    return (derived("text-tokenizer", tokenizer, base), derived("dvae", Checkpoint(str(bundle / "dvae")), base),
-            derived("clip", Clip(clip_source), base))
+    return (derived(train_text_tokenizer.name, tokenizer, base),
+            derived(train_dvae.name, Checkpoint(str(bundle / "dvae")), base), derived(train_clip.name, Clip(clip_source), base))
 
 
-@task(name="sample", **STAGE_TASK)
+@stage_task("sample")
 def sample(cfg: PipelineConfig, evaluation: EvaluationSet, prior: StageRecord[Checkpoint],
            dvae: StageRecord[Checkpoint], tokenizer: StageRecord[TextTokenizerFile], clip: StageRecord[Clip],
            stages: Stages) -> StageRecord[Samples]:
@@ -388,27 +405,27 @@ def sample(cfg: PipelineConfig, evaluation: EvaluationSet, prior: StageRecord[Ch
         completions = str(result.completions) if result.completions is not None else None
         return Samples(str(result.grid), str(result.samples), evaluation.prompts, completions), {}
 
-    return stages.run("sample", run, cfg.sample, evaluation.prompts, prior.outputs.checkpoint_dir,
+    return stages.run(run, cfg.sample, evaluation.prompts, prior.outputs.checkpoint_dir,
                       dvae.outputs.checkpoint_dir, tokenizer.outputs.tokenizer_path, cfg.tokenizer.text_len,
                       clip.outputs.clip_source, scenes=evaluation.scenes, specs=evaluation.specs, finish=finish)
 
 
-@task(name="evaluate", **STAGE_TASK)
+@stage_task("evaluate")
 def evaluate(cfg: PipelineConfig, evaluation: EvaluationSet, samples: StageRecord[Samples], clip: StageRecord[Clip],
              dvae: StageRecord[Checkpoint], stages: Stages) -> StageRecord[Nothing]:
-    from dalle_pipeline.components.evaluate.run import find_inception_weights, run_on_set
+    from dalle_pipeline.components.evaluate.run import find_inception_weights, run
 
     def finish(metrics, tracker: Tracker) -> tuple[Nothing, dict[str, float]]:
         return Nothing(), metrics
 
     # resolved here, so weights appearing in the torch cache later are a new argument: the stage runs again, with FID
     weights = find_inception_weights(cfg.sample.inception_weights)
-    return stages.run("evaluate", run_on_set, samples.outputs.samples, evaluation, clip.outputs.clip_source,
+    return stages.run(run, samples.outputs.samples, evaluation, clip.outputs.clip_source,
                       inception_weights=str(weights) if weights else None, dvae_dir=dvae.outputs.checkpoint_dir,
                       completions_path=samples.outputs.completions, finish=finish)
 
 
-@task(name="register", **STAGE_TASK)
+@stage_task("register")
 def register(cfg: PipelineConfig, dvae: StageRecord[Checkpoint], prior: StageRecord[Checkpoint],
              tokenizer: StageRecord[TextTokenizerFile], clip: StageRecord[Clip], samples: StageRecord[Samples],
              evaluation: StageRecord[Nothing], evaluation_set: EvaluationSet, curated: StageRecord[Curated],
@@ -416,7 +433,7 @@ def register(cfg: PipelineConfig, dvae: StageRecord[Checkpoint], prior: StageRec
     from prefect.events import emit_event
     from prefect.runtime import flow_run
 
-    from dalle_pipeline.components.register.run import MODEL_NAME, register_bundle
+    from dalle_pipeline.components.register.run import MODEL_NAME, run
     from dalle_pipeline.flows.notifications import CHAMPION_MOVED, champion_resource
 
     def finish(registration, tracker: Tracker) -> tuple[Registered, dict[str, float]]:
@@ -427,7 +444,7 @@ def register(cfg: PipelineConfig, dvae: StageRecord[Checkpoint], prior: StageRec
         return Registered(registration.version, registration.promoted, registration.decision), {}
 
     # keyed by the parent's MLflow store (a tracker's stage_key): registering into another store is another stage
-    return stages.run("register", register_bundle, cfg, dvae.outputs.checkpoint_dir, prior.outputs.checkpoint_dir,
+    return stages.run(run, cfg, dvae.outputs.checkpoint_dir, prior.outputs.checkpoint_dir,
                       tokenizer.outputs.tokenizer_path, clip.outputs.clip_source, evaluation.metrics,
                       samples.outputs.prompts, stages.parent, evaluation_ids=evaluation_set.ids,
                       data_digest=curated.outputs.data_digest or None, finish=finish)

@@ -20,6 +20,7 @@ from dalle_pipeline.components import config as config_module
 from dalle_pipeline.components.cluster import disconnect
 from dalle_pipeline.components.config import PipelineConfig
 from dalle_pipeline.components.presets import PresetName
+from dalle_pipeline.components.evaluate import headline_metrics
 from dalle_pipeline.components.evaluate.evaluation_set import (EvaluationSet, holdout_evaluation_set,
                                                                shapes_evaluation_set)
 from dalle_pipeline.components.overrides import PipelineOverrides
@@ -28,11 +29,10 @@ from dalle_pipeline.components.stage_cache import StageCache, StageRecord
 from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri
 from dalle_pipeline.components.environment import use_defaults
 from dalle_pipeline.flows.concurrency import ensure_training_limit
-from dalle_pipeline.flows.stages import (StageName, Stages, base_model_parts, download, evaluate, fetch_base_model,
+from dalle_pipeline.flows.stage_names import StageName
+from dalle_pipeline.flows.stages import (Stages, base_model_parts, download, evaluate, fetch_base_model,
                                          filter_corpus, ingest, make_corpus, register, sample, tokenize_corpus,
                                          train_clip, train_dvae, train_prior, train_text_tokenizer)
-
-HEADLINE = ("oracle_", "holdout_oracle_", "fd_clip", "clip_score")  # the reranked metrics the log line shows
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,17 @@ def train_dalle(preset: PresetName = "tiny", overrides: PipelineOverrides = Pipe
     if cfg is not None and not cfg.shapes_corpus:
         source_kind(cfg.data)  # a source that is none of the kinds is refused before any work
     ensure_training_limit()  # the compute stages queue on it: two runs on one machine take turns
-    run = start_run(cfg, preset, root, rerun_set, retrain_from)
+    root_dir, stages = start_run(preset, root, rerun_set, retrain_from)
     started = time.perf_counter()
     try:
-        if retrain_from is None:
+        if cfg is not None:
+            run = PipelineRun(cfg=cfg, root=root_dir, stages=stages)
+            log_config(run)
             records = train_from_scratch(run)
         else:
-            run, records = retrain(run, preset, overrides, retrain_from, retrain_dvae)
+            run, records = retrain(root_dir, stages, preset, overrides, retrain_from, retrain_dvae)
     except BaseException:
-        run.stages.parent.end("FAILED")
+        stages.parent.end("FAILED")
         raise
     finally:
         disconnect()  # the local Ray the training stages started, if they did
@@ -93,9 +95,9 @@ def check_arguments(rerun: list[str] | None, retrain_from: str | None, retrain_d
     return rerun_set
 
 
-def start_run(cfg: PipelineConfig | None, preset: str, root: str | None, rerun: frozenset[str],
-              retrain_from: str | None) -> PipelineRun:
-    """The MLflow parent run, tagged with the Prefect flow run, and the stage cache under the root."""
+def start_run(preset: str, root: str | None, rerun: frozenset[str], retrain_from: str | None) -> tuple[Path, Stages]:
+    """The root, and what every stage task needs: the MLflow parent run, tagged with the Prefect flow run,
+    and the stage cache under the root."""
     root_dir = Path(root).resolve() if root else default_root()
     tracking_uri = default_tracking_uri(root_dir)
     kind = "retrain" if retrain_from else "train"
@@ -105,11 +107,7 @@ def start_run(cfg: PipelineConfig | None, preset: str, root: str | None, rerun: 
               **({"retrain_from": retrain_from} if retrain_from else {})},
         artifact_root=(root_dir / "mlartifacts").as_uri(),
     )
-    run = PipelineRun(cfg=cfg, root=root_dir, stages=Stages(parent=parent, cache=StageCache(root_dir / "stages"),
-                                                            rerun=rerun))
-    if cfg is not None:
-        log_config(run)
-    return run
+    return root_dir, Stages(parent=parent, cache=StageCache(root_dir / "stages"), rerun=rerun)
 
 
 def log_config(run: PipelineRun) -> None:
@@ -153,20 +151,20 @@ def build_evaluation_set(cfg: PipelineConfig, curated: StageRecord, ids: list[st
                                   cfg.data.holdout_max, cfg.sample.prompts_file, ids)
 
 
-def retrain(run: PipelineRun, preset: str, overrides: PipelineOverrides, retrain_from: str,
+def retrain(root: Path, stages: Stages, preset: str, overrides: PipelineOverrides, retrain_from: str,
             retrain_dvae: bool) -> tuple[PipelineRun, list[StageRecord]]:
     """Fine-tune the registered model `retrain_from` on the configured data: its config is the base
     of the overrides, its tokenizer and CLIP are kept, its prior (and with `retrain_dvae` its dVAE)
     starts the training."""
     from dalle_pipeline.components.register.bundle import read_evaluation_ids, read_manifest
 
-    base = fetch_base_model(retrain_from, run.stages)
+    base = fetch_base_model(retrain_from, stages)
     bundle = Path(base.outputs.bundle_dir)
     inits = {"prior.init_from": str(bundle / "prior"),
              **({"dvae.init_from": str(bundle / "dvae")} if retrain_dvae else {})}
     cfg = config_module.resolve(preset, {**config_module.dotted_overrides(overrides), **inits},
                                 base=read_manifest(bundle)[0])
-    run = PipelineRun(cfg=cfg, root=run.root, stages=run.stages)
+    run = PipelineRun(cfg=cfg, root=root, stages=stages)
     log_config(run)
     curation = curate(run)
     ran = [base, *curation]
@@ -232,7 +230,7 @@ def finish_run(run: PipelineRun, records: list[StageRecord], seconds: float) -> 
         "promoted": registration.promoted,
         "champion_decision": registration.champion_decision,
     }
-    headline = {k: round(v, 3) for k, v in metrics.items() if k.startswith(HEADLINE) and k.endswith("reranked")}
+    headline = {name: round(value, 3) for name, value in headline_metrics(metrics).items()}
     get_run_logger().info("done in %.0fs (%d of %d stages reused): MLflow run %s, samples %s, %s", seconds,
                           len(reused), len(records), parent.run_id, grid, headline)
     return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,11 @@ from ..corpus.shapes import ShapeSpec, eval_set
 from ..shards import HOLDOUT_DIR, holdout_rank, iter_samples
 
 MIN_REFERENCES = 256
+
+
+def retrieval_pool_of(prompts: Sequence[str], captions: Sequence[str] | None = None) -> list[str]:
+    """The distinct captions a sample's own prompt is ranked among: `captions`, then every prompt not among them."""
+    return list(dict.fromkeys([*(captions or []), *prompts]))
 
 
 @dataclass(frozen=True)
@@ -35,8 +41,7 @@ class EvaluationSet:
 
     @property
     def retrieval_pool(self) -> list[str]:
-        """The distinct captions a sample's own prompt is ranked among, every prompt included."""
-        return list(dict.fromkeys([*(self.captions or []), *self.prompts]))
+        return retrieval_pool_of(self.prompts, self.captions)
 
     def stage_key(self) -> str:
         digest = hashlib.sha256(json.dumps({

@@ -33,7 +33,7 @@ from ..dvae.model import load as load_dvae
 from ..images import psnr, to_float
 from ..storage import write_json
 from ..tracking import Tracker
-from .evaluation_set import EvaluationSet
+from .evaluation_set import EvaluationSet, retrieval_pool_of
 
 
 def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
@@ -183,7 +183,7 @@ def image_to_image_metrics(completions: Mapping[str, np.ndarray], specs: Sequenc
     return metrics
 
 
-def run(samples_path: Path, prompts: list[str], reference_images: np.ndarray, clip: ClipScorer, out_dir: Path,
+def score_samples(samples_path: Path, prompts: list[str], reference_images: np.ndarray, clip: ClipScorer, out_dir: Path,
         specs: Sequence[list[ShapeSpec]] | None = None, holdout: Sequence[bool] | None = None,
         tracker: Tracker | None = None, inception_weights: str | Path | None = None,
         retrieval_pool: Sequence[str] | None = None, dvae: DiscreteVAE | None = None,
@@ -215,7 +215,7 @@ def run(samples_path: Path, prompts: list[str], reference_images: np.ndarray, cl
     metrics["distinct_candidates"] = distinct_share(images)
     metrics["clip_score_reranked"] = float(100 * kept_scores.clip(min=0).mean())
     metrics["clip_score_all"] = float(100 * clip_scores.clip(min=0).mean())
-    pool = list(dict.fromkeys([*(retrieval_pool or []), *prompts]))
+    pool = retrieval_pool_of(prompts, retrieval_pool)
     for label, pixels in (("reranked", kept), ("all", images)):
         for k, value in caption_retrieval(clip, pixels, prompts, pool).items():
             metrics[f"retrieval_{k}_{label}"] = value
@@ -241,13 +241,13 @@ def run(samples_path: Path, prompts: list[str], reference_images: np.ndarray, cl
     return metrics
 
 
-def run_on_set(samples_path: Path, evaluation: EvaluationSet, clip_source: str, out_dir: Path,
-               tracker: Tracker | None = None, inception_weights: str | Path | None = None,
-               dvae_dir: str | Path | None = None, completions_path: str | Path | None = None) -> dict[str, float]:
-    """The stage's entry point: `run` on the samples of `evaluation`'s prompts, with the CLIP saved at
+def run(samples_path: Path, evaluation: EvaluationSet, clip_source: str, out_dir: Path,
+        tracker: Tracker | None = None, inception_weights: str | Path | None = None,
+        dvae_dir: str | Path | None = None, completions_path: str | Path | None = None) -> dict[str, float]:
+    """The stage's entry point: `score_samples` on the samples of `evaluation`'s prompts, with the CLIP saved at
     `clip_source` (and the dVAE saved at `dvae_dir`, for the FID of its reconstructions); the
     image-to-image completions at `completions_path` are scored by the oracle too (the shapes corpus)."""
-    return run(samples_path, evaluation.prompts, evaluation.references, load_clip(clip_source), out_dir,
-               specs=evaluation.specs, holdout=evaluation.holdout, tracker=tracker,
-               inception_weights=inception_weights, retrieval_pool=evaluation.retrieval_pool,
-               dvae=load_dvae(dvae_dir) if dvae_dir is not None else None, completions_path=completions_path)
+    return score_samples(samples_path, evaluation.prompts, evaluation.references, load_clip(clip_source), out_dir,
+                         specs=evaluation.specs, holdout=evaluation.holdout, tracker=tracker,
+                         inception_weights=inception_weights, retrieval_pool=evaluation.captions,
+                         dvae=load_dvae(dvae_dir) if dvae_dir is not None else None, completions_path=completions_path)

@@ -14,14 +14,12 @@ from typing import Any
 import mlflow.pyfunc
 
 from ..config import PipelineConfig
+from ..evaluate import headline_metrics
 from ..tracking import Tracker, fluent_store
 
 MODEL_NAME = "dalle"
 CHAMPION = "champion"
 PRIMARY_METRICS = ("oracle_colour_reranked", "clip_score_reranked")  # first one present decides; higher wins
-# what a model version's description quotes besides the primary metric, where the evaluation measured it
-HEADLINE_METRICS = ("oracle_all_reranked", "holdout_oracle_colour_reranked", "clip_score_reranked", "fid_reranked",
-                    "fd_clip_reranked", "retrieval_top1_reranked")
 # the pyfunc's request columns besides `prompt`, with their MLflow types; every one may be left out
 OPTION_COLUMNS = {"num_images": "long", "seed": "long", "temperature": "double", "top_k": "long", "top_p": "double",
                   "guidance_scale": "double", "prefix_rows": "long", "image_png": "string"}
@@ -99,7 +97,7 @@ def input_example(prompts: list[str]):
 def version_description(metrics: dict[str, float], prompts: list[str], data_tags: dict[str, str]) -> str:
     """What a registered version was trained on, what it was judged on and how it scored, for the registry page."""
     name, value = primary_metric(metrics)
-    headline = ", ".join(f"{key} {metrics[key]:.4f}" for key in HEADLINE_METRICS if key in metrics and key != name)
+    headline = ", ".join(f"{key} {value:.4f}" for key, value in headline_metrics(metrics).items() if key != name)
     data = data_tags.get("data_source", "unknown data")
     digest = data_tags.get("data_digest")
     return (f"Trained on {data}" + (f" (data digest {digest})" if digest else " (no data digest recorded)") + ". "
@@ -125,8 +123,8 @@ class Registration:
     decision: str
 
 
-def run(bundle_dir: Path, metrics: dict[str, float], prompts: list[str], tracker: Tracker,
-        data_tags: dict[str, str] | None = None) -> Registration:
+def register_version(bundle_dir: Path, metrics: dict[str, float], prompts: list[str], tracker: Tracker,
+                     data_tags: dict[str, str] | None = None) -> Registration:
     """Log + register the bundle under `tracker`'s run (its version tagged with `data_tags`: what it was
     trained on), then decide champion/challenger."""
     name, value = primary_metric(metrics)
@@ -163,10 +161,10 @@ def run(bundle_dir: Path, metrics: dict[str, float], prompts: list[str], tracker
     return Registration(version=version, promoted=promoted, decision=decision)
 
 
-def register_bundle(cfg: PipelineConfig, dvae_dir: Path, prior_dir: Path, tokenizer_path: Path, clip_source: str,
-                    metrics: dict[str, float], prompts: list[str], parent: Tracker, out_dir: Path,
-                    tracker: Tracker | None = None, evaluation_ids: list[str] | None = None,
-                    data_digest: str | None = None) -> Registration:
+def run(cfg: PipelineConfig, dvae_dir: Path, prior_dir: Path, tokenizer_path: Path, clip_source: str,
+        metrics: dict[str, float], prompts: list[str], parent: Tracker, out_dir: Path,
+        tracker: Tracker | None = None, evaluation_ids: list[str] | None = None,
+        data_digest: str | None = None) -> Registration:
     """The stage's entry point: the bundle built in `out_dir/bundle`, logged as the model of the
     pipeline's `parent` run (beside the metrics it is judged by), registered and judged; its version
     is tagged with the data (`data_source`, `data_digest` of the curated training samples)."""
@@ -176,7 +174,7 @@ def register_bundle(cfg: PipelineConfig, dvae_dir: Path, prior_dir: Path, tokeni
                        evaluation_ids)
     data_tags = {"data_source": cfg.data.source or "shapes corpus",
                  **({"data_digest": data_digest} if data_digest else {})}
-    registration = run(bundle_dir, metrics, prompts, parent, data_tags)
+    registration = register_version(bundle_dir, metrics, prompts, parent, data_tags)
     if tracker is not None:
         tracker.set_tags({"champion_decision": registration.decision, "model_version": registration.version})
     return registration

@@ -20,7 +20,7 @@ from ..storage import atomic_path, file_sha256
 FILENAME = "tokenizer.json"
 
 
-def train(captions: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
+def train_bpe(captions: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if cfg.lowercase else [])
     tokenizer.normalizer = normalizers.Sequence(steps)
@@ -73,11 +73,11 @@ class TextTokenizer:
         return cls(Tokenizer.from_file(str(path)), text_len)
 
 
-def run(cfg: TokenizerConfig, captions: Sequence[str], out_dir: str | Path) -> tuple[Path, str]:
+def train_and_save(cfg: TokenizerConfig, captions: Sequence[str], out_dir: str | Path) -> tuple[Path, str]:
     """Train on `captions`, save `tokenizer.json`; returns its path and sha256."""
     if not captions:
         raise ValueError("cannot train a tokenizer on an empty caption list")
-    path = TextTokenizer(train(captions, cfg), cfg.text_len).save(out_dir)
+    path = TextTokenizer(train_bpe(captions, cfg), cfg.text_len).save(out_dir)
     return path, file_sha256(path)
 
 
@@ -89,12 +89,18 @@ def caption_lengths(path: str | Path, captions: Sequence[str], text_len: int) ->
             "caption_tokens_max": float(lengths.max()), "captions_cut": float((lengths > text_len).mean())}
 
 
-def run_on_shards(cfg: TokenizerConfig, curated_dir: str | Path,
-                  out_dir: str | Path) -> tuple[Path, str, dict[str, float]]:
-    """`run` on the captions of the curated shards in `curated_dir` (the stage's entry point), and
-    the captions' `caption_lengths`; says so when text_len cuts more than 1% of them."""
+@dataclass(frozen=True)
+class TextTokenizerResult:
+    tokenizer_path: Path
+    tokenizer_hash: str  # sha256 of tokenizer.json
+    metrics: dict[str, float]  # the captions' `caption_lengths`
+
+
+def run(cfg: TokenizerConfig, curated_dir: str | Path, out_dir: str | Path) -> TextTokenizerResult:
+    """The stage's entry point: a tokenizer trained on the captions of the curated shards in `curated_dir`,
+    and the captions' `caption_lengths`; says so when text_len cuts more than 1% of them."""
     captions = [sample.caption for sample in iter_samples(curated_dir)]
-    path, digest = run(cfg, captions, out_dir)
+    path, digest = train_and_save(cfg, captions, out_dir)
     lengths = caption_lengths(path, captions, cfg.text_len)
     if lengths["captions_cut"] > 0.01:
         print(f"text-tokenizer: {lengths['captions_cut']:.0%} of the captions are longer than tokenizer.text_len="
@@ -102,4 +108,4 @@ def run_on_shards(cfg: TokenizerConfig, curated_dir: str | Path,
               f"{lengths['caption_tokens_max']:.0f}): the prior sees only their first {cfg.text_len}; "
               f"--set tokenizer.text_len={int(np.ceil(lengths['caption_tokens_p95']))} keeps 95% of them whole",
               flush=True)
-    return path, digest, lengths
+    return TextTokenizerResult(path, digest, lengths)

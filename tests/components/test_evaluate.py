@@ -7,7 +7,7 @@ import torch
 
 from dalle_pipeline.components.evaluate.run import (_trace_sqrt_from_covariances, _trace_sqrt_from_samples,
                                                      find_inception_weights, frechet_distance, inception_cache_path,
-                                                     inception_fid, run)
+                                                     inception_fid, score_samples)
 
 
 def test_identical_sets_are_at_distance_zero():
@@ -111,7 +111,7 @@ def evaluation_inputs(tmp_path_factory):
 def test_fid_is_zero_for_the_reference_images_and_grows_with_the_rejected_candidates(
         inception_weights, random_clip, evaluation_inputs, tmp_path, recwarn):
     samples, references = evaluation_inputs
-    metrics = run(samples, ["a red square"] * 2, references, random_clip, tmp_path,
+    metrics = score_samples(samples, ["a red square"] * 2, references, random_clip, tmp_path,
                   inception_weights=str(inception_weights))
     assert metrics["fid_reranked"] == pytest.approx(0.0, abs=1e-2)  # the kept set is the reference set
     assert metrics["fid_all"] > 10.0  # half of it is noise
@@ -149,7 +149,7 @@ def test_without_inception_weights_fid_is_skipped_with_one_line(random_clip, eva
                                                                  monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # an empty torch hub cache
     samples, references = evaluation_inputs
-    metrics = run(samples, ["a red square"] * 2, references, random_clip, tmp_path / "out")
+    metrics = score_samples(samples, ["a red square"] * 2, references, random_clip, tmp_path / "out")
     lines = [line for line in capsys.readouterr().out.splitlines() if "fid skipped" in line]
     assert len(lines) == 1 and "no Inception weights" in lines[0] and "empty-torch-home" in lines[0]
     assert not any(key.startswith("fid") for key in metrics)
@@ -216,7 +216,7 @@ def test_retrieval_is_logged_beside_its_chance_level(random_clip, evaluation_inp
     samples, references = evaluation_inputs
     pool = ["a red square", "a blue circle", "a green triangle", "a white square", "a cyan circle", "a pink one"]
     with pytest.warns(UserWarning, match="rank-deficient"):
-        metrics = run(samples, ["a red square", "a blue circle"], references, random_clip, tmp_path,
+        metrics = score_samples(samples, ["a red square", "a blue circle"], references, random_clip, tmp_path,
                       retrieval_pool=pool)
     assert metrics["retrieval_chance_top1"] == pytest.approx(1 / 6)
     assert metrics["retrieval_chance_top5"] == pytest.approx(5 / 6)
@@ -232,12 +232,12 @@ def test_the_tokenizers_reconstructions_of_the_references_get_their_own_fid(ince
     samples, references = evaluation_inputs
     torch.manual_seed(0)
     dvae = DiscreteVAE(DVAEModelConfig(image_size=32, codebook_size=16, n_hid=8)).eval()  # untrained: blurry
-    metrics = run(samples, ["a red square"] * 2, references, random_clip, tmp_path,
+    metrics = score_samples(samples, ["a red square"] * 2, references, random_clip, tmp_path,
                   inception_weights=str(inception_weights), dvae=dvae)
     expected = inception_fid(inception_weights, references, {"r": reconstruct(dvae, references)})["r"]
     assert metrics["fid_reconstructions"] == pytest.approx(expected, rel=1e-6)
     assert metrics["fid_reconstructions"] > 1.0 and metrics["fid_reranked"] == pytest.approx(0.0, abs=1e-2)
-    without = run(samples, ["a red square"] * 2, references, random_clip, tmp_path / "no-dvae",
+    without = score_samples(samples, ["a red square"] * 2, references, random_clip, tmp_path / "no-dvae",
                   inception_weights=str(inception_weights))
     assert "fid_reconstructions" not in without
 

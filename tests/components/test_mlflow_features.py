@@ -17,7 +17,7 @@ from dalle_pipeline.components.dvae.model import KIND as DVAE_KIND
 from dalle_pipeline.components.dvae.model import DiscreteVAE, DVAEModelConfig
 from dalle_pipeline.components.filter.run import REPORT_NAME, REPORT_SCHEMA, corpus_digest
 from dalle_pipeline.components.shards import HOLDOUT_DIR, iter_samples, write_shard
-from dalle_pipeline.components.text.tokenizer import run as train_tokenizer
+from dalle_pipeline.components.text.tokenizer import train_and_save as train_tokenizer
 from dalle_pipeline.components.tracking import Tracker
 from test_register import bundle_dir  # noqa: F401 - the same randomly initialised bundle
 
@@ -229,12 +229,12 @@ def test_the_registered_version_keeps_its_signature_input_example_and_descriptio
     import mlflow.pyfunc
     import pandas as pd
 
-    from dalle_pipeline.components.register.run import MODEL_NAME, evaluation_fingerprint, model_requirements, run
+    from dalle_pipeline.components.register.run import MODEL_NAME, evaluation_fingerprint, model_requirements, register_version
     from dalle_pipeline.components.tracking import fluent_store
 
     prompts = ["a small red circle in the center", "a large blue square at the top"]
     metrics = {"oracle_colour_reranked": 0.625, "clip_score_reranked": 27.5, "fid_reranked": 80.25}
-    registration = run(bundle_dir, metrics, prompts, tracker,
+    registration = register_version(bundle_dir, metrics, prompts, tracker,
                        {"data_source": "shapes corpus", "data_digest": "0123456789abcdef"})
 
     uri = f"models:/{MODEL_NAME}/{registration.version}"

@@ -14,8 +14,8 @@ from dalle_pipeline.components.config import ClipConfig, TokenizerConfig, resolv
 from dalle_pipeline.components.dvae.model import DiscreteVAE, DVAEModelConfig
 from dalle_pipeline.components.prior.model import Prior, PriorModelConfig
 from dalle_pipeline.components.register.bundle import Bundle, build
-from dalle_pipeline.components.register.run import CHAMPION, MODEL_NAME, run
-from dalle_pipeline.components.text.tokenizer import run as train_tokenizer
+from dalle_pipeline.components.register.run import CHAMPION, MODEL_NAME, register_version
+from dalle_pipeline.components.text.tokenizer import train_and_save as train_tokenizer
 from dalle_pipeline.components.tracking import Tracker, fluent_store
 
 CAPTIONS = ["a small red circle in the center", "a large blue square at the top"] * 10
@@ -109,7 +109,7 @@ def test_champion_moves_only_to_a_better_model_on_the_same_evaluation_set(bundle
 
     def register(value, eval_prompts=prompts):
         tracker = Tracker.start(uri, "pipeline", artifact_root=artifacts)
-        return run(bundle_dir, {"oracle_colour_reranked": value}, eval_prompts, tracker)
+        return register_version(bundle_dir, {"oracle_colour_reranked": value}, eval_prompts, tracker)
 
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
     first = register(0.5)

@@ -1,5 +1,5 @@
 from dalle_pipeline.components.config import TokenizerConfig
-from dalle_pipeline.components.text.tokenizer import TextTokenizer, run
+from dalle_pipeline.components.text.tokenizer import TextTokenizer, run, train_and_save
 
 CAPTIONS = ["a small red circle in the top left", "a large blue square in the center",
             "a small green triangle at the bottom"] * 20
@@ -7,14 +7,14 @@ CAPTIONS = ["a small red circle in the top left", "a large blue square in the ce
 
 def test_same_captions_give_the_same_tokenizer(tmp_path):
     cfg = TokenizerConfig(vocab_size=300)
-    path_a, hash_a = run(cfg, CAPTIONS, tmp_path / "a")
-    path_b, hash_b = run(cfg, CAPTIONS, tmp_path / "b")
+    path_a, hash_a = train_and_save(cfg, CAPTIONS, tmp_path / "a")
+    path_b, hash_b = train_and_save(cfg, CAPTIONS, tmp_path / "b")
     assert hash_a == hash_b
     assert path_a.name == "tokenizer.json"
 
 
 def test_round_trip_lowercases_and_cuts_to_text_len(tmp_path):
-    path, _ = run(TokenizerConfig(vocab_size=300), CAPTIONS, tmp_path)
+    path, _ = train_and_save(TokenizerConfig(vocab_size=300), CAPTIONS, tmp_path)
     tokenizer = TextTokenizer.load(path, text_len=24)
     ids = tokenizer.encode(["A Small RED circle in the top left"])[0]
     assert tokenizer.decode(ids) == "a small red circle in the top left"
@@ -27,11 +27,11 @@ def test_empty_caption_list_is_refused(tmp_path):
     import pytest
 
     with pytest.raises(ValueError, match="empty caption list"):
-        run(TokenizerConfig(), [], tmp_path)
+        train_and_save(TokenizerConfig(), [], tmp_path)
 
 
 def test_bpe_dropout_varies_the_segmentation_not_the_text_and_never_touches_the_saved_tokenizer(tmp_path):
-    path, digest = run(TokenizerConfig(vocab_size=300), CAPTIONS, tmp_path)
+    path, digest = train_and_save(TokenizerConfig(vocab_size=300), CAPTIONS, tmp_path)
     plain = TextTokenizer.load(path, text_len=64)
     caption = "a small red circle in the top left"
     dropping = plain.with_dropout(0.5)
@@ -47,14 +47,14 @@ def test_bpe_dropout_varies_the_segmentation_not_the_text_and_never_touches_the_
 
 def test_the_stage_reports_caption_lengths_and_says_when_text_len_cuts_them(tmp_path, capsys):
     from dalle_pipeline.components.shards import Sample, write_shard
-    from dalle_pipeline.components.text.tokenizer import run_on_shards
 
     long = "a small red circle in the top left next to a large blue square in the center of a green field"
     captions = CAPTIONS + [long] * 20  # a quarter of the captions
     write_shard(tmp_path / "curated" / "00000.tar",
                 [Sample(f"{index:05d}", b"not read here", "png", caption) for index, caption in enumerate(captions)])
     cfg = TokenizerConfig(vocab_size=400, text_len=12)
-    path, _, lengths = run_on_shards(cfg, tmp_path / "curated", tmp_path / "tok")
+    result = run(cfg, tmp_path / "curated", tmp_path / "tok")
+    path, lengths = result.tokenizer_path, result.metrics
     tokenizer = TextTokenizer.load(path, text_len=1000)
     long_tokens = len(tokenizer.encode([long])[0])
     assert long_tokens > 12 >= max(len(ids) for ids in tokenizer.encode(CAPTIONS))
@@ -64,7 +64,6 @@ def test_the_stage_reports_caption_lengths_and_says_when_text_len_cuts_them(tmp_
     assert "25% of the captions are longer than tokenizer.text_len=12" in out
     assert f"--set tokenizer.text_len={long_tokens}" in out  # the 95th percentile: the long ones
 
-    _, _, fitting = run_on_shards(cfg.model_copy(update={"text_len": long_tokens}), tmp_path / "curated",
-                                  tmp_path / "tok2")
-    assert fitting["captions_cut"] == 0.0
+    fitting = run(cfg.model_copy(update={"text_len": long_tokens}), tmp_path / "curated", tmp_path / "tok2")
+    assert fitting.metrics["captions_cut"] == 0.0
     assert "longer than" not in capsys.readouterr().out

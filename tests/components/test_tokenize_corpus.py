@@ -13,7 +13,7 @@ from dalle_pipeline.components.dvae.model import KIND
 from dalle_pipeline.components.images import to_float
 from dalle_pipeline.components.shards import load_corpus
 from dalle_pipeline.components.text.tokenizer import TextTokenizer
-from dalle_pipeline.components.text.tokenizer import run as train_tokenizer
+from dalle_pipeline.components.text.tokenizer import train_and_save as train_tokenizer
 from dalle_pipeline.components.token_parquet import MANIFEST, read, to_tensors
 from dalle_pipeline.components.tokenize_corpus.run import run
 

@@ -316,7 +316,7 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 def _compute_spans(client, parent_run_id: str) -> list[tuple[float, float, str]]:
     """(start, end, stage) in seconds of each compute stage a pipeline run built, from its slot to its end."""
-    from dalle_pipeline.flows.concurrency import COMPUTE_STAGES
+    from dalle_pipeline.flows.stage_names import COMPUTE_STAGES
 
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
     children = client.search_runs(experiment_ids, filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'")
