@@ -251,7 +251,7 @@ def build_inputs(pipeline_cfg, model_cfg: DVAEModelConfig, root: Path, count: in
 
     rng = np.random.default_rng(0)
     corpus = pipeline_cfg.corpus
-    scenes = [sample_specs(rng, corpus.max_shapes, corpus.holdout) for _ in range(count)]
+    scenes = [sample_specs(rng, corpus.max_shapes, corpus.zero_shot_pairs) for _ in range(count)]
     samples = [Sample(key=f"{index:09d}", image_bytes=_png(render(specs, corpus.image_size)), image_ext="png",
                       caption=caption(specs)) for index, specs in enumerate(scenes)]
     curated = root / "curated"

@@ -28,9 +28,9 @@ class CorpusConfig(StageConfig):
     num_images: int = Field(4000, ge=1, description="number of captioned training images to generate")
     image_size: int = Field(32, ge=16, description="side of the generated square PNGs, in pixels")
     max_shapes: int = Field(1, ge=1, le=3, description="most shapes drawn per image")
-    holdout: list[tuple[str, str]] = Field(
+    zero_shot_pairs: list[tuple[str, str]] = Field(
         default_factory=lambda: [("red", "triangle"), ("blue", "circle")],
-        description="colour-shape pairs that never appear in training captions (zero-shot tests)",
+        description="colour-shape pairs that never appear in training captions: the zero-shot prompts",
     )
     seed: int = Field(0, description="seed of the generator")
 

@@ -9,16 +9,21 @@ from typing import Any
 # where fields of configs saved before they moved now live
 MOVED_FIELDS = {"download.url_list": "data.source", "download.url_col": "data.url_col",
                 "download.caption_col": "data.caption_col"}
+# fields renamed in place: (section, old name) -> new name ("holdout" now means the held-out split alone)
+RENAMED_FIELDS = {("corpus", "holdout"): "zero_shot_pairs"}
 # the shapes corpus's values that configs saved before `None` meant "by source" held for every source
 SOURCE_DEFAULTS = {("download", "allow_file_urls"): True, ("filter", "drop_exact_duplicates"): False}
 
 
 def upgrade(config: dict[str, Any]) -> dict[str, Any]:
-    """A saved whole config (a bundle's `config.json`) in today's form: moved fields moved, the
-    shapes corpus's defaults that older configs spelled out put back to None (by source), a dVAE
+    """A saved whole config (a bundle's `config.json`) in today's form: renamed and moved fields under
+    their names, the shapes corpus's defaults that older configs spelled out put back to None (by source), a dVAE
     saved before `dvae.quantizer` existed named for what it is (gumbel), and a vq dVAE saved with a
     weight average (which vq now refuses) fine-tuned without one."""
     tree = json.loads(json.dumps(config))
+    for (section, old), new in RENAMED_FIELDS.items():
+        if old in tree.get(section, {}):
+            tree[section][new] = tree[section].pop(old)
     if "dvae" in tree and "quantizer" not in tree["dvae"]:  # saved before the vq kind: the paper's dVAE
         tree["dvae"]["quantizer"] = "gumbel"
     dvae = tree.get("dvae", {})

@@ -119,43 +119,43 @@ def _reading_order(spec: ShapeSpec) -> int:
     return list(POSITIONS).index(spec.position)
 
 
-def validate_holdout(holdout: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-    """The holdout as a set of (colour, shape), refusing names outside the vocabulary."""
-    pairs = {(colour, shape) for colour, shape in holdout}
+def validate_zero_shot_pairs(zero_shot_pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The zero-shot pairs as a set of (colour, shape), refusing names outside the vocabulary."""
+    pairs = {(colour, shape) for colour, shape in zero_shot_pairs}
     for colour, shape in pairs:
         if colour not in COLOURS or shape not in SHAPES:
             raise ValueError(
-                f"holdout pair ({colour!r}, {shape!r}) is not in the vocabulary: "
+                f"zero-shot pair ({colour!r}, {shape!r}) is not in the vocabulary: "
                 f"colours {list(COLOURS)}, shapes {list(SHAPES)}"
             )
     if len(pairs) == len(COLOURS) * len(SHAPES):
-        raise ValueError("holdout covers every colour-shape pair; nothing is left to train on")
+        raise ValueError("the zero-shot pairs cover every colour-shape pair; nothing is left to train on")
     return pairs
 
 
-def allowed_pairs(holdout: Collection[tuple[str, str]], holdout_only: bool = False) -> list[tuple[str, str]]:
-    """Colour-shape pairs a scene may use: all but the holdout for training, only it for zero-shot."""
-    held = validate_holdout(holdout)
-    pairs = [(c, s) for c in COLOURS for s in SHAPES if ((c, s) in held) == holdout_only]
+def allowed_pairs(zero_shot_pairs: Collection[tuple[str, str]], zero_shot: bool = False) -> list[tuple[str, str]]:
+    """Colour-shape pairs a scene may use: all but the zero-shot pairs for training, only them for zero-shot."""
+    unseen = validate_zero_shot_pairs(zero_shot_pairs)
+    pairs = [(c, s) for c in COLOURS for s in SHAPES if ((c, s) in unseen) == zero_shot]
     if not pairs:
-        raise ValueError("holdout_only=True needs at least one holdout pair")
+        raise ValueError("zero_shot=True needs at least one zero-shot pair")
     return pairs
 
 
 def sample_specs(
     rng: np.random.Generator,
     max_shapes: int,
-    holdout: Collection[tuple[str, str]] = (),
-    holdout_only: bool = False,
+    zero_shot_pairs: Collection[tuple[str, str]] = (),
+    zero_shot: bool = False,
 ) -> list[ShapeSpec]:
     """Draw a scene of 1..max_shapes shapes that fit together, in reading order.
 
-    Training scenes (`holdout_only=False`) never use a holdout colour-shape pair; zero-shot
-    scenes (`holdout_only=True`) use nothing else. Shapes that do not fit beside those already
+    Training scenes (`zero_shot=False`) never use a zero-shot colour-shape pair; zero-shot
+    scenes (`zero_shot=True`) use nothing else. Shapes that do not fit beside those already
     placed are skipped, so a scene may hold fewer shapes than drawn (a large centre shape fills
     the grid on its own).
     """
-    pairs = allowed_pairs(holdout, holdout_only)
+    pairs = allowed_pairs(zero_shot_pairs, zero_shot)
     count = int(rng.integers(1, max_shapes + 1))
     positions = list(POSITIONS)
     order = rng.permutation(len(positions))
@@ -232,9 +232,9 @@ class EvalItem:
     image: Image.Image
 
 
-def _scenes(cfg: CorpusConfig, count: int, seed: int, stream: int, holdout_only: bool) -> list[list[ShapeSpec]]:
+def _scenes(cfg: CorpusConfig, count: int, seed: int, stream: int, zero_shot: bool) -> list[list[ShapeSpec]]:
     rng = np.random.default_rng([seed, stream])
-    return [sample_specs(rng, cfg.max_shapes, cfg.holdout, holdout_only) for _ in range(count)]
+    return [sample_specs(rng, cfg.max_shapes, cfg.zero_shot_pairs, zero_shot) for _ in range(count)]
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -252,7 +252,7 @@ def generate(cfg: CorpusConfig, out_dir: str | Path) -> CorpusResult:
     """
     out_dir = Path(out_dir).resolve()
     images_dir = out_dir / IMAGES_DIR_NAME
-    scenes = _scenes(cfg, cfg.num_images, cfg.seed, _TRAIN_STREAM, holdout_only=False)
+    scenes = _scenes(cfg, cfg.num_images, cfg.seed, _TRAIN_STREAM, zero_shot=False)
     names = [f"{index:06d}.png" for index in range(len(scenes))]
     with atomic_path(images_dir) as staging:
         staging.mkdir()
@@ -271,13 +271,13 @@ def generate(cfg: CorpusConfig, out_dir: str | Path) -> CorpusResult:
     return CorpusResult(url_list=url_list, images_dir=images_dir, num_images=len(scenes))
 
 
-def eval_set(cfg: CorpusConfig, n: int, seed: int, holdout_only: bool = False) -> list[EvalItem]:
-    """`n` scenes drawn apart from the training stream; `holdout_only` gives zero-shot scenes.
+def eval_set(cfg: CorpusConfig, n: int, seed: int, zero_shot: bool = False) -> list[EvalItem]:
+    """`n` scenes drawn apart from the training stream; `zero_shot` gives scenes of the zero-shot pairs.
 
-    The vocabulary is small, so an ordinary (not holdout) eval scene may also occur in training;
-    only the holdout pairs are guaranteed unseen.
+    The vocabulary is small, so an ordinary eval scene may also occur in training; only the
+    zero-shot pairs are guaranteed unseen.
     """
-    scenes = _scenes(cfg, n, seed, _EVAL_STREAM, holdout_only)
+    scenes = _scenes(cfg, n, seed, _EVAL_STREAM, zero_shot)
     return [EvalItem(caption(specs), specs, render(specs, cfg.image_size)) for specs in scenes]
 
 

@@ -2,7 +2,7 @@
 
 # The metrics a person reads first, by the names evaluation gives them: the flow's closing log line, the CLI's
 # summary and a registered version's description quote those a run measured, on the reranked samples.
-HEADLINE_PREFIXES = ("oracle_", "holdout_oracle_", "clip_score", "fid_", "fd_clip", "retrieval_top1")
+HEADLINE_PREFIXES = ("oracle_", "zero_shot_oracle_", "clip_score", "fid_", "fd_clip", "retrieval_top1")
 
 
 def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:

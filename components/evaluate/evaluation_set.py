@@ -34,7 +34,7 @@ class EvaluationSet:
     prompts: list[str]  # sampled and evaluated, in this order
     references: np.ndarray  # held-out real images (N, H, W, 3) uint8, for FID and fd_clip
     specs: list[list[ShapeSpec]] | None = None  # the shapes behind each prompt (the shapes corpus: the oracle)
-    holdout: list[bool] | None = None  # per prompt: a zero-shot pair, never in a training caption
+    zero_shot: list[bool] | None = None  # per prompt: a zero-shot pair, never in a training caption
     captions: list[str] | None = None  # caption retrieval ranks each sample's prompt among these (None: the prompts)
     ids: list[str] | None = None  # the held-out items behind the references, in order (your corpus)
     scenes: np.ndarray | None = None  # (P, H, W, 3) the scene each prompt was drawn from (shapes: image-to-image)
@@ -45,7 +45,7 @@ class EvaluationSet:
 
     def stage_key(self) -> str:
         digest = hashlib.sha256(json.dumps({
-            "prompts": self.prompts, "holdout": self.holdout, "captions": self.captions, "ids": self.ids,
+            "prompts": self.prompts, "zero_shot": self.zero_shot, "captions": self.captions, "ids": self.ids,
             "specs": [[asdict(spec) for spec in specs] for specs in self.specs] if self.specs is not None else None,
         }, sort_keys=True).encode())
         digest.update(np.ascontiguousarray(self.references).tobytes())
@@ -55,16 +55,16 @@ class EvaluationSet:
 
 
 def shapes_evaluation_set(corpus: CorpusConfig, num_prompts: int, seed: int) -> EvaluationSet:
-    """Held-out shapes captions, then half as many zero-shot holdout pairs, and max(256, num_prompts)
+    """Held-out shapes captions, then half as many of the zero-shot pairs, and max(256, num_prompts)
     reference scenes from another seed."""
     items = eval_set(corpus, num_prompts, seed=seed)
-    holdout_items = eval_set(corpus, max(1, num_prompts // 2), seed=seed, holdout_only=True)
+    zero_shot_items = eval_set(corpus, max(1, num_prompts // 2), seed=seed, zero_shot=True)
     references = eval_set(corpus, max(MIN_REFERENCES, num_prompts), seed=seed + 1)
-    return EvaluationSet(prompts=[item.caption for item in items + holdout_items],
+    return EvaluationSet(prompts=[item.caption for item in items + zero_shot_items],
                          references=np.stack([np.asarray(item.image) for item in references]),
-                         specs=[item.specs for item in items + holdout_items],
-                         holdout=[False] * len(items) + [True] * len(holdout_items),
-                         scenes=np.stack([np.asarray(item.image) for item in items + holdout_items]))
+                         specs=[item.specs for item in items + zero_shot_items],
+                         zero_shot=[False] * len(items) + [True] * len(zero_shot_items),
+                         scenes=np.stack([np.asarray(item.image) for item in items + zero_shot_items]))
 
 
 def holdout_evaluation_set(curated_dir: str | Path, image_size: int, num_prompts: int, max_references: int,

@@ -1,8 +1,8 @@
 """Stage 9: FID, FD on CLIP image features (`fd_clip`), CLIP score, caption retrieval, and the shapes oracle.
 
 Every metric is computed twice, on the CLIP-reranked kept candidates and on all candidates, so
-the gain of reranking is a number. The oracle is scored separately on the `holdout` prompts
-(colour-shape pairs never seen in training: zero-shot composition). Caption retrieval ranks each
+the gain of reranking is a number. The oracle is scored separately on the zero-shot prompts
+(colour-shape pairs never seen in training: zero-shot composition), as `zero_shot_oracle_*`. Caption retrieval ranks each
 sample's own prompt among the retrieval pool (every held-out caption) by the CLIP in use:
 `retrieval_top1` / `retrieval_top5` are the shares ranked first / in the first five, logged beside
 their chance levels (`retrieval_chance_top1`, `..._top5`: k over the pool size).
@@ -184,7 +184,7 @@ def image_to_image_metrics(completions: Mapping[str, np.ndarray], specs: Sequenc
 
 
 def score_samples(samples_path: Path, prompts: list[str], reference_images: np.ndarray, clip: ClipScorer, out_dir: Path,
-        specs: Sequence[list[ShapeSpec]] | None = None, holdout: Sequence[bool] | None = None,
+        specs: Sequence[list[ShapeSpec]] | None = None, zero_shot: Sequence[bool] | None = None,
         tracker: Tracker | None = None, inception_weights: str | Path | None = None,
         retrieval_pool: Sequence[str] | None = None, dvae: DiscreteVAE | None = None,
         completions_path: str | Path | None = None) -> dict[str, float]:
@@ -221,8 +221,8 @@ def score_samples(samples_path: Path, prompts: list[str], reference_images: np.n
             metrics[f"retrieval_{k}_{label}"] = value
     metrics["retrieval_chance_top1"], metrics["retrieval_chance_top5"] = 1 / len(pool), min(5, len(pool)) / len(pool)
     if specs is not None:
-        holdout_mask = np.asarray(holdout if holdout is not None else [False] * len(prompts))
-        for subset, mask in (("", ~holdout_mask), ("holdout_", holdout_mask)):
+        zero_shot_mask = np.asarray(zero_shot if zero_shot is not None else [False] * len(prompts))
+        for subset, mask in (("", ~zero_shot_mask), ("zero_shot_", zero_shot_mask)):
             if not mask.any():
                 continue
             chosen = [s for s, m in zip(specs, mask) if m]
@@ -248,6 +248,6 @@ def run(samples_path: Path, evaluation: EvaluationSet, clip_source: str, out_dir
     `clip_source` (and the dVAE saved at `dvae_dir`, for the FID of its reconstructions); the
     image-to-image completions at `completions_path` are scored by the oracle too (the shapes corpus)."""
     return score_samples(samples_path, evaluation.prompts, evaluation.references, load_clip(clip_source), out_dir,
-                         specs=evaluation.specs, holdout=evaluation.holdout, tracker=tracker,
+                         specs=evaluation.specs, zero_shot=evaluation.zero_shot, tracker=tracker,
                          inception_weights=inception_weights, retrieval_pool=evaluation.captions,
                          dvae=load_dvae(dvae_dir) if dvae_dir is not None else None, completions_path=completions_path)

@@ -131,3 +131,9 @@ def test_a_vq_dvae_saved_with_a_weight_average_fine_tunes_without_one():
     assert cfg.dvae.quantizer == "vq" and cfg.dvae.optim.ema_decay == 0.0
     # the paper's gumbel dVAE keeps its average
     assert resolve(base=upgrade(resolve("paper").model_dump(mode="json"))).dvae.optim.ema_decay == 0.999
+
+
+def test_a_config_saved_when_the_zero_shot_pairs_were_called_holdout_keeps_its_pairs():
+    saved = resolve("tiny").model_dump(mode="json")
+    saved["corpus"]["holdout"] = saved["corpus"].pop("zero_shot_pairs")[:1]  # as bundles registered before the rename
+    assert resolve(base=upgrade(saved)).corpus.zero_shot_pairs == [("red", "triangle")]

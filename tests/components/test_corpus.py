@@ -1,4 +1,4 @@
-"""Shapes corpus: the oracle reads the generator's images back, holdouts stay out, output is reproducible."""
+"""Shapes corpus: the oracle reads the generator's images back, zero-shot pairs stay out of training, output is reproducible."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from dalle_pipeline.components.corpus import (
     specs_from_json,
 )
 
-HOLDOUT = [("red", "triangle"), ("blue", "circle")]
+ZERO_SHOT = [("red", "triangle"), ("blue", "circle")]
 
 
 def test_vocabulary_is_as_documented():
@@ -63,7 +63,7 @@ def test_unknown_attributes_are_refused():
     with pytest.raises(ValueError, match="unknown colour 'magenta'"):
         ShapeSpec("magenta", "circle", "small", "top")
     with pytest.raises(ValueError, match="not in the vocabulary"):
-        sample_specs(np.random.default_rng(0), 1, holdout=[("red", "hexagon")])
+        sample_specs(np.random.default_rng(0), 1, zero_shot_pairs=[("red", "hexagon")])
 
 
 @pytest.mark.parametrize("image_size", [32, 64])
@@ -78,7 +78,7 @@ def test_oracle_reads_every_single_shape_exactly(image_size):
 @pytest.mark.parametrize("image_size", [32, 64])
 def test_oracle_scores_random_multi_shape_scenes_near_perfectly(image_size):
     rng = np.random.default_rng(7)
-    scenes = [sample_specs(rng, 3, HOLDOUT) for _ in range(300)]
+    scenes = [sample_specs(rng, 3, ZERO_SHOT) for _ in range(300)]
     assert max(len(specs) for specs in scenes) == 3
     accuracy = mean_scores([score(render(specs, image_size), specs) for specs in scenes])
     assert min(accuracy.values()) >= 0.98, accuracy
@@ -88,7 +88,7 @@ def test_oracle_tolerates_blur_and_noise_and_gives_zero_for_nothing():
     rng = np.random.default_rng(11)
     scores = []
     for _ in range(100):
-        specs = sample_specs(rng, 2, HOLDOUT)
+        specs = sample_specs(rng, 2, ZERO_SHOT)
         blurred = np.asarray(render(specs, 32).filter(ImageFilter.GaussianBlur(0.6)), dtype=float)
         noisy = np.clip(blurred + rng.normal(0, 12, blurred.shape), 0, 255).astype(np.uint8)
         scores.append(score(noisy, specs))
@@ -113,13 +113,13 @@ def test_oracle_notices_a_wrong_attribute():
     assert two["all"] == 0.5
 
 
-def test_holdout_pairs_never_appear_in_training_and_only_they_in_zero_shot():
+def test_zero_shot_pairs_never_appear_in_training_and_only_they_in_zero_shot():
     rng = np.random.default_rng(0)
-    training = [spec for _ in range(2000) for spec in sample_specs(rng, 3, HOLDOUT)]
+    training = [spec for _ in range(2000) for spec in sample_specs(rng, 3, ZERO_SHOT)]
     pairs = {(spec.colour, spec.shape) for spec in training}
-    assert pairs.isdisjoint(HOLDOUT) and len(pairs) == 8 * 3 - len(HOLDOUT)
-    zero_shot = eval_set(CorpusConfig(max_shapes=2, holdout=HOLDOUT), n=50, seed=5, holdout_only=True)
-    assert {(s.colour, s.shape) for item in zero_shot for s in item.specs} == set(HOLDOUT)
+    assert pairs.isdisjoint(ZERO_SHOT) and len(pairs) == 8 * 3 - len(ZERO_SHOT)
+    zero_shot = eval_set(CorpusConfig(max_shapes=2, zero_shot_pairs=ZERO_SHOT), n=50, seed=5, zero_shot=True)
+    assert {(s.colour, s.shape) for item in zero_shot for s in item.specs} == set(ZERO_SHOT)
 
 
 def _file_path(url: str) -> Path:
@@ -129,7 +129,7 @@ def _file_path(url: str) -> Path:
 
 
 def test_generate_writes_existing_file_urls_and_is_byte_for_byte_reproducible(tmp_path):
-    cfg = CorpusConfig(num_images=60, max_shapes=3, holdout=HOLDOUT, seed=4)
+    cfg = CorpusConfig(num_images=60, max_shapes=3, zero_shot_pairs=ZERO_SHOT, seed=4)
     result = generate(cfg, tmp_path / "a")
     assert result.num_images == 60 and result.url_list == (tmp_path / "a" / "urls.parquet").resolve()
 
@@ -140,7 +140,7 @@ def test_generate_writes_existing_file_urls_and_is_byte_for_byte_reproducible(tm
         assert path.is_file() and path.parent == result.images_dir
         specs = specs_from_json(row["objects"])
         assert caption(specs) == row["caption"]
-        assert not {(s.colour, s.shape) for s in specs} & set(HOLDOUT), row["caption"]
+        assert not {(s.colour, s.shape) for s in specs} & set(ZERO_SHOT), row["caption"]
         assert score(Image.open(path), specs)["all"] == 1.0
     assert sorted(p.name for p in result.images_dir.iterdir())[:2] == ["000000.png", "000001.png"]
 
@@ -154,7 +154,7 @@ def test_generate_writes_existing_file_urls_and_is_byte_for_byte_reproducible(tm
 
 
 def test_eval_set_is_deterministic_and_not_the_training_corpus(tmp_path):
-    cfg = CorpusConfig(num_images=20, max_shapes=2, holdout=HOLDOUT, seed=0)
+    cfg = CorpusConfig(num_images=20, max_shapes=2, zero_shot_pairs=ZERO_SHOT, seed=0)
     first, again = eval_set(cfg, n=20, seed=0), eval_set(cfg, n=20, seed=0)
     assert [item.caption for item in first] == [item.caption for item in again]
     assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(first, again))

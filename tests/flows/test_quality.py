@@ -26,8 +26,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # zero-shot shape 0.59. The floors catch a tokenizer that loses hues or a prior that ignores the
 # caption (chance: colour 1/8, shape 1/3), not one run's luck
 FLOORS = {"oracle_colour_reranked": 0.9, "oracle_shape_reranked": 0.85, "oracle_size_reranked": 0.9,
-          "oracle_position_reranked": 0.95, "holdout_oracle_colour_reranked": 0.7,
-          "holdout_oracle_shape_reranked": 0.5}
+          "oracle_position_reranked": 0.95, "zero_shot_oracle_colour_reranked": 0.7,
+          "zero_shot_oracle_shape_reranked": 0.5}
 # what the tokenizer keeps of held-out scenes (the ceiling of the above): 0.99-1.00 on each
 RECON_FLOORS = {"recon_oracle_colour": 0.95, "recon_oracle_shape": 0.95}
 

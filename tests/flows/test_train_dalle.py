@@ -90,7 +90,7 @@ def test_micro_flow_end_to_end(micro_run):
     assert [m.step for m in prior_history] == [10, 20, 30]
     assert len(client.get_metric_history(children["dvae"].info.run_id, "recon_mse")) >= 3
     for name in ("fd_clip_reranked", "clip_score_reranked", "oracle_colour_reranked", "oracle_shape_reranked",
-                 "oracle_position_reranked", "holdout_oracle_colour_reranked", "i2i_scenes"):
+                 "oracle_position_reranked", "zero_shot_oracle_colour_reranked", "i2i_scenes"):
         assert name in parent.data.metrics, name
     # image-to-image is judged on the scenes whose shapes the top half starts (none of micro's six, maybe)
     completed = parent.data.metrics["i2i_scenes"] > 0
