@@ -14,7 +14,8 @@ what that returns (the MLflow store of a tracker, the digest of an evaluation se
 
 A stage works in a folder under `<root>/stages/<stage>/` (a crashed run, re-run, finds its own
 checkpoints and partial shards in the same place) and writes `_stage.json` last, atomically: its
-key, typed outputs and summary metrics. The folder is named by the key, except for stages that
+key and the component's result (a dataclass, the type its function returns: paths and ids, never
+tensors, its summary `metrics` among them), read back into that type. The folder is named by the key, except for stages that
 accumulate (download, filter, tokenization): theirs is named by the call with paths as they are
 (its settings and where its inputs live, not what they hold), so a longer URL list lands in the
 same folder and only its new rows are downloaded, filtered and tokenized.
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from .storage import file_sha256, write_json
 
@@ -120,9 +121,17 @@ def folder_listing_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def result_type(function: Callable) -> type:
+    """The result a stage's component function returns: its return annotation (evaluated in its module,
+    where it is a string: the components use `from __future__ import annotations`)."""
+    annotation = function.__annotations__["return"]
+    return eval(annotation, function.__globals__) if isinstance(annotation, str) else annotation  # noqa: S307
+
+
 @dataclass(frozen=True)
 class StageRecord(Generic[Outputs]):
-    """A finished stage: its key, folder, typed outputs, summary metrics and the MLflow run that built it."""
+    """A finished stage: its key, folder, its component's result (`outputs`) with that result's summary
+    metrics, and the MLflow run that built it."""
 
     stage: str
     key: str
@@ -196,13 +205,15 @@ class StageCache:
         record = json.loads(path.read_text())
         if record.get("key") != key:
             return None
-        return StageRecord(stage=record["stage"], key=key, folder=folder, outputs=outputs_type(**record["outputs"]),
+        outputs = TypeAdapter(outputs_type).validate_python(record["outputs"])
+        return StageRecord(stage=record["stage"], key=key, folder=folder, outputs=outputs,
                            metrics=record["metrics"], mlflow_run_id=record["mlflow_run_id"],
                            build_seconds=record["build_seconds"])
 
     @staticmethod
     def commit(record: StageRecord) -> None:
-        document = {"stage": record.stage, "key": record.key, "outputs": dataclasses.asdict(record.outputs),
+        outputs = TypeAdapter(type(record.outputs)).dump_python(record.outputs, mode="json")
+        document = {"stage": record.stage, "key": record.key, "outputs": outputs,
                     "metrics": record.metrics, "mlflow_run_id": record.mlflow_run_id,
                     "build_seconds": record.build_seconds}
         write_json(record.folder / RECORD, document)

@@ -27,8 +27,8 @@ def publish_run_artifacts(parent: Tracker, records: list[StageRecord], metrics: 
     image = (f"![samples](data:image/png;base64,{base64.b64encode(picture).decode()})"
              if len(picture) < INLINE_GRID_BYTES else f"samples: `{grid}`")
     create_markdown_artifact(
-        f"# train-dalle\n\nMLflow run {link}; model version {registration.model_version}: "
-        f"{registration.champion_decision}\n\n| metric (best of the candidates by CLIP) | value |\n|---|---|\n{rows}"
+        f"# train-dalle\n\nMLflow run {link}; model version {registration.version}: "
+        f"{registration.decision}\n\n| metric (best of the candidates by CLIP) | value |\n|---|---|\n{rows}"
         f"\n\n{image}\n",
         key="train-dalle-summary", description="Metrics, MLflow run and sample grid of this run",
     )

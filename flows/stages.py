@@ -2,9 +2,11 @@
 
 A task names its component function and the arguments it passes; `Stages.run` derives the
 stage's key from exactly those (see `components/stage_cache.py`), reuses a stage finished with
-that key, or runs the call in a nested MLflow run (tagged with the cache decision) and returns
-its typed record. Imports are absolute: Prefect loads the flow's entrypoint as a script by its
-file path, where relative imports fail.
+that key, or runs the call in a nested MLflow run (tagged with the cache decision). Either way the
+stage's record holds the component's own result (paths and ids, never tensors), and its run shows
+that result the same way for every stage: its `metrics` (at its `step`, for a training stage), its
+`tags` and its `artifacts`, where the result has them. Imports are absolute: Prefect loads the flow's
+entrypoint as a script by its file path, where relative imports fail.
 """
 
 from __future__ import annotations
@@ -14,92 +16,39 @@ import inspect
 import shutil
 import threading
 import time
-import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dalle_pipeline.components.config import PipelineConfig
 from dalle_pipeline.components.evaluate.evaluation_set import EvaluationSet
-from dalle_pipeline.components.stage_cache import OUTPUT_DIR, TRACKER, StageCache, StageRecord, bind_call
+from dalle_pipeline.components.stage_cache import OUTPUT_DIR, TRACKER, StageCache, StageRecord, bind_call, result_type
 from dalle_pipeline.components.tracking import Tracker, stage_run
 from dalle_pipeline.flows.concurrency import training_slot
 from dalle_pipeline.flows.stage_names import COMPUTE_STAGES, EVERY_STAGE, STAGES, TRAINING_STAGES
+
+if TYPE_CHECKING:  # the records' types: each task imports its component when it runs
+    from dalle_pipeline.components.clip.train import ClipResult
+    from dalle_pipeline.components.corpus.shapes import CorpusResult
+    from dalle_pipeline.components.download.run import DownloadResult
+    from dalle_pipeline.components.dvae.train import DVAEResult
+    from dalle_pipeline.components.evaluate.run import EvaluationResult
+    from dalle_pipeline.components.filter.run import FilterResult
+    from dalle_pipeline.components.prior.train import PriorResult
+    from dalle_pipeline.components.register.run import FetchedBundle, Registration
+    from dalle_pipeline.components.sample.run import SampleResult
+    from dalle_pipeline.components.text.tokenizer import TextTokenizerResult
+    from dalle_pipeline.components.tokenize_corpus.run import TokenizedCorpus
 
 # stages that fetch over the network retry: each is idempotent (a download resumes its batch)
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
 PROGRESS_POLL_S = 5.0
 STAGE_CALL_FILE = "stage_call.json"  # what a stage run was called with (its arguments, paths as they are)
-Outputs = TypeVar("Outputs")
-
-
-# What each stage hands on (its `_stage.json` outputs), as paths and ids: never tensors.
-@dataclass(frozen=True)
-class UrlList:
-    url_list: str
-
-
-@dataclass(frozen=True)
-class Shards:
-    shards_dir: str
-
-
-@dataclass(frozen=True)
-class Curated:
-    curated_dir: str
-    report_rows: list[dict[str, Any]] = field(default_factory=list)  # samples per (stage, reason)
-    data_digest: str = ""  # of the training samples (`filter.run.corpus_digest`)
-
-
-@dataclass(frozen=True)
-class TextTokenizerFile:
-    tokenizer_path: str
-    tokenizer_hash: str
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    checkpoint_dir: str
-
-
-@dataclass(frozen=True)
-class TokenDataset:
-    dataset_dir: str
-
-
-@dataclass(frozen=True)
-class Clip:
-    clip_source: str
-
-
-@dataclass(frozen=True)
-class Samples:
-    grid: str
-    samples: str
-    prompts: list[str]
-    completions: str | None = None  # image-to-image completions of the prompts' scenes (the shapes corpus)
-
-
-@dataclass(frozen=True)
-class Nothing:
-    """A stage whose result is its metrics (evaluate)."""
-
-
-@dataclass(frozen=True)
-class Registered:
-    model_version: str
-    promoted: bool
-    champion_decision: str
-
-
-@dataclass(frozen=True)
-class BaseBundle:
-    bundle_dir: str
-    version: str
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -110,17 +59,14 @@ class Stages:
     cache: StageCache
     rerun: frozenset[str] = frozenset()  # stage names to run even when cached; EVERY_STAGE for every stage
 
-    def run(self, function: Callable, *args: Any,
-            finish: Callable[[Any, Tracker], tuple[Outputs, dict[str, float]]], accumulates: bool = False,
-            **kwargs: Any) -> StageRecord[Outputs]:
+    def run(self, function: Callable[..., Result], *args: Any, accumulates: bool = False,
+            **kwargs: Any) -> StageRecord[Result]:
         """In the task of a stage (`stage_task`): `function(*args, **kwargs, out_dir=<stage folder>[,
         tracker=<stage run>])` in a nested MLflow run, unless a stage finished with the same key: then log
-        that it was reused (tags `cache`, `built_by_run`, its metrics again) and return its record.
-        `finish(result, tracker)` makes the outputs and summary metrics of the call's result. `accumulates`:
-        the folder is named by the call's settings and input locations (a growing URL list keeps its
-        folder), not by its key."""
+        that it was reused (tags `cache`, `built_by_run`) and return its record. The result is shown on the
+        stage's run either way (`show_result`). `accumulates`: the folder is named by the call's settings and
+        input locations (a growing URL list keeps its folder), not by its key."""
         name = current_stage()
-        outputs_type = _outputs_type(finish)
         bound = bind_call(function, args, kwargs)
         key = self.cache.call_key(name, function, bound.arguments)
         folder = self.cache.folder(name, self.cache.call_key(name, function, bound.arguments, content=False)
@@ -131,11 +77,11 @@ class Stages:
         with stage_run(self.parent, name) as tracker:
             tracker.log_dict(self.cache.stage_value(bound.arguments, content=False), STAGE_CALL_FILE)
             forced = name in self.rerun or EVERY_STAGE in self.rerun
-            record = None if forced else self.cache.lookup(folder, key, outputs_type)
+            record = None if forced else self.cache.lookup(folder, key, result_type(function))
             if record is not None:
                 tracker.set_tags({"cache": "hit", "cache_key": key, "built_by_run": record.mlflow_run_id,
                                   "stage_dir": str(folder)})
-                tracker.log_metrics(record.metrics)
+                show_result(record.outputs, tracker, artifacts=False)
                 print(f"{name}: inputs unchanged, reusing {folder} (built by MLflow run {record.mlflow_run_id})")
                 return replace(record, reused=True, seconds=time.perf_counter() - started)
             tracker.set_tags({"cache": "forced" if forced else "miss", "cache_key": key, "stage_dir": str(folder)})
@@ -147,9 +93,9 @@ class Stages:
                 call[TRACKER] = tracker
             with self._slot(name, tracker), stage_progress(name, tracker):
                 result = function(**call)
-            outputs, metrics = finish(result, tracker)
+            show_result(result, tracker)
             seconds = time.perf_counter() - started
-            record = StageRecord(stage=name, key=key, folder=folder, outputs=outputs, metrics=metrics,
+            record = StageRecord(stage=name, key=key, folder=folder, outputs=result, metrics=result.metrics,
                                  mlflow_run_id=tracker.run_id, build_seconds=seconds)
             self.cache.commit(record)
             return replace(record, seconds=seconds)
@@ -220,9 +166,15 @@ def current_stage() -> str:
     return context.task.name
 
 
-def _outputs_type(finish: Callable) -> type:
-    """The outputs class of a stage: the first element of its `finish`'s return annotation."""
-    return typing.get_args(typing.get_type_hints(finish)["return"])[0]
+def show_result(result: Any, tracker: Tracker, artifacts: bool = True) -> None:
+    """A stage's result on its MLflow run, the same way for every stage: its summary `metrics` (at its
+    `step`, where a training stage's result says which update its weights are from), its `tags` and,
+    unless it is a reused result (already logged in the run that built it), its `artifacts`."""
+    tracker.log_metrics(result.metrics, step=getattr(result, "step", None))
+    if tags := getattr(result, "tags", None):
+        tracker.set_tags(tags)
+    for path in getattr(result, "artifacts", ()) if artifacts else ():
+        tracker.log_artifact(path)
 
 
 def derived(stage: str, outputs: Any, base: StageRecord) -> StageRecord:
@@ -232,219 +184,166 @@ def derived(stage: str, outputs: Any, base: StageRecord) -> StageRecord:
 
 
 @stage_task("corpus")
-def make_corpus(cfg: PipelineConfig, stages: Stages) -> StageRecord[UrlList]:
+def make_corpus(cfg: PipelineConfig, stages: Stages) -> StageRecord[CorpusResult]:
     """The embedded shapes corpus as a URL list of file:// images."""
     from dalle_pipeline.components.corpus import generate
 
-    def finish(result, tracker: Tracker) -> tuple[UrlList, dict[str, float]]:
-        tracker.log_metrics({"num_images": result.num_images})
-        return UrlList(str(result.url_list)), {"num_images": result.num_images}
-
-    return stages.run(generate, cfg.corpus, finish=finish)
-
-
-def _finish_shards(verb: str) -> Callable[[Any, Tracker], tuple[Shards, dict[str, float]]]:
-    def finish(result, tracker: Tracker) -> tuple[Shards, dict[str, float]]:
-        metrics = {"successes": result.successes, "failures": result.failures, "new_urls": result.new_urls,
-                   **{f"failed_{k}": v for k, v in result.failures_by_reason.items()}}
-        tracker.log_metrics(metrics)
-        print(f"{verb} {result.successes} images ({result.new_urls} items new), {result.failures} failed "
-              f"{result.failures_by_reason}")
-        return Shards(str(result.shards_dir)), metrics
-
-    return finish
+    return stages.run(generate, cfg.corpus)
 
 
 @stage_task("download", **IO_RETRIES)
-def download(cfg: PipelineConfig, url_list: str, stages: Stages) -> StageRecord[Shards]:
+def download(cfg: PipelineConfig, url_list: str, stages: Stages) -> StageRecord[DownloadResult]:
     from dalle_pipeline.components.download.run import run
 
     # one folder per URL list location and settings: a list that grows downloads only its new rows
-    return stages.run(run, cfg.download_settings(), url_list, image_size=cfg.corpus.image_size,
-                      url_col=cfg.data.url_col, caption_col=cfg.data.caption_col, finish=_finish_shards("downloaded"),
-                      accumulates=True)
+    record = stages.run(run, cfg.download_settings(), url_list, image_size=cfg.corpus.image_size,
+                        url_col=cfg.data.url_col, caption_col=cfg.data.caption_col, accumulates=True)
+    print(record.outputs.describe("downloaded"))
+    return record
 
 
 @stage_task("ingest")
-def ingest(cfg: PipelineConfig, stages: Stages) -> StageRecord[Shards]:
+def ingest(cfg: PipelineConfig, stages: Stages) -> StageRecord[DownloadResult]:
     """A local source (folder, webdataset, Parquet with images, COCO) into the download stage's layout."""
     from dalle_pipeline.components.sources import run
 
     data = cfg.data.model_copy(update={"source": str(Path(cfg.data.source).expanduser().resolve())})
     # one folder per source location and settings: a folder that grows ingests only its new files
-    return stages.run(run, data, cfg.download_settings(), image_size=cfg.corpus.image_size,
-                      finish=_finish_shards("ingested"), accumulates=True)
+    record = stages.run(run, data, cfg.download_settings(), image_size=cfg.corpus.image_size, accumulates=True)
+    print(record.outputs.describe("ingested"))
+    return record
 
 
 @stage_task("filter")
-def filter_corpus(cfg: PipelineConfig, downloaded: StageRecord[Shards], stages: Stages) -> StageRecord[Curated]:
+def filter_corpus(cfg: PipelineConfig, downloaded: StageRecord[DownloadResult],
+                  stages: Stages) -> StageRecord[FilterResult]:
     from prefect.artifacts import create_table_artifact
 
     from dalle_pipeline.components.filter.run import require_usable, run
 
-    def finish(result, tracker: Tracker) -> tuple[Curated, dict[str, float]]:
-        metrics = {"kept": result.kept, "held_out": result.held_out,
-                   **{f"dropped_{k}": v for k, v in result.dropped_by_reason.items()}}
-        tracker.log_metrics(metrics)
-        tracker.set_tags({"data_digest": result.data_digest})
-        tracker.log_artifact(result.report_path)
-        print(f"kept {result.kept} samples ({result.held_out} more held out for evaluation), "
-              f"dropped {result.dropped_by_reason}")
-        require_usable(result)  # nothing to train on: fail here, with the counts, not in a trainer
-        rows = [{"stage": "filter", "reason": "kept", "samples": result.kept},
-                *([{"stage": "filter", "reason": "held_out", "samples": result.held_out}] if result.held_out else [])]
-        rows += [{"stage": "filter", "reason": k, "samples": v} for k, v in result.dropped_by_reason.items()]
-        rows += [{"stage": "download", "reason": k, "samples": v}
-                 for k, v in result.download_failures_by_reason.items()]
-        return Curated(str(result.curated_dir), rows, result.data_digest), metrics
-
     record = stages.run(run, cfg.filter_settings(), downloaded.outputs.shards_dir,
-                        holdout_fraction=cfg.holdout_fraction, finish=finish, accumulates=True)
-    create_table_artifact(record.outputs.report_rows, key="filter-report",
+                        holdout_fraction=cfg.holdout_fraction, accumulates=True)
+    print(record.outputs.describe())
+    create_table_artifact(record.outputs.report_rows(), key="filter-report",
                           description="Samples kept and dropped, by reason")
+    require_usable(record.outputs)  # nothing to train on: fail here, with the counts, not in a trainer
     return record
 
 
 @stage_task("text-tokenizer")
-def train_text_tokenizer(cfg: PipelineConfig, curated: StageRecord[Curated],
-                         stages: Stages) -> StageRecord[TextTokenizerFile]:
+def train_text_tokenizer(cfg: PipelineConfig, curated: StageRecord[FilterResult],
+                         stages: Stages) -> StageRecord[TextTokenizerResult]:
     from dalle_pipeline.components.text.tokenizer import run
 
-    def finish(result, tracker: Tracker) -> tuple[TextTokenizerFile, dict[str, float]]:
-        tracker.set_tags({"tokenizer_hash": result.tokenizer_hash})
-        tracker.log_metrics(result.metrics)
-        tracker.log_artifact(result.tokenizer_path)
-        return TextTokenizerFile(str(result.tokenizer_path), result.tokenizer_hash), result.metrics
-
-    return stages.run(run, cfg.tokenizer, curated.outputs.curated_dir, finish=finish)
-
-
-def _checkpoint(result, tracker: Tracker) -> tuple[Checkpoint, dict[str, float]]:
-    return Checkpoint(str(result.checkpoint_dir)), result.metrics
+    return stages.run(run, cfg.tokenizer, curated.outputs.curated_dir)
 
 
 @stage_task("dvae")
-def train_dvae(cfg: PipelineConfig, curated: StageRecord[Curated], stages: Stages) -> StageRecord[Checkpoint]:
+def train_dvae(cfg: PipelineConfig, curated: StageRecord[FilterResult], stages: Stages) -> StageRecord[DVAEResult]:
     from dalle_pipeline.components.dvae.train import run
 
     return stages.run(run, cfg.dvae, curated.outputs.curated_dir, image_size=cfg.corpus.image_size,
-                      seed=cfg.seed, shapes=cfg.corpus if cfg.shapes_corpus else None, finish=_checkpoint)
+                      seed=cfg.seed, shapes=cfg.corpus if cfg.shapes_corpus else None)
 
 
 @stage_task("tokenize-corpus")
-def tokenize_corpus(cfg: PipelineConfig, curated: StageRecord[Curated], dvae: StageRecord[Checkpoint],
-                    tokenizer: StageRecord[TextTokenizerFile], stages: Stages) -> StageRecord[TokenDataset]:
+def tokenize_corpus(cfg: PipelineConfig, curated: StageRecord[FilterResult], dvae: StageRecord[DVAEResult],
+                    tokenizer: StageRecord[TextTokenizerResult], stages: Stages) -> StageRecord[TokenizedCorpus]:
     from dalle_pipeline.components.tokenize_corpus.run import run
-
-    def finish(result, tracker: Tracker) -> tuple[TokenDataset, dict[str, float]]:
-        tracker.log_metrics({"rows": result.rows})
-        tracker.log_artifact(result.dataset_dir / "_manifest.json")
-        return TokenDataset(str(result.dataset_dir)), {"rows": result.rows}
 
     # new curated shards add parts; another dVAE or tokenizer (another folder in their paths) starts another folder
     return stages.run(run, curated.outputs.curated_dir, dvae.outputs.checkpoint_dir,
                       tokenizer.outputs.tokenizer_path, text_len=cfg.tokenizer.text_len,
-                      bpe_dropout=cfg.tokenizer.bpe_dropout, finish=finish, accumulates=True)
+                      bpe_dropout=cfg.tokenizer.bpe_dropout, accumulates=True)
 
 
 @stage_task("prior")
-def train_prior(cfg: PipelineConfig, dataset: StageRecord[TokenDataset], dvae: StageRecord[Checkpoint],
-                stages: Stages) -> StageRecord[Checkpoint]:
+def train_prior(cfg: PipelineConfig, dataset: StageRecord[TokenizedCorpus], dvae: StageRecord[DVAEResult],
+                stages: Stages) -> StageRecord[PriorResult]:
     """The prior on the token Parquet; the dVAE that made the tokens draws its previews in the MLflow run."""
     from dalle_pipeline.components.prior.train import run
 
     return stages.run(run, cfg.prior, dataset.outputs.dataset_dir, seed=cfg.seed,
-                      dvae_dir=dvae.outputs.checkpoint_dir, finish=_checkpoint)
+                      dvae_dir=dvae.outputs.checkpoint_dir)
 
 
 @stage_task("clip")
-def train_clip(cfg: PipelineConfig, curated: StageRecord[Curated], stages: Stages) -> StageRecord[Clip]:
+def train_clip(cfg: PipelineConfig, curated: StageRecord[FilterResult], stages: Stages) -> StageRecord[ClipResult]:
     from dalle_pipeline.components.clip.train import run
 
-    def finish(result, tracker: Tracker) -> tuple[Clip, dict[str, float]]:
-        return Clip(result.source), result.metrics
-
-    return stages.run(run, cfg.clip, curated.outputs.curated_dir, image_size=cfg.corpus.image_size,
-                      seed=cfg.seed, finish=finish)
+    return stages.run(run, cfg.clip, curated.outputs.curated_dir, image_size=cfg.corpus.image_size, seed=cfg.seed)
 
 
 @stage_task("base-model", **IO_RETRIES)
-def fetch_base_model(model_uri: str, stages: Stages) -> StageRecord[BaseBundle]:
+def fetch_base_model(model_uri: str, stages: Stages) -> StageRecord[FetchedBundle]:
     """The registered model a retrain starts from, downloaded into the stage cache."""
     from dalle_pipeline.components.register.run import fetch_bundle, resolve_version
 
     version = resolve_version(model_uri, stages.parent)
     name = model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
-
-    def finish(bundle, tracker: Tracker) -> tuple[BaseBundle, dict[str, float]]:
-        print(f"retraining from {model_uri} (version {version}), bundle in {bundle}")
-        return BaseBundle(str(bundle), version), {}
-
-    return stages.run(fetch_bundle, f"models:/{name}/{version}", stages.parent, finish=finish)
+    record = stages.run(fetch_bundle, f"models:/{name}/{version}", stages.parent)
+    print(f"retraining from {model_uri} (version {version}), bundle in {record.outputs.bundle_dir}")
+    return record
 
 
-def base_model_parts(base: StageRecord[BaseBundle]) -> tuple[StageRecord, StageRecord, StageRecord]:
+def base_model_parts(base: StageRecord[FetchedBundle]) -> tuple[StageRecord, StageRecord, StageRecord]:
     """The base model's tokenizer, dVAE and CLIP as the records of stages it does not run again."""
+    from dalle_pipeline.components.clip.train import ClipResult
+    from dalle_pipeline.components.dvae.train import DVAEResult
     from dalle_pipeline.components.register.bundle import read_manifest
     from dalle_pipeline.components.storage import file_sha256
+    from dalle_pipeline.components.text.tokenizer import TextTokenizerResult
 
-    bundle = Path(base.outputs.bundle_dir)
+    bundle = base.outputs.bundle_dir
     _, clip_source = read_manifest(bundle)
-    tokenizer = TextTokenizerFile(str(bundle / "tokenizer.json"), file_sha256(bundle / "tokenizer.json"))
+    tokenizer = TextTokenizerResult(bundle / "tokenizer.json", file_sha256(bundle / "tokenizer.json"), metrics={})
     return (derived(train_text_tokenizer.name, tokenizer, base),
-            derived(train_dvae.name, Checkpoint(str(bundle / "dvae")), base), derived(train_clip.name, Clip(clip_source), base))
+            derived(train_dvae.name, DVAEResult(bundle / "dvae", metrics={}), base),
+            derived(train_clip.name, ClipResult(clip_source, metrics={}), base))
 
 
 @stage_task("sample")
-def sample(cfg: PipelineConfig, evaluation: EvaluationSet, prior: StageRecord[Checkpoint],
-           dvae: StageRecord[Checkpoint], tokenizer: StageRecord[TextTokenizerFile], clip: StageRecord[Clip],
-           stages: Stages) -> StageRecord[Samples]:
+def sample(cfg: PipelineConfig, evaluation: EvaluationSet, prior: StageRecord[PriorResult],
+           dvae: StageRecord[DVAEResult], tokenizer: StageRecord[TextTokenizerResult], clip: StageRecord[ClipResult],
+           stages: Stages) -> StageRecord[SampleResult]:
     from dalle_pipeline.components.sample.run import run
-
-    def finish(result, tracker: Tracker) -> tuple[Samples, dict[str, float]]:
-        completions = str(result.completions) if result.completions is not None else None
-        return Samples(str(result.grid), str(result.samples), evaluation.prompts, completions), {}
 
     return stages.run(run, cfg.sample, evaluation.prompts, prior.outputs.checkpoint_dir,
                       dvae.outputs.checkpoint_dir, tokenizer.outputs.tokenizer_path, cfg.tokenizer.text_len,
-                      clip.outputs.clip_source, scenes=evaluation.scenes, specs=evaluation.specs, finish=finish)
+                      clip.outputs.clip_source, scenes=evaluation.scenes, specs=evaluation.specs)
 
 
 @stage_task("evaluate")
-def evaluate(cfg: PipelineConfig, evaluation: EvaluationSet, samples: StageRecord[Samples], clip: StageRecord[Clip],
-             dvae: StageRecord[Checkpoint], stages: Stages) -> StageRecord[Nothing]:
+def evaluate(cfg: PipelineConfig, evaluation: EvaluationSet, samples: StageRecord[SampleResult],
+             clip: StageRecord[ClipResult], dvae: StageRecord[DVAEResult], stages: Stages) -> StageRecord[EvaluationResult]:
     from dalle_pipeline.components.evaluate.run import find_inception_weights, run
-
-    def finish(metrics, tracker: Tracker) -> tuple[Nothing, dict[str, float]]:
-        return Nothing(), metrics
 
     # resolved here, so weights appearing in the torch cache later are a new argument: the stage runs again, with FID
     weights = find_inception_weights(cfg.sample.inception_weights)
     return stages.run(run, samples.outputs.samples, evaluation, clip.outputs.clip_source,
                       inception_weights=str(weights) if weights else None, dvae_dir=dvae.outputs.checkpoint_dir,
-                      completions_path=samples.outputs.completions, finish=finish)
+                      completions_path=samples.outputs.completions)
 
 
 @stage_task("register")
-def register(cfg: PipelineConfig, dvae: StageRecord[Checkpoint], prior: StageRecord[Checkpoint],
-             tokenizer: StageRecord[TextTokenizerFile], clip: StageRecord[Clip], samples: StageRecord[Samples],
-             evaluation: StageRecord[Nothing], evaluation_set: EvaluationSet, curated: StageRecord[Curated],
-             stages: Stages) -> StageRecord[Registered]:
+def register(cfg: PipelineConfig, dvae: StageRecord[DVAEResult], prior: StageRecord[PriorResult],
+             tokenizer: StageRecord[TextTokenizerResult], clip: StageRecord[ClipResult],
+             evaluation: StageRecord[EvaluationResult], evaluation_set: EvaluationSet,
+             curated: StageRecord[FilterResult], stages: Stages) -> StageRecord[Registration]:
     from prefect.events import emit_event
     from prefect.runtime import flow_run
 
     from dalle_pipeline.components.register.run import MODEL_NAME, run
     from dalle_pipeline.flows.notifications import CHAMPION_MOVED, champion_resource
 
-    def finish(registration, tracker: Tracker) -> tuple[Registered, dict[str, float]]:
-        if registration.promoted:  # the champion automation (flows/notifications.py) calls its webhook on this
-            emit_event(CHAMPION_MOVED, resource=champion_resource(MODEL_NAME),
-                       payload={"version": registration.version, "decision": registration.decision,
-                                "flow_run": flow_run.get_name(), "mlflow_run_id": stages.parent.run_id})
-        return Registered(registration.version, registration.promoted, registration.decision), {}
-
     # keyed by the parent's MLflow store (a tracker's stage_key): registering into another store is another stage
-    return stages.run(run, cfg, dvae.outputs.checkpoint_dir, prior.outputs.checkpoint_dir,
-                      tokenizer.outputs.tokenizer_path, clip.outputs.clip_source, evaluation.metrics,
-                      samples.outputs.prompts, stages.parent, evaluation_ids=evaluation_set.ids,
-                      data_digest=curated.outputs.data_digest or None, finish=finish)
+    record = stages.run(run, cfg, dvae.outputs.checkpoint_dir, prior.outputs.checkpoint_dir,
+                        tokenizer.outputs.tokenizer_path, clip.outputs.clip_source, evaluation.outputs.metrics,
+                        evaluation_set.prompts, stages.parent, evaluation_ids=evaluation_set.ids,
+                        data_digest=curated.outputs.data_digest or None)
+    registration = record.outputs
+    if registration.promoted and not record.reused:  # the champion automation (flows/notifications.py) calls its webhook
+        emit_event(CHAMPION_MOVED, resource=champion_resource(MODEL_NAME),
+                   payload={"version": registration.version, "decision": registration.decision,
+                            "flow_run": flow_run.get_name(), "mlflow_run_id": stages.parent.run_id})
+    return record

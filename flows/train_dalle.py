@@ -159,7 +159,7 @@ def retrain(root: Path, stages: Stages, preset: str, overrides: PipelineOverride
     from dalle_pipeline.components.register.bundle import read_evaluation_ids, read_manifest
 
     base = fetch_base_model(retrain_from, stages)
-    bundle = Path(base.outputs.bundle_dir)
+    bundle = base.outputs.bundle_dir
     inits = {"prior.init_from": str(bundle / "prior"),
              **({"dvae.init_from": str(bundle / "dvae")} if retrain_dvae else {})}
     cfg = config_module.resolve(preset, {**config_module.dotted_overrides(overrides), **inits},
@@ -186,7 +186,7 @@ def train_prior_and_judge(run: PipelineRun, curated: StageRecord, tokenizer: Sta
     prior = train_prior(cfg, dataset, dvae, stages)
     samples = sample(cfg, evaluation_set, prior, dvae, tokenizer, clip, stages)
     evaluation = evaluate(cfg, evaluation_set, samples, clip, dvae, stages)
-    registration = register(cfg, dvae, prior, tokenizer, clip, samples, evaluation, evaluation_set, curated, stages)
+    registration = register(cfg, dvae, prior, tokenizer, clip, evaluation, evaluation_set, curated, stages)
     return [dataset, prior, samples, evaluation, registration]
 
 
@@ -212,8 +212,8 @@ def finish_run(run: PipelineRun, records: list[StageRecord], seconds: float) -> 
 
     parent = run.stages.parent
     by_stage = {record.stage: record for record in records}
-    metrics, grid = by_stage["evaluate"].metrics, by_stage["sample"].outputs.grid
-    registration = by_stage["register"].outputs
+    metrics, grid = by_stage[evaluate.name].outputs.metrics, str(by_stage[sample.name].outputs.grid)
+    registration = by_stage[register.name].outputs
     reused = [record.stage for record in records if record.reused]
     parent.log_metrics({**metrics, "pipeline_seconds": seconds, "stages_reused": len(reused)})
     parent.log_artifact(grid)
@@ -226,9 +226,9 @@ def finish_run(run: PipelineRun, records: list[StageRecord], seconds: float) -> 
         "sample_grid": grid,
         "metrics": metrics,
         "seconds": round(seconds, 1),
-        "model_version": registration.model_version,
+        "model_version": registration.version,
         "promoted": registration.promoted,
-        "champion_decision": registration.champion_decision,
+        "champion_decision": registration.decision,
     }
     headline = {name: round(value, 3) for name, value in headline_metrics(metrics).items()}
     get_run_logger().info("done in %.0fs (%d of %d stages reused): MLflow run %s, samples %s, %s", seconds,

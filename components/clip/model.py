@@ -172,7 +172,7 @@ class ClipScorer:
 
 
 def load(source: str) -> ClipScorer:
-    """Inverse of `ClipResult.source`."""
+    """Inverse of `ClipResult.clip_source`."""
     if "|" in source:
         model_name, pretrained = source.split("|", 1)
         return ClipScorer.build(model_name, pretrained or None)

@@ -34,20 +34,22 @@ def contrastive_loss(scorer: ClipScorer):
     return loss_fn
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClipResult:
-    source: str  # what `ClipScorer.load`/`build` takes: local-dir:... for ours
+    clip_source: str  # what `ClipScorer.load`/`build` takes: local-dir:... for ours
     metrics: dict[str, float]
+    step: int = 0  # the updates it trained for (0: a pretrained or given CLIP)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"clip_source": self.clip_source}
 
 
 def run(cfg: ClipConfig, curated_dir: Path, out_dir: Path, image_size: int, seed: int,
         tracker: Tracker | None = None) -> ClipResult:
     if cfg.pretrained is not None or cfg.model_name.startswith(LOCAL_DIR):
         scorer = ClipScorer.build(cfg.model_name, cfg.pretrained)  # fails here if the weights are absent
-        source = f"{cfg.model_name}|{cfg.pretrained or ''}"
-        if tracker is not None:
-            tracker.set_tags({"clip_source": source})
-        return ClipResult(source=source, metrics={})
+        return ClipResult(clip_source=f"{cfg.model_name}|{cfg.pretrained or ''}", metrics={})
 
     set_threads(cfg.optim.num_threads)
     seed_everything(seed)
@@ -68,4 +70,4 @@ def run(cfg: ClipConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     directory = scorer.save(out_dir / "model", architecture(cfg, image_size))
     if tracker is not None:
         tracker.log_artifact(directory, "clip")
-    return ClipResult(source=LOCAL_DIR + str(directory.resolve()), metrics=result.metrics)
+    return ClipResult(clip_source=LOCAL_DIR + str(directory.resolve()), metrics=result.metrics, step=result.step)

@@ -222,6 +222,10 @@ class CorpusResult:
     images_dir: Path
     num_images: int
 
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {"num_images": self.num_images}
+
 
 @dataclass(frozen=True)
 class EvalItem:

@@ -67,6 +67,16 @@ class DownloadResult:
     batches: list[Path]
     new_urls: int = 0  # URLs this call attempted (0 when the list held nothing new)
 
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {"successes": self.successes, "failures": self.failures, "new_urls": self.new_urls,
+                **{f"failed_{reason}": count for reason, count in self.failures_by_reason.items()}}
+
+    def describe(self, verb: str) -> str:
+        """One line for the run's log: `verb` is what happened to the images (downloaded, ingested)."""
+        return (f"{verb} {self.successes} images ({self.new_urls} items new), {self.failures} failed "
+                f"{self.failures_by_reason}")
+
 
 def run(cfg: DownloadConfig, url_list: str | Path, out_dir: str | Path, image_size: int, url_col: str = "url",
         caption_col: str = "caption") -> DownloadResult:

@@ -116,11 +116,12 @@ def dvae_loss(cfg: DVAEConfig, perceptual: PerceptualDistance | None = None):
     return loss_fn
 
 
-@dataclass
+@dataclass(frozen=True)
 class DVAEResult:
     checkpoint_dir: Path
-    recon_grid: Path
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # reported with the kept weights, and measured on them (eval_*, holdout_*, recon_oracle_*)
+    step: int = 0  # the update the weights are from
+    recon_grid: Path | None = None  # originals above their reconstructions (none for a registered bundle's dVAE)
 
 
 def reconstruction_grid(model: DiscreteVAE, images: np.ndarray, path: Path) -> Path:
@@ -285,8 +286,13 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
         meta={"step": state["step"], "ema": state.get("ema") is not None, **eval_metrics},
     )
     if tracker is not None:
-        tracker.log_metrics(eval_metrics, step=state["step"])
         tracker.log_artifact(recon_grid)
         tracker.log_artifact(checkpoint_dir, "checkpoint")
-    check_recon_floor(eval_metrics, cfg.recon_oracle_floor, out_dir)
-    return DVAEResult(checkpoint_dir=checkpoint_dir, recon_grid=recon_grid, metrics={**train_metrics, **eval_metrics})
+    try:
+        check_recon_floor(eval_metrics, cfg.recon_oracle_floor, out_dir)
+    except ValueError:
+        if tracker is not None:  # the stage fails: what it measured stays on its run (a result is logged by its stage)
+            tracker.log_metrics(eval_metrics, step=state["step"])
+        raise
+    return DVAEResult(checkpoint_dir=checkpoint_dir, metrics={**train_metrics, **eval_metrics}, step=state["step"],
+                      recon_grid=recon_grid)

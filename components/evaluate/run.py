@@ -15,9 +15,11 @@ the tokenizer's ceiling, the FID no prior on its codes can beat by much).
 
 from __future__ import annotations
 
+import json
 import pickle
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -32,8 +34,9 @@ from ..dvae.model import DiscreteVAE, reconstruct
 from ..dvae.model import load as load_dvae
 from ..images import psnr, to_float
 from ..storage import write_json
-from ..tracking import Tracker
 from .evaluation_set import EvaluationSet, retrieval_pool_of
+
+METRICS_FILE = "metrics.json"
 
 
 def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
@@ -185,7 +188,7 @@ def image_to_image_metrics(completions: Mapping[str, np.ndarray], specs: Sequenc
 
 def score_samples(samples_path: Path, prompts: list[str], reference_images: np.ndarray, clip: ClipScorer, out_dir: Path,
         specs: Sequence[list[ShapeSpec]] | None = None, zero_shot: Sequence[bool] | None = None,
-        tracker: Tracker | None = None, inception_weights: str | Path | None = None,
+        inception_weights: str | Path | None = None,
         retrieval_pool: Sequence[str] | None = None, dvae: DiscreteVAE | None = None,
         completions_path: str | Path | None = None) -> dict[str, float]:
     """reference_images: held-out real images (N, H, W, 3) for fid and fd_clip; specs: the shapes behind each
@@ -232,22 +235,36 @@ def score_samples(samples_path: Path, prompts: list[str], reference_images: np.n
     if specs is not None and completions_path is not None:
         metrics.update(image_to_image_metrics(np.load(completions_path), specs))
     # the notes say why a metric is absent; they are not numbers, so they stay out of the returned metrics
-    write_json(Path(out_dir) / "metrics.json", {**metrics, **notes})
-    if tracker is not None:
-        tracker.log_metrics(metrics)
-        if notes:
-            tracker.set_tags(notes)
-        tracker.log_artifact(Path(out_dir) / "metrics.json")
+    write_json(Path(out_dir) / METRICS_FILE, {**metrics, **notes})
     return metrics
 
 
+@dataclass(frozen=True)
+class EvaluationResult:
+    metrics_path: Path  # metrics.json: the metrics and the notes
+    metrics: dict[str, float]
+    notes: dict[str, str] = field(default_factory=dict)  # why a metric is absent (fid_skipped)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return self.notes
+
+    @property
+    def artifacts(self) -> list[Path]:
+        return [self.metrics_path]
+
+
 def run(samples_path: Path, evaluation: EvaluationSet, clip_source: str, out_dir: Path,
-        tracker: Tracker | None = None, inception_weights: str | Path | None = None,
-        dvae_dir: str | Path | None = None, completions_path: str | Path | None = None) -> dict[str, float]:
+        inception_weights: str | Path | None = None, dvae_dir: str | Path | None = None,
+        completions_path: str | Path | None = None) -> EvaluationResult:
     """The stage's entry point: `score_samples` on the samples of `evaluation`'s prompts, with the CLIP saved at
     `clip_source` (and the dVAE saved at `dvae_dir`, for the FID of its reconstructions); the
     image-to-image completions at `completions_path` are scored by the oracle too (the shapes corpus)."""
-    return score_samples(samples_path, evaluation.prompts, evaluation.references, load_clip(clip_source), out_dir,
-                         specs=evaluation.specs, zero_shot=evaluation.zero_shot, tracker=tracker,
-                         inception_weights=inception_weights, retrieval_pool=evaluation.captions,
-                         dvae=load_dvae(dvae_dir) if dvae_dir is not None else None, completions_path=completions_path)
+    metrics = score_samples(samples_path, evaluation.prompts, evaluation.references, load_clip(clip_source), out_dir,
+                            specs=evaluation.specs, zero_shot=evaluation.zero_shot,
+                            inception_weights=inception_weights, retrieval_pool=evaluation.captions,
+                            dvae=load_dvae(dvae_dir) if dvae_dir is not None else None,
+                            completions_path=completions_path)
+    written = json.loads((Path(out_dir) / METRICS_FILE).read_text())
+    return EvaluationResult(Path(out_dir) / METRICS_FILE, metrics,
+                            notes={name: value for name, value in written.items() if isinstance(value, str)})

@@ -37,6 +37,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -82,6 +83,31 @@ class FilterResult:
     data_digest: str = ""  # of the training samples (URL or id, image sha256): names the data a model was trained on
     download_failures_by_reason: dict[str, int] = field(default_factory=dict)
     reused_shards: int = 0
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {"kept": self.kept, "held_out": self.held_out,
+                **{f"dropped_{reason}": count for reason, count in self.dropped_by_reason.items()}}
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"data_digest": self.data_digest}
+
+    @property
+    def artifacts(self) -> list[Path]:
+        return [self.report_path]
+
+    def describe(self) -> str:
+        return (f"kept {self.kept} samples ({self.held_out} more held out for evaluation), "
+                f"dropped {self.dropped_by_reason}")
+
+    def report_rows(self) -> list[dict[str, Any]]:
+        """Samples per (stage, reason): kept, held out, each reason the filter dropped for, each download failure."""
+        rows = [{"stage": "filter", "reason": KEPT, "samples": self.kept},
+                *([{"stage": "filter", "reason": HELD_OUT, "samples": self.held_out}] if self.held_out else [])]
+        rows += [{"stage": "filter", "reason": k, "samples": v} for k, v in self.dropped_by_reason.items()]
+        return rows + [{"stage": "download", "reason": k, "samples": v}
+                       for k, v in self.download_failures_by_reason.items()]
 
 
 def caption_problem(caption: str, cfg: FilterConfig, blocklist: re.Pattern[str] | None = None) -> str | None:

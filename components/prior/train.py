@@ -235,10 +235,11 @@ def train_worker(config: dict[str, Any]) -> None:
         measure=validate_and_preview if validate or preview else None, measure_every=cfg.checkpoint_every)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PriorResult:
     checkpoint_dir: Path
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # reported with the kept weights
+    step: int = 0  # the update the weights are from
 
 
 def check_preview_dvae(dvae_dir: str | Path, manifest: dict) -> None:
@@ -284,4 +285,4 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
     )
     if tracker is not None:
         tracker.log_artifact(checkpoint_dir, "checkpoint")
-    return PriorResult(checkpoint_dir=checkpoint_dir, metrics=metrics)
+    return PriorResult(checkpoint_dir=checkpoint_dir, metrics=metrics, step=state["step"])

@@ -116,11 +116,31 @@ def evaluation_fingerprint(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Registration:
     version: str
     promoted: bool
     decision: str
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"champion_decision": self.decision, "model_version": self.version}
+
+
+@dataclass(frozen=True)
+class FetchedBundle:
+    """A registered model's bundle, downloaded: what a retrain starts from."""
+
+    bundle_dir: Path
+    version: str
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {}
 
 
 def register_version(bundle_dir: Path, metrics: dict[str, float], prompts: list[str], tracker: Tracker,
@@ -163,8 +183,7 @@ def register_version(bundle_dir: Path, metrics: dict[str, float], prompts: list[
 
 def run(cfg: PipelineConfig, dvae_dir: Path, prior_dir: Path, tokenizer_path: Path, clip_source: str,
         metrics: dict[str, float], prompts: list[str], parent: Tracker, out_dir: Path,
-        tracker: Tracker | None = None, evaluation_ids: list[str] | None = None,
-        data_digest: str | None = None) -> Registration:
+        evaluation_ids: list[str] | None = None, data_digest: str | None = None) -> Registration:
     """The stage's entry point: the bundle built in `out_dir/bundle`, logged as the model of the
     pipeline's `parent` run (beside the metrics it is judged by), registered and judged; its version
     is tagged with the data (`data_source`, `data_digest` of the curated training samples)."""
@@ -174,10 +193,7 @@ def run(cfg: PipelineConfig, dvae_dir: Path, prior_dir: Path, tokenizer_path: Pa
                        evaluation_ids)
     data_tags = {"data_source": cfg.data.source or "shapes corpus",
                  **({"data_digest": data_digest} if data_digest else {})}
-    registration = register_version(bundle_dir, metrics, prompts, parent, data_tags)
-    if tracker is not None:
-        tracker.set_tags({"champion_decision": registration.decision, "model_version": registration.version})
-    return registration
+    return register_version(bundle_dir, metrics, prompts, parent, data_tags)
 
 
 def resolve_version(model_uri: str, tracker: Tracker) -> str:
@@ -194,8 +210,9 @@ def resolve_version(model_uri: str, tracker: Tracker) -> str:
         raise ValueError(f"{model_uri}: no version of {name!r} has alias {alias!r} in {tracker.tracking_uri}") from err
 
 
-def fetch_bundle(model_uri: str, store: Tracker, out_dir: Path) -> Path:
-    """Download a registered `dalle` model's bundle from `store`'s registry into `out_dir`; returns the bundle folder."""
+def fetch_bundle(model_uri: str, store: Tracker, out_dir: Path) -> FetchedBundle:
+    """Download the bundle of a version of a registered `dalle` model (`models:/<name>/<n>`) from `store`'s
+    registry into `out_dir`."""
     from mlflow.artifacts import download_artifacts
 
     from .bundle import CONFIG_FILE
@@ -205,4 +222,4 @@ def fetch_bundle(model_uri: str, store: Tracker, out_dir: Path) -> Path:
     found = sorted(local.rglob(CONFIG_FILE))
     if not found:
         raise FileNotFoundError(f"{model_uri} holds no dalle bundle ({CONFIG_FILE} not found under {local})")
-    return found[0].parent
+    return FetchedBundle(found[0].parent, version=model_uri.rsplit("/", 1)[-1])

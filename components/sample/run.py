@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,6 @@ from ..prior.model import Prior
 from ..prior.model import load as load_prior
 from ..storage import atomic_path
 from ..text.tokenizer import TextTokenizer
-from ..tracking import Tracker
 from .generate import rerank, sample_image_tokens
 
 SAMPLES_FILE = "samples.npz"
@@ -31,13 +30,19 @@ COMPLETIONS_FILE = "completions.npz"
 SCORES_FILE = "scores.parquet"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleResult:
     grid: Path
     samples: Path  # npz: images (P, C, H, W, 3) uint8, clip_scores, log_likelihood, ranking (P, keep)
     scores: Path
     # npz: images (S, keep, H, W, 3) completing `scenes` (S, H, W, 3), those of prompts `prompt_index` (S,), prefix_rows
     completions: Path | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # mean CLIP score of the kept candidates and of all
+
+    @property
+    def artifacts(self) -> list[Path]:
+        completions_grid = self.grid.parent / "completions.png"
+        return [self.grid, *([completions_grid] if completions_grid.exists() else []), self.scores]
 
 
 def grid_rows(num_prompts: int, rows: int) -> list[int]:
@@ -149,11 +154,11 @@ def kept_candidates(images: torch.Tensor, ranking: torch.Tensor) -> torch.Tensor
 
 
 def run(cfg: SampleConfig, prompts: list[str], prior_dir: Path, dvae_dir: Path, tokenizer_path: Path, text_len: int,
-        clip_source: str, out_dir: Path, tracker: Tracker | None = None,
+        clip_source: str, out_dir: Path,
         scenes: np.ndarray | None = None, specs: Sequence[Sequence[ShapeSpec]] | None = None) -> SampleResult:
     """Sample the trained models saved at these places (the stage's entry point)."""
     return sample_models(cfg, prompts, load_prior(prior_dir), load_dvae(dvae_dir),
-                         TextTokenizer.load(tokenizer_path, text_len), load_clip(clip_source), out_dir, tracker,
+                         TextTokenizer.load(tokenizer_path, text_len), load_clip(clip_source), out_dir,
                          scenes, specs)
 
 
@@ -188,7 +193,7 @@ def complete_scenes(cfg: SampleConfig, prompts: list[str], scenes: np.ndarray, s
 
 
 def sample_models(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: DiscreteVAE, tokenizer: TextTokenizer,
-                  clip: ClipScorer, out_dir: Path, tracker: Tracker | None = None,
+                  clip: ClipScorer, out_dir: Path,
                   scenes: np.ndarray | None = None, specs: Sequence[Sequence[ShapeSpec]] | None = None) -> SampleResult:
     """Candidates for every prompt, reranked, with their grid and scores; given `scenes` and `specs`
     (each prompt's own image and its shapes, the shapes corpus), image-to-image completions of them too."""
@@ -225,12 +230,7 @@ def sample_models(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: Dis
     completions = None
     if scenes is not None and specs is not None:
         completions = complete_scenes(cfg, prompts, scenes, specs, prior, dvae, tokenizer, clip, out_dir)
-    if tracker is not None:
-        tracker.log_artifact(grid)
-        if (out_dir / "completions.png").exists():
-            tracker.log_artifact(out_dir / "completions.png")
-        tracker.log_artifact(out_dir / SCORES_FILE)
-        tracker.log_metrics({"clip_score_kept": float(clip_scores.gather(1, ranking).mean()),
-                             "clip_score_all": float(clip_scores.mean())})
     return SampleResult(grid=grid, samples=out_dir / SAMPLES_FILE, scores=out_dir / SCORES_FILE,
-                        completions=completions)
+                        completions=completions,
+                        metrics={"clip_score_kept": float(clip_scores.gather(1, ranking).mean()),
+                                 "clip_score_all": float(clip_scores.mean())})

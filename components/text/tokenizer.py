@@ -95,6 +95,14 @@ class TextTokenizerResult:
     tokenizer_hash: str  # sha256 of tokenizer.json
     metrics: dict[str, float]  # the captions' `caption_lengths`
 
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"tokenizer_hash": self.tokenizer_hash}
+
+    @property
+    def artifacts(self) -> list[Path]:
+        return [self.tokenizer_path]
+
 
 def run(cfg: TokenizerConfig, curated_dir: str | Path, out_dir: str | Path) -> TextTokenizerResult:
     """The stage's entry point: a tokenizer trained on the captions of the curated shards in `curated_dir`,

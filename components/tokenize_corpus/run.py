@@ -48,11 +48,19 @@ DECODE_CHECK_TOLERANCE_DB = 2.0
 DECODE_CHECK_ORACLE_TOLERANCE = 0.2
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenizedCorpus:
     dataset_dir: Path
     manifest: dict
     rows: int
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {"rows": self.rows}
+
+    @property
+    def artifacts(self) -> list[Path]:
+        return [self.dataset_dir / MANIFEST]
 
 
 # a written part is reused when these match (its rows would otherwise come out different)

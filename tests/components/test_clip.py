@@ -37,7 +37,7 @@ def test_pretrained_weights_from_a_local_file(random_clip, tmp_path):
     save_file({k: v.contiguous() for k, v in random_clip.model.state_dict().items()}, str(weights))
     cfg = CFG.model_copy(update={"pretrained": str(weights)})
     result = run(cfg, tmp_path / "unused", tmp_path / "out", 32, seed=0)
-    scorer = load(result.source)
+    scorer = load(result.clip_source)
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(scorer.image_features(images), random_clip.image_features(images))
@@ -68,5 +68,5 @@ def test_training_on_the_corpus_learns_to_retrieve(curated_shards, tmp_path):
     cfg = CFG.model_copy(update={"model_name": "test-clip-trained"}, deep=True)
     cfg.optim.steps, cfg.optim.batch_size, cfg.optim.log_every, cfg.optim.warmup_steps = 60, 32, 10, 5
     result = run(cfg, curated_shards, tmp_path, 32, seed=0)
-    assert result.source.startswith(LOCAL_DIR)
+    assert result.clip_source.startswith(LOCAL_DIR)
     assert result.metrics["loss"] < 3.0  # chance for a batch of 32 is ln 32 = 3.47

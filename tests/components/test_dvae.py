@@ -115,13 +115,11 @@ def test_loss_falls_and_checkpoint_rebuilds_the_model(curated_shards, tmp_path, 
     trained_mse = reconstruction_quality(model, images)[0]["eval_recon_mse"]
     assert trained_mse < reconstruction_quality(fresh, images)[0]["eval_recon_mse"]
 
-    # the oracle read the reconstructions of held-out scenes, logged beside PSNR; 40 updates keep
+    # the oracle read the reconstructions of held-out scenes, in the result beside PSNR; 40 updates keep
     # far less than every colour, so the floor stops the stage
     oracle = {name: value for name, value in result.metrics.items() if name.startswith("recon_oracle_")}
     assert set(oracle) == {f"recon_oracle_{name}" for name in ("colour", "shape", "size", "position", "all")}
     assert all(0 <= value <= 1 for value in oracle.values())
-    logged = tracker.client.get_run(tracker.run_id).data.metrics
-    assert logged["recon_oracle_colour"] == pytest.approx(oracle["recon_oracle_colour"])
     weakest = min(value for name, value in oracle.items() if name != "recon_oracle_all")
     assert weakest < 0.95
     dvae_train.check_recon_floor(result.metrics, weakest, tmp_path / "dvae")  # at the floor passes
@@ -131,13 +129,16 @@ def test_loss_falls_and_checkpoint_rebuilds_the_model(curated_shards, tmp_path, 
 
 def test_a_reconstruction_oracle_below_the_floor_fails_the_stage(curated_shards, tmp_path, micro_config, local_ray):
     """An untrained-for-long dVAE on the shapes corpus: the stage saves its weights, then fails saying
-    which attributes its reconstructions lose."""
+    which attributes its reconstructions lose, with what it measured on its run."""
     cfg = micro_config.dvae.model_copy(deep=True)
     cfg.optim.steps, cfg.recon_oracle_floor = 5, 0.99
+    tracker = Tracker.start(f"sqlite:///{tmp_path}/mlflow.db", "dvae-test", artifact_root=(tmp_path / "art").as_uri())
     with pytest.raises(ValueError, match=r"keep colour \d\.\d\d.*dvae.recon_oracle_floor 0.99"):
         dvae_train.run(cfg, curated_shards, tmp_path / "dvae", micro_config.corpus.image_size, seed=0,
-                       shapes=micro_config.corpus)
+                       shapes=micro_config.corpus, tracker=tracker)
     assert load_dvae(tmp_path / "dvae" / "checkpoint").cfg.codebook_size == cfg.codebook_size
+    logged = tracker.client.get_run(tracker.run_id).data.metrics
+    assert 0 <= logged["recon_oracle_colour"] < 0.99 and "eval_psnr" in logged
 
 
 @pytest.mark.parametrize(("recon_loss", "quantizer"), [("logit_laplace", "gumbel"), ("mse", "gumbel"), ("mse", "vq")])
