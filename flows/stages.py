@@ -168,13 +168,22 @@ def current_stage() -> str:
 
 def show_result(result: Any, tracker: Tracker, artifacts: bool = True) -> None:
     """A stage's result on its MLflow run, the same way for every stage: its summary `metrics` (at its
-    `step`, where a training stage's result says which update its weights are from), its `tags` and,
-    unless it is a reused result (already logged in the run that built it), its `artifacts`."""
-    tracker.log_metrics(result.metrics, step=getattr(result, "step", None))
-    if tags := getattr(result, "tags", None):
+    `step`, where a training stage's result says which update its weights are from), the fields its
+    class names in `TAGS` as tags (a dict field's items each), and, unless it is a reused result
+    (already logged in the run that built it), the files of the fields named in `ARTIFACTS`. A metric the
+    run already holds is left as it is: a training stage logged it on its curve, window by window."""
+    logged = tracker.client.get_run(tracker.run_id).data.metrics
+    tracker.log_metrics({name: value for name, value in result.metrics.items() if name not in logged},
+                        step=getattr(result, "step", None))
+    tags: dict[str, Any] = {}
+    for name in getattr(result, "TAGS", ()):
+        value = getattr(result, name)
+        tags.update(value if isinstance(value, dict) else {name: value})
+    if tags:
         tracker.set_tags(tags)
-    for path in getattr(result, "artifacts", ()) if artifacts else ():
-        tracker.log_artifact(path)
+    for name in getattr(result, "ARTIFACTS", ()) if artifacts else ():
+        if (path := getattr(result, name)) is not None:
+            tracker.log_artifact(path)
 
 
 def derived(stage: str, outputs: Any, base: StageRecord) -> StageRecord:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -40,9 +41,7 @@ class ClipResult:
     metrics: dict[str, float]
     step: int = 0  # the updates it trained for (0: a pretrained or given CLIP)
 
-    @property
-    def tags(self) -> dict[str, str]:
-        return {"clip_source": self.clip_source}
+    TAGS: ClassVar = ("clip_source",)  # what a stage's run shows of its result (flows/stages.py: show_result)
 
 
 def run(cfg: ClipConfig, curated_dir: Path, out_dir: Path, image_size: int, seed: int,

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -244,14 +245,8 @@ class EvaluationResult:
     metrics_path: Path  # metrics.json: the metrics and the notes
     metrics: dict[str, float]
     notes: dict[str, str] = field(default_factory=dict)  # why a metric is absent (fid_skipped)
-
-    @property
-    def tags(self) -> dict[str, str]:
-        return self.notes
-
-    @property
-    def artifacts(self) -> list[Path]:
-        return [self.metrics_path]
+    TAGS: ClassVar = ("notes",)  # what a stage's run shows of its result (flows/stages.py: show_result)
+    ARTIFACTS: ClassVar = ("metrics_path",)
 
 
 def run(samples_path: Path, evaluation: EvaluationSet, clip_source: str, out_dir: Path,

@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -89,13 +89,8 @@ class FilterResult:
         return {"kept": self.kept, "held_out": self.held_out,
                 **{f"dropped_{reason}": count for reason, count in self.dropped_by_reason.items()}}
 
-    @property
-    def tags(self) -> dict[str, str]:
-        return {"data_digest": self.data_digest}
-
-    @property
-    def artifacts(self) -> list[Path]:
-        return [self.report_path]
+    TAGS: ClassVar = ("data_digest",)  # what a stage's run shows of its result (flows/stages.py: show_result)
+    ARTIFACTS: ClassVar = ("report_path",)
 
     def describe(self) -> str:
         return (f"kept {self.kept} samples ({self.held_out} more held out for evaluation), "

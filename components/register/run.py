@@ -9,7 +9,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import mlflow.pyfunc
 
@@ -126,9 +126,7 @@ class Registration:
     def metrics(self) -> dict[str, float]:
         return {}
 
-    @property
-    def tags(self) -> dict[str, str]:
-        return {"champion_decision": self.decision, "model_version": self.version}
+    TAGS: ClassVar = ("decision", "version")  # what a stage's run shows of its result (flows/stages.py: show_result)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +38,9 @@ class SampleResult:
     scores: Path
     # npz: images (S, keep, H, W, 3) completing `scenes` (S, H, W, 3), those of prompts `prompt_index` (S,), prefix_rows
     completions: Path | None = None
+    completions_grid: Path | None = None  # completions.png
     metrics: dict[str, float] = field(default_factory=dict)  # mean CLIP score of the kept candidates and of all
-
-    @property
-    def artifacts(self) -> list[Path]:
-        completions_grid = self.grid.parent / "completions.png"
-        return [self.grid, *([completions_grid] if completions_grid.exists() else []), self.scores]
+    ARTIFACTS: ClassVar = ("grid", "completions_grid", "scores")  # what its stage's run shows (stages.show_result)
 
 
 def grid_rows(num_prompts: int, rows: int) -> list[int]:
@@ -230,7 +228,9 @@ def sample_models(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: Dis
     completions = None
     if scenes is not None and specs is not None:
         completions = complete_scenes(cfg, prompts, scenes, specs, prior, dvae, tokenizer, clip, out_dir)
+    completions_grid = out_dir / "completions.png"
     return SampleResult(grid=grid, samples=out_dir / SAMPLES_FILE, scores=out_dir / SCORES_FILE,
                         completions=completions,
+                        completions_grid=completions_grid if completions_grid.exists() else None,
                         metrics={"clip_score_kept": float(clip_scores.gather(1, ranking).mean()),
                                  "clip_score_all": float(clip_scores.mean())})

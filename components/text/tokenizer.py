@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -95,13 +96,8 @@ class TextTokenizerResult:
     tokenizer_hash: str  # sha256 of tokenizer.json
     metrics: dict[str, float]  # the captions' `caption_lengths`
 
-    @property
-    def tags(self) -> dict[str, str]:
-        return {"tokenizer_hash": self.tokenizer_hash}
-
-    @property
-    def artifacts(self) -> list[Path]:
-        return [self.tokenizer_path]
+    TAGS: ClassVar = ("tokenizer_hash",)  # what a stage's run shows of its result (flows/stages.py: show_result)
+    ARTIFACTS: ClassVar = ("tokenizer_path",)
 
 
 def run(cfg: TokenizerConfig, curated_dir: str | Path, out_dir: str | Path) -> TextTokenizerResult:

@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -54,13 +54,15 @@ class TokenizedCorpus:
     manifest: dict
     rows: int
 
+    ARTIFACTS: ClassVar = ("manifest_path",)  # what a stage's run shows of its result (flows/stages.py: show_result)
+
     @property
     def metrics(self) -> dict[str, float]:
         return {"rows": self.rows}
 
     @property
-    def artifacts(self) -> list[Path]:
-        return [self.dataset_dir / MANIFEST]
+    def manifest_path(self) -> Path:
+        return self.dataset_dir / MANIFEST
 
 
 # a written part is reused when these match (its rows would otherwise come out different)
