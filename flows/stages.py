@@ -4,8 +4,8 @@ A task names its component function and the arguments it passes; `Stages.run` de
 stage's key from exactly those (see `components/stage_cache.py`), reuses a stage finished with
 that key, or runs the call in a nested MLflow run (tagged with the cache decision). Either way the
 stage's record holds the component's own result (paths and ids, never tensors), and its run shows
-that result the same way for every stage: its `metrics` (at its `step`, for a training stage), its
-`tags` and its `artifacts`, where the result has them. Imports are absolute: Prefect loads the flow's
+that result the same way for every stage (`show_result`): its `metrics`, and the fields its class
+names in `TAGS` and `ARTIFACTS`. Imports are absolute: Prefect loads the flow's
 entrypoint as a script by its file path, where relative imports fail.
 """
 
