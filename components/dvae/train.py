@@ -285,14 +285,10 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
         out_dir / "checkpoint", KIND, final_model.state_dict(), model_cfg.to_dict(),
         meta={"step": state["step"], "ema": state.get("ema") is not None, **eval_metrics},
     )
-    if tracker is not None:
+    if tracker is not None:  # beside the training curves, and before the floor can fail the stage
+        tracker.log_metrics(eval_metrics, step=state["step"])
         tracker.log_artifact(recon_grid)
         tracker.log_artifact(checkpoint_dir, "checkpoint")
-    try:
-        check_recon_floor(eval_metrics, cfg.recon_oracle_floor, out_dir)
-    except ValueError:
-        if tracker is not None:  # the stage fails: what it measured stays on its run (a result is logged by its stage)
-            tracker.log_metrics(eval_metrics, step=state["step"])
-        raise
+    check_recon_floor(eval_metrics, cfg.recon_oracle_floor, out_dir)
     return DVAEResult(checkpoint_dir=checkpoint_dir, metrics={**train_metrics, **eval_metrics}, step=state["step"],
                       recon_grid=recon_grid)

@@ -115,11 +115,13 @@ def test_loss_falls_and_checkpoint_rebuilds_the_model(curated_shards, tmp_path, 
     trained_mse = reconstruction_quality(model, images)[0]["eval_recon_mse"]
     assert trained_mse < reconstruction_quality(fresh, images)[0]["eval_recon_mse"]
 
-    # the oracle read the reconstructions of held-out scenes, in the result beside PSNR; 40 updates keep
+    # the oracle read the reconstructions of held-out scenes, logged beside PSNR; 40 updates keep
     # far less than every colour, so the floor stops the stage
     oracle = {name: value for name, value in result.metrics.items() if name.startswith("recon_oracle_")}
     assert set(oracle) == {f"recon_oracle_{name}" for name in ("colour", "shape", "size", "position", "all")}
     assert all(0 <= value <= 1 for value in oracle.values())
+    logged = tracker.client.get_run(tracker.run_id).data.metrics
+    assert logged["recon_oracle_colour"] == pytest.approx(oracle["recon_oracle_colour"])
     weakest = min(value for name, value in oracle.items() if name != "recon_oracle_all")
     assert weakest < 0.95
     dvae_train.check_recon_floor(result.metrics, weakest, tmp_path / "dvae")  # at the floor passes
