@@ -15,8 +15,8 @@ what that returns (the MLflow store of a tracker, the digest of an evaluation se
 A stage works in a folder under `<root>/stages/<stage>/` (a crashed run, re-run, finds its own
 checkpoints and partial shards in the same place) and writes `_stage.json` last, atomically: its
 key and the component's result (a dataclass, the type its function returns: paths and ids, never
-tensors, its summary `metrics` among them), read back into that type. The folder is named by the key, except for stages that
-accumulate (download, filter, tokenization): theirs is named by the call with paths as they are
+tensors, its summary `metrics` among them), read back into that type. The folder is named by the
+key, except for stages that accumulate (ingest, download, filter, tokenization): theirs is named by the call with paths as they are
 (its settings and where its inputs live, not what they hold), so a longer URL list lands in the
 same folder and only its new rows are downloaded, filtered and tokenized.
 """
