@@ -149,6 +149,10 @@ class OptimConfig(StageConfig):
     compile: bool | None = Field(None, description="torch.compile the model; None = on for CUDA only")
 
 
+class DVAEOptimConfig(OptimConfig):
+    steps: int = Field(1000, ge=0, description="optimizer updates (0: dvae.pretrained used as it is)")
+
+
 class RayTrainConfig(StageConfig):
     """What a stage trained under Ray Train's TorchTrainer needs besides its model and optimizer."""
 
@@ -170,11 +174,29 @@ class DVAEArchitecture(StageConfig):
                                                "dVAE) or vq (l2-normalised codes, nearest by cosine; dvae/model.py)")
     code_dim: int = Field(8, ge=2, description="vq: dimension of each code (l2-normalised)")
     codebook_decay: float = Field(0.9, gt=0, lt=1, description="vq: EMA decay of the codebook's cluster means")
+    decoder_layout: Literal["mirrored", "openai"] = Field(
+        "mirrored", description="'openai': OpenAI's released decoder (a 1x1 conv from the codes to decoder_width "
+        "channels, residual kernels 1, 3, 3, 3), which loads its weights; 'mirrored': the encoder mirrored (a 1x1 "
+        "conv to 4 x n_hid, kernels 1, 3, 3, 1), what checkpoints before the field have")
+    decoder_width: int = Field(128, ge=8, description="'openai' layout: channels of the decoder's input conv "
+                               "(OpenAI's n_init)")
 
     @property
     def downsample(self) -> int:
         """Pixels per token along a side: each group after the first halves the resolution."""
         return 2 ** (self.num_groups - 1)
+
+
+class PretrainedTokenizer(StageConfig):
+    """An image tokenizer as its authors released it (dvae/pretrained.py), used instead of training one."""
+
+    kind: Literal["openai", "taming", "diffusers"] = Field(
+        description="'openai': OpenAI's dVAE (encoder.pkl, decoder.pkl); 'taming': a taming-transformers VQGAN "
+        "(VQModel or GumbelVQ: a .ckpt and its .yaml); 'diffusers': a diffusers VQModel folder (aMUSEd's VQ)")
+    path: str = Field(description="openai: the folder holding encoder.pkl and decoder.pkl; taming: the .ckpt; "
+                      "diffusers: the folder holding config.json and diffusion_pytorch_model.safetensors")
+    config: str | None = Field(None, description="taming: the model's .yaml (default: the one beside the .ckpt, "
+                               "or in its log folder's configs/)")
 
 
 class DVAEConfig(RayTrainConfig, DVAEArchitecture):
@@ -202,8 +224,12 @@ class DVAEConfig(RayTrainConfig, DVAEArchitecture):
     init_from: str | None = Field(
         None, description="a dVAE checkpoint folder whose weights start training (fine-tuning); same architecture"
     )
-    optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(steps=800, batch_size=64, lr=2e-3, min_lr=1e-4, ema_decay=0.0)
+    pretrained: PretrainedTokenizer | None = Field(
+        None, description="a released tokenizer's files, used instead of training one: the stage records it "
+        "(PSNR, codes used, reconstructions) and, for openai with optim.steps > 0, fine-tunes it; its "
+        "architecture and grid come from the files, not from the fields above")
+    optim: DVAEOptimConfig = Field(
+        default_factory=lambda: DVAEOptimConfig(steps=800, batch_size=64, lr=2e-3, min_lr=1e-4, ema_decay=0.0)
     )
 
     @model_validator(mode="after")
@@ -214,6 +240,9 @@ class DVAEConfig(RayTrainConfig, DVAEArchitecture):
                 "cluster means of the live encoder's outputs, and an average of the encoder's weights has no "
                 "codebook of its own (averaging the codes blends restarted ones into vectors no output is near); "
                 "set dvae.optim.ema_decay=0, or use the gumbel kind")
+        if self.optim.steps == 0 and self.pretrained is None:
+            raise ValueError("dvae.optim.steps 0 trains nothing: set dvae.pretrained to a released tokenizer's "
+                             "files, or train for at least one update")
         if self.perceptual_weight > 0 and not self.perceptual_weights:
             raise ValueError(f"dvae.perceptual_weight {self.perceptual_weight} needs dvae.perceptual_weights, the "
                              "file of a torchvision vgg16 state dict (nothing is downloaded)")
@@ -348,7 +377,7 @@ class PipelineConfig(StageConfig):
 
     @model_validator(mode="after")
     def _image_fits_grid(self) -> PipelineConfig:
-        if self.corpus.image_size % self.dvae.downsample:
+        if self.dvae.pretrained is None and self.corpus.image_size % self.dvae.downsample:
             raise ValueError(
                 f"corpus.image_size ({self.corpus.image_size}) must be divisible by the dVAE "
                 f"downsampling 2**(dvae.num_groups-1) = {self.dvae.downsample}"

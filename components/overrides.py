@@ -13,8 +13,8 @@ from typing import Annotated, Any
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, create_model,
                       model_serializer, model_validator)
 
-from .config import (ClipConfig, ConfigError, CorpusConfig, DataConfig, DownloadConfig, DVAEConfig, FilterConfig,
-                     OptimConfig, PipelineConfig, PriorConfig, SampleConfig, StageConfig, TokenizerConfig,
+from .config import (ClipConfig, ConfigError, CorpusConfig, DataConfig, DownloadConfig, DVAEConfig, DVAEOptimConfig,
+                     FilterConfig, OptimConfig, PipelineConfig, PriorConfig, SampleConfig, StageConfig, TokenizerConfig,
                      merge_trees, parse_override, validation_problems)
 
 class Overrides(BaseModel):
@@ -96,6 +96,7 @@ def overrides_model(config: type[StageConfig], exclude: tuple[str, ...] = ()) ->
 
 # Module-level names, so each model pickles and Prefect's schema names its definitions after them.
 OptimOverrides = overrides_model(OptimConfig)
+DVAEOptimOverrides = overrides_model(DVAEOptimConfig)
 DataOverrides = overrides_model(DataConfig)
 CorpusOverrides = overrides_model(CorpusConfig)
 DownloadOverrides = overrides_model(DownloadConfig)

@@ -80,6 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dvae.codebook_size": 8192,
         "dvae.n_hid": 256,
         "dvae.quantizer": "gumbel",  # the paper's dVAE, faithful
+        "dvae.decoder_layout": "openai",  # OpenAI's released dVAE tensor for tensor (`dvae.pretrained` loads it)
         "dvae.recon_oracle_floor": 0.0,
         "dvae.recon_loss": "logit_laplace",
         "dvae.num_groups": 4,

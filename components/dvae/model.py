@@ -3,7 +3,10 @@
 Encoder: 7x7 input conv, `num_groups` groups of residual blocks (widths 1, 2, 4, 8 x n_hid) with
 2x max-pool between groups, then ReLU + 1x1 conv to codebook logits. Decoder: 1x1 conv from the
 (relaxed) one-hot codes, mirrored groups with nearest-neighbour upsampling, ReLU + 1x1 conv to
-6 channels: the logit-Laplace location and log-scale of each RGB pixel. Residual branches are
+6 channels: the logit-Laplace location and log-scale of each RGB pixel. `decoder_layout: openai` is
+OpenAI's released decoder tensor for tensor (its input conv to `decoder_width` channels, residual
+kernels 1, 3, 3, 3), so `pretrained.py` loads their weights; 'mirrored' is this project's first
+layout, which checkpoints written before the field have. Residual branches are
 scaled by 1 / (number of residual blocks)^2 so deep stacks start close to the identity.
 """
 
@@ -22,6 +25,8 @@ from torch import nn
 from .. import checkpoint
 from ..config import DVAEArchitecture
 from ..images import psnr, to_float, to_uint8
+from .vqgan import ARCHITECTURE as VQGAN_ARCHITECTURE
+from .vqgan import VQGAN, VQGANConfig
 
 KIND = "dvae"  # the checkpoint kind of a dVAE folder
 # what a checkpoint saved before these fields existed was built with (the default is another now)
@@ -124,16 +129,21 @@ class Codebook(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, n_in: int, n_out: int, post_gain: float, first_kernel: int = 3) -> None:
+    """x + post_gain * four ReLU-conv pairs (widths n_in -> n_out/4 -> n_out/4 -> n_out/4 -> n_out) of
+    `kernels`; a 1x1 conv on the identity path where the width changes."""
+
+    ENCODER = (3, 3, 3, 1)
+    DECODER = {"openai": (1, 3, 3, 3), "mirrored": (1, 3, 3, 1)}
+
+    def __init__(self, n_in: int, n_out: int, post_gain: float, kernels: tuple[int, ...] = ENCODER) -> None:
         super().__init__()
         hidden = max(1, n_out // 4)
         self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(n_in, hidden, first_kernel, padding=first_kernel // 2),
-            nn.ReLU(), nn.Conv2d(hidden, hidden, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(hidden, hidden, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(hidden, n_out, 1),
-        )
+        widths = [n_in, hidden, hidden, hidden, n_out]
+        layers: list[nn.Module] = []
+        for index, kernel in enumerate(kernels):
+            layers += [nn.ReLU(), nn.Conv2d(widths[index], widths[index + 1], kernel, padding=kernel // 2)]
+        self.res_path = nn.Sequential(*layers)
         self.post_gain = post_gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,11 +174,11 @@ class Decoder(nn.Module):
         super().__init__()
         post_gain = 1 / (cfg.num_groups * cfg.blocks_per_group) ** 2
         widths = list(reversed(_widths(cfg)))
-        layers: list[nn.Module] = [nn.Conv2d(code_channels(cfg), widths[0] // 2, 1)]
-        n_in = widths[0] // 2
+        n_in = cfg.decoder_width if cfg.decoder_layout == "openai" else widths[0] // 2
+        layers: list[nn.Module] = [nn.Conv2d(code_channels(cfg), n_in, 1)]
         for index, width in enumerate(widths):
             for _ in range(cfg.blocks_per_group):
-                layers.append(ResidualBlock(n_in, width, post_gain, first_kernel=1))
+                layers.append(ResidualBlock(n_in, width, post_gain, ResidualBlock.DECODER[cfg.decoder_layout]))
                 n_in = width
             if index < cfg.num_groups - 1:
                 layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
@@ -256,6 +266,10 @@ class DiscreteVAE(nn.Module):
         return self.decode_stats_to_image(self.decode_codes(codes))
 
 
+# what encodes images to tokens and back: a dVAE this project trained, or a pretrained one (pretrained.py)
+ImageTokenizer = DiscreteVAE | VQGAN
+
+
 def logit_laplace_nll(stats: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image NLL (nats) of `target` (already mapped into (eps, 1-eps)) under the logit-Laplace.
 
@@ -287,7 +301,7 @@ def codebook_usage(tokens: torch.Tensor, codebook_size: int) -> dict[str, float]
 
 
 @torch.no_grad()
-def encode_images(model: DiscreteVAE, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+def encode_images(model: ImageTokenizer, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
     """images (N, H, W, 3) uint8 -> their tokens (N, h*w), encoded in batches where the model is; on the CPU."""
     device = next(model.parameters()).device
     return torch.cat([model.encode(to_float(images[i : i + batch_size]).to(device)).cpu()
@@ -295,7 +309,7 @@ def encode_images(model: DiscreteVAE, images: np.ndarray, batch_size: int = 256)
 
 
 @torch.no_grad()
-def decode_tokens(model: DiscreteVAE, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def decode_tokens(model: ImageTokenizer, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """tokens (N, h*w) -> images in [0, 1] (N, 3, H, W), decoded in batches where the model is; on the CPU."""
     device = next(model.parameters()).device
     return torch.cat([model.decode(tokens[i : i + batch_size].to(device)).float().cpu()
@@ -303,13 +317,13 @@ def decode_tokens(model: DiscreteVAE, tokens: torch.Tensor, batch_size: int = 25
 
 
 @torch.no_grad()
-def reconstruct(model: DiscreteVAE, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def reconstruct(model: ImageTokenizer, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """images (N, H, W, 3) uint8 through hard (argmax) codes and back, as uint8."""
     return to_uint8(decode_tokens(model, encode_images(model, images, batch_size), batch_size))
 
 
 @torch.no_grad()
-def reconstruction_quality(model: DiscreteVAE, images: np.ndarray,
+def reconstruction_quality(model: ImageTokenizer, images: np.ndarray,
                            batch_size: int = 256) -> tuple[dict[str, float], torch.Tensor]:
     """Hard-code (argmax) reconstruction quality: what the prior's tokens can express."""
     tokens_all = encode_images(model, images, batch_size)
@@ -322,9 +336,13 @@ def reconstruction_quality(model: DiscreteVAE, images: np.ndarray,
     return {"eval_recon_mse": mse, "eval_psnr": psnr(mse), **usage}, tokens_all
 
 
-def load(checkpoint_dir: str | Path) -> DiscreteVAE:
-    """The dVAE saved in `checkpoint_dir` (weights and the config that rebuilds it), in eval mode."""
+def load(checkpoint_dir: str | Path) -> ImageTokenizer:
+    """The image tokenizer saved in `checkpoint_dir` (weights and the config that rebuilds it), in eval
+    mode: a DiscreteVAE, or a VQGAN (a pretrained one the stage recorded) where its config says so."""
     state, config, _ = checkpoint.load(checkpoint_dir, KIND)
-    model = DiscreteVAE(DVAEModelConfig(**{**BEFORE_FIELDS, **config}))
+    if config.get("architecture") == VQGAN_ARCHITECTURE:
+        model = VQGAN(VQGANConfig(**config))
+    else:
+        model = DiscreteVAE(DVAEModelConfig(**{**BEFORE_FIELDS, **config}))
     model.load_state_dict(state)
     return model.eval()

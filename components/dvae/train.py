@@ -31,9 +31,10 @@ from ..shards import HOLDOUT_DIR, load_corpus, shard_paths
 from ..tracking import Tracker, monitor_system
 from ..training import TensorBatches, fit, ray_train
 from ..training.loop import unwrap
+from . import pretrained
 from .losses import PatchDiscriminator, PerceptualDistance, discriminator_loss, generator_loss
-from .model import (BEFORE_FIELDS, KIND, DiscreteVAE, DVAEModelConfig, codebook_usage, kl_to_uniform, logit_laplace_nll,
-                    reconstruct, reconstruction_quality)
+from .model import (BEFORE_FIELDS, KIND, DiscreteVAE, DVAEModelConfig, ImageTokenizer, codebook_usage, kl_to_uniform,
+                    logit_laplace_nll, reconstruct, reconstruction_quality)
 
 # held-out scenes the reconstruction oracle reads, on the shapes corpus
 RECON_ORACLE_SCENES = 256
@@ -250,6 +251,13 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     out_dir = Path(out_dir).resolve()
     if not shard_paths(curated_dir):  # fail here, not in every worker and its restarts
         raise FileNotFoundError(f"no curated shards (*.tar) in {curated_dir}")
+    if cfg.pretrained is not None:
+        tokenizer = pretrained.load(cfg.pretrained, image_size)  # a bad file fails here, before any training
+        if cfg.optim.steps == 0:
+            log_inputs(curated_dir, tracker)
+            return measure_and_save(tokenizer, cfg, curated_dir, out_dir, image_size, shapes, tracker, step=0,
+                                    meta={"pretrained": cfg.pretrained.model_dump()})
+        cfg = fine_tuning_settings(cfg, tokenizer, out_dir)
     model_cfg = model_config(cfg, image_size)
     if cfg.perceptual_weight:  # a missing or wrong weights file fails here, before any worker starts
         PerceptualDistance.from_file(cfg.perceptual_weights)
@@ -267,28 +275,51 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     with monitor_system(tracker):
         state, train_metrics = ray_train.train_on_ray("dvae", train_worker, loop_config, cfg, out_dir,
                                                       ray_address=ray_address, tracker=tracker)
-        final_model = DiscreteVAE(model_cfg)
-        final_model.load_state_dict(tokenizer_weights(state["ema"] if state.get("ema") is not None else state["model"]))
-        final_model.eval()
+    final_model = DiscreteVAE(model_cfg)
+    final_model.load_state_dict(tokenizer_weights(state["ema"] if state.get("ema") is not None else state["model"]))
+    result = measure_and_save(final_model.eval(), cfg, curated_dir, out_dir, image_size, shapes, tracker,
+                              step=state["step"], meta={"ema": state.get("ema") is not None})
+    return DVAEResult(checkpoint_dir=result.checkpoint_dir, metrics={**train_metrics, **result.metrics},
+                      step=result.step, recon_grid=result.recon_grid)
+
+
+def fine_tuning_settings(cfg: DVAEConfig, tokenizer: ImageTokenizer, out_dir: Path) -> DVAEConfig:
+    """`cfg` to fine-tune a pretrained dVAE: its architecture, starting from its weights (saved in
+    `out_dir/pretrained`, a checkpoint like any other)."""
+    if not isinstance(tokenizer, DiscreteVAE):
+        raise ValueError(f"dvae.optim.steps {cfg.optim.steps} would fine-tune the {cfg.pretrained.kind} tokenizer "
+                         f"{cfg.pretrained.path}; fine-tuning is built for OpenAI's dVAE only (a VQGAN's perceptual "
+                         "and adversarial losses are not): set dvae.optim.steps=0 to use it as it is")
+    start = checkpoint.save(out_dir / "pretrained", KIND, tokenizer.state_dict(), tokenizer.cfg.to_dict(),
+                            meta={"pretrained": cfg.pretrained.model_dump()})
+    architecture = tokenizer.cfg.model_dump(include=set(DVAEArchitecture.model_fields))
+    return cfg.model_copy(update={**architecture, "init_from": str(start), "pretrained": None})
+
+
+def measure_and_save(model: ImageTokenizer, cfg: DVAEConfig, curated_dir: Path, out_dir: Path,
+                     image_size: int, shapes: CorpusConfig | None, tracker: Tracker | None, step: int,
+                     meta: dict[str, Any]) -> DVAEResult:
+    """The tokenizer the stage keeps, measured (hard-code PSNR and codes used on the corpus and the
+    held-out split, the reconstruction oracle on the shapes corpus), saved as the stage's checkpoint
+    with a reconstruction grid, logged; then the oracle floor is checked (after saving, so the weights
+    can be looked at)."""
+    with monitor_system(tracker):
         corpus = load_corpus(curated_dir, image_size, limit=1024)
-        eval_metrics, _ = reconstruction_quality(final_model, corpus.images)
+        eval_metrics, _ = reconstruction_quality(model, corpus.images)
         held_out = Path(curated_dir) / HOLDOUT_DIR
         if shard_paths(held_out):  # your corpus: what the tokenizer makes of images no stage trained on
             held_out_images = load_corpus(held_out, image_size, limit=1024).images
-            holdout_metrics, _ = reconstruction_quality(final_model, held_out_images)
+            holdout_metrics, _ = reconstruction_quality(model, held_out_images)
             eval_metrics.update({name.replace("eval_", "holdout_", 1): value
                                  for name, value in holdout_metrics.items()})
         if shapes is not None:
-            eval_metrics.update(reconstruction_oracle(final_model, shapes))
-    recon_grid = reconstruction_grid(final_model, corpus.images[:8], out_dir / "reconstructions.png")
-    checkpoint_dir = checkpoint.save(
-        out_dir / "checkpoint", KIND, final_model.state_dict(), model_cfg.to_dict(),
-        meta={"step": state["step"], "ema": state.get("ema") is not None, **eval_metrics},
-    )
+            eval_metrics.update(reconstruction_oracle(model, shapes))
+    recon_grid = reconstruction_grid(model, corpus.images[:8], out_dir / "reconstructions.png")
+    checkpoint_dir = checkpoint.save(out_dir / "checkpoint", KIND, model.state_dict(), model.cfg.to_dict(),
+                                     meta={"step": step, **meta, **eval_metrics})
     if tracker is not None:  # beside the training curves, and before the floor can fail the stage
-        tracker.log_metrics(eval_metrics, step=state["step"])
+        tracker.log_metrics(eval_metrics, step=step)
         tracker.log_artifact(recon_grid)
         tracker.log_artifact(checkpoint_dir, "checkpoint")
     check_recon_floor(eval_metrics, cfg.recon_oracle_floor, out_dir)
-    return DVAEResult(checkpoint_dir=checkpoint_dir, metrics={**train_metrics, **eval_metrics}, step=state["step"],
-                      recon_grid=recon_grid)
+    return DVAEResult(checkpoint_dir=checkpoint_dir, metrics=eval_metrics, step=step, recon_grid=recon_grid)

@@ -31,7 +31,7 @@ from ..clip.model import ClipScorer
 from ..clip.model import load as load_clip
 from ..corpus import oracle
 from ..corpus.shapes import ShapeSpec, completable_below
-from ..dvae.model import DiscreteVAE, reconstruct
+from ..dvae.model import ImageTokenizer, reconstruct
 from ..dvae.model import load as load_dvae
 from ..images import psnr, to_float
 from ..storage import write_json
@@ -190,7 +190,7 @@ def image_to_image_metrics(completions: Mapping[str, np.ndarray], specs: Sequenc
 def score_samples(samples_path: Path, prompts: list[str], reference_images: np.ndarray, clip: ClipScorer, out_dir: Path,
         specs: Sequence[list[ShapeSpec]] | None = None, zero_shot: Sequence[bool] | None = None,
         inception_weights: str | Path | None = None,
-        retrieval_pool: Sequence[str] | None = None, dvae: DiscreteVAE | None = None,
+        retrieval_pool: Sequence[str] | None = None, dvae: ImageTokenizer | None = None,
         completions_path: str | Path | None = None) -> dict[str, float]:
     """reference_images: held-out real images (N, H, W, 3) for fid and fd_clip; specs: the shapes behind each
     prompt; inception_weights: the weights file for FID (None: the torch hub cache; see `find_inception_weights`);

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .. import checkpoint
 from ..config import PriorArchitecture, PriorConfig
-from ..dvae.model import DiscreteVAE
+from ..dvae.model import ImageTokenizer
 from ..dvae.model import load as load_dvae
 from ..images import to_uint8
 from ..lineage import token_dataset
@@ -144,7 +144,7 @@ class Preview:
     captions: list[str]
     text: torch.Tensor
     lengths: torch.Tensor
-    dvae: DiscreteVAE
+    dvae: ImageTokenizer
     seed: int
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from ..clip.model import LOCAL_DIR, ClipScorer
 from ..clip.model import load as load_clip
 from ..config import PipelineConfig, SampleConfig
-from ..dvae.model import DiscreteVAE
+from ..dvae.model import ImageTokenizer
 from ..dvae.model import load as load_dvae
 from ..images import as_rgb, resized, to_uint8
 from ..prior.model import Prior
@@ -73,7 +73,7 @@ def read_evaluation_ids(directory: Path) -> list[str] | None:
 @dataclass
 class Bundle:
     cfg: PipelineConfig
-    dvae: DiscreteVAE
+    dvae: ImageTokenizer
     prior: Prior
     tokenizer: TextTokenizer
     clip: ClipScorer

@@ -17,7 +17,7 @@ from ..clip.model import ClipScorer
 from ..clip.model import load as load_clip
 from ..config import SampleConfig
 from ..corpus.shapes import ShapeSpec, completable_below
-from ..dvae.model import DiscreteVAE, decode_tokens, encode_images
+from ..dvae.model import ImageTokenizer, decode_tokens, encode_images
 from ..dvae.model import load as load_dvae
 from ..images import save_grid, to_uint8
 from ..prior.model import Prior
@@ -69,7 +69,7 @@ def sampling_device(cfg: SampleConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def place_for_sampling(device: torch.device, prior: Prior, dvae: DiscreteVAE, clip: ClipScorer) -> None:
+def place_for_sampling(device: torch.device, prior: Prior, dvae: ImageTokenizer, clip: ClipScorer) -> None:
     """Moves the models to `device` (in place). On CUDA the prior goes to bf16, and its KV cache with it:
     half the bytes every decode step reads, and the flash kernels of its sparse layers. The dVAE and
     CLIP keep fp32 (a bf16 dVAE shifted hues in training)."""
@@ -108,7 +108,7 @@ def draw_candidate_tokens(cfg: SampleConfig, prompts: list[str], prior: Prior, t
 
 
 @torch.no_grad()
-def draw_candidates(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: DiscreteVAE,
+def draw_candidates(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: ImageTokenizer,
                     tokenizer: TextTokenizer, seed: int,
                     image_prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`draw_candidate_tokens` decoded by the dVAE: images (P, C, 3, H, W) in [0, 1] and
@@ -118,7 +118,7 @@ def draw_candidates(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: D
     return images.view(*tokens.shape[:2], *images.shape[1:]), log_likelihood.cpu()
 
 
-def checked_prefix_rows(dvae: DiscreteVAE, prefix_rows: int | None = None) -> int:
+def checked_prefix_rows(dvae: ImageTokenizer, prefix_rows: int | None = None) -> int:
     """The token rows image-to-image keeps of a given image: `prefix_rows`, or half the grid."""
     grid = dvae.cfg.grid_size
     prefix_rows = grid // 2 if prefix_rows is None else prefix_rows
@@ -128,7 +128,7 @@ def checked_prefix_rows(dvae: DiscreteVAE, prefix_rows: int | None = None) -> in
     return prefix_rows
 
 
-def image_prefix(dvae: DiscreteVAE, images: np.ndarray, prefix_rows: int | None = None,
+def image_prefix(dvae: ImageTokenizer, images: np.ndarray, prefix_rows: int | None = None,
                  batch_size: int = 256) -> torch.Tensor:
     """Image-to-image's fixed part: the tokens of the top `prefix_rows` token rows (`checked_prefix_rows`)
     of each image (N, H, W, 3) uint8 at the dVAE's size -> (N, prefix_rows * grid)."""
@@ -161,7 +161,7 @@ def run(cfg: SampleConfig, prompts: list[str], prior_dir: Path, dvae_dir: Path, 
 
 
 def complete_scenes(cfg: SampleConfig, prompts: list[str], scenes: np.ndarray, specs: Sequence[Sequence[ShapeSpec]],
-                    prior: Prior, dvae: DiscreteVAE, tokenizer: TextTokenizer, clip: ClipScorer,
+                    prior: Prior, dvae: ImageTokenizer, tokenizer: TextTokenizer, clip: ClipScorer,
                     out_dir: Path) -> Path:
     """Image-to-image on the prompts' own scenes (P, H, W, 3) that it can be judged on, those whose
     top half of token rows shows every shape (`specs`, each prompt's) and where one continues below
@@ -190,7 +190,7 @@ def complete_scenes(cfg: SampleConfig, prompts: list[str], scenes: np.ndarray, s
     return out_dir / COMPLETIONS_FILE
 
 
-def sample_models(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: DiscreteVAE, tokenizer: TextTokenizer,
+def sample_models(cfg: SampleConfig, prompts: list[str], prior: Prior, dvae: ImageTokenizer, tokenizer: TextTokenizer,
                   clip: ClipScorer, out_dir: Path,
                   scenes: np.ndarray | None = None, specs: Sequence[Sequence[ShapeSpec]] | None = None) -> SampleResult:
     """Candidates for every prompt, reranked, with their grid and scores; given `scenes` and `specs`
