@@ -10,9 +10,10 @@ dotted name. `overrides.PipelineOverrides`, derived from these configs, is the f
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .presets import PRESETS
 from .saved_configs import upgrade
@@ -197,6 +198,11 @@ class PretrainedTokenizer(StageConfig):
                       "diffusers: the folder holding config.json and diffusion_pytorch_model.safetensors")
     config: str | None = Field(None, description="taming: the model's .yaml (default: the one beside the .ckpt, "
                                "or in its log folder's configs/)")
+
+    @field_validator("path", "config")
+    @classmethod
+    def _home_expanded(cls, value: str | None) -> str | None:
+        return None if value is None else str(Path(value).expanduser())
 
 
 class DVAEConfig(RayTrainConfig, DVAEArchitecture):

@@ -103,14 +103,39 @@ PRESETS: dict[str, dict[str, Any]] = {
         "prior.optim.betas": (0.9, 0.96),
         "prior.optim.weight_decay": 4.5e-2,
         "prior.optim.grad_clip": 4.0,
-        "clip.pretrained": "ViT-B-32/openai",
-        "clip.patch_size": 32,
+        "clip.model_name": "ViT-B-32",
+        "clip.pretrained": "openai",
         "sample.candidates": 512,
         "sample.keep": 32,
+    },
+    # one-gpu: your own photographs at 256 px on one GPU, through a released VQGAN f16 tokenizer (16x16 tokens,
+    # no tokenizer training) and a prior of about 270M parameters. The files it reads are never downloaded:
+    # README.md, "Pretrained tokenizers", says which to fetch and where they go.
+    "one-gpu": {
+        "corpus.image_size": 256,
+        "dvae.pretrained": {"kind": "taming", "path": "~/.cache/dalle-pipeline/vqgan_imagenet_f16_16384/"
+                                                      "checkpoints/last.ckpt"},
+        "dvae.optim.steps": 0,
+        "dvae.recon_oracle_floor": 0.0,
+        "tokenizer.vocab_size": 16384,
+        "tokenizer.text_len": 64,
+        "prior.layers": 16,
+        "prior.d_model": 1024,
+        "prior.heads": 16,
+        "prior.optim.steps": 100_000,
+        "prior.optim.batch_size": 64,
+        "prior.optim.lr": 3e-4,
+        "prior.optim.min_lr": 3e-5,
+        "prior.optim.warmup_steps": 2_000,
+        "prior.checkpoint_every": 2_000,
+        "clip.model_name": "ViT-B-32",
+        "clip.pretrained": "openai",  # or a local open_clip weights file: --set clip.pretrained=/path/to/file
+        "sample.candidates": 64,
+        "sample.keep": 8,
     },
 }
 
 
 # the preset names as a type: Prefect turns it into a drop-down in a deployment's parameter form
-PresetName = Literal["tiny", "micro", "small", "paper"]
+PresetName = Literal["tiny", "micro", "small", "paper", "one-gpu"]
 assert set(PresetName.__args__) == set(PRESETS), "PresetName must list every preset"

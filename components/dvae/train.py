@@ -35,6 +35,7 @@ from . import pretrained
 from .losses import PatchDiscriminator, PerceptualDistance, discriminator_loss, generator_loss
 from .model import (BEFORE_FIELDS, KIND, DiscreteVAE, DVAEModelConfig, ImageTokenizer, codebook_usage, kl_to_uniform,
                     logit_laplace_nll, reconstruct, reconstruction_quality)
+from .vqgan import ARCHITECTURE as VQGAN_ARCHITECTURE
 
 # held-out scenes the reconstruction oracle reads, on the shapes corpus
 RECON_ORACLE_SCENES = 256
@@ -262,6 +263,10 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     if cfg.perceptual_weight:  # a missing or wrong weights file fails here, before any worker starts
         PerceptualDistance.from_file(cfg.perceptual_weights)
     if cfg.init_from:
+        if checkpoint.read_config(cfg.init_from, KIND)[0].get("architecture") == VQGAN_ARCHITECTURE:
+            raise ValueError(f"dvae.init_from {cfg.init_from} is a pretrained VQGAN; fine-tuning is built for "
+                             "OpenAI's dVAE and this project's own only: keep the VQGAN as it is (retrain without "
+                             "retrain_dvae)")
         checkpoint.check_same_model(cfg.init_from, KIND, model_cfg.to_dict(), "dvae.init_from",
                                     defaults={**DVAEModelConfig().to_dict(), **BEFORE_FIELDS})
     loop_config = {

@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, ValidationError
@@ -14,7 +15,26 @@ from dalle_pipeline.components.saved_configs import upgrade
 def test_every_preset_resolves(preset):
     cfg = resolve(preset)
     assert cfg.preset == preset
-    assert cfg.corpus.image_size % cfg.dvae.downsample == 0
+    assert cfg.dvae.pretrained is not None or cfg.corpus.image_size % cfg.dvae.downsample == 0
+    if cfg.clip.pretrained is not None and not Path(cfg.clip.pretrained).suffix:  # a tag open_clip knows the model by
+        import open_clip
+
+        assert cfg.clip.pretrained in open_clip.list_pretrained_tags_by_model(cfg.clip.model_name)
+
+
+def test_the_one_gpu_preset_is_a_pretrained_f16_tokenizer_at_256_px_and_a_prior_of_100_to_300m():
+    import torch
+
+    from dalle_pipeline.components.prior.model import Prior, PriorModelConfig
+
+    cfg = resolve("one-gpu")
+    assert cfg.dvae.pretrained.kind == "taming" and cfg.dvae.optim.steps == 0 and cfg.corpus.image_size == 256
+    assert cfg.dvae.pretrained.path.startswith(str(Path.home()))  # ~ expanded, so stage keys digest the file
+    architecture = cfg.prior.model_dump(include=set(PriorModelConfig.model_fields))
+    with torch.device("meta"):  # the f16 VQGAN's 16x16 grid of 16384 codes
+        prior = Prior(PriorModelConfig(**architecture, text_vocab=cfg.tokenizer.vocab_size, image_vocab=16384,
+                                       text_len=cfg.tokenizer.text_len, grid_size=16))
+    assert 100e6 <= sum(p.numel() for p in prior.parameters()) <= 300e6
 
 
 def test_overrides_reach_nested_fields_and_keep_section_defaults():

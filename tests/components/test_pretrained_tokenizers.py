@@ -146,7 +146,10 @@ def test_taming_vqgan_checkpoints_load_and_match_the_authors_forward(tmp_path, g
     assert torch.allclose(model.decode(tokens), expected, atol=1e-5, rtol=0)
 
 
-def test_a_vqgan_round_trips_through_a_tokenizer_checkpoint(tmp_path):
+def test_a_vqgan_round_trips_through_a_tokenizer_checkpoint_and_is_not_fine_tuned_from_it(tmp_path, curated_shards,
+                                                                                         micro_config):
+    from dalle_pipeline.components.dvae import train as dvae_train
+
     torch.manual_seed(4)
     ckpt, _ = save_taming(TamingVQModel(gumbel=False), tmp_path / "logs" / "vqgan")
     model = pretrained.load_taming(ckpt, None, 32)
@@ -154,6 +157,10 @@ def test_a_vqgan_round_trips_through_a_tokenizer_checkpoint(tmp_path):
     loaded = load_tokenizer(tmp_path / "saved")
     images = _images(2, 32)
     assert isinstance(loaded, VQGAN) and torch.equal(loaded.encode(images), model.encode(images))
+    # a registered model's VQGAN, as retrain_dvae would point at it
+    cfg = micro_config.dvae.model_copy(deep=True, update={"init_from": str(tmp_path / "saved")})
+    with pytest.raises(ValueError, match=r"saved is a pretrained VQGAN; fine-tuning is built for OpenAI's dVAE"):
+        dvae_train.run(cfg, curated_shards, tmp_path / "dvae", 32, seed=0)
 
 
 def test_a_taming_checkpoint_its_config_disagrees_with_fails_naming_both(tmp_path):
