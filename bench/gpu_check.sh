@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues #4 (dVAE encoding), #5 (prior MFU, cost of the masks) and #6
-# (sampling against the bandwidth bound), plus the CUDA-only tests, in one run on one H100/H200,
-# for a session lent a device. Most important first: a run cut short keeps what it measured.
+# The GPU measurements of issues #4 (dVAE encoding), #5 (prior MFU, cost of the masks), #6
+# (sampling against the bandwidth bound) and #31 (pretrained tokenizers against their authors'
+# code), plus the CUDA-only tests, in one run on one H100/H200, for a session lent a device. Most important first: a run cut short keeps what it measured.
 # Needs torch, numpy, pyarrow, pillow, safetensors, pytest (the device image has them) and
 # pydantic (it has not): fetch its wheels here first,
 #
 #     .venv/bin/pip download --only-binary=:all: --python-version 3.12 \
-#         --platform manylinux2014_x86_64 -d .wheels pydantic
+#         --platform manylinux2014_x86_64 -d .wheels pydantic pyyaml einops diffusers
+#     .venv/bin/pip download --no-deps -d .wheels dall-e taming-transformers-rom1504 attrs
+#
+# (the last three: the pretrained tokenizers' authors' code, which `tokenizers-pretrained` runs beside ours)
 #
 # and, for the anchors beside ours (../shared does not travel), copy them into the checkout:
 #
@@ -23,6 +26,10 @@ PY="${PYTHON:-python3}"
 log="$OUT/log.txt"
 if ! "$PY" -c "import pydantic" 2>/dev/null && [[ -d .wheels ]]; then
     "$PY" -m pip install -q --no-index --find-links .wheels pydantic >>"$log" 2>&1
+fi
+if ! "$PY" -c "import dall_e, taming, diffusers" 2>/dev/null && [[ -d .wheels ]]; then
+    "$PY" -m pip install -q --no-index --find-links .wheels pyyaml einops diffusers attrs >>"$log" 2>&1
+    "$PY" -m pip install -q --no-index --no-deps --find-links .wheels dall-e taming-transformers-rom1504 >>"$log" 2>&1
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$PY" -c "import torch; print(torch.__version__)"; } >>"$log" 2>&1
 
@@ -45,6 +52,7 @@ measure prior-dense 120 "$PY" bench/prior.py "${PAPER_PRIOR[@]}" --batch 16 --st
     --attention dense
 measure sample 100 "$PY" bench/sample.py "${PAPER_PRIOR[@]}" --batch 128 --skip-recompute
 measure dvae-paper 80 "$PY" bench/dvae.py --preset paper --batch 8 --encode-batch 128 --steps 10
+measure tokenizers-pretrained 120 "$PY" bench/tokenizers.py --pretrained --batch 32 --repeats 5 --device cuda
 measure attention 90 "$PY" bench/attention.py --batch 8 --heads 16 --head-dim 64 --text-len 256 --grid 32
 if [[ -f .anchors/gpu_anchor.py ]]; then  # the reference GPT and the anchors' attention timings, same batch
     echo "== anchors" >>"$log"

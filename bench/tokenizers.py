@@ -10,6 +10,14 @@ prior on its tokens), and seconds to train. Per kind the mean, min and max over 
 
 Needs Ray (the stage's own). Run it alone: two training processes on two cores slow each other
 several times over. Prints one JSON document (and writes it to `--out`).
+
+`--pretrained` measures instead how fast each released tokenizer encodes at 256 px through
+`dvae.pretrained` against its authors' own forward in the same run (the test extra's `dall-e`,
+`taming-transformers-rom1504`, `diffusers`), at the released sizes with random weights, files saved
+as each author publishes them: OpenAI's dVAE, the taming VQGAN f16/16384, aMUSEd's VQ (diffusers).
+Ours in NCHW and channels_last, and the share of tokens both give alike.
+
+    python bench/tokenizers.py --pretrained --batch 4 --repeats 3
 """
 
 from __future__ import annotations
@@ -44,7 +52,97 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="a config override for every kind, e.g. dvae.optim.steps=600")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="encode images/s of the released tokenizers against their authors' forward")
+    parser.add_argument("--pretrained-kinds", nargs="+", choices=PRETRAINED_KINDS, default=list(PRETRAINED_KINDS))
+    parser.add_argument("--batch", type=int, default=4, help="--pretrained: images per encode call")
+    parser.add_argument("--repeats", type=int, default=3, help="--pretrained: timed calls (after one warm-up)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
+
+
+PRETRAINED_KINDS = ("openai", "taming", "diffusers")
+TAMING_F16 = {"double_z": False, "z_channels": 256, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+              "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "attn_resolutions": [16], "dropout": 0.0}
+AMUSED_VQ = {"block_out_channels": (128, 256, 256, 512, 768), "layers_per_block": 2, "latent_channels": 64,
+             "num_vq_embeddings": 8192, "vq_embed_dim": 64, "norm_num_groups": 32, "sample_size": 32,
+             "down_block_types": ("DownEncoderBlock2D",) * 5, "up_block_types": ("UpDecoderBlock2D",) * 5,
+             "mid_block_add_attention": False}
+
+
+def released_files(kind: str, folder: Path):
+    """The authors' model at its released size (random weights), saved as they publish it; (their encode
+    function from images in [0, 1] to tokens (B, h*w), the dvae.pretrained setting)."""
+    from dalle_pipeline.components.config import PretrainedTokenizer
+
+    if kind == "openai":
+        import dall_e
+
+        encoder = dall_e.Encoder().eval()  # n_hid 256, 2 blocks a group, 8192 codes
+        torch.save(encoder, folder / "encoder.pkl")
+        torch.save(dall_e.Decoder().eval(), folder / "decoder.pkl")
+        return (lambda x: encoder(dall_e.map_pixels(x)).argmax(1).flatten(1)), \
+            PretrainedTokenizer(kind="openai", path=str(folder))
+    if kind == "taming":
+        import yaml
+        from taming.modules.diffusionmodules.model import Decoder, Encoder
+        from taming.modules.vqvae.quantize import VectorQuantizer2
+
+        parts = torch.nn.ModuleDict({"encoder": Encoder(**TAMING_F16), "decoder": Decoder(**TAMING_F16),
+                                     "quantize": VectorQuantizer2(16384, 256, beta=0.25),
+                                     "quant_conv": torch.nn.Conv2d(256, 256, 1),
+                                     "post_quant_conv": torch.nn.Conv2d(256, 256, 1)}).eval()
+        torch.save({"state_dict": parts.state_dict()}, folder / "last.ckpt")
+        (folder / "model.yaml").write_text(yaml.safe_dump({"model": {
+            "target": "taming.models.vqgan.VQModel",
+            "params": {"embed_dim": 256, "n_embed": 16384, "ddconfig": TAMING_F16}}}))
+
+        def taming_encode(x):
+            h = parts["quant_conv"](parts["encoder"](x * 2 - 1))
+            return parts["quantize"](h)[2][2].view(len(x), -1)
+        return taming_encode, PretrainedTokenizer(kind="taming", path=str(folder / "last.ckpt"))
+    import diffusers
+
+    model = diffusers.VQModel(**AMUSED_VQ).eval()
+    model.save_pretrained(folder)
+    return (lambda x: model.quantize(model.encode(x * 2 - 1).latents)[2][2].view(len(x), -1)), \
+        PretrainedTokenizer(kind="diffusers", path=str(folder))
+
+
+def pretrained_throughput(args: argparse.Namespace) -> dict:
+    """Per kind: encode images/s of the authors' forward and of ours (NCHW, channels_last), and their ratio."""
+    from common import timed
+
+    from dalle_pipeline.components.dvae import pretrained
+
+    device = torch.device(args.device)
+    images = torch.rand(args.batch, 3, 256, 256, generator=torch.Generator().manual_seed(0)).to(device)
+    kinds = {}
+    with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
+        for kind in args.pretrained_kinds:
+            folder = Path(scratch) / kind
+            folder.mkdir()
+            torch.manual_seed(0)
+            theirs, setting = released_files(kind, folder)
+            ours = pretrained.load(setting, 256).to(device)
+            # the share of positions whose token agrees, NCHW both (released codebooks at their random initial
+            # values sit nearly on top of each other, so a near-tie may break either way; the tests check exactly)
+            agree = float((theirs(images) == ours.encode(images)).float().mean())
+            rates = {}
+            for name, layout in (("theirs", torch.contiguous_format), ("ours", torch.contiguous_format),
+                                 ("ours_channels_last", torch.channels_last)):
+                encode = theirs if name == "theirs" else ours.encode
+                batch = images.contiguous(memory_format=layout)
+                if name == "ours_channels_last":
+                    ours.to(memory_format=torch.channels_last)
+                rates[name] = args.batch * args.repeats / timed(lambda: encode(batch), device, args.repeats)
+            best = max(rates["ours"], rates["ours_channels_last"])
+            kinds[kind] = {"images_per_s": rates, "ours_vs_theirs": best / rates["theirs"], "tokens_agree": agree,
+                           "grid": ours.cfg.grid_size, "codebook_size": ours.cfg.codebook_size}
+            print(f"{kind}: " + " ".join(f"{k}={v:.2f}" for k, v in rates.items())
+                  + f" ratio={kinds[kind]['ours_vs_theirs']:.2f} tokens_agree={agree:.3f}", flush=True)
+            del ours, theirs
+    return kinds
 
 
 def curated_corpus(cfg, out_dir: Path, shard_size: int = 1000) -> Path:
@@ -70,6 +168,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     load_at_start = os.getloadavg()[0]
+    if args.pretrained:
+        return emit({"bench": "pretrained-tokenizers", "settings": vars(args),
+                     "device": device_name(torch.device(args.device)), "image_size": 256,
+                     "kinds": pretrained_throughput(args),
+                     "load_average_1m": {"start": load_at_start, "end": os.getloadavg()[0]}}, args.out)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         base = resolve(args.preset, args.overrides)
