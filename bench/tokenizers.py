@@ -35,7 +35,7 @@ import torch
 from common import device_name, emit
 
 from dalle_pipeline.components.config import DVAEConfig, resolve
-from dalle_pipeline.components.corpus import generate
+from dalle_pipeline.components.corpus.shapes import run as generate_corpus
 from dalle_pipeline.components.presets import PRESETS
 from dalle_pipeline.components.shards import Sample, write_shard
 
@@ -147,7 +147,7 @@ def pretrained_throughput(args: argparse.Namespace) -> dict:
 
 def curated_corpus(cfg, out_dir: Path, shard_size: int = 1000) -> Path:
     """The preset's shapes corpus as curated shards, as the filter writes them (no download)."""
-    result = generate(cfg.corpus, out_dir / "corpus")
+    result = generate_corpus(cfg.corpus, out_dir / "corpus")
     rows = pq.read_table(result.url_list).to_pylist()
     curated = out_dir / "curated"
     for start in range(0, len(rows), shard_size):

@@ -9,12 +9,13 @@ dotted name. `overrides.PipelineOverrides`, derived from these configs, is the f
 
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .dotted import ConfigError, merge_trees, parse_override, set_dotted
 from .presets import PRESETS
 from .saved_configs import upgrade
 
@@ -396,34 +397,6 @@ class PipelineConfig(StageConfig):
         return self
 
 
-class ConfigError(ValueError):
-    """A preset name or an override that cannot be applied; the message names the field."""
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: '{part}' is a value, not a section")
-    node[leaf] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`prior.layers=8` -> ("prior.layers", 8). Values are read as JSON when they parse, else as strings."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form field.path=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
-
-
-
-
 def dotted_overrides(overrides: Any) -> dict[str, Any]:
     """Any form of overrides as a dict of dotted fields: a `PipelineOverrides` (its fields that are
     not None), a dict (as it is: dotted or nested keys, where None sets the field to None) or `k=v`
@@ -455,8 +428,9 @@ def resolve(preset: str = "tiny", overrides: Any = None,
     if base is None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     tree: dict[str, Any] = {"preset": preset}
-    for dotted, value in {**(PRESETS[preset] if base is None else {}), **dotted_overrides(overrides)}.items():
-        _set_dotted(tree, dotted, value)
+    for dotted, value in {**(copy.deepcopy(PRESETS[preset]) if base is None else {}),
+                          **dotted_overrides(overrides)}.items():
+        set_dotted(tree, dotted, value)
     # nested optim sections start from the stage's own defaults, not OptimConfig's
     defaults = PipelineConfig().model_dump() if base is None else upgrade(base)
     tree = merge_trees(defaults, tree)
@@ -464,13 +438,3 @@ def resolve(preset: str = "tiny", overrides: Any = None,
         return PipelineConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(f"invalid config for preset {preset!r}: {validation_problems(err)}") from None
-
-
-def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_trees(merged[key], value)
-        else:
-            merged[key] = value
-    return merged

@@ -113,8 +113,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # README.md, "Pretrained tokenizers", says which to fetch and where they go.
     "one-gpu": {
         "corpus.image_size": 256,
-        "dvae.pretrained": {"kind": "taming", "path": "~/.cache/dalle-pipeline/vqgan_imagenet_f16_16384/"
-                                                      "checkpoints/last.ckpt"},
+        "dvae.pretrained.kind": "taming",
+        "dvae.pretrained.path": "~/.cache/dalle-pipeline/vqgan_imagenet_f16_16384/checkpoints/last.ckpt",
         "dvae.optim.steps": 0,
         "dvae.recon_oracle_floor": 0.0,
         "tokenizer.vocab_size": 16384,

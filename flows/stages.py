@@ -195,9 +195,9 @@ def derived(stage: str, outputs: Any, base: StageRecord) -> StageRecord:
 @stage_task("corpus")
 def make_corpus(cfg: PipelineConfig, stages: Stages) -> StageRecord[CorpusResult]:
     """The embedded shapes corpus as a URL list of file:// images."""
-    from dalle_pipeline.components.corpus import generate
+    from dalle_pipeline.components.corpus.shapes import run
 
-    return stages.run(generate, cfg.corpus)
+    return stages.run(run, cfg.corpus)
 
 
 @stage_task("download", **IO_RETRIES)

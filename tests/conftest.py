@@ -21,13 +21,13 @@ def micro_config():
 @pytest.fixture(scope="session")
 def curated_shards(tmp_path_factory, micro_config) -> Path:
     """A small curated corpus as webdataset shards, written straight from the generator (no download)."""
-    from dalle_pipeline.components.corpus import generate
+    from dalle_pipeline.components.corpus.shapes import run as generate_corpus
     from dalle_pipeline.components.shards import Sample, write_shard
     import pyarrow.parquet as pq
     from urllib.parse import urlparse
 
     root = tmp_path_factory.mktemp("corpus")
-    result = generate(micro_config.corpus.model_copy(update={"num_images": 96}), root / "corpus")
+    result = generate_corpus(micro_config.corpus.model_copy(update={"num_images": 96}), root / "corpus")
     table = pq.read_table(result.url_list).to_pylist()
     samples = [
         Sample(key=f"{i:09d}", image_bytes=Path(urlparse(row["url"]).path).read_bytes(), image_ext="png",

@@ -247,7 +247,7 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def generate(cfg: CorpusConfig, out_dir: str | Path) -> CorpusResult:
+def run(cfg: CorpusConfig, out_dir: str | Path) -> CorpusResult:
     """Write `cfg.num_images` PNGs and a URL list of them with `file://` URLs, deterministically.
 
     The demo downloads these through img2dataset like any real URL list. Both the images folder

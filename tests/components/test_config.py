@@ -35,6 +35,10 @@ def test_the_one_gpu_preset_is_a_pretrained_f16_tokenizer_at_256_px_and_a_prior_
         prior = Prior(PriorModelConfig(**architecture, text_vocab=cfg.tokenizer.vocab_size, image_vocab=16384,
                                        text_len=cfg.tokenizer.text_len, grid_size=16))
     assert 100e6 <= sum(p.numel() for p in prior.parameters()) <= 300e6
+    # the tokenizer's files moved: one dotted field, and the preset itself stays as it was
+    moved = resolve("one-gpu", ["dvae.pretrained.path=/data/vqgan/last.ckpt"])
+    assert moved.dvae.pretrained.path == "/data/vqgan/last.ckpt" and moved.dvae.pretrained.kind == "taming"
+    assert resolve("one-gpu").dvae.pretrained == cfg.dvae.pretrained
 
 
 def test_overrides_reach_nested_fields_and_keep_section_defaults():

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from dalle_pipeline.components.config import CorpusConfig
+from dalle_pipeline.components.corpus.shapes import run as generate_corpus
 from dalle_pipeline.components.corpus import (
     BACKGROUND,
     COLOURS,
@@ -22,7 +23,6 @@ from dalle_pipeline.components.corpus import (
     ShapeSpec,
     caption,
     eval_set,
-    generate,
     mean_scores,
     read_image,
     render,
@@ -130,7 +130,7 @@ def _file_path(url: str) -> Path:
 
 def test_generate_writes_existing_file_urls_and_is_byte_for_byte_reproducible(tmp_path):
     cfg = CorpusConfig(num_images=60, max_shapes=3, zero_shot_pairs=ZERO_SHOT, seed=4)
-    result = generate(cfg, tmp_path / "a")
+    result = generate_corpus(cfg, tmp_path / "a")
     assert result.num_images == 60 and result.url_list == (tmp_path / "a" / "urls.parquet").resolve()
 
     table = pq.read_table(result.url_list)
@@ -146,10 +146,10 @@ def test_generate_writes_existing_file_urls_and_is_byte_for_byte_reproducible(tm
 
     first_bytes = result.url_list.read_bytes()
     first_image = (result.images_dir / "000007.png").read_bytes()
-    again = generate(cfg, tmp_path / "a")
+    again = generate_corpus(cfg, tmp_path / "a")
     assert again.url_list.read_bytes() == first_bytes
     assert (again.images_dir / "000007.png").read_bytes() == first_image
-    other_seed = generate(cfg.model_copy(update={"seed": 5}), tmp_path / "b")
+    other_seed = generate_corpus(cfg.model_copy(update={"seed": 5}), tmp_path / "b")
     assert pq.read_table(other_seed.url_list)["caption"] != table["caption"]
 
 
@@ -160,5 +160,5 @@ def test_eval_set_is_deterministic_and_not_the_training_corpus(tmp_path):
     assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(first, again))
     assert all(item.caption == caption(item.specs) and item.image.size == (32, 32) for item in first)
     assert all(score(item.image, item.specs)["all"] == 1.0 for item in first)
-    training = pq.read_table(generate(cfg, tmp_path).url_list)["caption"].to_pylist()
+    training = pq.read_table(generate_corpus(cfg, tmp_path).url_list)["caption"].to_pylist()
     assert [item.caption for item in first] != training  # same seed, separate random stream

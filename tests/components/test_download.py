@@ -22,7 +22,7 @@ from PIL import Image
 
 from dalle_pipeline.components.cluster import disconnect
 from dalle_pipeline.components.config import CorpusConfig, DownloadConfig, FilterConfig
-from dalle_pipeline.components.corpus import generate
+from dalle_pipeline.components.corpus.shapes import run as generate_corpus
 from dalle_pipeline.components.download import batch_shards, finished_batches, read_url_list, run
 from dalle_pipeline.components.filter import read_report
 from dalle_pipeline.components.filter import run as filter_run
@@ -36,7 +36,7 @@ FAST = dict(processes_count=1, thread_count=4, samples_per_shard=16)
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory):
-    return generate(CorpusConfig(num_images=40, max_shapes=2, seed=3), tmp_path_factory.mktemp("corpus"))
+    return generate_corpus(CorpusConfig(num_images=40, max_shapes=2, seed=3), tmp_path_factory.mktemp("corpus"))
 
 
 def test_file_urls_arrive_with_caption_and_extra_columns(corpus, tmp_path):

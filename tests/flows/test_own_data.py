@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dalle_pipeline.components.config import resolve
-from dalle_pipeline.components.corpus import generate
+from dalle_pipeline.components.corpus.shapes import run as generate_corpus
 from dalle_pipeline.components.filter import read_report
 from dalle_pipeline.components.tracking import EXPERIMENT_NAME, PARENT_RUN_TAG
 
@@ -41,7 +41,7 @@ def test_a_source_that_is_none_of_the_kinds_fails_before_any_work(tmp_path):
 
 @pytest.mark.slow  # two micro runs
 def test_the_flow_trains_on_a_folder_and_a_grown_folder_ingests_only_its_new_files(tmp_path):
-    corpus = generate(resolve("micro").corpus.model_copy(update={"num_images": 160}), tmp_path / "corpus")
+    corpus = generate_corpus(resolve("micro").corpus.model_copy(update={"num_images": 160}), tmp_path / "corpus")
     folder = tmp_path / "pictures"
     folder.mkdir()
     for index, path in enumerate(sorted(corpus.images_dir.glob("*.png"))):

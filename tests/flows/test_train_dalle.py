@@ -247,12 +247,12 @@ def test_retraining_the_champion_on_a_new_url_list_registers_a_judged_version(mi
     import pyarrow.parquet as pq
 
     from dalle_pipeline.components.config import resolve
-    from dalle_pipeline.components.corpus import generate
+    from dalle_pipeline.components.corpus.shapes import run as generate_corpus
 
     tmp_path, env, _ = micro_run
     # the next crawl: the corpus the champion saw plus 64 images it never saw
     (first_list,) = (tmp_path / "runs" / "stages" / "corpus").glob("*/urls.parquet")
-    more = generate(resolve("micro").corpus.model_copy(update={"num_images": 64, "seed": 7}), tmp_path / "more")
+    more = generate_corpus(resolve("micro").corpus.model_copy(update={"num_images": 64, "seed": 7}), tmp_path / "more")
     longer = tmp_path / "crawl.parquet"
     pq.write_table(pa.concat_tables([pq.read_table(first_list), pq.read_table(more.url_list)]), longer)
     store = f"sqlite:///{tmp_path}/runs/mlflow.db"
