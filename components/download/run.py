@@ -36,6 +36,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from .. import columns
 from ..config import DownloadConfig
 from .fetch import FetchPolicy, reason_code
 
@@ -268,9 +269,12 @@ def read_url_list(url_list: Path, url_col: str = "url", caption_col: str = "capt
     if not url_list.is_file():
         raise FileNotFoundError(f"URL list {url_list} does not exist")
     table = _read_table(url_list, input_format_of(url_list))
+    strings = [field.name for field in table.schema
+               if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)]
     for role, column in (("url", url_col), ("caption", caption_col)):
-        if column not in table.column_names:
-            raise ValueError(f"{url_list}: no {role} column {column!r}; columns are {table.column_names}")
+        found = columns.pick(table.column_names, column, role, url_list, strings)
+        if found != column:  # the rest of the pipeline reads it under the configured name
+            table = table.rename_columns([column if name == found else name for name in table.column_names])
     if table.num_rows == 0:
         raise ValueError(f"{url_list}: the URL list is empty")
     reserved = sorted(RESERVED_COLUMNS.intersection(set(table.column_names) - {url_col, caption_col}))

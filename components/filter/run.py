@@ -50,6 +50,7 @@ from ..download.fetch import reason_code
 from ..download.run import batch_shards, finished_batches
 from ..shards import HOLDOUT_DIR, Sample, holdout_rank, read_shard, shard_paths, write_shard
 from ..storage import atomic_path, write_json
+from .dedup import ExactIndex, NearDuplicateIndex, ShardDeduplicator
 
 REPORT_NAME = "filter_report.parquet"
 PARTS_DIR = "_parts"
@@ -169,54 +170,22 @@ def perceptual_hash(image: Image.Image) -> int:
     return int(np.packbits(bits).view(">u8")[0])
 
 
-class NearDuplicateIndex:
-    """Hashes within `max_distance` bits of a stored one, found without comparing against all of them.
-
-    Pigeonhole: split 64 bits into max_distance + 1 bands; two hashes that differ in at most
-    max_distance bits agree exactly on at least one band, so only hashes sharing a band are compared.
-    """
-
-    def __init__(self, max_distance: int) -> None:
-        self.max_distance = max_distance
-        bands = max_distance + 1
-        edges = np.linspace(0, 64, bands + 1).astype(int)
-        self.bands = [(int(lo), int(hi - lo)) for lo, hi in zip(edges[:-1], edges[1:])]
-        self.tables: list[dict[int, list[int]]] = [{} for _ in self.bands]
-
-    def _keys(self, value: int) -> list[int]:
-        return [(value >> shift) & ((1 << width) - 1) for shift, width in self.bands]
-
-    def contains_near(self, value: int) -> bool:
-        for table, key in zip(self.tables, self._keys(value)):
-            for other in table.get(key, ()):
-                if (value ^ other).bit_count() <= self.max_distance:
-                    return True
-        return False
-
-    def add(self, value: int) -> None:
-        for table, key in zip(self.tables, self._keys(value)):
-            table.setdefault(key, []).append(value)
-
-
 class _Deduplicator:
-    """What was kept so far, by sha256 and perceptual hash, across shards, batches and runs."""
+    """What was kept so far, by sha256 and perceptual hash, across shards, batches and runs (dedup.py)."""
 
     def __init__(self, cfg: FilterConfig) -> None:
-        self.exact = cfg.drop_exact_duplicates is not False  # None: on (the pipeline passes the source's default)
-        self.digests: set[str] = set()
+        exact = cfg.drop_exact_duplicates is not False  # None: on (the pipeline passes the source's default)
+        self.exact = ExactIndex() if exact else None
         self.near = None if cfg.near_duplicate_distance is None else NearDuplicateIndex(cfg.near_duplicate_distance)
 
-    def verdict(self, digest: str, phash: int) -> str | None:
-        if self.exact and digest in self.digests:
-            return "duplicate"
-        if self.near is not None and self.near.contains_near(phash):
-            return "near_duplicate"
-        return None
+    def shard(self, digests: list[str], hashes: list[int | None]) -> ShardDeduplicator:
+        return ShardDeduplicator(self.exact, self.near, digests, hashes)
 
-    def keep(self, digest: str, phash: int) -> None:
-        self.digests.add(digest)
+    def remember(self, digests: list[str], hashes: list[int | None]) -> None:
+        if self.exact is not None:
+            self.exact.add(digests)
         if self.near is not None:
-            self.near.add(phash)
+            self.near.add([h for h in hashes if h is not None])
 
 
 def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path, holdout_fraction: float = 0.0) -> FilterResult:
@@ -272,8 +241,7 @@ class _Checker:
     def remember(self, part: pa.Table) -> None:
         """Register a finished shard's kept samples (which may come from an earlier run)."""
         kept = part.filter(part.column("kept"))
-        for digest, phash in zip(kept.column("sha256").to_pylist(), kept.column("phash").to_pylist()):
-            self.dedupe.keep(digest, phash)
+        self.dedupe.remember(kept.column("sha256").to_pylist(), kept.column("phash").to_pylist())
 
     def filter_shard(self, batch: Path, tar: Path, parquet: Path | None, curated: Path, held_out: Path) -> pa.Table:
         prefix = batch.name.removeprefix("batch-")
@@ -300,11 +268,13 @@ class _Checker:
                 candidates.append((row, sample, image))
         self._score_with_clip(candidates)
         verdicts = {}
-        for row, _, _ in candidates:
-            row["reason"] = row["reason"] or self.dedupe.verdict(row["sha256"], row["phash"]) or self._split(row)
+        shard = self.dedupe.shard([row["sha256"] for row, _, _ in candidates], [row["phash"] for row, _, _ in candidates])
+        for position, (row, _, _) in enumerate(candidates):
+            row["reason"] = row["reason"] or shard.verdict(position, row["sha256"], row["phash"]) or self._split(row)
             if row["reason"] in (KEPT, HELD_OUT):
-                self.dedupe.keep(row["sha256"], row["phash"])
+                shard.keep(row["sha256"], row["phash"])
                 verdicts[row["key"]] = row["reason"]
+        shard.finish()
         for row in rows:
             row["kept"] = row["reason"] in (KEPT, HELD_OUT)
         write_shard(curated, (sample for sample in samples if verdicts.get(sample.key) == KEPT))

@@ -30,6 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import columns
 from ..config import DataConfig
 from ..download.run import INPUT_FORMATS
 from ..shards import tar_members
@@ -195,9 +196,10 @@ def _captions_file(root: Path, caption_col: str) -> dict[str, str]:
     if not rows:
         return {}
     name_col = next((col for col in FILE_NAME_COLUMNS if col in rows[0]), None)
-    if name_col is None or caption_col not in rows[0]:
-        raise ValueError(f"{root}: the captions file needs a file name column (one of {list(FILE_NAME_COLUMNS)}) "
-                         f"and the caption column {caption_col!r}; it has {sorted(rows[0])}")
+    if name_col is None:
+        raise ValueError(f"{root}: the captions file needs a file name column (one of {list(FILE_NAME_COLUMNS)}); "
+                         f"it has {sorted(rows[0])}")
+    caption_col = columns.pick(list(rows[0]), caption_col, "caption", root / "captions file")
     return {str(row[name_col]): str(row[caption_col]) for row in rows if row.get(caption_col) is not None}
 
 
@@ -244,12 +246,13 @@ def _parquet_items(root: Path, data: DataConfig) -> Iterator[Item]:
         name = path.name if root.is_file() else path.relative_to(root).as_posix()
         parquet = pq.ParquetFile(path)
         names = parquet.schema_arrow.names
-        for column in (data.image_col, data.caption_col):
-            if column not in names:
-                raise ValueError(f"{path}: no column {column!r} (data.image_col / data.caption_col); columns are "
-                                 f"{names}")
+        if data.image_col not in names:
+            raise ValueError(f"{path}: no column {data.image_col!r} (data.image_col); columns are {names}")
+        strings = [field.name for field in parquet.schema_arrow
+                   if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)]
+        caption_col = columns.pick(names, data.caption_col, "caption", path, strings)
         row = 0
-        for batch in parquet.iter_batches(batch_size=256, columns=[data.image_col, data.caption_col]):
+        for batch in parquet.iter_batches(batch_size=256, columns=[data.image_col, caption_col]):
             for image, caption in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
                 image_bytes = image.get("bytes") if isinstance(image, dict) else image
                 caption = caption if isinstance(caption, str) else None

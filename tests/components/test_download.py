@@ -215,7 +215,8 @@ def _write_list(path: Path, columns: dict) -> Path:
 @pytest.mark.parametrize(
     ("name", "columns", "message"),
     [
-        ("urls.parquet", {"url": ["https://example.com/a.png"], "text": ["a"]}, r"no caption column 'caption'"),
+        ("urls.parquet", {"url": ["https://example.com/a.png"], "alt": ["a"], "n": [1]},
+         r"no caption column 'caption' \(data\.caption_col\); its string columns are \['url', 'alt'\]"),
         ("urls.jsonl", {"link": ["https://example.com/a.png"], "caption": ["a"]}, r"no url column 'url'"),
         ("urls.parquet", {"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}, "is empty"),
         ("urls.parquet", {"url": ["https://e.com/a", None], "caption": ["a", "b"]}, r"row 1: None is no URL"),
@@ -229,6 +230,21 @@ def test_bad_url_lists_fail_before_downloading(tmp_path, name, columns, message)
     with pytest.raises(ValueError, match=message):
         run(DownloadConfig(**FAST), url_list, tmp_path / "out", IMAGE_SIZE)
     assert not (tmp_path / "out").exists()
+
+
+def test_laions_column_names_are_read_and_the_choice_logged(tmp_path, caplog):
+    """LAION's lists name their columns URL and TEXT; a user need not set data.url_col / caption_col."""
+    from dalle_pipeline.components.download.run import read_url_list
+
+    url_list = _write_list(tmp_path / "laion.parquet", {"URL": ["https://e.com/a.png"], "TEXT": ["a red circle"],
+                                                         "WIDTH": [256]})
+    with caplog.at_level("WARNING", logger="dalle_pipeline.data"):
+        table = read_url_list(url_list)
+    assert table.column_names == ["url", "caption", "WIDTH"] and table.column("caption").to_pylist() == ["a red circle"]
+    assert "reading the captions from 'TEXT'" in caplog.text and "reading the urls from 'URL'" in caplog.text
+    # a column named otherwise than the default is used as named, with no guessing
+    with pytest.raises(ValueError, match=r"no caption column 'alt_text'"):
+        read_url_list(url_list, url_col="URL", caption_col="alt_text")
 
 
 def test_a_missing_url_list_is_named(tmp_path):

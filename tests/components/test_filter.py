@@ -164,17 +164,63 @@ def test_perceptual_hash_is_near_for_copies_and_far_for_other_pictures():
 
 def test_near_duplicate_index_finds_exactly_what_a_full_scan_finds():
     rng = np.random.default_rng(0)
-    stored = [int(v) for v in rng.integers(0, 2**63, 300, dtype=np.int64)]
+    stored = [int(v) for v in rng.integers(0, 2**64, 300, dtype=np.uint64)]  # the top bit set in half of them
     queries = stored[:50] + [v ^ (1 << int(b)) ^ (1 << int(c)) for v, b, c in zip(stored[50:100], rng.integers(0, 64, 50),
                                                                                rng.integers(0, 64, 50))]
-    queries += [int(v) for v in rng.integers(0, 2**63, 100, dtype=np.int64)]
+    queries += [int(v) for v in rng.integers(0, 2**64, 100, dtype=np.uint64)]
     for max_distance in (0, 2, 5):
         index = NearDuplicateIndex(max_distance)
-        for value in stored:
-            index.add(value)
-        for query in queries:
-            expected = any((query ^ value).bit_count() <= max_distance for value in stored)
-            assert index.contains_near(query) == expected
+        for start in range(0, len(stored), 37):  # shard by shard: runs of 37, merged as they come
+            index.add(stored[start : start + 37])
+        assert len(index) == len(stored) and len(index.tables[0].runs) <= 9  # log2(300) runs at most
+        expected = [any((query ^ value).bit_count() <= max_distance for value in stored) for query in queries]
+        assert index.contains_near(queries).tolist() == expected
+
+
+def test_shard_verdicts_equal_a_sequential_scan_of_everything_kept_before():
+    """What the filter decided item by item against every kept hash and digest, shard by shard."""
+    from dalle_pipeline.components.filter.dedup import ExactIndex, ShardDeduplicator
+
+    rng = np.random.default_rng(1)
+    base = [int(v) for v in rng.integers(0, 2**64, 120, dtype=np.uint64)]
+    def digest(value: int) -> str:
+        return hashlib.sha256(str(value).encode()).hexdigest()
+
+    items = []  # (digest, phash): exact copies, near copies (1-3 bits), fresh ones, in a shuffled order
+    for value in base:
+        items.append((digest(value), value))
+        for _ in range(int(rng.integers(0, 3))):
+            flips = rng.choice(64, int(rng.integers(1, 4)), replace=False)
+            near = value
+            for bit in flips:
+                near ^= 1 << int(bit)
+            items.append((digest(near), near))
+        if rng.random() < 0.3:
+            items.append((digest(value), value))
+    items = [items[i] for i in rng.permutation(len(items))]
+    max_distance = 2
+    kept_digests, kept_hashes, expected = set(), [], []
+    for sha, phash in items:
+        if sha in kept_digests:
+            expected.append("duplicate")
+        elif any((phash ^ other).bit_count() <= max_distance for other in kept_hashes):
+            expected.append("near_duplicate")
+        else:
+            expected.append(None)
+            kept_digests.add(sha)
+            kept_hashes.append(phash)
+    exact, near, verdicts = ExactIndex(), NearDuplicateIndex(max_distance), []
+    for start in range(0, len(items), 25):
+        shard_items = items[start : start + 25]
+        shard = ShardDeduplicator(exact, near, [d for d, _ in shard_items], [h for _, h in shard_items])
+        for position, (sha, phash) in enumerate(shard_items):
+            verdicts.append(shard.verdict(position, sha, phash))
+            if verdicts[-1] is None:
+                shard.keep(sha, phash)
+        shard.finish()
+    assert verdicts == expected
+    assert {"duplicate", "near_duplicate", None} == set(verdicts)
+    assert len(exact) == len(near) == expected.count(None)
 
 
 def test_clip_score_threshold_drops_the_worst_matches_and_records_every_score(tmp_path):

@@ -162,7 +162,7 @@ def test_parquet_with_the_images_inside_as_datasets_exports_it(tmp_path):
                       pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     table = pa.table({"image": struct, "text": ["red", "blue", "gone", None]})
     pq.write_table(table, tmp_path / "train-00000.parquet", row_group_size=2)
-    data = DataConfig(source=str(tmp_path / "train-00000.parquet"), caption_col="text")
+    data = DataConfig(source=str(tmp_path / "train-00000.parquet"))  # `text` is read as the captions, unasked
     assert source_kind(data) == "parquet"
     _, _, reasons, samples = ingest_and_filter(tmp_path, data)
     assert reasons == {"train-00000.parquet#0": "kept", "train-00000.parquet#1": "kept",

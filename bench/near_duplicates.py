@@ -1,0 +1,112 @@
+"""Near-duplicate and exact-duplicate search as the filter runs it, as the corpus grows (#29).
+
+Random 64-bit pHashes and sha256 digests, a share of them planted near copies (1-3 bits flipped)
+and exact copies, go shard by shard through `filter.dedup.ShardDeduplicator` (the filter's own
+path) at N, 4N and 16N; the same hashes through the per-item band index the filter used before
+(a Python dict of lists per band, every query scanning its bands' lists) at the smaller sizes as
+the baseline, with its verdicts checked equal. Reports seconds, items/s and the process's peak RSS.
+
+    python bench/near_duplicates.py --sizes 62500 250000 1000000 --baseline-sizes 62500 250000
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import resource
+import time
+
+import numpy as np
+from common import device_name, emit
+
+import torch  # noqa: F401  (device_name's import path; nothing runs on it)
+from dalle_pipeline.components.filter.dedup import ExactIndex, NearDuplicateIndex, ShardDeduplicator
+
+
+def corpus(size: int, seed: int, near_share: float = 0.02, exact_share: float = 0.01) -> tuple[list[str], list[int]]:
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 2**64, size, dtype=np.uint64)
+    sources = rng.integers(0, size, size)
+    near = rng.random(size) < near_share
+    flips = np.zeros(size, np.uint64)
+    for _ in range(3):
+        flips ^= np.uint64(1) << rng.integers(0, 64, size).astype(np.uint64)
+    hashes[near] = hashes[sources[near]] ^ flips[near]
+    exact = (rng.random(size) < exact_share) & ~near
+    hashes[exact] = hashes[sources[exact]]
+    digests = [hashlib.sha256(int(value).to_bytes(8, "big")).hexdigest() for value in hashes]
+    return digests, [int(value) for value in hashes]
+
+
+def ours(digests: list[str], hashes: list[int], max_distance: int, shard: int) -> list[str | None]:
+    exact, near, verdicts = ExactIndex(), NearDuplicateIndex(max_distance), []
+    for start in range(0, len(hashes), shard):
+        shard_digests, shard_hashes = digests[start : start + shard], hashes[start : start + shard]
+        dedup = ShardDeduplicator(exact, near, shard_digests, shard_hashes)
+        for position, (digest, phash) in enumerate(zip(shard_digests, shard_hashes)):
+            verdicts.append(dedup.verdict(position, digest, phash))
+            if verdicts[-1] is None:
+                dedup.keep(digest, phash)
+        dedup.finish()
+    return verdicts
+
+
+def before(digests: list[str], hashes: list[int], max_distance: int) -> list[str | None]:
+    """The filter's index before #29: a set of digests, and per band a dict of lists scanned per query."""
+    edges = np.linspace(0, 64, max_distance + 2).astype(int)
+    bands = [(int(lo), int(hi - lo)) for lo, hi in zip(edges[:-1], edges[1:])]
+    tables: list[dict[int, list[int]]] = [{} for _ in bands]
+    seen: set[str] = set()
+    verdicts = []
+    for digest, phash in zip(digests, hashes):
+        keys = [(phash >> shift) & ((1 << width) - 1) for shift, width in bands]
+        if digest in seen:
+            verdicts.append("duplicate")
+        elif any((phash ^ other).bit_count() <= max_distance for table, key in zip(tables, keys)
+                 for other in table.get(key, ())):
+            verdicts.append("near_duplicate")
+        else:
+            verdicts.append(None)
+            seen.add(digest)
+            for table, key in zip(tables, keys):
+                table.setdefault(key, []).append(phash)
+    return verdicts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[62_500, 250_000, 1_000_000])
+    parser.add_argument("--baseline-sizes", nargs="*", type=int, default=[62_500, 250_000])
+    parser.add_argument("--max-distance", type=int, default=4, help="the filter's near_duplicate_distance")
+    parser.add_argument("--shard", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    runs = []
+    for size in sorted(set(args.sizes) | set(args.baseline_sizes)):
+        digests, hashes = corpus(size, seed=size)
+        row: dict = {"items": size}
+        if size in args.sizes:
+            started = time.perf_counter()
+            verdicts = ours(digests, hashes, args.max_distance, args.shard)
+            row["seconds"] = time.perf_counter() - started
+            row["items_per_s"] = size / row["seconds"]
+            row["dropped"] = {reason: verdicts.count(reason) for reason in ("duplicate", "near_duplicate")}
+        if size in args.baseline_sizes:
+            started = time.perf_counter()
+            reference = before(digests, hashes, args.max_distance)
+            row["baseline_seconds"] = time.perf_counter() - started
+            row["baseline_items_per_s"] = size / row["baseline_seconds"]
+            if size in args.sizes:
+                row["same_verdicts"] = reference == verdicts
+        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(row, flush=True)
+        runs.append(row)
+    timed = [row for row in runs if "seconds" in row]
+    growth = {"items": timed[-1]["items"] / timed[0]["items"],
+              "seconds": timed[-1]["seconds"] / timed[0]["seconds"]} if len(timed) > 1 else {}
+    return emit({"bench": "near_duplicates", "settings": vars(args), "device": device_name(torch.device("cpu")),
+                 "runs": runs, "growth": growth}, args.out)
+
+
+if __name__ == "__main__":
+    main()
