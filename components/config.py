@@ -159,6 +159,9 @@ class RayTrainConfig(StageConfig):
     """What a stage trained under Ray Train's TorchTrainer needs besides its model and optimizer."""
 
     num_workers: int = Field(1, ge=1, description="Ray Train workers (a GPU each where the cluster has them)")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="'auto': a GPU per worker on a cluster with GPUs (an error where it has fewer than the "
+        "workers), CPUs on one without; 'cpu': CPU workers over gloo on any cluster; 'gpu': GPUs or an error")
     checkpoint_every: int = Field(250, ge=1, description="report a checkpoint to Ray every this many updates")
     keep_checkpoints: int = Field(2, ge=1, description="Ray keeps this many checkpoints (the best, where scored)")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
@@ -330,6 +333,9 @@ class SampleConfig(StageConfig):
         "auto", description="where candidates are drawn, decoded and scored ('auto': the GPU where there is one)"
     )
     grid_prompts: int = Field(8, ge=1, description="prompts shown in the sample grid")
+    memory_gb: float | None = Field(
+        None, gt=0, description="memory the prior's KV cache may take while drawing; batches shrink to fit it "
+        "(None: 90% of the GPU's free memory after the models, or half the free RAM on the CPU)")
     prompts_file: str | None = Field(
         None, description="a text file of prompts, one per line (a published protocol such as COCO captions), in "
                           "place of held-out captions; your data only"

@@ -125,6 +125,11 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
 
+    @staticmethod
+    def bytes_per_row(cfg: PriorModelConfig, dtype: torch.dtype) -> int:
+        """What one sequence's keys and values take: 2 x layers x seq_len x d_model values."""
+        return 2 * cfg.layers * cfg.seq_len * cfg.d_model * torch.empty((), dtype=dtype).element_size()
+
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: PriorModelConfig) -> None:

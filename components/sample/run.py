@@ -20,7 +20,7 @@ from ..corpus.shapes import ShapeSpec, completable_below
 from ..dvae.model import ImageTokenizer, decode_tokens, encode_images
 from ..dvae.model import load as load_dvae
 from ..images import save_grid, to_uint8
-from ..prior.model import Prior
+from ..prior.model import KVCache, Prior
 from ..prior.model import load as load_prior
 from ..storage import atomic_path
 from ..text.tokenizer import TextTokenizer
@@ -78,6 +78,26 @@ def place_for_sampling(device: torch.device, prior: Prior, dvae: ImageTokenizer,
     clip.to(device)
 
 
+def fitting_batch(cfg: SampleConfig, prior: Prior, device: torch.device) -> int:
+    """`cfg.batch_size`, or fewer rows where their KV cache (twice the rows with guidance) would not fit
+    the memory given (`cfg.memory_gb`, else most of what is free where the prior is). ValueError where
+    not one row fits."""
+    if cfg.memory_gb is not None:
+        budget = cfg.memory_gb * 2**30
+    elif device.type == "cuda":
+        budget = 0.9 * torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        budget = 0.5 * psutil.virtual_memory().available
+    per_row = KVCache.bytes_per_row(prior.cfg, next(prior.parameters()).dtype) * (2 if cfg.guidance_scale != 1 else 1)
+    rows = int(budget // per_row)
+    if rows < 1:
+        raise ValueError(f"one sequence's KV cache takes {per_row / 2**30:.2f} GiB, more than the "
+                         f"{budget / 2**30:.2f} GiB sampling may use (sample.memory_gb, or what is free)")
+    return min(cfg.batch_size, rows)
+
+
 @torch.no_grad()
 def draw_candidate_tokens(cfg: SampleConfig, prompts: list[str], prior: Prior, tokenizer: TextTokenizer, seed: int,
                           image_prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +114,9 @@ def draw_candidate_tokens(cfg: SampleConfig, prompts: list[str], prior: Prior, t
             raise ValueError(f"image_prefix has {image_prefix.shape[0]} rows for {len(prompts)} prompts")
         image_prefix = image_prefix.repeat_interleave(cfg.candidates, dim=0).to(device)
     tokens, log_likelihoods = [], []
-    for start in range(0, len(text), cfg.batch_size):
-        rows = slice(start, start + cfg.batch_size)
+    batch_size = fitting_batch(cfg, prior, device)
+    for start in range(0, len(text), batch_size):
+        rows = slice(start, start + batch_size)
         drawn, log_likelihood = sample_image_tokens(
             prior, text[rows], lengths[rows], generator,
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, guidance_scale=cfg.guidance_scale,

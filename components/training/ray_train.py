@@ -1,7 +1,8 @@
 """Ray Train plumbing shared by every stage that trains under `TorchTrainer` (the dVAE, the prior).
 
 Driver side, `train_on_ray`: joins (or starts) Ray through `cluster.connect`, takes a GPU per
-worker where the cluster has one for each (NCCL between them) and CPU workers over gloo otherwise,
+worker on a cluster with GPUs (NCCL between them; fewer GPUs than workers is an error) and CPU
+workers over gloo otherwise, each asking for the CPUs it can find on one node (`worker_shares`),
 keeps the best k checkpoints, restarts a lost worker group from the latest one, and returns the
 training state to keep. A run launched again into the same `out_dir` (a crashed driver re-run by
 Prefect) continues from its latest checkpoint: Ray Train V2 restores a run of the same name and
@@ -51,9 +52,11 @@ def train_on_ray(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources = connect(ray_address)
-    threads_per_worker = max(1, int(resources.get("CPU", 1)) // cfg.num_workers)
-    use_gpu = int(resources.get("GPU", 0)) >= cfg.num_workers
+    import ray
+
+    connect(ray_address)
+    use_gpu, threads_per_worker = worker_shares([node["Resources"] for node in ray.nodes() if node.get("Alive")],
+                                                cfg.num_workers, cfg.device)
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config={
@@ -82,6 +85,24 @@ def train_on_ray(
         state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
     metrics = {k: float(v) for k, v in reported.items() if isinstance(v, (int, float))}
     return state, metrics
+
+
+def worker_shares(nodes: list[dict[str, float]], num_workers: int, device: str = "auto") -> tuple[bool, int]:
+    """(a GPU per worker?, CPUs per worker) for `num_workers` workers on a cluster of `nodes` (each node's
+    resources): the most CPUs each worker can ask for with every worker still fitting on some node
+    (on GPU nodes, their CPUs shared among their GPUs), never the cluster's total split, which a
+    worker may find on no single node. ValueError where `device` asks for what the cluster lacks."""
+    gpus = sum(int(node.get("GPU", 0)) for node in nodes)
+    use_gpu = device == "gpu" or (device == "auto" and gpus > 0)
+    if use_gpu and gpus < num_workers:
+        raise ValueError(f"{num_workers} GPU workers, but the Ray cluster has {gpus} GPU(s): lower num_workers to "
+                         f"{gpus or 1}{'' if gpus else ' and add a GPU node'}, or set device='cpu' to train on CPUs")
+    if use_gpu:  # a worker per GPU, the node's CPUs shared among its GPUs
+        return True, max(1, min(int(node.get("CPU", 0)) // int(node["GPU"]) for node in nodes if node.get("GPU")))
+    cpus = sorted((int(node.get("CPU", 0)) for node in nodes), reverse=True)
+    share = max((c for c in range(1, max(cpus, default=1) + 1)
+                 if sum(cpu // c for cpu in cpus) >= num_workers), default=1)
+    return False, share
 
 
 def kept_checkpoint(result, score_attribute: str | None):

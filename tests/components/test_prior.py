@@ -354,3 +354,28 @@ def test_the_cuda_flash_calls_fit_this_torchs_kernels_on_fake_cuda_tensors():
         assert attention.segment_attention(full, full, full, layout).shape == full.shape
         position = torch.tensor(600, device="cuda")
         assert attention.segment_decode_attention(full[:, :, :1], full, full, layout, position).shape == (2, 4, 1, 64)
+
+
+def test_sampling_batches_shrink_to_the_kv_cache_memory_given():
+    """The paper's dims: a row's keys and values take 1.3 GB in bf16, so 128 rows (166 GB) cannot be one
+    batch on an 80 GB GPU; the batch is what fits, and a budget below one row is refused, naming both."""
+    from dalle_pipeline.components.config import PriorArchitecture, SampleConfig, resolve
+    from dalle_pipeline.components.prior.model import KVCache
+    from dalle_pipeline.components.sample.run import fitting_batch
+
+    paper = resolve("paper")
+    cfg = PriorModelConfig(**paper.prior.model_dump(include=set(PriorArchitecture.model_fields)),
+                           text_vocab=16384, image_vocab=8192, text_len=256, grid_size=32)
+    per_row = KVCache.bytes_per_row(cfg, torch.bfloat16)
+    assert per_row == 2 * 64 * 1280 * 3968 * 2 and 128 * per_row > 160e9
+    with torch.device("meta"):
+        prior = Prior(cfg.model_copy(update={"layers": 1})).to(torch.bfloat16)  # its dtype, not its size
+    prior.cfg = cfg
+    weights = 12.3e9 * 2  # bf16 parameters on the same 80 GB
+    rows = fitting_batch(SampleConfig(memory_gb=(80e9 - weights) / 2**30), prior, torch.device("cuda"))
+    assert 1 <= rows < 128 and rows * per_row <= 80e9 - weights
+    assert fitting_batch(SampleConfig(memory_gb=(80e9 - weights) / 2**30, guidance_scale=3.0), prior,
+                         torch.device("cuda")) == rows // 2
+    assert fitting_batch(SampleConfig(batch_size=8, memory_gb=1000), prior, torch.device("cuda")) == 8
+    with pytest.raises(ValueError, match=r"one sequence's KV cache takes 1\.21 GiB, more than the 0\.50 GiB"):
+        fitting_batch(SampleConfig(memory_gb=0.5), prior, torch.device("cuda"))

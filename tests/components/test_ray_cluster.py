@@ -80,3 +80,49 @@ def test_a_local_dashboard_listens_on_loopback_only(monkeypatch, capsys):
         disconnect()
     assert host == "127.0.0.1" and listening == {"127.0.0.1"}, (url, listening)
     assert f"Ray dashboard: http://127.0.0.1:{port}" in capsys.readouterr().out
+
+
+def test_a_workers_cpus_are_what_it_finds_on_one_node_and_missing_gpus_are_an_error():
+    from dalle_pipeline.components.training.ray_train import worker_shares
+
+    # a head of 6 CPUs and two nodes of 2: two workers of 3 fit (on the head); the cluster's 10 / 2 = 5 fit once
+    assert worker_shares([{"CPU": 6}, {"CPU": 2}, {"CPU": 2}], 2) == (False, 3)
+    assert worker_shares([{"CPU": 6}, {"CPU": 2}, {"CPU": 2}], 4) == (False, 2)
+    assert worker_shares([{"CPU": 2}], 1) == (False, 2) and worker_shares([{"CPU": 2}], 2) == (False, 1)
+    # an 8-CPU head without GPUs and two 8-CPU nodes of a GPU each: a worker per GPU, 8 CPUs each (not 12)
+    cluster = [{"CPU": 8}, {"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}]
+    assert worker_shares(cluster, 2) == (True, 8)
+    with pytest.raises(ValueError, match=r"3 GPU workers, but the Ray cluster has 2 GPU\(s\).*device='cpu'"):
+        worker_shares(cluster, 3)
+    assert worker_shares(cluster, 3, device="cpu") == (False, 8)
+    with pytest.raises(ValueError, match=r"1 GPU workers, but the Ray cluster has 0 GPU"):
+        worker_shares([{"CPU": 4}], 1, device="gpu")
+
+
+@pytest.fixture
+def uneven_cluster(monkeypatch):
+    """A head of 6 logical CPUs and two nodes of 2 (`ray start --num-cpus`), all on this machine."""
+    for name, value in NO_AUTH.items():
+        monkeypatch.setenv(name, value)
+    cluster, address = f"uneven-{os.getpid()}", None
+    try:
+        address = start_ray_head(cluster, num_cpus=6)
+        for _ in range(2):
+            worker = ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                             cluster=cluster)
+            assert worker.returncode == 0, worker.stdout + worker.stderr
+        yield address
+    finally:
+        stop_ray_cluster(cluster, address or "")
+
+
+@pytest.mark.slow  # a three-node Ray
+def test_two_workers_schedule_on_a_cluster_whose_total_share_fits_no_node(tmp_path, uneven_cluster):
+    dataset = write_learnable_dataset(tmp_path / "tokens")
+    driver = DRIVER.replace("cfg.optim.steps, cfg.optim.batch_size, cfg.optim.lr, cfg.optim.log_every = 60, 32, 3e-3, 10",
+                            "cfg.optim.steps, cfg.optim.batch_size, cfg.optim.lr, cfg.optim.log_every = 10, 16, 3e-3, 5")
+    proc = subprocess.run([sys.executable, "-c", driver, uneven_cluster, str(dataset), str(tmp_path / "prior")],
+                          capture_output=True, text=True, timeout=400, env={**os.environ, **NO_AUTH})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert sorted(result["cpus_per_node"]) == [2.0, 2.0, 6.0] and result["metrics"]["step"] == 10
