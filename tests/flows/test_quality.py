@@ -2,8 +2,9 @@
 
 Floors below the lowest the demo measured (see bench/RESULTS.md), so a regression that a
 person would see in the sample grid (a dVAE that loses hues, a prior that ignores the caption)
-fails here instead of being caught by hand. The slow tier, so CI runs it: cut to 800 dVAE updates (today
-1600 of half the batch, the same compute) and 500 prior updates, the tiny preset is no longer the 22 minutes it was on the AVX2-only CPU kind.
+fails here instead of being caught by hand. The slow tier, so CI runs it: cut to 800 dVAE updates
+(today 1600 of half the batch, the same compute) and 500 prior updates, the tiny preset is no
+longer the 22 minutes it was on the AVX2-only CPU kind.
 """
 
 from __future__ import annotations
