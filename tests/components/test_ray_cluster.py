@@ -7,26 +7,32 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from local_processes import NO_AUTH, ray_cli, start_ray_head, stop_ray_cluster
 from test_prior_train import write_learnable_dataset
 
 
-@pytest.fixture
-def two_node_cluster(monkeypatch):
-    for name, value in NO_AUTH.items():
-        monkeypatch.setenv(name, value)
-    cluster, address = f"two-nodes-{os.getpid()}", None
+def local_cluster(monkeypatch, name: str, head_cpus: int, node_cpus: list[int]):
+    """`ray start --head` and a `ray start --address` per node, all on this machine with logical CPUs;
+    yields the head's address and stops every node after."""
+    for variable, value in NO_AUTH.items():
+        monkeypatch.setenv(variable, value)
+    cluster, address = f"{name}-{os.getpid()}", None
     try:
-        address = start_ray_head(cluster)
-        worker = ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                         cluster=cluster)
-        assert worker.returncode == 0, worker.stdout + worker.stderr
+        address = start_ray_head(cluster, num_cpus=head_cpus)
+        for cpus in node_cpus:
+            worker = ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
+                             cluster=cluster)
+            assert worker.returncode == 0, worker.stdout + worker.stderr
         yield address
     finally:
-        stop_ray_cluster(cluster, address or "")  # both nodes; later tests start their own local Ray
+        stop_ray_cluster(cluster, address or "")  # every node; later tests start their own local Ray
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    yield from local_cluster(monkeypatch, "two-nodes", 1, [1])
 
 
 DRIVER = """
@@ -101,19 +107,8 @@ def test_a_workers_cpus_are_what_it_finds_on_one_node_and_missing_gpus_are_an_er
 
 @pytest.fixture
 def uneven_cluster(monkeypatch):
-    """A head of 6 logical CPUs and two nodes of 2 (`ray start --num-cpus`), all on this machine."""
-    for name, value in NO_AUTH.items():
-        monkeypatch.setenv(name, value)
-    cluster, address = f"uneven-{os.getpid()}", None
-    try:
-        address = start_ray_head(cluster, num_cpus=6)
-        for _ in range(2):
-            worker = ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                             cluster=cluster)
-            assert worker.returncode == 0, worker.stdout + worker.stderr
-        yield address
-    finally:
-        stop_ray_cluster(cluster, address or "")
+    """A head of 6 logical CPUs and two nodes of 2."""
+    yield from local_cluster(monkeypatch, "uneven", 6, [2, 2])
 
 
 @pytest.mark.slow  # a three-node Ray
