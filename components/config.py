@@ -236,7 +236,7 @@ class DVAEConfig(RayTrainConfig, DVAEArchitecture):
     )
     pretrained: PretrainedTokenizer | None = Field(
         None, description="a released tokenizer's files, used instead of training one: the stage records it "
-        "(PSNR, codes used, reconstructions) and, for openai with optim.steps > 0, fine-tunes it; its "
+        "(PSNR, codes used, reconstructions) and, with optim.steps > 0, fine-tunes it; its "
         "architecture and grid come from the files, not from the fields above")
     optim: DVAEOptimConfig = Field(
         # tiny's: 1600 updates of 32 images cost what 800 of 64 did, and hold recon oracle shape >= 0.99 on

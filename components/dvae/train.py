@@ -36,6 +36,7 @@ from .losses import PatchDiscriminator, PerceptualDistance, discriminator_loss, 
 from .model import (BEFORE_FIELDS, KIND, DiscreteVAE, DVAEModelConfig, ImageTokenizer, codebook_usage, kl_to_uniform,
                     logit_laplace_nll, reconstruct, reconstruction_quality)
 from .vqgan import ARCHITECTURE as VQGAN_ARCHITECTURE
+from .vqgan import VQGAN, VQGANConfig
 
 # held-out scenes the reconstruction oracle reads, on the shapes corpus
 RECON_ORACLE_SCENES = 256
@@ -72,11 +73,13 @@ def dvae_loss(cfg: DVAEConfig, perceptual: PerceptualDistance | None = None):
 
     def loss_fn(model, batch: tuple[torch.Tensor], step: int):
         (pixels,) = batch
-        inner: DiscreteVAE = unwrap(model)
+        inner: ImageTokenizer = unwrap(model)
         images = to_float(pixels)
         if images.is_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
         tau, beta = temperature_at(step, cfg), kl_weight_at(step, cfg)
+        if isinstance(inner, VQGAN):  # a pretrained VQGAN fine-tuned: its own quantiser's loss
+            return vqgan_loss(model, inner, images, step, tau)
         logits, stats, commitment = model(images, tau)
         logits, stats = logits.float(), stats.float()  # the losses in fp32 under bf16 autocast
         dims = images[0].numel()
@@ -98,7 +101,16 @@ def dvae_loss(cfg: DVAEConfig, perceptual: PerceptualDistance | None = None):
         metrics.update({"kl": kl.detach(), "temperature": tau, "beta": beta})
         return loss + beta * kl, metrics
 
-    def image_losses(inner: DiscreteVAE, images: torch.Tensor, recon: torch.Tensor, step: int,
+    def vqgan_loss(model, inner: VQGAN, images: torch.Tensor, step: int, tau: float):
+        recon, tokens, quantiser_loss = model(images, tau)
+        recon = recon.float()
+        nll = F.mse_loss(recon, images) / (2 * cfg.mse_sigma**2)
+        with torch.no_grad():
+            metrics = {"nll": nll.detach(), "recon_mse": F.mse_loss(recon.clamp(0, 1), images),
+                       "commitment": quantiser_loss.detach(), **codebook_usage(tokens, inner.cfg.codebook_size)}
+        return nll + quantiser_loss + image_losses(inner, images, recon, step, metrics), metrics
+
+    def image_losses(inner: ImageTokenizer, images: torch.Tensor, recon: torch.Tensor, step: int,
                      metrics: dict) -> torch.Tensor | float:
         """The perceptual and adversarial terms (and the discriminator's own loss), each logged."""
         total: torch.Tensor | float = 0.0
@@ -176,17 +188,31 @@ def model_config(cfg: DVAEConfig, image_size: int) -> DVAEModelConfig:
     return DVAEModelConfig(**cfg.model_dump(include=set(DVAEArchitecture.model_fields)), image_size=image_size)
 
 
+def architecture(cfg: DVAEConfig, image_size: int) -> DVAEModelConfig | VQGANConfig:
+    """What the stage trains: a VQGAN where `cfg.init_from` is one (its own architecture, from its
+    checkpoint), else the dVAE `cfg` describes."""
+    if cfg.init_from:
+        saved, _ = checkpoint.read_config(cfg.init_from, KIND)
+        if saved.get("architecture") == VQGAN_ARCHITECTURE:
+            return VQGANConfig(**{**saved, "image_size": image_size})
+    return model_config(cfg, image_size)
+
+
+def build(model_cfg: DVAEModelConfig | VQGANConfig) -> ImageTokenizer:
+    return VQGAN(model_cfg) if isinstance(model_cfg, VQGANConfig) else DiscreteVAE(model_cfg)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function: this rank's share of every batch of the corpus through `fit`."""
     import ray.train.torch
 
     cfg = DVAEConfig.model_validate(config["dvae"])
-    model_cfg = model_config(cfg, config["image_size"])
+    model_cfg = architecture(cfg, config["image_size"])
     worker = ray_train.StageWorker.start("dvae", config, model_cfg.to_dict(), cfg.optim.steps)
     rank, world_size = worker.rank, worker.world_size
     corpus = load_corpus(config["curated_dir"], config["image_size"])
     device = ray.train.torch.get_device()
-    model = DiscreteVAE(model_cfg)
+    model = build(model_cfg)
     if worker.fine_tunes(cfg.init_from):
         model.load_state_dict(checkpoint.load(cfg.init_from, KIND)[0])
     model = attach_discriminator(model, cfg).to(device)
@@ -252,21 +278,20 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     out_dir = Path(out_dir).resolve()
     if not shard_paths(curated_dir):  # fail here, not in every worker and its restarts
         raise FileNotFoundError(f"no curated shards (*.tar) in {curated_dir}")
-    if cfg.pretrained is not None:
+    if cfg.pretrained is not None and cfg.init_from is None:  # (a retrain's init_from, its trained weights, wins)
         tokenizer = pretrained.load(cfg.pretrained, image_size)  # a bad file fails here, before any training
         if cfg.optim.steps == 0:
             log_inputs(curated_dir, tracker)
             return measure_and_save(tokenizer, cfg, curated_dir, out_dir, image_size, shapes, tracker, step=0,
                                     meta={"pretrained": cfg.pretrained.model_dump()})
         cfg = fine_tuning_settings(cfg, tokenizer, out_dir)
-    model_cfg = model_config(cfg, image_size)
+    model_cfg = architecture(cfg, image_size)
     if cfg.perceptual_weight:  # a missing or wrong weights file fails here, before any worker starts
         PerceptualDistance.from_file(cfg.perceptual_weights)
-    if cfg.init_from:
-        if checkpoint.read_config(cfg.init_from, KIND)[0].get("architecture") == VQGAN_ARCHITECTURE:
-            raise ValueError(f"dvae.init_from {cfg.init_from} is a pretrained VQGAN; fine-tuning is built for "
-                             "OpenAI's dVAE and this project's own only: keep the VQGAN as it is (retrain without "
-                             "retrain_dvae)")
+    if isinstance(model_cfg, VQGANConfig) and cfg.recon_loss != "mse":
+        raise ValueError(f"dvae.recon_loss {cfg.recon_loss} fine-tuning the VQGAN {cfg.init_from}: a VQGAN "
+                         "decodes pixels, not the logit-Laplace's statistics; set dvae.recon_loss=mse")
+    if cfg.init_from and isinstance(model_cfg, DVAEModelConfig):
         checkpoint.check_same_model(cfg.init_from, KIND, model_cfg.to_dict(), "dvae.init_from",
                                     defaults={**DVAEModelConfig().to_dict(), **BEFORE_FIELDS})
     loop_config = {
@@ -280,7 +305,7 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     with monitor_system(tracker):
         state, train_metrics = ray_train.train_on_ray("dvae", train_worker, loop_config, cfg, out_dir,
                                                       ray_address=ray_address, tracker=tracker)
-    final_model = DiscreteVAE(model_cfg)
+    final_model = build(model_cfg)
     final_model.load_state_dict(tokenizer_weights(state["ema"] if state.get("ema") is not None else state["model"]))
     result = measure_and_save(final_model.eval(), cfg, curated_dir, out_dir, image_size, shapes, tracker,
                               step=state["step"], meta={"ema": state.get("ema") is not None})
@@ -289,16 +314,13 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
 
 
 def fine_tuning_settings(cfg: DVAEConfig, tokenizer: ImageTokenizer, out_dir: Path) -> DVAEConfig:
-    """`cfg` to fine-tune a pretrained dVAE: its architecture, starting from its weights (saved in
-    `out_dir/pretrained`, a checkpoint like any other)."""
-    if not isinstance(tokenizer, DiscreteVAE):
-        raise ValueError(f"dvae.optim.steps {cfg.optim.steps} would fine-tune the {cfg.pretrained.kind} tokenizer "
-                         f"{cfg.pretrained.path}; fine-tuning is built for OpenAI's dVAE only (a VQGAN's perceptual "
-                         "and adversarial losses are not): set dvae.optim.steps=0 to use it as it is")
+    """`cfg` to fine-tune a pretrained tokenizer, starting from its weights (saved in `out_dir/pretrained`,
+    a checkpoint like any other): a dVAE takes its architecture into `cfg`, a VQGAN's is read from there."""
     start = checkpoint.save(out_dir / "pretrained", KIND, tokenizer.state_dict(), tokenizer.cfg.to_dict(),
                             meta={"pretrained": cfg.pretrained.model_dump()})
-    architecture = tokenizer.cfg.model_dump(include=set(DVAEArchitecture.model_fields))
-    return cfg.model_copy(update={**architecture, "init_from": str(start), "pretrained": None})
+    shape = tokenizer.cfg.model_dump(include=set(DVAEArchitecture.model_fields)) \
+        if isinstance(tokenizer, DiscreteVAE) else {}
+    return cfg.model_copy(update={**shape, "init_from": str(start), "pretrained": None})
 
 
 def measure_and_save(model: ImageTokenizer, cfg: DVAEConfig, curated_dir: Path, out_dir: Path,

@@ -13,8 +13,9 @@ under other names (`pretrained.py` renames it), with `distance: cdist` and, for 
 attention.
 
 The tokenizer interface is the dVAE's (`encode`, `decode`, `cfg.grid_size`, `cfg.codebook_size`), so
-the token Parquet, the prior, sampling and the bundle take either. Only evaluation is built for it:
-fine-tuning a VQGAN (its perceptual and adversarial losses) is not.
+the token Parquet, the prior, sampling and the bundle take either. `forward` is the fine-tuning pass
+(`dvae.train`): the pixel loss, the perceptual and adversarial terms where configured, and taming's
+codebook and commitment losses.
 """
 
 from __future__ import annotations
@@ -252,6 +253,27 @@ class VQGAN(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         self.quantize = NearestCodebook(cfg.codebook_size, cfg.embed_dim, cfg.distance) if cfg.quantizer == "nearest" \
             else GumbelCodebook(cfg.codebook_size, cfg.embed_dim, cfg.embed_dim)
+
+    def forward(self, images: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fine-tuning pass: images in [0, 1] -> (reconstructions in about [0, 1], unclamped so the
+        gradient reaches every pixel; tokens (B, h, w); the quantiser's loss). nearest: taming's
+        codebook loss ||sg(z) - e||^2 + COMMITMENT x ||z - sg(e)||^2, the codes passed straight
+        through; gumbel: a straight-through gumbel-softmax sample at `temperature`, no loss."""
+        z = self.quant_conv(self.encoder(images * 2 - 1))
+        if isinstance(self.quantize, GumbelCodebook):
+            logits = self.quantize.proj(z)
+            one_hot = F.gumbel_softmax(logits, tau=temperature, hard=True, dim=1)
+            quantised = torch.einsum("bkhw,kd->bdhw", one_hot, self.quantize.embed.weight)
+            tokens, loss = logits.argmax(1), z.new_zeros(())
+        else:
+            with torch.no_grad():
+                tokens = self.quantize.tokens(z)
+            vectors = self.quantize.vectors(tokens)
+            loss = (z.detach() - vectors).pow(2).mean() + self.COMMITMENT * (z - vectors.detach()).pow(2).mean()
+            quantised = z + (vectors - z).detach()
+        return (self.decoder(self.post_quant_conv(quantised)) + 1) / 2, tokens, loss
+
+    COMMITMENT = 0.25  # taming's beta
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ def test_taming_vqgan_checkpoints_load_and_match_the_authors_forward(tmp_path, g
     assert torch.allclose(model.decode(tokens), expected, atol=1e-5, rtol=0)
 
 
-def test_a_vqgan_round_trips_through_a_tokenizer_checkpoint_and_is_not_fine_tuned_from_it(tmp_path, curated_shards,
+def test_a_vqgan_round_trips_through_a_tokenizer_checkpoint_and_a_retrain_fine_tunes_it(tmp_path, curated_shards,
                                                                                          micro_config):
     from dalle_pipeline.components.dvae import train as dvae_train
 
@@ -157,10 +157,10 @@ def test_a_vqgan_round_trips_through_a_tokenizer_checkpoint_and_is_not_fine_tune
     loaded = load_tokenizer(tmp_path / "saved")
     images = _images(2, 32)
     assert isinstance(loaded, VQGAN) and torch.equal(loaded.encode(images), model.encode(images))
-    # a registered model's VQGAN, as retrain_dvae would point at it
+    # a registered model's VQGAN, as retrain_dvae points at it: the stage trains that VQGAN, whatever the
+    # dvae.* architecture fields say
     cfg = micro_config.dvae.model_copy(deep=True, update={"init_from": str(tmp_path / "saved")})
-    with pytest.raises(ValueError, match=r"saved is a pretrained VQGAN; fine-tuning is built for OpenAI's dVAE"):
-        dvae_train.run(cfg, curated_shards, tmp_path / "dvae", 32, seed=0)
+    assert dvae_train.architecture(cfg, 32) == loaded.cfg
 
 
 def test_a_taming_checkpoint_its_config_disagrees_with_fails_naming_both(tmp_path):
@@ -252,14 +252,24 @@ def test_the_stage_records_a_pretrained_vqgan_without_training(curated_shards, t
     assert checkpoint.read_config(result.checkpoint_dir, KIND)[1]["pretrained"]["kind"] == "taming"
 
 
-def test_fine_tuning_a_vqgan_is_refused_before_any_training(curated_shards, tmp_path, micro_config):
+@pytest.mark.parametrize("gumbel", [False, True], ids=["VQModel", "GumbelVQ"])
+def test_a_taming_vqgan_fine_tunes_from_its_files(curated_shards, tmp_path, micro_config, local_ray, gumbel):
     from dalle_pipeline.components.dvae import train as dvae_train
 
-    ckpt, _ = save_taming(TamingVQModel(gumbel=False), tmp_path / "logs" / "vqgan")
+    torch.manual_seed(12)
+    ckpt, _ = save_taming(TamingVQModel(gumbel=gumbel).place_codes(_images(8, 32, seed=2) * 2 - 1),
+                          tmp_path / "logs" / "vqgan")
     cfg = micro_config.dvae.model_copy(deep=True, update={"pretrained": PretrainedTokenizer(kind="taming", path=str(ckpt))})
-    with pytest.raises(ValueError, match=r"would fine-tune the taming tokenizer .*set dvae\.optim\.steps=0"):
-        dvae_train.run(cfg, curated_shards, tmp_path / "dvae", 32, seed=0)
-    assert not (tmp_path / "dvae").exists()
+    cfg.optim.steps, cfg.optim.log_every, cfg.optim.batch_size, cfg.optim.warmup_steps = 4, 2, 16, 1
+    result = dvae_train.run(cfg, curated_shards, tmp_path / "dvae", 32, seed=0)
+    assert result.step == 4 and {"recon_mse", "commitment", "codes_used"} <= set(result.metrics)
+    tuned, start = load_tokenizer(result.checkpoint_dir), pretrained.load_taming(ckpt, None, 32)
+    assert isinstance(tuned, VQGAN) and tuned.cfg == start.cfg
+    moved = {key for key, value in tuned.state_dict().items() if not torch.equal(value, start.state_dict()[key])}
+    assert {"encoder.conv_in.weight", "decoder.conv_out.weight"} <= moved
+    with pytest.raises(ValueError, match=r"dvae\.recon_loss logit_laplace fine-tuning the VQGAN .*recon_loss=mse"):
+        dvae_train.run(cfg.model_copy(update={"recon_loss": "logit_laplace"}), curated_shards, tmp_path / "again",
+                       32, seed=0)
 
 
 def test_openais_dvae_fine_tunes_from_its_files(curated_shards, tmp_path, micro_config, openai_files, local_ray):
