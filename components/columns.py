@@ -11,11 +11,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import pyarrow as pa
+
 LOG = logging.getLogger("dalle_pipeline.data")
 ALIASES = {
     "caption": ("text", "TEXT", "prompt", "Caption"),
     "url": ("URL", "image_url"),
 }
+
+
+def is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def string_columns(schema: pa.Schema) -> list[str]:
+    """The names of a table's text columns: where a caption or a URL can be."""
+    return [field.name for field in schema if is_text(field.type)]
 
 
 def pick(names: Sequence[str], configured: str, role: str, where: object,

@@ -269,10 +269,8 @@ def read_url_list(url_list: Path, url_col: str = "url", caption_col: str = "capt
     if not url_list.is_file():
         raise FileNotFoundError(f"URL list {url_list} does not exist")
     table = _read_table(url_list, input_format_of(url_list))
-    strings = [field.name for field in table.schema
-               if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)]
     for role, column in (("url", url_col), ("caption", caption_col)):
-        found = columns.pick(table.column_names, column, role, url_list, strings)
+        found = columns.pick(table.column_names, column, role, url_list, columns.string_columns(table.schema))
         if found != column:  # the rest of the pipeline reads it under the configured name
             table = table.rename_columns([column if name == found else name for name in table.column_names])
     if table.num_rows == 0:
@@ -286,7 +284,7 @@ def read_url_list(url_list: Path, url_col: str = "url", caption_col: str = "capt
 
 
 def _check_urls_are_strings(url_list: Path, urls: pa.ChunkedArray, url_col: str) -> None:
-    if not pa.types.is_string(urls.type) and not pa.types.is_large_string(urls.type):
+    if not columns.is_text(urls.type):
         raise ValueError(f"{url_list}: column {url_col!r} holds {urls.type}, not URL strings")
     if urls.null_count:
         first = pc.indices_nonzero(pc.is_null(urls))[0].as_py()

@@ -336,13 +336,22 @@ def reconstruction_quality(model: ImageTokenizer, images: np.ndarray,
     return {"eval_recon_mse": mse, "eval_psnr": psnr(mse), **usage}, tokens_all
 
 
+def saved_architecture(config: dict) -> DVAEModelConfig | VQGANConfig:
+    """The architecture a tokenizer checkpoint's config describes: a VQGAN's names itself, a dVAE's
+    written before a field existed has BEFORE_FIELDS for it."""
+    if config.get("architecture") == VQGAN_ARCHITECTURE:
+        return VQGANConfig(**config)
+    return DVAEModelConfig(**{**BEFORE_FIELDS, **config})
+
+
+def build(model_cfg: DVAEModelConfig | VQGANConfig) -> ImageTokenizer:
+    return VQGAN(model_cfg) if isinstance(model_cfg, VQGANConfig) else DiscreteVAE(model_cfg)
+
+
 def load(checkpoint_dir: str | Path) -> ImageTokenizer:
     """The image tokenizer saved in `checkpoint_dir` (weights and the config that rebuilds it), in eval
     mode: a DiscreteVAE, or a VQGAN (a pretrained one the stage recorded) where its config says so."""
     state, config, _ = checkpoint.load(checkpoint_dir, KIND)
-    if config.get("architecture") == VQGAN_ARCHITECTURE:
-        model = VQGAN(VQGANConfig(**config))
-    else:
-        model = DiscreteVAE(DVAEModelConfig(**{**BEFORE_FIELDS, **config}))
+    model = build(saved_architecture(config))
     model.load_state_dict(state)
     return model.eval()

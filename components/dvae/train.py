@@ -33,9 +33,8 @@ from ..training import TensorBatches, fit, ray_train
 from ..training.loop import unwrap
 from . import pretrained
 from .losses import PatchDiscriminator, PerceptualDistance, discriminator_loss, generator_loss
-from .model import (BEFORE_FIELDS, KIND, DiscreteVAE, DVAEModelConfig, ImageTokenizer, codebook_usage, kl_to_uniform,
-                    logit_laplace_nll, reconstruct, reconstruction_quality)
-from .vqgan import ARCHITECTURE as VQGAN_ARCHITECTURE
+from .model import (BEFORE_FIELDS, KIND, DiscreteVAE, DVAEModelConfig, ImageTokenizer, build, codebook_usage,
+                    kl_to_uniform, logit_laplace_nll, reconstruct, reconstruction_quality, saved_architecture)
 from .vqgan import VQGAN, VQGANConfig
 
 # held-out scenes the reconstruction oracle reads, on the shapes corpus
@@ -192,14 +191,10 @@ def architecture(cfg: DVAEConfig, image_size: int) -> DVAEModelConfig | VQGANCon
     """What the stage trains: a VQGAN where `cfg.init_from` is one (its own architecture, from its
     checkpoint), else the dVAE `cfg` describes."""
     if cfg.init_from:
-        saved, _ = checkpoint.read_config(cfg.init_from, KIND)
-        if saved.get("architecture") == VQGAN_ARCHITECTURE:
-            return VQGANConfig(**{**saved, "image_size": image_size})
+        saved = saved_architecture(checkpoint.read_config(cfg.init_from, KIND)[0])
+        if isinstance(saved, VQGANConfig):
+            return saved.model_copy(update={"image_size": image_size})
     return model_config(cfg, image_size)
-
-
-def build(model_cfg: DVAEModelConfig | VQGANConfig) -> ImageTokenizer:
-    return VQGAN(model_cfg) if isinstance(model_cfg, VQGANConfig) else DiscreteVAE(model_cfg)
 
 
 def train_worker(config: dict[str, Any]) -> None:

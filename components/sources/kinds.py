@@ -248,9 +248,8 @@ def _parquet_items(root: Path, data: DataConfig) -> Iterator[Item]:
         names = parquet.schema_arrow.names
         if data.image_col not in names:
             raise ValueError(f"{path}: no column {data.image_col!r} (data.image_col); columns are {names}")
-        strings = [field.name for field in parquet.schema_arrow
-                   if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)]
-        caption_col = columns.pick(names, data.caption_col, "caption", path, strings)
+        caption_col = columns.pick(names, data.caption_col, "caption", path,
+                                   columns.string_columns(parquet.schema_arrow))
         row = 0
         for batch in parquet.iter_batches(batch_size=256, columns=[data.image_col, caption_col]):
             for image, caption in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
