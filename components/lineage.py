@@ -53,7 +53,7 @@ def _shard_profile(shards: list[Path], digest_of: str) -> dict[str, Any]:
 def curated_corpus(curated_dir: str | Path) -> DatasetRef:
     """The curated training shards of `curated_dir`, digested as the filter stage's `data_digest` where its
     report is there (the URL and image hash of every training sample), else by the shards' names and sizes."""
-    from .filter.run import REPORT_NAME, corpus_digest, read_report
+    from .filter.run import REPORT_NAME, report_digest
 
     curated_dir = Path(curated_dir).resolve()
     shards = shard_paths(curated_dir)
@@ -61,7 +61,7 @@ def curated_corpus(curated_dir: str | Path) -> DatasetRef:
         raise FileNotFoundError(f"no curated shards (*.tar) in {curated_dir}")
     report = curated_dir / REPORT_NAME
     if report.is_file():
-        digest, digest_of = corpus_digest(read_report(report)), f"training samples in {REPORT_NAME}"
+        digest, digest_of = report_digest(report), f"training samples in {REPORT_NAME}"
     else:
         digest, digest_of = listing_digest(shards, curated_dir), "shard names and sizes"
     return DatasetRef(CURATED_CORPUS, curated_dir.as_uri(), digest, _shard_profile(shards, digest_of))

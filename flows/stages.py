@@ -59,13 +59,14 @@ class Stages:
     cache: StageCache
     rerun: frozenset[str] = frozenset()  # stage names to run even when cached; EVERY_STAGE for every stage
 
-    def run(self, function: Callable[..., Result], *args: Any, accumulates: bool = False,
+    def run(self, function: Callable[..., Result], *args: Any, accumulates: bool = False, on_ray: bool = False,
             **kwargs: Any) -> StageRecord[Result]:
         """In the task of a stage (`stage_task`): `function(*args, **kwargs, out_dir=<stage folder>[,
         tracker=<stage run>])` in a nested MLflow run, unless a stage finished with the same key: then log
         that it was reused (tags `cache`, `built_by_run`) and return its record. The result is shown on the
         stage's run either way (`show_result`). `accumulates`: the folder is named by the call's settings and
-        input locations (a growing URL list keeps its folder), not by its key."""
+        input locations (a growing URL list keeps its folder), not by its key. `on_ray`: the function spreads its
+        work over the Ray session open in this process (`components/parallel.py`): join the cluster first."""
         name = current_stage()
         bound = bind_call(function, args, kwargs)
         key = self.cache.call_key(name, function, bound.arguments)
@@ -91,6 +92,10 @@ class Stages:
             call = dict(bound.arguments, **{OUTPUT_DIR: folder})
             if TRACKER in inspect.signature(function).parameters:
                 call[TRACKER] = tracker
+            if on_ray:
+                from dalle_pipeline.components.cluster import connect
+
+                connect()
             with self._slot(name, tracker), stage_progress(name, tracker):
                 result = function(**call)
             show_result(result, tracker)
@@ -218,7 +223,8 @@ def ingest(cfg: PipelineConfig, stages: Stages) -> StageRecord[DownloadResult]:
 
     data = cfg.data.model_copy(update={"source": str(Path(cfg.data.source).expanduser().resolve())})
     # one folder per source location and settings: a folder that grows ingests only its new files
-    record = stages.run(run, data, cfg.download_settings(), image_size=cfg.corpus.image_size, accumulates=True)
+    record = stages.run(run, data, cfg.download_settings(), image_size=cfg.corpus.image_size, accumulates=True,
+                        on_ray=True)
     print(record.outputs.describe("ingested"))
     return record
 
@@ -231,7 +237,7 @@ def filter_corpus(cfg: PipelineConfig, downloaded: StageRecord[DownloadResult],
     from dalle_pipeline.components.filter.run import require_usable, run
 
     record = stages.run(run, cfg.filter_settings(), downloaded.outputs.shards_dir,
-                        holdout_fraction=cfg.holdout_fraction, accumulates=True)
+                        holdout_fraction=cfg.holdout_fraction, accumulates=True, on_ray=True)
     print(record.outputs.describe())
     create_table_artifact(record.outputs.report_rows(), key="filter-report",
                           description="Samples kept and dropped, by reason")

@@ -25,7 +25,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class DownloadResult:
     stats_files: list[Path]
     batches: list[Path]
     new_urls: int = 0  # URLs this call attempted (0 when the list held nothing new)
+    shards_by_node: dict[str, int] = field(default_factory=dict)  # shards each Ray node wrote in this call (ingest)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -163,8 +164,14 @@ def _table_digest(table: pa.Table) -> bytes:
 
 
 def batch_settings(cfg: DownloadConfig, image_size: int) -> dict[str, Any]:
-    """The settings that shape a batch's images, recorded in its `_SUCCESS`."""
-    return {"image_size": image_size, **cfg.model_dump(mode="json", exclude=TRANSIENT_SETTINGS)}
+    """The settings that shape a batch's images, recorded in its `_SUCCESS` (the image format resolved)."""
+    return {"image_size": image_size, **cfg.model_dump(mode="json", exclude=TRANSIENT_SETTINGS),
+            "encode_format": cfg.image_format(image_size)}
+
+
+def encode_quality(cfg: DownloadConfig, image_size: int) -> int:
+    """`encode_quality`, or the default of the image format: JPEG/WebP quality or PNG zlib level."""
+    return ENCODE_QUALITY[cfg.image_format(image_size)] if cfg.encode_quality is None else cfg.encode_quality
 
 
 def check_same_settings(batches: list[Path], settings: dict[str, Any]) -> None:
@@ -336,8 +343,8 @@ def _img2dataset_arguments(cfg: DownloadConfig, rows: pa.Table, batch_list: Path
         output_format="webdataset",
         image_size=image_size,
         resize_mode=cfg.resize_mode,
-        encode_format=cfg.encode_format,
-        encode_quality=ENCODE_QUALITY[cfg.encode_format] if cfg.encode_quality is None else cfg.encode_quality,
+        encode_format=cfg.image_format(image_size),
+        encode_quality=encode_quality(cfg, image_size),
         min_image_size=cfg.min_image_size,
         max_aspect_ratio=float("inf") if cfg.max_aspect_ratio is None else cfg.max_aspect_ratio,
         compute_hash=cfg.compute_hash,

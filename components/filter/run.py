@@ -20,56 +20,45 @@ stays put as the corpus grows, and a later copy of a held-out image is a duplica
 training sample.
 
 Work is per download shard: curated shard `<batch>-<shard>.tar`, then its report part in `_parts/`
-(the part's presence means the shard is done). A re-run with the same config reuses every part
-whose source shard is unchanged, reading the kept hashes back from the parts so duplicates are
-still caught across runs; new batches (a longer URL list) are filtered against everything kept
-before. A changed config redoes everything. The whole report is written last.
+(the part's presence means the shard is done). Everything a shard needs alone (decoding, checks,
+hashes, CLIP) runs as a task on the Ray cluster when the flow connected one (`checks.examine_shard`,
+`parallel.ordered_map`), as does writing the curated shards; only the duplicate verdicts are
+given here, in corpus order, against sorted hash runs (`dedup.py`), so the answers are those of
+one sequential pass. A re-run with the same config reuses every part whose source shard is
+unchanged, reading the kept hashes back from the parts so duplicates are still caught across
+runs; new batches (a longer URL list) are filtered against everything kept before. A changed
+config redoes everything. The report is written last, streamed from the parts with its counts
+and digest (one part in memory at a time).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import re
 import shutil
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
 
 from ..config import FilterConfig
-from ..download.fetch import reason_code
 from ..download.run import batch_shards, finished_batches
-from ..shards import HOLDOUT_DIR, Sample, holdout_rank, read_shard, shard_paths, write_shard
+from ..parallel import ordered_map, worker_node
+from ..shards import HOLDOUT_DIR, holdout_rank, read_shard, shard_paths, write_shard
 from ..storage import atomic_path, write_json
+from .checks import HELD_OUT, KEPT, REPORT_SCHEMA, Examined, ShardJob, examine_shard
 from .dedup import ExactIndex, NearDuplicateIndex, ShardDeduplicator
 
 REPORT_NAME = "filter_report.parquet"
 PARTS_DIR = "_parts"
 SETTINGS_NAME = "_filter_settings.json"
 FILTER_VERSION = 3  # bump when a change to this module changes verdicts: old parts are then redone
-KEPT = "kept"
-HELD_OUT = "held_out"
-REPORT_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("url", pa.string()),
-    ("stage", pa.string()),
-    ("kept", pa.bool_()),
-    ("reason", pa.string()),
-    ("sha256", pa.string()),
-    ("phash", pa.uint64()),
-    ("clip_score", pa.float32()),
-    ("original_width", pa.int32()),
-    ("original_height", pa.int32()),
-])
+DIGEST_KEY = b"data_digest"  # the report's metadata holds its corpus digest
 
 
 @dataclass(frozen=True)
@@ -84,6 +73,7 @@ class FilterResult:
     data_digest: str = ""  # of the training samples (URL or id, image sha256): names the data a model was trained on
     download_failures_by_reason: dict[str, int] = field(default_factory=dict)
     reused_shards: int = 0
+    shards_by_node: dict[str, int] = field(default_factory=dict)  # shards examined on each Ray node this call
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -106,70 +96,6 @@ class FilterResult:
                        for k, v in self.download_failures_by_reason.items()]
 
 
-def caption_problem(caption: str, cfg: FilterConfig, blocklist: re.Pattern[str] | None = None) -> str | None:
-    """Why a caption is unusable, or None. Length is counted after stripping whitespace."""
-    text = caption.strip()
-    if not text:
-        return "empty_caption"
-    if len(text) < cfg.min_caption_chars:
-        return "caption_too_short"
-    if len(text) > cfg.max_caption_chars:
-        return "caption_too_long"
-    if "\ufffd" in text:
-        return "caption_not_utf8"
-    if blocklist is not None and blocklist.search(text):
-        return "blocked_caption"
-    return None
-
-
-def blocklist_pattern(words: Iterable[str]) -> re.Pattern[str] | None:
-    """One case-insensitive pattern matching any listed word or phrase as whole words."""
-    words = [word.strip() for word in words if word.strip()]
-    if not words:
-        return None
-    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(word) for word in words) + r")(?!\w)", re.IGNORECASE)
-
-
-def image_problem(image: Image.Image | None, original_size: tuple[int, int], cfg: FilterConfig) -> str | None:
-    """Why an image is unusable, or None; `image` None means it did not decode."""
-    if image is None:
-        return "undecodable"
-    width, height = original_size
-    if min(width, height) < cfg.min_image_size:
-        return "too_small"
-    if max(width, height) / max(1, min(width, height)) > cfg.max_aspect_ratio:
-        return "aspect_ratio"
-    return None
-
-
-def decode(image_bytes: bytes) -> Image.Image | None:
-    """The image, fully decoded (a truncated file fails here, not in training), or None."""
-    try:
-        image = Image.open(io.BytesIO(image_bytes))
-        image.load()
-        return image
-    except Exception:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
-        return None
-
-
-def _dct_matrix(n: int) -> np.ndarray:
-    k, i = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    matrix = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2 / n)
-    matrix[0] /= np.sqrt(2)
-    return matrix
-
-
-_DCT32 = _dct_matrix(32)
-
-
-def perceptual_hash(image: Image.Image) -> int:
-    """64-bit pHash: the signs of the 8x8 lowest DCT frequencies of a 32x32 grey image about their median."""
-    grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
-    low = (_DCT32 @ grey @ _DCT32.T)[:8, :8].ravel()
-    bits = low > np.median(low)
-    return int(np.packbits(bits).view(">u8")[0])
-
-
 class _Deduplicator:
     """What was kept so far, by sha256 and perceptual hash, across shards, batches and runs (dedup.py)."""
 
@@ -178,14 +104,64 @@ class _Deduplicator:
         self.exact = ExactIndex() if exact else None
         self.near = None if cfg.near_duplicate_distance is None else NearDuplicateIndex(cfg.near_duplicate_distance)
 
-    def shard(self, digests: list[str], hashes: list[int | None]) -> ShardDeduplicator:
-        return ShardDeduplicator(self.exact, self.near, digests, hashes)
-
-    def remember(self, digests: list[str], hashes: list[int | None]) -> None:
+    def remember(self, part: pa.Table) -> None:
+        """Register a finished shard's kept samples (which may come from an earlier run)."""
+        kept = part.filter(part.column("kept"))
         if self.exact is not None:
-            self.exact.add(digests)
+            self.exact.add(kept.column("sha256").to_pylist())
         if self.near is not None:
-            self.near.add([h for h in hashes if h is not None])
+            self.near.add(kept.column("phash").drop_null().to_numpy())
+
+    def decide(self, examined: Examined, holdout_fraction: float) -> pa.Table:
+        """The shard's rows with every candidate's verdict, in order: a duplicate of one kept before (in an
+        earlier shard or earlier in this one), else kept or held out."""
+        rows = examined.rows
+        reasons = rows.column("reason").to_pylist()
+        candidates = [i for i, (reason, stage) in enumerate(zip(reasons, rows.column("stage").to_pylist()))
+                      if reason is None and stage == "filter"]
+        digests = [rows.column("sha256")[i].as_py() for i in candidates]
+        hashes = [rows.column("phash")[i].as_py() for i in candidates]
+        urls = rows.column("url").to_pylist()
+        keys = rows.column("key").to_pylist()
+        shard = ShardDeduplicator(self.exact, self.near, digests, hashes)
+        for position, (row, digest, phash) in enumerate(zip(candidates, digests, hashes)):
+            verdict = shard.verdict(position, digest, phash)
+            if verdict is None:
+                verdict = HELD_OUT if holdout_rank(urls[row] or keys[row]) < holdout_fraction else KEPT
+                shard.keep(digest, phash)
+            reasons[row] = verdict
+        shard.finish()
+        reason_column = pa.array(reasons, pa.string())
+        kept = pc.is_in(reason_column, pa.array([KEPT, HELD_OUT]))
+        return rows.set_column(rows.schema.get_field_index("reason"), "reason", reason_column) \
+            .set_column(rows.schema.get_field_index("kept"), "kept", kept)
+
+
+@dataclass(frozen=True)
+class OutputsJob:
+    """Write one shard's curated outputs from its download shard, then its report part (last: done)."""
+
+    tar: Path
+    prefix: str
+    part: pa.Table
+    part_path: Path
+    curated: Path
+    held_out: Path
+    signature: str
+
+
+def write_shard_outputs(job: OutputsJob) -> str:
+    """The curated (and held-out) shard of `job`'s verdicts, then its part; the node it ran on."""
+    verdicts = dict(zip(job.part.column("key").to_pylist(), job.part.column("reason").to_pylist()))
+    samples = sorted(read_shard(job.tar), key=lambda sample: sample.key)
+    for sample in samples:
+        sample.key = job.prefix + sample.key  # batches number their keys from 0 each
+    write_shard(job.curated, (sample for sample in samples if verdicts.get(sample.key) == KEPT))
+    if HELD_OUT in verdicts.values():  # a held-out shard only where there are held-out samples
+        write_shard(job.held_out, (sample for sample in samples if verdicts.get(sample.key) == HELD_OUT))
+    with atomic_path(job.part_path) as staging:
+        pq.write_table(job.part.replace_schema_metadata({"source": job.signature}), staging)
+    return worker_node()
 
 
 def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path, holdout_fraction: float = 0.0) -> FilterResult:
@@ -208,122 +184,35 @@ def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path, holdout_
     write_json(out_dir / SETTINGS_NAME, settings)
     _remove_stale_outputs(out_dir, {_curated_name(batch, tar) for batch, tar, _ in sources})
 
-    checker = _Checker(cfg, holdout_fraction)
-    parts, reused, reusable = [], 0, True
-    for batch, tar, parquet in sources:
-        name = _curated_name(batch, tar)
-        part_path, signature = parts_dir / f"{name}.parquet", _signature(tar, parquet)
-        outputs = (out_dir / f"{name}.tar", out_dir / HOLDOUT_DIR / f"{name}.tar")
-        part = _reusable_part(part_path, outputs, signature) if reusable else None
+    dedupe = _Deduplicator(cfg)
+    outputs = [_outputs_of(out_dir, batch, tar) for batch, tar, _ in sources]
+    reused = 0
+    for (_, tar, parquet), (part_path, curated, held_out) in zip(sources, outputs):
+        part = _reusable_part(part_path, (curated, held_out), _signature(tar, parquet))
         if part is None:
-            reusable = False  # verdicts depend on what was kept before: redo everything after
-            part = checker.filter_shard(batch, tar, parquet, *outputs)
-            _write_part(part_path, part, signature)
-        else:
-            reused += 1
-            checker.remember(part)
-        parts.append(part)
+            break  # verdicts depend on what was kept before: redo everything after
+        dedupe.remember(part)
+        reused += 1
+    jobs = (ShardJob(tar, parquet, batch.name.removeprefix("batch-"), cfg, dedupe.near is not None)
+            for batch, tar, parquet in sources[reused:])
+    nodes: Counter[str] = Counter()
 
-    report = pa.concat_tables(parts)
-    with atomic_path(report_path) as staging:
-        pq.write_table(report, staging, compression="zstd")
-    return _result(out_dir, report_path, report, reused)
+    def decided(examined: Iterator[Examined]) -> Iterator[OutputsJob]:
+        for shard, (part_path, curated, held_out) in zip(examined, outputs[reused:]):
+            nodes[shard.node] += 1
+            yield OutputsJob(shard.job.tar, shard.job.prefix, dedupe.decide(shard, holdout_fraction), part_path,
+                             curated, held_out, _signature(shard.job.tar, shard.job.parquet))
 
-
-class _Checker:
-    def __init__(self, cfg: FilterConfig, holdout_fraction: float) -> None:
-        self.cfg = cfg
-        self.holdout_fraction = holdout_fraction
-        self.blocklist = blocklist_pattern(cfg.caption_blocklist)
-        self.dedupe = _Deduplicator(cfg)
-        self._clip = None
-
-    def remember(self, part: pa.Table) -> None:
-        """Register a finished shard's kept samples (which may come from an earlier run)."""
-        kept = part.filter(part.column("kept"))
-        self.dedupe.remember(kept.column("sha256").to_pylist(), kept.column("phash").to_pylist())
-
-    def filter_shard(self, batch: Path, tar: Path, parquet: Path | None, curated: Path, held_out: Path) -> pa.Table:
-        prefix = batch.name.removeprefix("batch-")
-        rows = _download_failures(parquet, prefix) if parquet is not None else []
-        samples, candidates = [], []
-        # in key order, not the tar's: img2dataset's threads write a shard's samples as their downloads
-        # finish, and the trainers' batches follow the curated order (the same key must train the same
-        # weights: seed 0 drew recon oracle shape 0.996, 0.953 and 0.88 from three download orders)
-        for sample in sorted(read_shard(tar), key=lambda sample: sample.key):
-            sample.key = prefix + sample.key  # batches number their keys from 0 each
-            image = decode(sample.image_bytes)
-            original = _original_size(sample, image)
-            row = {
-                "key": sample.key, "url": sample.meta.get("url"), "stage": "filter",
-                "sha256": sample.meta.get("sha256") or hashlib.sha256(sample.image_bytes).hexdigest(),
-                "phash": None if image is None or self.dedupe.near is None else perceptual_hash(image),
-                "original_width": original[0], "original_height": original[1], "clip_score": None,
-                "reason": caption_problem(sample.caption, self.cfg, self.blocklist)
-                or image_problem(image, original, self.cfg),
-            }
-            rows.append(row)
-            samples.append(sample)
-            if row["reason"] is None:
-                candidates.append((row, sample, image))
-        self._score_with_clip(candidates)
-        verdicts = {}
-        shard = self.dedupe.shard([row["sha256"] for row, _, _ in candidates], [row["phash"] for row, _, _ in candidates])
-        for position, (row, _, _) in enumerate(candidates):
-            row["reason"] = row["reason"] or shard.verdict(position, row["sha256"], row["phash"]) or self._split(row)
-            if row["reason"] in (KEPT, HELD_OUT):
-                shard.keep(row["sha256"], row["phash"])
-                verdicts[row["key"]] = row["reason"]
-        shard.finish()
-        for row in rows:
-            row["kept"] = row["reason"] in (KEPT, HELD_OUT)
-        write_shard(curated, (sample for sample in samples if verdicts.get(sample.key) == KEPT))
-        if HELD_OUT in verdicts.values():  # a held-out shard only where there are held-out samples
-            write_shard(held_out, (sample for sample in samples if verdicts.get(sample.key) == HELD_OUT))
-        return pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
-
-    def _split(self, row: dict) -> str:
-        return HELD_OUT if holdout_rank(row["url"] or row["key"]) < self.holdout_fraction else KEPT
-
-    def _score_with_clip(self, candidates: list[tuple[dict, Sample, Image.Image]], batch_size: int = 256) -> None:
-        if self.cfg.clip_model is None or not candidates:
-            return
-        import torch
-
-        from ..clip.model import ClipScorer
-
-        if self._clip is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"  # scores come back to the CPU either way
-            self._clip = ClipScorer.from_spec(self.cfg.clip_model, self.cfg.clip_pretrained).to(device)
-        for start in range(0, len(candidates), batch_size):
-            chunk = candidates[start : start + batch_size]
-            size = self._clip.image_size
-            pixels = np.stack([np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
-                               for _, _, image in chunk])
-            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-            scores = self._clip.scores(images, [sample.caption for _, sample, _ in chunk]).tolist()
-            for (row, _, _), score in zip(chunk, scores):
-                row["clip_score"] = score
-                if score < self.cfg.clip_min_score:
-                    row["reason"] = "low_clip_score"
+    for node in ordered_map(write_shard_outputs, decided(ordered_map(examine_shard, jobs))):
+        nodes[node] += 0  # a node that only wrote is named too
+    summary = _write_report(report_path, [part_path for part_path, _, _ in outputs])
+    return FilterResult(curated_dir=out_dir, report_path=report_path, reused_shards=reused,
+                        shards_by_node=dict(sorted(nodes.items())), **summary)
 
 
-def _download_failures(parquet: Path, prefix: str) -> list[dict]:
-    """Report rows for the URLs img2dataset could not turn into a sample."""
-    table = pq.ParquetFile(parquet).read(columns=["key", "url", "status", "error_message"])
-    return [
-        {"key": prefix + row["key"], "url": row["url"], "stage": "download", "reason": reason_code(row["error_message"])}
-        for row in table.to_pylist()
-        if row["status"] != "success"
-    ]
-
-
-def _original_size(sample: Sample, image: Image.Image | None) -> tuple[int, int]:
-    """The size before img2dataset resized it, as it recorded; else the stored size."""
-    width, height = sample.meta.get("original_width"), sample.meta.get("original_height")
-    if width and height:
-        return int(width), int(height)
-    return image.size if image is not None else (0, 0)
+def _outputs_of(out_dir: Path, batch: Path, tar: Path) -> tuple[Path, Path, Path]:
+    name = _curated_name(batch, tar)
+    return out_dir / PARTS_DIR / f"{name}.parquet", out_dir / f"{name}.tar", out_dir / HOLDOUT_DIR / f"{name}.tar"
 
 
 def _curated_name(batch: Path, tar: Path) -> str:
@@ -348,11 +237,6 @@ def _reusable_part(part_path: Path, outputs: tuple[Path, Path], signature: str) 
     return part.replace_schema_metadata(None).cast(REPORT_SCHEMA)
 
 
-def _write_part(part_path: Path, part: pa.Table, signature: str) -> None:
-    with atomic_path(part_path) as staging:
-        pq.write_table(part.replace_schema_metadata({"source": signature}), staging)
-
-
 def _remove_stale_outputs(out_dir: Path, wanted: set[str]) -> None:
     """Curated shards and parts whose download shard is gone (a download folder started anew)."""
     for path in [*shard_paths(out_dir), *shard_paths(out_dir / HOLDOUT_DIR),
@@ -361,30 +245,64 @@ def _remove_stale_outputs(out_dir: Path, wanted: set[str]) -> None:
             path.unlink()
 
 
-def _result(out_dir: Path, report_path: Path, report: pa.Table, reused: int) -> FilterResult:
-    def counts(stage: str) -> dict[str, int]:
-        reasons = Counter(r for r, s in zip(report.column("reason").to_pylist(), report.column("stage").to_pylist())
-                          if s == stage and r not in (KEPT, HELD_OUT))
-        return dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0])))
+class CorpusDigest:
+    """A digest of the training samples of a report, their URLs (ids) and image hashes, that does not
+    depend on their order: the sum modulo 2^128 of each pair's hash, and the count. Fed part by part,
+    so a report of any size is digested in the memory of one part."""
 
-    reasons = Counter(report.column("reason").to_pylist())
-    return FilterResult(
-        curated_dir=out_dir,
-        report_path=report_path,
-        kept=reasons[KEPT],
-        held_out=reasons[HELD_OUT],
-        data_digest=corpus_digest(report),
-        dropped_by_reason=counts("filter"),
-        download_failures_by_reason=counts("download"),
-        reused_shards=reused,
-    )
+    def __init__(self) -> None:
+        self.total, self.count = 0, 0
+
+    def add(self, report: pa.Table) -> CorpusDigest:
+        kept = report.filter(pc.equal(report.column("reason"), KEPT))
+        for url, sha256 in zip(kept.column("url").to_pylist(), kept.column("sha256").to_pylist()):
+            pair = hashlib.sha256(json.dumps([url, sha256]).encode()).digest()
+            self.total = (self.total + int.from_bytes(pair[:16], "big")) % 2**128
+        self.count += kept.num_rows
+        return self
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(f"{self.count}:{self.total:032x}".encode()).hexdigest()[:16]
 
 
 def corpus_digest(report: pa.Table) -> str:
-    """A digest of the training samples of a report: their URLs (ids) and image hashes, in sorted order."""
-    kept = report.filter(pc.equal(report.column("reason"), KEPT))
-    pairs = sorted(zip(kept.column("url").to_pylist(), kept.column("sha256").to_pylist()), key=str)
-    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
+    """The `CorpusDigest` of a whole report table."""
+    return CorpusDigest().add(report).hexdigest()
+
+
+def _write_report(report_path: Path, parts: list[Path]) -> dict[str, Any]:
+    """The parts, in order, into one report (written last, atomically); its counts and digest, streamed."""
+    by_stage: dict[str, Counter[str]] = {"filter": Counter(), "download": Counter()}
+    digest = CorpusDigest()
+    with atomic_path(report_path) as staging:
+        with pq.ParquetWriter(staging, REPORT_SCHEMA, compression="zstd") as writer:
+            for path in parts:
+                part = pq.read_table(path).replace_schema_metadata(None).cast(REPORT_SCHEMA)
+                writer.write_table(part)
+                digest.add(part)
+                counted = part.group_by(["stage", "reason"]).aggregate([("key", "count")]).to_pylist()
+                for row in counted:
+                    by_stage.setdefault(row["stage"], Counter())[row["reason"]] += row["key_count"]
+            writer.add_key_value_metadata({DIGEST_KEY: digest.hexdigest().encode()})
+
+    def dropped(stage: str) -> dict[str, int]:
+        reasons = {r: n for r, n in by_stage[stage].items() if r not in (KEPT, HELD_OUT)}
+        return dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0])))
+
+    return {"kept": by_stage["filter"][KEPT], "held_out": by_stage["filter"][HELD_OUT],
+            "data_digest": digest.hexdigest(), "dropped_by_reason": dropped("filter"),
+            "download_failures_by_reason": dropped("download")}
+
+
+def report_digest(report_path: str | Path) -> str:
+    """The corpus digest the report was written with (its metadata), else computed from it."""
+    stored = (pq.read_metadata(report_path).metadata or {}).get(DIGEST_KEY)
+    if stored:
+        return stored.decode()
+    digest = CorpusDigest()
+    for batch in pq.ParquetFile(report_path).iter_batches(columns=["url", "sha256", "reason"]):
+        digest.add(pa.Table.from_batches([batch]))
+    return digest.hexdigest()
 
 
 def require_usable(result: FilterResult) -> FilterResult:

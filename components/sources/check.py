@@ -9,14 +9,17 @@ pointed at it, and a second check of a grown source reads only what is new.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from ..cluster import connect, disconnect
 from ..config import PipelineConfig
 from ..download.run import run as download
-from ..filter.run import FilterResult, read_report
+from ..filter.run import FilterResult
 from ..filter.run import run as filter_corpus
 from .ingest import run as ingest
 from .kinds import source_kind
@@ -55,18 +58,23 @@ def check_data(cfg: PipelineConfig, out_dir: str | Path | None = None, examples:
 
         out_dir = default_root() / "check-data" / f"{source.name}-{hashlib.sha256(str(source).encode()).hexdigest()[:8]}"
     out_dir = Path(out_dir)
-    if kind == "url_list":
-        download(cfg.download_settings(), source, out_dir / "download", cfg.corpus.image_size,
-                 url_col=cfg.data.url_col, caption_col=cfg.data.caption_col)
-    else:
-        ingest(cfg.data.model_copy(update={"source": str(source)}), cfg.download_settings(), out_dir / "download",
-               cfg.corpus.image_size)
-    result = filter_corpus(cfg.filter_settings(), out_dir / "download", out_dir / "curated")
-    report = read_report(result.report_path)
-    counts = {row["values"]: row["counts"] for row in pc.value_counts(report.column("reason")).to_pylist()}
-    counts = dict(sorted(counts.items(), key=lambda kv: (kv[0] != "kept", -kv[1], kv[0])))
+    connect()  # every core (of the cluster at RAY_ADDRESS, if set) reads, fits and checks the images
+    try:
+        if kind == "url_list":
+            download(cfg.download_settings(), source, out_dir / "download", cfg.corpus.image_size,
+                     url_col=cfg.data.url_col, caption_col=cfg.data.caption_col)
+        else:
+            ingest(cfg.data.model_copy(update={"source": str(source)}), cfg.download_settings(), out_dir / "download",
+                   cfg.corpus.image_size)
+        result = filter_corpus(cfg.filter_settings(), out_dir / "download", out_dir / "curated")
+    finally:
+        disconnect()
+    counts: Counter[str] = Counter()
     found: dict[str, list[str]] = {}
-    for reason, url in zip(report.column("reason").to_pylist(), report.column("url").to_pylist()):
-        if len(found.setdefault(reason, [])) < examples:
-            found[reason].append(str(url))
-    return DataCheck(kind=kind, result=result, counts=counts, examples=found)
+    for batch in pq.ParquetFile(result.report_path).iter_batches(columns=["reason", "url"]):  # a batch at a time
+        counts.update({row["values"]: row["counts"] for row in pc.value_counts(batch.column("reason")).to_pylist()})
+        for reason, url in zip(batch.column("reason").to_pylist(), batch.column("url").to_pylist()):
+            if len(found.setdefault(reason, [])) < examples:
+                found[reason].append(str(url))
+    ordered = dict(sorted(counts.items(), key=lambda kv: (kv[0] != "kept", -kv[1], kv[0])))
+    return DataCheck(kind=kind, result=result, counts=ordered, examples=found)

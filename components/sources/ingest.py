@@ -5,7 +5,10 @@ The result is laid out as the download stage lays out a URL list's images (see `
 status, error_message; `url` holds the item's id) and `*_stats.json`, and `_SUCCESS` written
 last, so the filter and everything after it read every source the same way. Only items that no
 finished batch attempted are read (a folder that grows adds its new files), a crashed ingest
-resumes at its first unfinished shard, and a lock keeps two writers out of one folder.
+resumes at its first unfinished shard, and a lock keeps two writers out of one folder. The source
+is streamed (a shard's items at a time), and each shard is read, fitted and written by a task on
+the Ray cluster when the flow connected one (`parallel.ordered_map`): every core of every node.
+A folder source must then lie where every node can read it (shared storage).
 
 Each image is read, checked as a download is (`fetch.damaged_image_reason`), turned upright by
 its EXIF orientation, made RGB (transparency over white, 16-bit scaled to 8), fitted to the
@@ -18,10 +21,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,8 +35,11 @@ from PIL import Image, ImageOps
 from ..config import DataConfig, DownloadConfig
 from ..images import as_rgb, resized
 from ..download.fetch import damaged_image_reason
-from ..download.run import (BATCH_PREFIX, ENCODE_QUALITY, SUCCESS_MARKER, DownloadResult, batch_settings,
-                            check_same_settings, exclusive, finished_batches, next_batch_number, summarise)
+from ..download.run import (BATCH_PREFIX, SUCCESS_MARKER, DownloadResult, batch_settings,
+                            check_same_settings, encode_quality, exclusive, finished_batches, next_batch_number,
+                            summarise)
+from ..filter.dedup import ExactIndex
+from ..parallel import ordered_map, worker_node
 from ..shards import Sample, write_shard
 from ..storage import atomic_path, write_json
 from .kinds import Item, items, source_kind
@@ -58,59 +65,121 @@ def run(data: DataConfig, cfg: DownloadConfig, out_dir: str | Path, image_size: 
     with exclusive(out_dir, "ingest"):
         batches = finished_batches(out_dir)
         check_same_settings(batches, settings)
-        attempted = {url for batch in batches for path in sorted(batch.glob("[0-9]*.parquet"))
-                     for url in pq.read_table(path, columns=["url"]).column("url").to_pylist()}
-        new_items = [item for item in items(kind, data) if item.item_id not in attempted]
-        if new_items:
-            batch = out_dir / f"{BATCH_PREFIX}{next_batch_number(batches):05d}"
-            _ingest_batch(new_items, batch, cfg, image_size, settings)
-    return summarise(out_dir, new_urls=len(new_items))
+        batch = out_dir / f"{BATCH_PREFIX}{next_batch_number(batches):05d}"
+        result = _ingest_batch(_unattempted(items(kind, data), batches), batch, cfg, image_size, settings)
+    return replace(summarise(out_dir, new_urls=result.items), shards_by_node=result.shards_by_node)
 
 
-def _ingest_batch(new_items: list[Item], batch: Path, cfg: DownloadConfig, image_size: int, settings: dict) -> None:
+def _unattempted(source: Iterable[Item], batches: list[Path], block: int = 4096) -> Iterator[Item]:
+    """The items no finished batch attempted, in source order; what was attempted is held as sorted
+    128-bit hashes of the ids (16 bytes an item), never as Python strings."""
+    attempted = ExactIndex()
+    for batch in batches:
+        for path in sorted(batch.glob("[0-9]*.parquet")):
+            attempted.add(_id_digests(pq.read_table(path, columns=["url"]).column("url").to_pylist()))
+    for chunk in _chunks(source, block):
+        seen = attempted.contains(_id_digests([item.item_id for item in chunk])) if len(attempted) else None
+        yield from (item for index, item in enumerate(chunk) if seen is None or not seen[index])
+
+
+def _id_digests(ids: list[str]) -> list[str]:
+    return [hashlib.sha256(item_id.encode("utf-8")).hexdigest() for item_id in ids]
+
+
+def _chunks(source: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    chunk: list[Item] = []
+    for item in source:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass(frozen=True)
+class _Ingested:
+    items: int
+    shards_by_node: dict[str, int]
+
+
+def _ingest_batch(new_items: Iterable[Item], batch: Path, cfg: DownloadConfig, image_size: int,
+                  settings: dict) -> _Ingested:
+    """The new items as shards of a staging folder, each a task on the Ray cluster when one is connected;
+    renamed into `batch` when all are done. A shard finished before a crash is kept when it holds the
+    same items (its parquet's ids), so an ingest resumes where it stopped."""
     staging = batch.with_name(f".{batch.name}.partial")
-    ids = json.dumps([item.item_id for item in new_items])
-    request = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + ids.encode()).hexdigest()
-    request_file = staging / "_REQUEST"
-    if not request_file.is_file() or request_file.read_text() != request:
+    recorded = staging / "_SETTINGS"
+    wanted = json.dumps(settings, sort_keys=True)
+    if not recorded.is_file() or recorded.read_text() != wanted:
         shutil.rmtree(staging, ignore_errors=True)  # another request's leftovers: start afresh
     staging.mkdir(parents=True, exist_ok=True)
-    request_file.write_text(request)
+    recorded.write_text(wanted)
     per_shard = cfg.samples_per_shard
     digits = max(4, len(str(per_shard - 1)))
-    for shard in range(math.ceil(len(new_items) / per_shard)):
-        if (staging / f"{shard:05d}_stats.json").is_file():
-            continue  # finished before a crash
-        _ingest_shard(new_items[shard * per_shard : (shard + 1) * per_shard], staging, shard, digits, cfg,
-                      image_size)
-    request_file.unlink()
-    write_json(staging / SUCCESS_MARKER, {"settings": settings, "urls": len(new_items)})
+    counted = {"items": 0, "shards": 0}
+
+    def jobs() -> Iterator[ShardOfItems]:
+        for shard, chunk in enumerate(_chunks(new_items, per_shard)):
+            counted["items"] += len(chunk)
+            counted["shards"] = shard + 1
+            if not _finished(staging, shard, [item.item_id for item in chunk]):
+                yield ShardOfItems(chunk, staging, shard, digits, cfg, image_size)
+
+    nodes = Counter(ordered_map(ingest_shard, jobs()))
+    if not counted["items"]:
+        shutil.rmtree(staging, ignore_errors=True)
+        return _Ingested(0, {})
+    for path in staging.glob("[0-9]*"):  # shards of an earlier, longer request
+        if int(path.name[:5]) >= counted["shards"]:
+            path.unlink()
+    recorded.unlink()
+    write_json(staging / SUCCESS_MARKER, {"settings": settings, "urls": counted["items"]})
     os.replace(staging, batch)
+    return _Ingested(counted["items"], dict(sorted(nodes.items())))
 
 
-def _ingest_shard(chunk: list[Item], staging: Path, shard: int, digits: int, cfg: DownloadConfig,
-                  image_size: int) -> None:
+def _finished(staging: Path, shard: int, ids: list[str]) -> bool:
+    if not (staging / f"{shard:05d}_stats.json").is_file():
+        return False
+    return pq.read_table(staging / f"{shard:05d}.parquet", columns=["url"]).column("url").to_pylist() == ids
+
+
+@dataclass(frozen=True)
+class ShardOfItems:
+    """One shard's items to read, fit and write (a Ray task's job: `ingest_shard`)."""
+
+    items: list[Item]
+    staging: Path
+    shard: int
+    digits: int
+    cfg: DownloadConfig
+    image_size: int
+
+
+def ingest_shard(job: ShardOfItems) -> str:
+    """Write one shard (tar, per-item parquet, then its stats: the shard is done); the node it ran on."""
     rows, samples = [], []
-    for index, item in enumerate(chunk):
-        key = f"{shard:05d}{index:0{digits}d}"
-        reason, fitted = _read(item, cfg, image_size)
+    for index, item in enumerate(job.items):
+        key = f"{job.shard:05d}{index:0{job.digits}d}"
+        reason, fitted = _read(item, job.cfg, job.image_size)
         rows.append({"key": key, "url": item.item_id, "status": "success" if reason is None else "failed_to_download",
                      "error_message": reason, "caption": item.caption})
         if fitted is not None:
             width, height = fitted.original_size
             meta = {**item.meta, "url": item.item_id, "key": key, "caption": item.caption,
                     "original_width": width, "original_height": height, "sha256": fitted.sha256}
-            samples.append(Sample(key=key, image_bytes=fitted.data, image_ext=cfg.encode_format,
+            samples.append(Sample(key=key, image_bytes=fitted.data, image_ext=job.cfg.image_format(job.image_size),
                                   caption=item.caption or "", meta=meta))
-    status: dict[str, int] = {}
-    for row in rows:
-        status[row["error_message"] or "success"] = status.get(row["error_message"] or "success", 0) + 1
-    write_shard(staging / f"{shard:05d}.tar", samples)
-    with atomic_path(staging / f"{shard:05d}.parquet") as path:
+    status = Counter(row["error_message"] or "success" for row in rows)
+    name = f"{job.shard:05d}"
+    write_shard(job.staging / f"{name}.tar", samples)
+    with atomic_path(job.staging / f"{name}.parquet") as path:
         pq.write_table(pa.Table.from_pylist(rows, schema=ITEM_SCHEMA), path)
-    write_json(staging / f"{shard:05d}_stats.json", {  # last: its presence means the shard is done
+    write_json(job.staging / f"{name}_stats.json", {  # last: its presence means the shard is done
         "count": len(rows), "successes": len(samples), "failed_to_download": len(rows) - len(samples),
-        "failed_to_resize": 0, "status_dict": status})
+        "failed_to_resize": 0, "status_dict": dict(status)})
+    return worker_node()
 
 
 def _read(item: Item, cfg: DownloadConfig, image_size: int) -> tuple[str | None, Fitted | None]:
@@ -146,7 +215,7 @@ def fit(data: bytes, cfg: DownloadConfig, image_size: int) -> tuple[str | None, 
             return "aspect_ratio_too_large", None
         image = resized(as_rgb(image), image_size, cfg.resize_mode)
     buffer = io.BytesIO()
-    quality = ENCODE_QUALITY[cfg.encode_format] if cfg.encode_quality is None else cfg.encode_quality
-    options = {"compress_level": quality} if cfg.encode_format == "png" else {"quality": quality}
-    image.save(buffer, format=PIL_FORMATS[cfg.encode_format], **options)
+    image_format, quality = cfg.image_format(image_size), encode_quality(cfg, image_size)
+    options = {"compress_level": quality} if image_format == "png" else {"quality": quality}
+    image.save(buffer, format=PIL_FORMATS[image_format], **options)
     return None, Fitted(buffer.getvalue(), (width, height), hashlib.sha256(data).hexdigest())

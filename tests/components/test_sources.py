@@ -337,3 +337,17 @@ def test_a_source_fingerprint_changes_when_a_file_is_added_grows_or_is_rewritten
     assert source_id(listing) == source_id(str(listing)) and len(source_id(listing)) == 12
     with pytest.raises(FileNotFoundError, match="does not exist"):
         source_fingerprint(tmp_path / "missing")
+
+
+def test_shards_hold_jpegs_from_256_px_and_pngs_below_unless_told(tmp_path):
+    root = tmp_path / "pictures"
+    root.mkdir()
+    (root / "a.png").write_bytes(encode(halves(RED, BLUE, (300, 300))))
+    (root / "a.txt").write_text("red over blue")
+    formats = {}
+    for size, chosen in ((256, "auto"), (64, "auto"), (256, "png")):
+        out = tmp_path / f"dl-{size}-{chosen}"
+        ingest(DataConfig(source=str(root)), DownloadConfig(encode_format=chosen), out, size)
+        sample = next(iter_samples(out / "batch-00000"))
+        formats[size, chosen] = (sample.image_ext, Image.open(io.BytesIO(sample.image_bytes)).format)
+    assert formats == {(256, "auto"): ("jpg", "JPEG"), (64, "auto"): ("png", "PNG"), (256, "png"): ("png", "PNG")}

@@ -1,0 +1,166 @@
+"""The data stages on Ray: the same corpus and report as in one process, on both nodes of a cluster,
+after a data worker is killed, and after an ingest is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from local_processes import NO_AUTH
+from test_filter import _encode, _picture
+from test_ray_cluster import local_cluster
+
+from dalle_pipeline.components.config import DataConfig, DownloadConfig, FilterConfig
+from dalle_pipeline.components.filter import read_report
+from dalle_pipeline.components.filter import run as filter_run
+from dalle_pipeline.components.shards import iter_samples, shard_paths
+from dalle_pipeline.components.sources import run as ingest
+
+FILTER = FilterConfig(near_duplicate_distance=4, min_image_size=16)
+
+
+def captioned_folder(root: Path, count: int, side: int = 48) -> Path:
+    """`count` distinct pictures with captions, every tenth a copy of an earlier one (a duplicate to find)."""
+    root.mkdir(parents=True)
+    for index in range(count):
+        picture = _picture(index - 5 if index % 10 == 9 else index, side)
+        (root / f"{index:04d}.png").write_bytes(_encode(picture))
+        (root / f"{index:04d}.txt").write_text(f"picture number {index}")
+    return root
+
+
+def curate(source: Path, out: Path, per_shard: int = 8, holdout: float = 0.2):
+    downloaded = ingest(DataConfig(source=str(source)), DownloadConfig(samples_per_shard=per_shard), out / "dl", 32)
+    return downloaded, filter_run(FILTER, out / "dl", out / "curated", holdout_fraction=holdout)
+
+
+def corpus_of(curated: Path) -> list[tuple]:
+    """Every curated sample (held-out included) as comparable values."""
+    return [(sample.key, sample.caption, sample.image_bytes, json.dumps(sample.meta, sort_keys=True))
+            for folder in (curated, curated / "holdout") for sample in iter_samples(folder)]
+
+
+def test_on_ray_the_data_stages_curate_what_one_process_curates(tmp_path, local_ray):
+    source = captioned_folder(tmp_path / "source", 40)
+    downloaded, on_ray = curate(source, tmp_path / "ray")
+    assert set(downloaded.shards_by_node) - {"local"} and set(on_ray.shards_by_node) - {"local"}  # Ray tasks did it
+    import ray
+
+    ray.shutdown()  # the same calls without a Ray session: in this process
+    _, here = curate(source, tmp_path / "here")
+    assert here.shards_by_node == {"local": 5}
+    assert read_report(on_ray.report_path).equals(read_report(here.report_path))
+    assert corpus_of(on_ray.curated_dir) == corpus_of(here.curated_dir)
+    assert on_ray.dropped_by_reason == here.dropped_by_reason == {"duplicate": 4}
+    assert on_ray.data_digest == here.data_digest and on_ray.kept + on_ray.held_out == 36
+
+
+DRIVER = """
+import json, sys
+import ray
+sys.path[:0] = sys.argv[4:]
+from test_data_on_ray import curate
+from pathlib import Path
+ray.init(address=sys.argv[1], include_dashboard=False, configure_logging=False)
+downloaded, curated = curate(Path(sys.argv[2]), Path(sys.argv[3]), per_shard=4)
+print("RESULT " + json.dumps({"ingest": downloaded.shards_by_node, "filter": curated.shards_by_node,
+                              "nodes": [node["NodeID"] for node in ray.nodes() if node["Alive"]]}))
+"""
+
+
+@pytest.mark.slow  # two-node Ray
+def test_both_nodes_of_a_cluster_ingest_and_filter(tmp_path, monkeypatch):
+    source = captioned_folder(tmp_path / "source", 64, side=96)
+    for address in local_cluster(monkeypatch, "data-nodes", 1, [1]):
+        proc = subprocess.run([sys.executable, "-c", DRIVER, address, str(source), str(tmp_path / "out"),
+                               str(Path(__file__).parent), str(Path(__file__).parent.parent)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **NO_AUTH})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+        # 16 shards, four tasks in flight on two nodes of one CPU: each node takes some
+        assert sorted(result["ingest"]) == sorted(result["nodes"]) == sorted(result["filter"])
+        assert sum(result["ingest"].values()) == sum(result["filter"].values()) == 16
+    _, here = curate(source, tmp_path / "here", per_shard=4)
+    assert read_report(tmp_path / "out" / "curated" / "filter_report.parquet").equals(read_report(here.report_path))
+
+
+def kill_first(name: str, killed: list[int], stop: threading.Event) -> None:
+    """SIGKILL the first process of this process tree whose title names `name` (a Ray task running)."""
+    me = psutil.Process()
+    while not stop.is_set() and not killed:
+        for process in me.children(recursive=True):
+            try:
+                if name in " ".join(process.cmdline()):
+                    process.send_signal(signal.SIGKILL)
+                    killed.append(process.pid)
+                    return
+            except psutil.Error:
+                continue
+        time.sleep(0.005)
+
+
+@pytest.mark.slow  # a Ray worker killed mid-task
+def test_a_data_worker_killed_mid_filter_changes_nothing(tmp_path, local_ray):
+    source = captioned_folder(tmp_path / "source", 96, side=192)
+    ingest(DataConfig(source=str(source)), DownloadConfig(samples_per_shard=8), tmp_path / "dl", 192)
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_first, args=("ray::examine_shard", killed, stop), daemon=True)
+    killer.start()
+    try:
+        result = filter_run(FILTER, tmp_path / "dl", tmp_path / "curated", holdout_fraction=0.2)
+    except Exception:  # Ray gave the task up: the stage is run again, as a flow's retry would
+        result = filter_run(FILTER, tmp_path / "dl", tmp_path / "curated", holdout_fraction=0.2)
+    stop.set()
+    assert killed, "no filter task was seen running"
+    import ray
+
+    ray.shutdown()
+    unbroken = filter_run(FILTER, tmp_path / "dl", tmp_path / "unbroken", holdout_fraction=0.2)
+    assert read_report(result.report_path).equals(read_report(unbroken.report_path))
+    assert corpus_of(result.curated_dir) == corpus_of(unbroken.curated_dir)
+
+
+INGEST = """
+import sys
+from dalle_pipeline.components.config import DataConfig, DownloadConfig
+from dalle_pipeline.components.sources import run
+run(DataConfig(source=sys.argv[1]), DownloadConfig(samples_per_shard=4), sys.argv[2], 128)
+"""
+
+
+@pytest.mark.slow  # an ingest killed with SIGKILL, then run again
+def test_an_ingest_killed_midway_resumes_to_the_same_batch(tmp_path):
+    source = captioned_folder(tmp_path / "source", 120, side=256)
+    out = tmp_path / "dl"
+    proc = subprocess.Popen([sys.executable, "-c", INGEST, str(source), str(out)])
+    staging = out / ".batch-00000.partial"
+    deadline = time.monotonic() + 120
+    while len(list(staging.glob("*_stats.json"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(staging.glob("*_stats.json")))
+    assert 3 <= done_before < 30 and not (out / "batch-00000").exists()
+    resumed = ingest(DataConfig(source=str(source)), DownloadConfig(samples_per_shard=4), out, 128)
+    unbroken = ingest(DataConfig(source=str(source)), DownloadConfig(samples_per_shard=4), tmp_path / "whole", 128)
+    assert resumed.successes == unbroken.successes == 120 and resumed.new_urls == 120
+    batches = [shard_paths(folder / "batch-00000") for folder in (out, tmp_path / "whole")]
+    assert [p.name for p in batches[0]] == [p.name for p in batches[1]]
+    for mine, theirs in zip(*batches):
+        assert [(s.key, s.caption, s.image_bytes) for s in iter_samples_of(mine)] == \
+            [(s.key, s.caption, s.image_bytes) for s in iter_samples_of(theirs)]
+
+
+def iter_samples_of(shard: Path):
+    from dalle_pipeline.components.shards import read_shard
+
+    return list(read_shard(shard))
