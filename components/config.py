@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .dotted import ConfigError, merge_trees, parse_override, set_dotted
+from .dotted import ConfigError, dotted_overrides, merge_trees, parse_override, set_dotted, validation_problems
 from .presets import PRESETS
 from .saved_configs import upgrade
 
@@ -414,26 +414,6 @@ class PipelineConfig(StageConfig):
                 f"({self.clip.patch_size})"
             )
         return self
-
-
-def dotted_overrides(overrides: Any) -> dict[str, Any]:
-    """Any form of overrides as a dict of dotted fields: a `PipelineOverrides` (its fields that are
-    not None), a dict (as it is: dotted or nested keys, where None sets the field to None) or `k=v`
-    strings (values read as JSON)."""
-    if overrides is None:
-        return {}
-    if hasattr(overrides, "dotted"):  # a PipelineOverrides (overrides.py builds it from these configs)
-        return overrides.dotted()
-    if isinstance(overrides, list):
-        return dict(parse_override(item) for item in overrides)
-    if isinstance(overrides, dict):
-        return dict(overrides)
-    raise ConfigError(f"overrides must be a PipelineOverrides, a dict or a list of field=value strings, "
-                      f"not {type(overrides).__name__}")
-
-
-def validation_problems(err: ValidationError, root: str = "config") -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or root}: {e['msg']}" for e in err.errors())
 
 
 def resolve(preset: str = "tiny", overrides: Any = None,

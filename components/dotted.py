@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import ValidationError
+
 
 class ConfigError(ValueError):
     """A preset name or an override that cannot be applied; the message names the field."""
@@ -41,3 +43,23 @@ def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+def dotted_overrides(overrides: Any) -> dict[str, Any]:
+    """Any form of overrides as a dict of dotted fields: a `PipelineOverrides` (its fields that are
+    not None), a dict (as it is: dotted or nested keys, where None sets the field to None) or `k=v`
+    strings (values read as JSON)."""
+    if overrides is None:
+        return {}
+    if hasattr(overrides, "dotted"):  # a PipelineOverrides (overrides.py builds it from these configs)
+        return overrides.dotted()
+    if isinstance(overrides, list):
+        return dict(parse_override(item) for item in overrides)
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    raise ConfigError(f"overrides must be a PipelineOverrides, a dict or a list of field=value strings, "
+                      f"not {type(overrides).__name__}")
+
+
+def validation_problems(err: ValidationError, root: str = "config") -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or root}: {e['msg']}" for e in err.errors())
