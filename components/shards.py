@@ -3,7 +3,8 @@
 A shard is a plain tar whose members are `<key>.<ext>`; the members sharing a key form one
 sample (`png`/`jpg`/`webp` image, `txt` caption, `json` metadata), as img2dataset writes them.
 A curated corpus is a folder of shards, its held-out samples (your corpus's evaluation set) in
-the shards of its `holdout/` subfolder, which no training stage reads.
+the shards of its `holdout/` subfolder, which no training stage reads. Shards are streamed member
+by member; `read_captions` gives a shard's samples without reading their images.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+TEXT_EXTENSIONS = ("txt", "json")
 HOLDOUT_DIR = "holdout"  # the curated corpus's held-out shards
 # keys become tar member names (and file names wherever a shard is unpacked): plain names only
 SAFE_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")
@@ -52,6 +55,15 @@ class Sample:
         return np.asarray(self.image())
 
 
+class SampleText(NamedTuple):
+    """A sample without its image: what reading captions at scale needs (`image_ext` says which member holds it)."""
+
+    key: str
+    caption: str
+    meta: dict
+    image_ext: str
+
+
 def holdout_rank(url: str) -> float:
     """Where an item falls in [0, 1), from a hash of its URL or id: below the holdout fraction it is held out."""
     return int.from_bytes(hashlib.sha256(url.encode("utf-8")).digest()[:8], "big") / 2**64
@@ -63,59 +75,101 @@ def shard_paths(shards_dir: str | Path) -> list[Path]:
 
 def read_shard(path: str | Path) -> Iterator[Sample]:
     """Samples of one shard in file order; members without an image are skipped."""
+    for key, parts in _sample_parts(path).items():
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
+        if image_ext is not None:
+            caption, meta = _caption_and_meta(parts)
+            yield Sample(key=key, image_bytes=parts[image_ext], image_ext=image_ext, caption=caption, meta=meta)
+
+
+def read_captions(path: str | Path) -> Iterator[SampleText]:
+    """The samples `read_shard` yields, in the same order, reading only their `txt` and `json` members:
+    image bodies are skipped on disk, so memory holds one shard's captions, never its images."""
+    for key, parts in _sample_parts(path, TEXT_EXTENSIONS).items():
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
+        if image_ext is not None:
+            yield SampleText(key, *_caption_and_meta(parts), image_ext)
+
+
+def iter_captions(shards_dir: str | Path) -> Iterator[SampleText]:
+    for path in shard_paths(shards_dir):
+        yield from read_captions(path)
+
+
+def _sample_parts(path: str | Path, read_extensions: Collection[str] | None = None) -> dict[str, dict[str, bytes]]:
+    """The members of a shard grouped by key in file order, `{key: {ext: content}}`; a member whose (lower-case)
+    extension is not in `read_extensions` (None: all) is listed with empty content, its body never read."""
     groups: dict[str, dict[str, bytes]] = {}
-    for name, data in tar_members(path):
+
+    def listed(name: str) -> bool:
         key, _, ext = name.rpartition(".")
         if not key:
-            continue
+            return False
         check_key(key, path)
-        groups.setdefault(key, {})[ext.lower()] = data
-    for key, parts in groups.items():  # dicts keep insertion order: file order
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
-        if image_ext is None:
-            continue
-        caption = parts.get("txt", b"").decode("utf-8", errors="replace")
-        meta = json.loads(parts["json"]) if "json" in parts else {}
-        yield Sample(key=key, image_bytes=parts[image_ext], image_ext=image_ext, caption=caption, meta=meta)
+        groups.setdefault(key, {})[ext.lower()] = b""
+        return read_extensions is None or ext.lower() in read_extensions
+
+    for name, data in tar_members(path, wanted=listed):
+        key, _, ext = name.rpartition(".")
+        groups[key][ext.lower()] = data
+    return groups  # dicts keep insertion order: file order
+
+
+def _caption_and_meta(parts: dict[str, bytes]) -> tuple[str, dict]:
+    caption = parts.get("txt", b"").decode("utf-8", errors="replace")
+    meta = json.loads(parts["json"]) if "json" in parts else {}
+    return caption, meta
 
 
 _BLOCK = 512
 
 
-def tar_members(path: str | Path) -> Iterator[tuple[str, bytes]]:
-    """(name, content) of each regular file of a tar, reading headers directly.
+def tar_members(path: str | Path, wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of each regular file of a tar, in file order, reading headers directly.
 
     Python's `tarfile` spends most of a shard read in header parsing (img2dataset's shards carry a
     PAX header per member); this reads the same formats (ustar, PAX `path`/`size`, GNU long
-    names) with one checksum test per header, about 4x faster. A damaged tar raises ValueError.
+    names) with one checksum test per header, about 4x faster. It streams from the file, holding
+    one member's content at a time; `wanted(name)` (None: every member) says whose content is
+    read, the others are skipped on disk and not yielded. A damaged tar raises ValueError.
     """
-    data = Path(path).read_bytes()
-    offset, extended = 0, {}
-    while offset + _BLOCK <= len(data):
-        header = data[offset : offset + _BLOCK]
-        if not any(header):
-            break  # the end-of-archive blocks
-        stored = _octal(header[148:156], path, offset)
-        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise ValueError(f"{path}: damaged tar header at byte {offset}")
-        size = int(extended.get("size", 0)) or _octal(header[124:136], path, offset)
-        kind = header[156:157]
-        body_start = offset + _BLOCK
-        if body_start + size > len(data):
-            raise ValueError(f"{path}: tar member at byte {offset} runs past the end of the file")
-        body = data[body_start : body_start + size]
-        offset = body_start + -(-size // _BLOCK) * _BLOCK
-        if kind in (b"x", b"g"):  # PAX: "<len> <key>=<value>\n" records for the next member (x) or all (g)
-            if kind == b"x":
-                extended = _pax_records(body)
-            continue
-        if kind == b"L":  # GNU long name for the next member
-            extended = {"path": body.rstrip(b"\0").decode("utf-8", "surrogateescape")}
-            continue
-        if kind in (b"0", b"\0", b"7"):
-            name = extended.get("path") or _header_name(header)
-            yield name, body
-        extended = {}
+    with open(path, "rb") as file:
+        end = os.fstat(file.fileno()).st_size
+        offset, extended = 0, {}
+        while offset + _BLOCK <= end:
+            file.seek(offset)
+            header = file.read(_BLOCK)
+            if not any(header):
+                break  # the end-of-archive blocks
+            stored = _octal(header[148:156], path, offset)
+            if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+                raise ValueError(f"{path}: damaged tar header at byte {offset}")
+            size = int(extended.get("size", 0)) or _octal(header[124:136], path, offset)
+            kind = header[156:157]
+            if offset + _BLOCK + size > end:
+                raise ValueError(f"{path}: tar member at byte {offset} runs past the end of the file")
+            member_offset, offset = offset, offset + _BLOCK + -(-size // _BLOCK) * _BLOCK
+            if kind in (b"x", b"g"):  # PAX: "<len> <key>=<value>\n" records for the next member (x) or all (g)
+                body = _read_body(file, size, path, member_offset)
+                if kind == b"x":
+                    extended = _pax_records(body)
+                continue
+            if kind == b"L":  # GNU long name for the next member
+                body = _read_body(file, size, path, member_offset)
+                extended = {"path": body.rstrip(b"\0").decode("utf-8", "surrogateescape")}
+                continue
+            if kind in (b"0", b"\0", b"7"):
+                name = extended.get("path") or _header_name(header)
+                if wanted is None or wanted(name):
+                    yield name, _read_body(file, size, path, member_offset)
+            extended = {}
+
+
+def _read_body(file: BinaryIO, size: int, path: str | Path, offset: int) -> bytes:
+    body = file.read(size)
+    if len(body) != size:  # the file shrank while read
+        raise ValueError(f"{path}: tar member at byte {offset} runs past the end of the file")
+    return body
 
 
 def _octal(field: bytes, path: str | Path, offset: int) -> int:

@@ -9,9 +9,11 @@ the oracle); your corpus is judged on its held-out samples (`holdout_evaluation_
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from PIL import Image
 
 from ..config import CorpusConfig
 from ..corpus.shapes import ShapeSpec, eval_set
-from ..shards import HOLDOUT_DIR, holdout_rank, iter_samples
+from ..shards import HOLDOUT_DIR, Sample, SampleText, holdout_rank, read_captions, shard_paths, tar_members
 
 MIN_REFERENCES = 256
 
@@ -72,15 +74,17 @@ def holdout_evaluation_set(curated_dir: str | Path, image_size: int, num_prompts
     """Your corpus's held-out samples (the filter's `holdout/`): the `max_references` of lowest hash as
     references, the captions of the first `num_prompts` as prompts (or the lines of `prompts_file`), all
     their captions as the retrieval pool. `ids` (a champion's set) picks those items instead, as far as
-    the corpus still holds them, so a retrain is judged on the champion's set."""
+    the corpus still holds them, so a retrain is judged on the champion's set.
+
+    Two passes over the shards: captions and ids only (keeping just the chosen items), then the images of
+    the chosen items alone, so memory holds the set, never the held-out corpus."""
     holdout = Path(curated_dir) / HOLDOUT_DIR
-    samples = {sample.meta.get("url") or sample.key: sample for sample in iter_samples(holdout)}
-    order = [item for item in ids if item in samples] if ids is not None else \
-        sorted(samples, key=holdout_rank)[:max_references]
+    chosen = _chosen_by_id(holdout, ids) if ids is not None else _lowest_ranked(holdout, max_references)
+    order = [item for item in ids if item in chosen] if ids is not None else list(chosen)
     if len(order) < 2:
         raise ValueError(f"{len(order)} held-out samples in {holdout}: evaluation needs at least 2; raise "
                          "data.holdout_fraction (or bring more data)")
-    captions = [samples[item].caption for item in order]
+    captions = [chosen[item][1].caption for item in order]
     if prompts_file is not None:
         lines = Path(prompts_file).expanduser().read_text(encoding="utf-8").splitlines()
         prompts = [line.strip() for line in lines if line.strip()]
@@ -88,9 +92,67 @@ def holdout_evaluation_set(curated_dir: str | Path, image_size: int, num_prompts
             raise ValueError(f"sample.prompts_file {prompts_file} holds no prompts")
     else:
         prompts = captions[:num_prompts]
-    references = np.stack([_fitted(samples[item].image(), image_size) for item in order])
+    images = _fitted_images(chosen, image_size)
+    references = np.stack([images[item] for item in order])
     return EvaluationSet(prompts=prompts, references=references, captions=prompts if prompts_file else captions,
                          ids=order)
+
+
+_Found = tuple[Path, SampleText]  # the shard an item's (last) sample is in, and its text
+
+
+def _held_out(holdout: Path) -> Iterator[tuple[str, Path, SampleText]]:
+    """(id, shard, text) of each held-out sample in file order; the id is the meta's url, else the key."""
+    for path in shard_paths(holdout):
+        for text in read_captions(path):
+            yield text.meta.get("url") or text.key, path, text
+
+
+def _chosen_by_id(holdout: Path, ids: list[str]) -> dict[str, _Found]:
+    wanted, chosen = set(ids), {}
+    for item, path, text in _held_out(holdout):
+        if item in wanted:
+            chosen[item] = (path, text)  # a later sample of the same id replaces the earlier one
+    return chosen
+
+
+def _lowest_ranked(holdout: Path, count: int) -> dict[str, _Found]:
+    """The `count` items of lowest `holdout_rank` (ties: the first seen), in that order, from a bounded heap."""
+    worst_first: list[tuple[float, int, str]] = []  # (-rank, -first seen): the worst kept item on top
+    chosen: dict[str, _Found] = {}
+    for seen, (item, path, text) in enumerate(_held_out(holdout)):
+        if item in chosen:
+            chosen[item] = (path, text)
+            continue
+        entry = (-holdout_rank(item), -seen, item)
+        if len(worst_first) < count:
+            heapq.heappush(worst_first, entry)
+        elif count > 0 and entry > worst_first[0]:
+            del chosen[heapq.heapreplace(worst_first, entry)[2]]
+        else:
+            continue
+        chosen[item] = (path, text)
+    return {item: chosen[item] for _, _, item in sorted(worst_first, reverse=True)}
+
+
+def _fitted_images(chosen: dict[str, _Found], size: int) -> dict[str, np.ndarray]:
+    """The chosen items' images fitted to `size`, reading from each shard only their image members."""
+    members: dict[Path, dict[tuple[str, str], str]] = {}
+    for item, (path, text) in chosen.items():
+        members.setdefault(path, {})[(text.key, text.image_ext)] = item
+    images = {}
+    for path, items in members.items():
+        for name, data in tar_members(path, wanted=partial(_is_member, items)):
+            key, _, ext = name.rpartition(".")
+            images[items[(key, ext.lower())]] = _fitted(Sample(key, data, ext.lower(), "").image(), size)
+    if missing := [item for item in chosen if item not in images]:
+        raise ValueError(f"held-out images {missing[:3]} vanished while read: was the corpus rewritten meanwhile?")
+    return images
+
+
+def _is_member(items: dict[tuple[str, str], str], name: str) -> bool:
+    key, _, ext = name.rpartition(".")
+    return (key, ext.lower()) in items
 
 
 def _fitted(image: Image.Image, size: int) -> np.ndarray:

@@ -1,12 +1,14 @@
 """Byte-level BPE over captions (HF `tokenizers`): vocabulary size, lower-casing and dropout from the preset.
 
 Byte-level means no caption is ever out of vocabulary; training is deterministic for a given
-caption list, so the same corpus gives the same `tokenizer.json` (and the same hash).
+caption list, so the same corpus gives the same `tokenizer.json` (and the same hash). The stage
+streams the captions from the shards (twice: training, then lengths) and never reads an image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import ClassVar
 from pathlib import Path
@@ -15,10 +17,11 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from ..config import TokenizerConfig
-from ..shards import iter_samples
+from ..shards import iter_captions
 from ..storage import atomic_path, file_sha256
 
 FILENAME = "tokenizer.json"
+ENCODE_BATCH = 4096  # captions per `encode_batch` call when measuring lengths
 
 
 def train_bpe(captions: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
@@ -32,7 +35,8 @@ def train_bpe(captions: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(captions, trainer=trainer)
+    length = len(captions) if isinstance(captions, Sized) else None
+    tokenizer.train_from_iterator(captions, trainer=trainer, length=length)
     return tokenizer
 
 
@@ -74,20 +78,62 @@ class TextTokenizer:
         return cls(Tokenizer.from_file(str(path)), text_len)
 
 
-def train_and_save(cfg: TokenizerConfig, captions: Sequence[str], out_dir: str | Path) -> tuple[Path, str]:
-    """Train on `captions`, save `tokenizer.json`; returns its path and sha256."""
-    if not captions:
+def train_and_save(cfg: TokenizerConfig, captions: Iterable[str], out_dir: str | Path) -> tuple[Path, str]:
+    """Train on `captions` (a list or a stream read once), save `tokenizer.json`; returns its path and sha256."""
+    stream = iter(captions)
+    first = next(stream, None)
+    if first is None:
         raise ValueError("cannot train a tokenizer on an empty caption list")
+    captions = captions if isinstance(captions, Sized) else itertools.chain([first], stream)
     path = TextTokenizer(train_bpe(captions, cfg), cfg.text_len).save(out_dir)
     return path, file_sha256(path)
 
 
-def caption_lengths(path: str | Path, captions: Sequence[str], text_len: int) -> dict[str, float]:
+def caption_lengths(path: str | Path, captions: Iterable[str], text_len: int) -> dict[str, float]:
     """The captions' lengths in the saved tokenizer's tokens, and the share of them longer than
-    `text_len` (`captions_cut`: the prior sees only their first `text_len` tokens)."""
-    lengths = np.array([len(encoding.ids) for encoding in Tokenizer.from_file(str(path)).encode_batch(list(captions))])
-    return {"caption_tokens_mean": float(lengths.mean()), "caption_tokens_p95": float(np.percentile(lengths, 95)),
-            "caption_tokens_max": float(lengths.max()), "captions_cut": float((lengths > text_len).mean())}
+    `text_len` (`captions_cut`: the prior sees only their first `text_len` tokens).
+
+    Streams: captions are encoded `ENCODE_BATCH` at a time into a histogram of lengths, whose mean,
+    95th percentile and maximum are exactly those numpy gives for the list of lengths."""
+    tokenizer = Tokenizer.from_file(str(path))
+    histogram = np.zeros(0, dtype=np.int64)
+    for batch in _batches(captions, ENCODE_BATCH):
+        lengths = np.array([len(encoding.ids) for encoding in tokenizer.encode_batch(batch)])
+        counts = np.bincount(lengths, minlength=len(histogram))
+        counts[: len(histogram)] += histogram
+        histogram = counts
+    count = int(histogram.sum())
+    if not count:
+        raise ValueError("no captions to measure")
+    lengths_seen = np.arange(len(histogram))
+    return {"caption_tokens_mean": int(histogram @ lengths_seen) / count,
+            "caption_tokens_p95": _percentile(histogram, 95),
+            "caption_tokens_max": float(np.flatnonzero(histogram)[-1]),
+            "captions_cut": int(histogram[text_len + 1 :].sum()) / count}
+
+
+def _captions(shards_dir: str | Path) -> Iterator[str]:
+    """The shards' captions, read from disk on each call (no image is read, no list is kept)."""
+    return (text.caption for text in iter_captions(shards_dir))
+
+
+def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
+def _percentile(histogram: np.ndarray, percent: float) -> float:
+    """`np.percentile(values, percent)` (its default linear method, the same float arithmetic) of the
+    values a histogram counts (`histogram[v]`: how many are v), without the values."""
+    count = int(histogram.sum())
+    position = (count - 1) * (percent / 100)
+    below = min(int(np.floor(position)), count - 1)
+    above = below if position >= count - 1 else below + 1
+    cumulative = np.cumsum(histogram)
+    low, high = (int(np.searchsorted(cumulative, index, side="right")) for index in (below, above))
+    gamma, step = position - below, high - low
+    return float(high - step * (1 - gamma)) if gamma >= 0.5 else float(low + step * gamma)
 
 
 @dataclass(frozen=True)
@@ -103,9 +149,8 @@ class TextTokenizerResult:
 def run(cfg: TokenizerConfig, curated_dir: str | Path, out_dir: str | Path) -> TextTokenizerResult:
     """The stage's entry point: a tokenizer trained on the captions of the curated shards in `curated_dir`,
     and the captions' `caption_lengths`; says so when text_len cuts more than 1% of them."""
-    captions = [sample.caption for sample in iter_samples(curated_dir)]
-    path, digest = train_and_save(cfg, captions, out_dir)
-    lengths = caption_lengths(path, captions, cfg.text_len)
+    path, digest = train_and_save(cfg, _captions(curated_dir), out_dir)
+    lengths = caption_lengths(path, _captions(curated_dir), cfg.text_len)
     if lengths["captions_cut"] > 0.01:
         print(f"text-tokenizer: {lengths['captions_cut']:.0%} of the captions are longer than tokenizer.text_len="
               f"{cfg.text_len} tokens (95th percentile {lengths['caption_tokens_p95']:.0f}, longest "

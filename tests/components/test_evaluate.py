@@ -273,3 +273,49 @@ def test_image_to_image_is_scored_on_the_scenes_whose_shapes_the_prefix_starts()
     # the sample stage completes the two that count only, and says whose they are
     only = {**_completions(scenes[:2], scenes[:2, None]), "prompt_index": np.array([0, 1])}
     assert image_to_image_metrics(only, specs) == perfect
+
+
+def _png(rng, side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_held_out_set_reads_only_its_own_images_and_equals_reading_every_sample(tmp_path, monkeypatch):
+    from dalle_pipeline.components.evaluate import evaluation_set
+    from dalle_pipeline.components.shards import HOLDOUT_DIR, Sample, holdout_rank, iter_samples, write_shard
+
+    rng = np.random.default_rng(0)
+    holdout = tmp_path / "cur" / HOLDOUT_DIR
+    samples = [Sample(f"{index:05d}", _png(rng, 8 + index % 3 * 4), "png", f"caption {index}",
+                      {"url": f"https://x/{index}.jpg"} if index % 4 else {}) for index in range(60)]
+    again = [Sample("99999", _png(rng, 8), "png", "a later copy", {"url": "https://x/7.jpg"})]  # the later one counts
+    write_shard(holdout / "00000.tar", samples[:25])
+    write_shard(holdout / "00001.tar", samples[25:] + again)
+    write_shard(tmp_path / "cur" / "00000.tar", [Sample("training", _png(rng, 8), "png", "not held out")])
+
+    def reference(max_references, ids=None):
+        """The set as built before it streamed: every held-out sample, images and all, in a dict."""
+        everything = {sample.meta.get("url") or sample.key: sample for sample in iter_samples(holdout)}
+        order = [item for item in ids if item in everything] if ids is not None else \
+            sorted(everything, key=holdout_rank)[:max_references]
+        images = [evaluation_set._fitted(everything[item].image(), 8) for item in order]
+        return order, [everything[item].caption for item in order], np.stack(images)
+
+    images_read = []
+    real_tar_members = evaluation_set.tar_members
+    monkeypatch.setattr(evaluation_set, "tar_members", lambda *args, **kwargs: (
+        images_read.append(member[0]) or member for member in real_tar_members(*args, **kwargs)))
+    champions = ["https://x/7.jpg", "gone", "00004", "https://x/9.jpg", "00004"]
+    for max_references, ids in [(10, None), (59, None), (500, None), (10, champions)]:
+        images_read.clear()
+        built = evaluation_set.holdout_evaluation_set(tmp_path / "cur", 8, 4, max_references, ids=ids)
+        order, captions, references = reference(max_references, ids)
+        assert (built.ids, built.captions, built.prompts) == (order, captions, captions[:4])
+        assert np.array_equal(built.references, references)
+        assert len(images_read) == len(set(order)) and all(name.endswith(".png") for name in images_read)
+    assert "a later copy" in built.captions and built.ids[-1] == "00004"

@@ -69,3 +69,76 @@ def test_a_damaged_tar_is_an_error(tmp_path):
     (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
     with pytest.raises(ValueError, match="damaged tar header at byte 0"):
         list(tar_members(tmp_path / "damaged.tar"))
+
+
+def _mixed_shard(path):
+    """A tar as img2dataset might leave it: PAX headers, an upper-case extension, a key with no image, a stray file."""
+    members = [("000000001.jpg", b"\xff\xd8" * 700), ("000000001.txt", "café".encode()),
+               ("000000001.json", b'{"url": "u1"}'), ("000000002.txt", b"no image"),
+               ("000000003.PNG", b"\x89PNG" * 400), ("000000003.json", b'{"w": 3}'),
+               ("README", b"stray"), ("000000004.webp", b"RIFF" * 50), ("000000004.txt", b"last")]
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.pax_headers = {"comment": "x" * 600}  # a PAX record longer than a block
+            tar.addfile(info, io.BytesIO(data))
+    return members
+
+
+def test_the_tar_reader_reads_only_the_wanted_members_and_asks_about_each_once(tmp_path):
+    from dalle_pipeline.components.shards import tar_members
+
+    members = _mixed_shard(tmp_path / "shard.tar")
+    asked = []
+
+    def wanted(name):
+        asked.append(name)
+        return name.endswith(".txt")
+
+    assert list(tar_members(tmp_path / "shard.tar", wanted=wanted)) == [m for m in members if m[0].endswith(".txt")]
+    assert asked == [name for name, _ in members]
+    assert list(tar_members(tmp_path / "shard.tar", wanted=lambda name: False)) == []
+    assert list(tar_members(tmp_path / "shard.tar")) == members
+
+
+def test_a_damaged_tar_is_an_error_even_when_no_member_is_wanted(tmp_path):
+    from dalle_pipeline.components.shards import tar_members
+
+    write_shard(tmp_path / "good.tar", [Sample("000000001", b"img" * 1000, "png", "a caption")])
+    data = (tmp_path / "good.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:1500])
+    with pytest.raises(ValueError, match=r"cut.tar: tar member at byte 0 runs past the end of the file"):
+        list(tar_members(tmp_path / "cut.tar", wanted=lambda name: False))
+    damaged = bytearray(data)
+    damaged[3584 + 10] ^= 0xFF  # the caption's header, after the 3000-byte image
+    (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"damaged.tar: damaged tar header at byte 3584"):
+        list(tar_members(tmp_path / "damaged.tar", wanted=lambda name: False))
+
+
+def test_reading_captions_gives_read_shards_samples_without_reading_an_image(tmp_path, monkeypatch):
+    from dalle_pipeline.components import shards
+
+    members = _mixed_shard(tmp_path / "00000.tar")
+    write_shard(tmp_path / "00001.tar", [Sample("000000009", b"img", "png", "next shard", {"url": "u9"})])
+    expected = [(s.key, s.caption, s.meta, s.image_ext) for s in shards.iter_samples(tmp_path)]
+    assert [key for key, *_ in expected] == ["000000001", "000000003", "000000004", "000000009"]
+    read_sizes = []
+    real_read_body = shards._read_body
+    monkeypatch.setattr(shards, "_read_body", lambda file, size, *where: read_sizes.append(size) or
+                        real_read_body(file, size, *where))
+    assert [tuple(text) for text in shards.iter_captions(tmp_path)] == expected
+    image_sizes = {len(data) for name, data in members if name.rpartition(".")[2].lower() in shards.IMAGE_EXTENSIONS}
+    assert read_sizes and not image_sizes & set(read_sizes)
+
+
+def test_reading_captions_refuses_the_keys_read_shard_refuses(tmp_path):
+    from dalle_pipeline.components.shards import read_captions
+
+    with tarfile.open(tmp_path / "crafted.tar", "w") as tar:
+        info = tarfile.TarInfo("../evil.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"img"))
+    with pytest.raises(ValueError, match="is not a plain name"):
+        list(read_captions(tmp_path / "crafted.tar"))

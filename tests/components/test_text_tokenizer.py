@@ -1,3 +1,5 @@
+import pytest
+
 from dalle_pipeline.components.config import TokenizerConfig
 from dalle_pipeline.components.text.tokenizer import TextTokenizer, run, train_and_save
 
@@ -24,10 +26,9 @@ def test_round_trip_lowercases_and_cuts_to_text_len(tmp_path):
 
 
 def test_empty_caption_list_is_refused(tmp_path):
-    import pytest
-
-    with pytest.raises(ValueError, match="empty caption list"):
-        train_and_save(TokenizerConfig(), [], tmp_path)
+    for empty in ([], iter([])):
+        with pytest.raises(ValueError, match="empty caption list"):
+            train_and_save(TokenizerConfig(), empty, tmp_path)
 
 
 def test_bpe_dropout_varies_the_segmentation_not_the_text_and_never_touches_the_saved_tokenizer(tmp_path):
@@ -67,3 +68,47 @@ def test_the_stage_reports_caption_lengths_and_says_when_text_len_cuts_them(tmp_
     fitting = run(cfg.model_copy(update={"text_len": long_tokens}), tmp_path / "curated", tmp_path / "tok2")
     assert fitting.metrics["captions_cut"] == 0.0
     assert "longer than" not in capsys.readouterr().out
+
+
+def test_a_stream_of_captions_trains_the_same_tokenizer_file_as_the_list(tmp_path):
+    cfg = TokenizerConfig(vocab_size=300)
+    listed, _ = train_and_save(cfg, CAPTIONS, tmp_path / "list")
+    streamed, _ = train_and_save(cfg, (caption for caption in CAPTIONS), tmp_path / "stream")
+    assert streamed.read_bytes() == listed.read_bytes()
+
+
+def test_the_stage_reads_no_image_and_matches_training_on_the_caption_list(curated_shards, tmp_path, monkeypatch):
+    import numpy as np
+
+    from dalle_pipeline.components import shards
+    from dalle_pipeline.components.text import tokenizer as text_tokenizer
+
+    captions = [sample.caption for sample in shards.iter_samples(curated_shards)]
+    listed, digest = train_and_save(TokenizerConfig(vocab_size=400), captions, tmp_path / "list")
+    lengths = np.array([len(ids) for ids in TextTokenizer.load(listed, text_len=10_000).encode(captions)])
+    text_len = int(np.median(lengths))  # cuts some captions, not all
+    read_members = []
+    real_tar_members = shards.tar_members
+    monkeypatch.setattr(shards, "tar_members", lambda *args, **kwargs: (
+        read_members.append(member[0]) or member for member in real_tar_members(*args, **kwargs)))
+    monkeypatch.setattr(text_tokenizer, "ENCODE_BATCH", 7)  # several batches, the last one short
+    result = run(TokenizerConfig(vocab_size=400, text_len=text_len), curated_shards, tmp_path / "stage")
+    assert result.tokenizer_path.read_bytes() == listed.read_bytes() and result.tokenizer_hash == digest
+    assert result.metrics == {"caption_tokens_mean": float(lengths.mean()),
+                              "caption_tokens_p95": float(np.percentile(lengths, 95)),
+                              "caption_tokens_max": float(lengths.max()),
+                              "captions_cut": float((lengths > text_len).mean())}
+    assert 0 < result.metrics["captions_cut"] < 1
+    assert read_members and not [name for name in read_members if not name.endswith((".txt", ".json"))]
+
+
+def test_the_95th_percentile_from_the_histogram_is_numpys_to_the_bit():
+    import numpy as np
+
+    from dalle_pipeline.components.text.tokenizer import _percentile
+
+    rng = np.random.default_rng(0)
+    for count in [1, 2, 3, 19, 20, 21, 101, 997, 4096, 12_345]:
+        for high in (1, 5, 80):
+            lengths = rng.integers(0, high, count)
+            assert _percentile(np.bincount(lengths), 95) == float(np.percentile(lengths, 95)), (count, high)
