@@ -52,7 +52,7 @@ measure prior-dense 120 "$PY" bench/prior.py "${PAPER_PRIOR[@]}" --batch 16 --st
     --attention dense
 measure sample 100 "$PY" bench/sample.py "${PAPER_PRIOR[@]}" --batch 128 --skip-recompute
 measure dvae-paper 80 "$PY" bench/dvae.py --preset paper --batch 8 --encode-batch 128 --steps 10
-measure tokenizers-pretrained 120 "$PY" bench/tokenizers.py --pretrained --batch 32 --repeats 5 --device cuda
+measure tokenizers-pretrained 120 "$PY" bench/image_tokenizers.py --pretrained --batch 32 --repeats 5 --device cuda
 measure attention 90 "$PY" bench/attention.py --batch 8 --heads 16 --head-dim 64 --text-len 256 --grid 32
 if [[ -f .anchors/gpu_anchor.py ]]; then  # the reference GPT and the anchors' attention timings, same batch
     echo "== anchors" >>"$log"
