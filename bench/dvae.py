@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=2000, help="images in the tokenization corpus")
     parser.add_argument("--shard-size", type=int, help="samples per shard (default: the preset's download one)")
     parser.add_argument("--tokenize-batch", type=int, default=256, help="batch_size passed to the tokenization")
+    parser.add_argument("--image-data", action="store_true",
+                        help="also time training on a corpus of --images shape scenes read from memory and streamed")
+    parser.add_argument("--rounds", type=int, default=3, help="--image-data: alternating rounds of each path")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.warmup is None:
@@ -118,8 +121,9 @@ def measure(batch: int, seconds: list[float], flops: float, peak: float) -> dict
 
 
 def train_ours(model: DiscreteVAE, cfg, pixels: torch.Tensor, batch: int, args, bf16: bool,
-               compiled: bool) -> list[float]:
-    """Step seconds of `fit` + `dvae_loss` as the worker runs them, from one `on_log` call per step."""
+               compiled: bool, batches=None) -> list[float]:
+    """Step seconds of `fit` + `dvae_loss` as the worker runs them, from one `on_log` call per step; on random
+    `pixels`, or on `batches` (the corpus as a worker reads it)."""
     if pixels.is_cuda:
         model = model.to(memory_format=torch.channels_last)  # as the Ray Train worker does
     optim = cfg.optim.model_copy(update={"steps": args.warmup + args.steps, "batch_size": batch, "log_every": 1,
@@ -131,7 +135,8 @@ def train_ours(model: DiscreteVAE, cfg, pixels: torch.Tensor, batch: int, args, 
             torch.cuda.synchronize()
         ends.append(time.perf_counter())
 
-    fit(model, dvae_loss(cfg), iter(TensorBatches((pixels,), batch, seed=0)), optim, on_log=on_log)
+    batches = batches if batches is not None else iter(TensorBatches((pixels,), batch, seed=0))
+    fit(model, dvae_loss(cfg), batches, optim, on_log=on_log)
     return [end - previous for previous, end in zip(ends[args.warmup - 1 : -1], ends[args.warmup :])]
 
 
@@ -230,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     del ours, baseline, pixels
     if args.corpus_tokenization:
         result["corpus_tokenization"] = corpus_tokenization(pipeline_cfg, model_cfg, args)
+    if args.image_data:
+        result["image_data"] = image_data(pipeline_cfg, model_cfg, cfg, batch, args, bf16, compiled)
     return emit(result, args.out)
 
 
@@ -314,6 +321,38 @@ def corpus_tokenization(pipeline_cfg, model_cfg: DVAEModelConfig, args) -> dict:
         "steady_over_bare_forward": runs[-1]["over_bare_forward"],
         "goal": 0.85,
     }
+
+
+def image_data(pipeline_cfg, model_cfg: DVAEModelConfig, cfg, batch: int, args, bf16: bool, compiled: bool) -> dict:
+    """Steady-state training images/s on the same curated shards, decoded into memory (`TensorBatches`) and
+    streamed (`StreamedBatches` over `ImageShards`: shard reads and decoding in background threads), in
+    alternating rounds from the same initial weights."""
+    from dalle_pipeline.components.shards import load_corpus
+    from dalle_pipeline.components.training.image_shards import IMAGE_BUFFER_ROWS, ImageShards
+    from dalle_pipeline.components.training.stream import StreamedBatches
+
+    shard_size = args.shard_size or pipeline_cfg.download.samples_per_shard
+    rates: dict[str, list[float]] = {"memory": [], "stream": []}
+    with tempfile.TemporaryDirectory(prefix="bench-dvae-data-") as tmp:
+        curated, _, _ = build_inputs(pipeline_cfg, model_cfg, Path(tmp), args.images, shard_size)
+        torch.manual_seed(0)
+        initial = DiscreteVAE(model_cfg).state_dict()
+        for _ in range(args.rounds):
+            for path in rates:
+                model = DiscreteVAE(model_cfg)
+                model.load_state_dict(initial)
+                if path == "memory":  # as the worker has it: the decoding of the corpus is not timed
+                    pixels = torch.from_numpy(load_corpus(curated, model_cfg.image_size).images)
+                    batches = iter(TensorBatches((pixels,), batch, seed=0))
+                else:
+                    batches = iter(StreamedBatches(ImageShards(curated, model_cfg.image_size), batch, seed=0,
+                                                   buffer_rows=IMAGE_BUFFER_ROWS))
+                seconds = train_ours(model, cfg, torch.zeros(0), batch, args, bf16, compiled, batches=batches)
+                rates[path].append(batch / statistics.median(seconds))
+    medians = {path: statistics.median(values) for path, values in rates.items()}
+    return {"images": args.images, "shard_size": shard_size, "batch": batch, "buffer_rows": IMAGE_BUFFER_ROWS,
+            "images_per_s": rates, "median_images_per_s": medians,
+            "stream_over_memory": medians["stream"] / medians["memory"], "goal": 0.9}
 
 
 if __name__ == "__main__":

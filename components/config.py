@@ -38,6 +38,9 @@ class CorpusConfig(StageConfig):
 
 
 JPEG_FROM_SIZE = 256  # download.encode_format auto: the image size from which shards hold JPEGs
+ImageData = Literal["auto", "memory", "stream"]
+IMAGE_DATA = ("how training reads the curated images: decoded into memory, streamed from the shards per rank, or "
+              "'auto': streamed once the decoded corpus passes 1 GiB")
 SourceFormat = Literal["auto", "url_list", "folder", "webdataset", "parquet", "coco"]
 
 
@@ -221,6 +224,7 @@ class PretrainedTokenizer(StageConfig):
 
 
 class DVAEConfig(RayTrainConfig, DVAEArchitecture):
+    image_data: ImageData = Field("auto", description=IMAGE_DATA)
     temperature_start: float = Field(1.0, gt=0, description="gumbel-softmax temperature at step 0")
     temperature_end: float = Field(1 / 16, gt=0, description="temperature after the anneal")
     temperature_anneal_steps: int = Field(1600, ge=1, description="cosine anneal length, updates")
@@ -328,6 +332,7 @@ class ClipConfig(StageConfig):
     text_width: int = Field(64, ge=8, description="text transformer width")
     text_layers: int = Field(2, ge=1, description="text transformer layers")
     context_length: int = Field(24, ge=4, description="text positions of the CLIP text tower")
+    image_data: ImageData = Field("auto", description=IMAGE_DATA)
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(steps=300, batch_size=128, lr=2e-3, min_lr=1e-4, weight_decay=0.1)
     )

@@ -96,6 +96,30 @@ def iter_captions(shards_dir: str | Path) -> Iterator[SampleText]:
         yield from read_captions(path)
 
 
+def read_images(path: str | Path, samples: Iterable[SampleText]) -> dict[str, bytes]:
+    """The image bytes of these samples of the shard at `path` (from its `read_captions`), by key: no
+    other member's body is read."""
+    wanted = {(sample.key, sample.image_ext) for sample in samples}
+
+    def asked(name: str) -> bool:
+        key, _, ext = name.rpartition(".")
+        return (key, ext.lower()) in wanted
+
+    images = {name.rpartition(".")[0]: data for name, data in tar_members(path, wanted=asked)}
+    if missing := sorted({key for key, _ in wanted} - images.keys()):
+        raise ValueError(f"{path}: no image member for samples {missing[:3]}: was the shard rewritten meanwhile?")
+    return images
+
+
+def fitted_pixels(image_bytes: bytes, image_size: int) -> np.ndarray:
+    """An encoded image as (image_size, image_size, 3) uint8 RGB, resized (bicubic) where it is another size."""
+    with Image.open(io.BytesIO(image_bytes)) as opened:
+        image = opened.convert("RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(image)
+
+
 def _sample_parts(path: str | Path, read_extensions: Collection[str] | None = None) -> dict[str, dict[str, bytes]]:
     """The members of a shard grouped by key in file order, `{key: {ext: content}}`; a member whose (lower-case)
     extension is not in `read_extensions` (None: all) is listed with empty content, its body never read."""
@@ -250,12 +274,9 @@ def load_corpus(shards_dir: str | Path, image_size: int, limit: int | None = Non
     """Every sample of the shards, images resized to `image_size` square if they are not already."""
     keys, captions, images = [], [], []
     for sample in iter_samples(shards_dir):
-        image = sample.image()
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
         keys.append(sample.key)
         captions.append(sample.caption)
-        images.append(np.asarray(image))
+        images.append(fitted_pixels(sample.image_bytes, image_size))
         if limit is not None and len(keys) >= limit:
             break
     if not keys:

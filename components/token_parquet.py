@@ -113,6 +113,14 @@ class TokenParquet:
     def max_group_rows(self) -> int:
         return int(np.diff(self.group_start).max(initial=0))
 
+    @property
+    def row_fields(self) -> tuple[tuple[tuple[int, ...], np.dtype], ...]:
+        """What `read_group` gives per row: text (text_len,) uint16, length int64, image (grid²,) uint16."""
+        return ((self.text_len,), np.dtype(np.uint16)), ((), np.dtype(np.int64)), ((self.image_len,), np.dtype(np.uint16))
+
+    def to_batch(self, arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return to_int64(*arrays)
+
     def read_group(self, group: int, local_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(text uint16 [n, text_len] padded with 0, lengths int64 [n], image uint16 [n, grid²]) of some rows of a group."""
         part = int(self.group_part[group])

@@ -1,4 +1,5 @@
-"""Stage 7: a CLIP for reranking and evaluation, pretrained or trained contrastively on the corpus."""
+"""Stage 7: a CLIP for reranking and evaluation, pretrained or trained contrastively on the corpus (its images
+decoded into memory or, for a large corpus, streamed from the shards: `clip.image_data`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from ..lineage import curated_corpus
 from ..shards import load_corpus
 from ..tracking import Tracker, monitor_system
 from ..training import TensorBatches, fit, seed_everything
+from ..training.image_shards import IMAGE_BUFFER_ROWS, ImageShards, streams
 from ..training.loop import progress_logger, set_threads
+from ..training.stream import StreamedBatches
 from .model import LOCAL_DIR, ClipScorer, architecture, register_architecture
 
 
@@ -55,12 +58,16 @@ def run(cfg: ClipConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     out_dir = Path(out_dir)
     register_architecture(cfg, image_size, out_dir / "architecture")
     scorer = ClipScorer.build(cfg.model_name)
-    corpus = load_corpus(curated_dir, image_size)
+    shards = ImageShards(curated_dir, image_size, tokenize=scorer.tokenizer)
     if tracker is not None:
         tracker.log_input_dataset(curated_corpus(curated_dir), "training")
-    tokens = scorer.tokenizer(corpus.captions)
-    batch_size = min(cfg.optim.batch_size, len(corpus))
-    batches = iter(TensorBatches((torch.from_numpy(corpus.images), tokens), batch_size, seed=seed))
+    batch_size = min(cfg.optim.batch_size, shards.num_rows)
+    if streams(cfg.image_data, shards):
+        batches = iter(StreamedBatches(shards, batch_size, seed=seed, buffer_rows=IMAGE_BUFFER_ROWS))
+    else:
+        corpus = load_corpus(curated_dir, image_size)
+        batches = iter(TensorBatches((torch.from_numpy(corpus.images), scorer.tokenizer(corpus.captions)),
+                                     batch_size, seed=seed))
 
     with monitor_system(tracker):
         result = fit(scorer.model, contrastive_loss(scorer), batches, cfg.optim,

@@ -1,7 +1,7 @@
 """Train the dVAE (gumbel-softmax relaxation, or vq codes) on curated images, on Ray Train, and save it.
 
-Each Ray Train worker loads the curated corpus, takes its rank's share of every batch and runs the
-shared `fit` loop (DDP over gloo on CPU, NCCL on GPUs, bf16 autocast and channels_last on CUDA).
+Each Ray Train worker reads its rank's share of the curated corpus, streamed from the shards through a
+shuffle buffer or, for a small corpus, decoded into memory (`dvae.image_data`), and runs the shared `fit` loop (DDP over gloo on CPU, NCCL on GPUs, bf16 autocast and channels_last on CUDA).
 Checkpoints every `checkpoint_every` updates carry weights, optimizer, EMA, every rank's RNG and
 the step, so a run killed and started again resumes at the same step with the same data next.
 The weights kept are the EMA's where `optim.ema_decay` keeps one (never for vq, whose codebook
@@ -30,6 +30,8 @@ from ..lineage import curated_corpus, held_out_corpus
 from ..shards import HOLDOUT_DIR, load_corpus, shard_paths
 from ..tracking import Tracker, monitor_system
 from ..training import TensorBatches, fit, ray_train
+from ..training.image_shards import IMAGE_BUFFER_ROWS, ImageShards, streams
+from ..training.stream import StreamedBatches
 from ..training.loop import unwrap
 from . import pretrained
 from .losses import PatchDiscriminator, PerceptualDistance, discriminator_loss, generator_loss
@@ -205,7 +207,10 @@ def train_worker(config: dict[str, Any]) -> None:
     model_cfg = architecture(cfg, config["image_size"])
     worker = ray_train.StageWorker.start("dvae", config, model_cfg.to_dict(), cfg.optim.steps)
     rank, world_size = worker.rank, worker.world_size
-    corpus = load_corpus(config["curated_dir"], config["image_size"])
+    shards = ImageShards(config["curated_dir"], config["image_size"])
+    streamed = streams(cfg.image_data, shards)
+    # the corpus decoded into memory, or (streamed) its first images, for the grids and measures along the way
+    corpus = load_corpus(config["curated_dir"], config["image_size"], limit=256 if streamed else None)
     device = ray.train.torch.get_device()
     model = build(model_cfg)
     if worker.fine_tunes(cfg.init_from):
@@ -215,9 +220,14 @@ def train_worker(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    per_rank_batch = max(1, min(cfg.optim.batch_size, len(corpus)) // world_size)
-    batches = TensorBatches((torch.from_numpy(corpus.images).to(device),), per_rank_batch, seed=config["seed"],
-                            rank=rank, world_size=world_size).from_step(worker.start_step * cfg.optim.grad_accum_steps)
+    per_rank_batch = max(1, min(cfg.optim.batch_size, shards.num_rows) // world_size)
+    if streamed:
+        data = StreamedBatches(shards, per_rank_batch, seed=config["seed"], rank=rank, world_size=world_size,
+                               buffer_rows=IMAGE_BUFFER_ROWS, device=device)
+    else:
+        data = TensorBatches((torch.from_numpy(corpus.images).to(device),), per_rank_batch, seed=config["seed"],
+                             rank=rank, world_size=world_size)
+    batches = data.from_step(worker.start_step * cfg.optim.grad_accum_steps)
     tracker = worker.tracker
 
     out_dir = Path(config["out_dir"])

@@ -13,15 +13,13 @@ import heapq
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..config import CorpusConfig
 from ..corpus.shapes import ShapeSpec, eval_set
-from ..shards import HOLDOUT_DIR, Sample, SampleText, holdout_rank, read_captions, shard_paths, tar_members
+from ..shards import HOLDOUT_DIR, SampleText, fitted_pixels, holdout_rank, read_captions, read_images, shard_paths
 
 MIN_REFERENCES = 256
 
@@ -137,25 +135,12 @@ def _lowest_ranked(holdout: Path, count: int) -> dict[str, _Found]:
 
 def _fitted_images(chosen: dict[str, _Found], size: int) -> dict[str, np.ndarray]:
     """The chosen items' images fitted to `size`, reading from each shard only their image members."""
-    members: dict[Path, dict[tuple[str, str], str]] = {}
+    by_shard: dict[Path, dict[str, str]] = {}
     for item, (path, text) in chosen.items():
-        members.setdefault(path, {})[(text.key, text.image_ext)] = item
+        by_shard.setdefault(path, {})[text.key] = item
     images = {}
-    for path, items in members.items():
-        for name, data in tar_members(path, wanted=partial(_is_member, items)):
-            key, _, ext = name.rpartition(".")
-            images[items[(key, ext.lower())]] = _fitted(Sample(key, data, ext.lower(), "").image(), size)
-    if missing := [item for item in chosen if item not in images]:
-        raise ValueError(f"held-out images {missing[:3]} vanished while read: was the corpus rewritten meanwhile?")
+    for path, items in by_shard.items():
+        texts = [text for _, text in (chosen[item] for item in items.values())]
+        for key, data in read_images(path, texts).items():
+            images[items[key]] = fitted_pixels(data, size)
     return images
-
-
-def _is_member(items: dict[tuple[str, str], str], name: str) -> bool:
-    key, _, ext = name.rpartition(".")
-    return (key, ext.lower()) in items
-
-
-def _fitted(image: Image.Image, size: int) -> np.ndarray:
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(image)

@@ -1,20 +1,45 @@
-"""Streaming batches of the token Parquet: row groups sharded by rank, a seeded shuffle buffer, step-exact resume.
+"""Streaming batches of a dataset in row groups: groups sharded by rank, a seeded shuffle buffer, step-exact resume.
 
-`TensorBatches` needs the whole corpus in memory; `ParquetBatches` holds one shuffle buffer per
-rank and reads row groups as it goes. A global row index is a row's position in manifest order
-(parts as the manifest lists them, rows in file order; see `token_parquet`), so a validation split
-drawn over `manifest["rows"]` keeps its meaning here.
+`TensorBatches` needs the whole corpus in memory; `StreamedBatches` holds one shuffle buffer per
+rank and reads row groups as it goes, the next few read ahead in background threads (decoding
+overlaps the training step). A dataset is anything with `RowGroups`' members: the token Parquet
+(`TokenParquet`, its row groups; the prior) and the curated image shards (`ImageShards`, one group
+per shard; the dVAE and CLIP). A global row index is a row's position in the dataset's order (for
+the token Parquet, parts as the manifest lists them, rows in file order; see `token_parquet`), so
+a validation split drawn over its rows keeps its meaning here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from ..token_parquet import TokenParquet, as_row_indices, to_int64
+from ..token_parquet import TokenParquet, as_row_indices
+
+
+class RowGroups(Protocol):
+    """A dataset read a row group at a time (rows [group_start[g], group_start[g + 1]) are group g's)."""
+
+    dataset_dir: Path
+    group_start: np.ndarray
+    num_rows: int
+
+    @property
+    def max_group_rows(self) -> int: ...
+
+    @property
+    def row_fields(self) -> tuple[tuple[tuple[int, ...], np.dtype], ...]:
+        """Each array a row has: its shape and dtype (what `read_group` returns, with the rows first)."""
+
+    def read_group(self, group: int, local_rows: np.ndarray) -> tuple[np.ndarray, ...]: ...
+
+    def to_batch(self, arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
+        """Drawn rows as the tensors a batch holds."""
 
 
 class _ShuffleBuffer:
@@ -25,18 +50,16 @@ class _ShuffleBuffer:
     replay of `from_step` makes exactly the draws the data-carrying run makes.
     """
 
-    def __init__(self, capacity: int, text_len: int, image_len: int, with_data: bool) -> None:
+    def __init__(self, capacity: int, fields: tuple[tuple[tuple[int, ...], np.dtype], ...], with_data: bool) -> None:
         self.rows = np.empty(capacity, np.int64)
         self.size = 0
-        self.shapes = (text_len, image_len)
-        self.data: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.fields = fields
+        self.data: tuple[np.ndarray, ...] | None = None
         if with_data:
             self.allocate()
 
     def allocate(self) -> None:
-        capacity, (text_len, image_len) = len(self.rows), self.shapes
-        self.data = (np.zeros((capacity, text_len), np.uint16), np.zeros(capacity, np.int64),
-                     np.zeros((capacity, image_len), np.uint16))
+        self.data = tuple(np.zeros((len(self.rows), *shape), dtype) for shape, dtype in self.fields)
 
     def append(self, rows: np.ndarray, data: tuple[np.ndarray, ...] | None) -> None:
         end = self.size + len(rows)
@@ -60,13 +83,15 @@ class _ShuffleBuffer:
         return taken
 
 
-class ParquetBatches:
-    """Yields (text, lengths, image) int64 batches of `per_rank_batch` rows of the token Parquet forever.
+class StreamedBatches:
+    """Yields batches of `per_rank_batch` rows of a `RowGroups` dataset forever (the token Parquet's:
+    (text, lengths, image) int64; the image shards': uint8 pixels, and CLIP's caption tokens).
 
     Every epoch, a permutation seeded by (seed, epoch), the same on every rank, orders the row
     groups; their kept rows, concatenated, are cut into `world_size` equal shares, and this rank
     reads its share group by group (a group straddling two shares is read by both, each keeping
-    its own rows). Rows pass through a shuffle buffer of `buffer_rows` rows drawn by a generator
+    its own rows), `prefetch` groups ahead in background threads. Rows pass through a shuffle
+    buffer of `buffer_rows` rows drawn by a generator
     seeded by (seed, epoch, rank). Each rank yields `steps_per_epoch` batches per epoch, the same
     number on every rank (DDP would hang otherwise): up to world_size - 1 rows of the epoch and
     up to per_rank_batch - 1 of each share are left out, different ones each epoch.
@@ -78,7 +103,7 @@ class ParquetBatches:
 
     def __init__(
         self,
-        dataset: TokenParquet | str | Path,
+        dataset: RowGroups | str | Path,
         per_rank_batch: int,
         seed: int,
         rank: int = 0,
@@ -86,13 +111,14 @@ class ParquetBatches:
         buffer_rows: int = 16384,
         exclude_rows: Iterable[int] | np.ndarray | torch.Tensor | None = None,
         device: torch.device | str | None = None,
+        prefetch: int = 2,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if per_rank_batch < 1 or buffer_rows < 0:
             raise ValueError(f"per_rank_batch must be >= 1 and buffer_rows >= 0, got {per_rank_batch}, {buffer_rows}")
-        self.dataset = dataset if isinstance(dataset, TokenParquet) else TokenParquet(dataset)
-        self.per_rank_batch, self.buffer_rows = per_rank_batch, buffer_rows
+        self.dataset = TokenParquet(dataset) if isinstance(dataset, (str, Path)) else dataset
+        self.per_rank_batch, self.buffer_rows, self.prefetch = per_rank_batch, buffer_rows, prefetch
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device) if device is not None else None
         self._excluded = np.unique(as_row_indices(exclude_rows if exclude_rows is not None else [], self.dataset.num_rows))
@@ -148,16 +174,16 @@ class ParquetBatches:
             return np.arange(end - start)
         return np.setdiff1d(np.arange(end - start), excluded - start, assume_unique=True)
 
-    def _epoch(self, epoch: int, offset: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _epoch(self, epoch: int, offset: int) -> Iterator[tuple[torch.Tensor, ...]]:
         rng = np.random.default_rng([self._seed, epoch, self.rank])
         batch = self.per_rank_batch
         threshold = max(self.buffer_rows, batch)  # draw once the buffer holds this many rows
         starts = self.dataset.group_start
-        buffer = _ShuffleBuffer(threshold + self.dataset.max_group_rows, self.dataset.text_len,
-                                self.dataset.image_len, with_data=offset == 0)
+        buffer = _ShuffleBuffer(threshold + self.dataset.max_group_rows, self.dataset.row_fields,
+                                with_data=offset == 0)
         step = 0
 
-        def draw(final: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        def draw(final: bool) -> Iterator[tuple[torch.Tensor, ...]]:
             nonlocal step
             while buffer.size >= (batch if final else threshold):
                 positions = rng.choice(buffer.size, batch, replace=False)
@@ -166,12 +192,22 @@ class ParquetBatches:
                 taken = buffer.take(positions)
                 step += 1
                 if taken is not None:
-                    yield self._to_device(to_int64(*taken))
+                    yield self._to_device(self.dataset.to_batch(taken))
 
-        for group, rows in self.share(epoch):
-            data = self.dataset.read_group(group, rows) if buffer.data is not None else None
-            buffer.append(starts[group] + rows, data)
-            yield from draw(final=False)
+        share = list(self.share(epoch))  # (group, rows) of this rank's share: one entry a group
+        ahead: dict[int, Future] = {}
+        with ThreadPoolExecutor(max_workers=max(1, self.prefetch)) as reader:
+            for position, (group, rows) in enumerate(share):
+                data = None
+                if buffer.data is not None:  # a replay reads nothing until it reaches the resumed step
+                    for later in range(position, min(len(share), position + 1 + self.prefetch)):
+                        if later not in ahead:
+                            ahead[later] = reader.submit(self.dataset.read_group, *share[later])
+                    data = ahead.pop(position).result()
+                buffer.append(starts[group] + rows, data)
+                yield from draw(final=False)
+            for pending in ahead.values():
+                pending.cancel()
         yield from draw(final=True)
 
     def _materialise(self, buffer: _ShuffleBuffer) -> None:
@@ -182,10 +218,13 @@ class ParquetBatches:
         groups = np.searchsorted(starts, rows, side="right") - 1
         for group in np.unique(groups):
             where = np.flatnonzero(groups == group)
-            for array, values in zip(buffer.data, self.dataset.read_group(group, rows[where] - starts[group])):
+            for array, values in zip(buffer.data, self.dataset.read_group(int(group), rows[where] - starts[group])):
                 array[where] = values
 
     def _to_device(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if self.device is None:
             return batch
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+
+ParquetBatches = StreamedBatches  # the prior's name for it, over the token Parquet

@@ -64,8 +64,9 @@ def test_rerank_orders_candidates_by_clip_score(random_clip):
         rerank(scores, keep=6)
 
 
-def test_training_on_the_corpus_learns_to_retrieve(curated_shards, tmp_path):
-    cfg = CFG.model_copy(update={"model_name": "test-clip-trained"}, deep=True)
+@pytest.mark.parametrize("image_data", ["memory", "stream"])
+def test_training_on_the_corpus_learns_to_retrieve(curated_shards, tmp_path, image_data):
+    cfg = CFG.model_copy(update={"model_name": f"test-clip-trained-{image_data}", "image_data": image_data}, deep=True)
     cfg.optim.steps, cfg.optim.batch_size, cfg.optim.log_every, cfg.optim.warmup_steps = 60, 32, 10, 5
     result = run(cfg, curated_shards, tmp_path, 32, seed=0)
     assert result.clip_source.startswith(LOCAL_DIR)

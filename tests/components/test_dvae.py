@@ -223,12 +223,14 @@ def test_a_gumbel_checkpoint_written_before_the_quantizer_field_still_loads(tmp_
 
 
 @pytest.mark.slow  # kill-and-resume; fit's own resume is in test_training_loop
-def test_a_killed_driver_resumes_at_the_same_step_with_the_same_weights(curated_shards, tmp_path):
+@pytest.mark.parametrize("image_data", ["memory", "stream"])
+def test_a_killed_driver_resumes_at_the_same_step_with_the_same_weights(curated_shards, tmp_path, image_data):
     """Kill the driver, its local Ray and both workers mid-run, start it again on the same folder:
     Ray Train restores the latest checkpoint (weights, optimizer, EMA, every rank's RNG, step), the
-    data continue where they stopped, and the result equals an uninterrupted run bit for bit."""
+    data continue where they stopped (in memory, or streamed: the shuffle buffer replayed to the
+    step), and the result equals an uninterrupted run bit for bit."""
     cfg = DVAEConfig(n_hid=8, codebook_size=32, num_workers=2, checkpoint_every=10, temperature_anneal_steps=60,
-                     kl_warmup_steps=10, recon_grid_every=1000)
+                     kl_warmup_steps=10, recon_grid_every=1000, image_data=image_data)
     cfg.optim.steps, cfg.optim.batch_size, cfg.optim.log_every, cfg.optim.warmup_steps = 60, 32, 10, 5
     _train_in_a_driver(cfg, curated_shards, tmp_path / "uninterrupted")
     _train_in_a_driver(cfg, curated_shards, tmp_path / "killed", kill_after_checkpoints=2)

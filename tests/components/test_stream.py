@@ -1,5 +1,6 @@
 import itertools
 import json
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -163,3 +164,32 @@ def test_clear_errors(dataset, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="_manifest.json"):
         ParquetBatches(tmp_path, 4, seed=0)
+
+
+def test_image_shards_stream_the_corpus_images_and_captions_and_resume_at_any_step(curated_shards):
+    """The dVAE's and CLIP's stream: every image of an epoch once per rank share, the pixels (and caption
+    tokens) those of the in-memory corpus, and a resumed stream yields what the unbroken one did."""
+    from dalle_pipeline.components.shards import load_corpus
+    from dalle_pipeline.components.training.image_shards import ImageShards, streams
+    from dalle_pipeline.components.training.stream import StreamedBatches
+
+    corpus = load_corpus(curated_shards, 32)
+    tokenize = lambda captions: np.array([[len(c), ord(c[0]) if c else 0] for c in captions])  # noqa: E731
+    shards = ImageShards(curated_shards, 32, tokenize=tokenize)
+    assert (shards.num_rows, shards.max_group_rows, shards.decoded_bytes) == (96, 64, 96 * 32 * 32 * 3)
+    assert streams("auto", shards) is False and streams("stream", shards) and not streams("memory", shards)
+    every_row = Counter((corpus.images[row].tobytes(), tuple(tokenize([corpus.captions[row]])[0]))
+                        for row in range(len(corpus)))
+    kwargs = dict(per_rank_batch=4, seed=1, world_size=2, buffer_rows=16)
+    seen = Counter()
+    for rank in range(2):
+        batches = StreamedBatches(shards, rank=rank, **kwargs)
+        for pixels, tokens in itertools.islice(iter(batches), batches.steps_per_epoch):
+            assert pixels.dtype == torch.uint8 and pixels.shape == (4, 32, 32, 3)
+            seen.update((image.numpy().tobytes(), tuple(row)) for image, row in zip(pixels, tokens.tolist()))
+    assert seen == every_row  # 48 rows a rank, 12 steps of 4: each (image, caption) once, nothing left out
+    expected = list(itertools.islice(iter(StreamedBatches(shards, rank=1, **kwargs)), 30))
+    for step in (5, 12, 17):
+        resumed = list(itertools.islice(StreamedBatches(shards, rank=1, **kwargs).from_step(step), 30 - step))
+        for got, want in zip(resumed, expected[step:]):
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
