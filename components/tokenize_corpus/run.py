@@ -16,7 +16,9 @@ whose metadata holds their shapes), the oracle's reading of its reconstructions 
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +208,7 @@ def _tokenize(pending: list[Path], out_dir: Path, metadata: dict[str, str], dvae
     import ray.data
 
     resources = connect(ray_address)
+    quiet_ray_data()
     gpus = int(resources.get("GPU", 0))
     cpus = max(1, int(resources.get("CPU", 1)))
     actors = max(1, gpus)
@@ -216,10 +219,15 @@ def _tokenize(pending: list[Path], out_dir: Path, metadata: dict[str, str], dvae
             "bpe_dropout": bpe_dropout})
         .map_batches(ImageEncoder, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
                      fn_constructor_kwargs={"dvae_dir": str(dvae_dir), "threads": max(1, cpus // actors)},
-                     **({"num_gpus": 1} if gpus else {"num_cpus": 1}))
+                     # an encoder that dies fails the stage, which resumes at its first unwritten part: Ray's
+                     # restart of an actor whose constructor arguments live in the object store is unreliable
+                     # (it says so on stderr for every actor otherwise)
+                     # (Ray Data's own way to say it, though it warns of the keyword's deprecation in Ray 2.64)
+                     max_restarts=0, **({"num_gpus": 1} if gpus else {"num_cpus": 1}))
     )
     waiting: dict[str, list[dict[str, np.ndarray]]] = {}
     received: dict[str, int] = {}
+    progress = ProgressLine("tokenize-corpus", len(pending), "shards")
     for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
         for shard in np.unique(batch["shard"]):
             mine = batch["shard"] == shard
@@ -229,8 +237,36 @@ def _tokenize(pending: list[Path], out_dir: Path, metadata: dict[str, str], dvae
             if received[shard] == expected:
                 _write_shard_part(waiting.pop(shard), out_dir / f"{Path(shard).stem}.parquet", metadata,
                                   math.isqrt(len(batch["image_tokens"][0])))
+                progress.advance(expected)
     if waiting:
         raise RuntimeError(f"the tokenization ended with shards incomplete: {sorted(waiting)}")
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's own output kept to warnings: its progress block (eight lines a dataset, every few seconds)
+    and execution plans go to its log file only; the stage prints its `ProgressLine`."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+class ProgressLine:
+    """One line of progress for a stage, at most every `every_s` seconds and at the end."""
+
+    def __init__(self, stage: str, total: int, unit: str, every_s: float = 10.0) -> None:
+        self.stage, self.total, self.unit, self.every_s = stage, total, unit, every_s
+        self.done, self.rows, self.started = 0, 0, time.perf_counter()
+        self.shown = self.started
+
+    def advance(self, rows: int) -> None:
+        self.done, self.rows = self.done + 1, self.rows + rows
+        now = time.perf_counter()
+        if self.done == self.total or now - self.shown >= self.every_s:
+            self.shown = now
+            print(f"{self.stage}: {self.done}/{self.total} {self.unit}, {self.rows} rows, "
+                  f"{self.rows / max(now - self.started, 1e-9):.0f} rows/s", flush=True)
 
 
 def _write_shard_part(chunks: list[dict[str, np.ndarray]], part: Path, metadata: dict[str, str], grid: int) -> None:

@@ -29,10 +29,16 @@ def inputs(curated_shards, tmp_path_factory):
     return curated_shards, dvae_dir, tokenizer_path, corpus
 
 
-def test_schema_metadata_and_round_trip(inputs, tmp_path):
+def test_schema_metadata_and_round_trip(inputs, tmp_path, capfd):
     curated, dvae_dir, tokenizer_path, corpus = inputs
     result = run(curated, dvae_dir, tokenizer_path, tmp_path / "tokens", text_len=24)
     assert result.rows == len(corpus) == 96
+    # what a person sees: one progress line, no Ray Data progress blocks, no core worker error line
+    out, err = capfd.readouterr()
+    assert [line for line in out.splitlines() if line.startswith("tokenize-corpus:")] == \
+        [line for line in out.splitlines() if "tokenize-corpus" in line] and "2/2 shards, 96 rows" in out
+    assert not [line for line in (out + err).splitlines() if "logging_progress" in line or "core_worker" in line
+                or "Execution plan" in line]
     part = pq.read_table(tmp_path / "tokens" / "00000.parquet")
     assert part.schema.field("text_tokens").type == pa.list_(pa.uint16())
     assert part.schema.field("image_tokens").type == pa.list_(pa.uint16(), 64)
