@@ -94,8 +94,9 @@ class DownloadConfig(StageConfig):
         description="X-Robots-Tag directives that forbid an image; [] ignores the header",
     )
     user_agent_token: str | None = Field(None, description="token added to the User-Agent, matched in X-Robots-Tag")
-    distributor: Literal["multiprocessing", "ray"] = Field(
-        "multiprocessing", description="img2dataset's workers: processes on this machine, or Ray tasks on a cluster"
+    distributor: Literal["auto", "multiprocessing", "ray"] = Field(
+        "auto", description="img2dataset's workers: processes on this machine, or Ray tasks on every node of the "
+                            "cluster; 'auto': Ray where the flow's Ray session spans several nodes"
     )
     max_image_bytes: int = Field(20_000_000, ge=1, description="larger downloads are refused (too_large)")
     max_image_pixels: int = Field(

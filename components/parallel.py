@@ -4,7 +4,8 @@
 order. With a Ray session open in this process (`cluster.connect`, which the flow calls before its
 data stages) each call is a Ray task of one CPU, at most `in_flight` of them submitted at once (by
 default two per CPU of the cluster), so any node may run them and the driver holds only the
-results not yet consumed. Without one, the calls run here, one after another: a component called
+results not yet consumed; tasks are spread over the nodes (Ray's SPREAD strategy: short tasks
+would otherwise all queue on the driver's node). Without one, the calls run here, one after another: a component called
 on its own (a test, a notebook) needs no Ray.
 
 A job's function must be a module-level function (Ray ships it by reference) and idempotent: a
@@ -54,7 +55,7 @@ def ordered_map(function: Callable[[Job], Result], jobs: Iterable[Job], in_fligh
     remote = _remote_functions.get(function)
     if remote is None:
         remote = _remote_functions[function] = ray.remote(function)
-    remote = remote.options(num_cpus=1, max_retries=TASK_RETRIES, **options)
+    remote = remote.options(**{"num_cpus": 1, "max_retries": TASK_RETRIES, "scheduling_strategy": "SPREAD", **options})
     limit = in_flight or 2 * cluster_cpus()
     pending: deque = deque()
     for job in jobs:

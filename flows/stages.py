@@ -211,7 +211,8 @@ def download(cfg: PipelineConfig, url_list: str, stages: Stages) -> StageRecord[
 
     # one folder per URL list location and settings: a list that grows downloads only its new rows
     record = stages.run(run, cfg.download_settings(), url_list, image_size=cfg.corpus.image_size,
-                        url_col=cfg.data.url_col, caption_col=cfg.data.caption_col, accumulates=True)
+                        url_col=cfg.data.url_col, caption_col=cfg.data.caption_col, accumulates=True,
+                        on_ray=cfg.download.distributor != "multiprocessing")
     print(record.outputs.describe("downloaded"))
     return record
 

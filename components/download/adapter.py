@@ -55,14 +55,15 @@ def _policed(policy: FetchPolicy):
         i2d_main.Downloader = original
 
 
-def download(arguments: dict[str, Any], policy: FetchPolicy) -> None:
+def download(arguments: dict[str, Any], policy: FetchPolicy, ray_address: str | None = None) -> None:
     """`img2dataset.download(**arguments)` with our fetch; puts back the SIGINT handler it installs.
 
-    With `distributor="ray"` each shard is a Ray task: on the cluster at RAY_ADDRESS when set
-    (its nodes need this package installed), else on the pipeline's local Ray (`cluster.connect`).
+    With `distributor="ray"` each shard is a Ray task: on the Ray session at `ray_address` (the one
+    the caller has open), else the cluster at RAY_ADDRESS when set (its nodes need this package
+    installed), else the pipeline's local Ray (`cluster.connect`).
     """
     if arguments["distributor"] == "ray":
-        connect()
+        connect(ray_address)
     previous_handler = signal.getsignal(signal.SIGINT)
     try:
         with _policed(policy):

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from .. import columns
 from ..config import DownloadConfig
+from ..parallel import ray_session
 from .fetch import FetchPolicy, reason_code
 
 SUCCESS_MARKER = "_SUCCESS"
@@ -128,7 +129,7 @@ def _download_batch(cfg: DownloadConfig, rows: pa.Table, batch: Path, image_size
     (staging / "_REQUEST").write_text(request)
 
     arguments = _img2dataset_arguments(cfg, rows, batch_list, staging, image_size, url_col, caption_col)
-    _call_img2dataset(arguments, _fetch_policy(cfg))
+    _call_img2dataset(arguments, _fetch_policy(cfg), ray_address=_session_address(arguments["distributor"]))
 
     expected_shards = math.ceil(rows.num_rows / cfg.samples_per_shard)
     finished_shards = len(list(staging.glob("*_stats.json")))
@@ -353,7 +354,7 @@ def _img2dataset_arguments(cfg: DownloadConfig, rows: pa.Table, batch_list: Path
         number_sample_per_shard=cfg.samples_per_shard,
         timeout=cfg.timeout,
         retries=cfg.retries,  # unused by our fetch, which reads them from the policy
-        distributor=cfg.distributor,
+        distributor=distributor_of(cfg),
         incremental_mode="incremental",
         enable_wandb=False,
         user_agent_token=cfg.user_agent_token,
@@ -362,25 +363,46 @@ def _img2dataset_arguments(cfg: DownloadConfig, rows: pa.Table, batch_list: Path
     )
 
 
-def _call_img2dataset(arguments: dict[str, Any], policy: FetchPolicy) -> None:
+def distributor_of(cfg: DownloadConfig) -> str:
+    """`cfg.distributor`, 'auto' resolved: Ray tasks on every node where this process has a Ray session open
+    on a cluster of several nodes, else img2dataset's processes on this machine."""
+    if cfg.distributor != "auto":
+        return cfg.distributor
+    if not ray_session():
+        return "multiprocessing"
+    import ray
+
+    return "ray" if sum(node["Alive"] for node in ray.nodes()) > 1 else "multiprocessing"
+
+
+def _session_address(distributor: str) -> str | None:
+    """The Ray session img2dataset's tasks join: this process's own (a child process it spawns must find it)."""
+    if distributor != "ray" or not ray_session():
+        return None
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def _call_img2dataset(arguments: dict[str, Any], policy: FetchPolicy, ray_address: str | None = None) -> None:
     """Run img2dataset with our fetch, in a child process when we are not on the main thread.
 
     img2dataset installs a SIGINT handler, which Python allows only on the main thread (Prefect
     runs submitted tasks on worker threads).
     """
     if threading.current_thread() is not threading.main_thread():
-        child = multiprocessing.get_context("spawn").Process(target=_download, args=(arguments, policy))
+        child = multiprocessing.get_context("spawn").Process(target=_download, args=(arguments, policy, ray_address))
         child.start()
         child.join()
         if child.exitcode != 0:
             raise RuntimeError(f"img2dataset child process exited with code {child.exitcode}")
         return
-    _download(arguments, policy)
+    _download(arguments, policy, ray_address)
 
 
-def _download(arguments: dict[str, Any], policy: FetchPolicy) -> None:
+def _download(arguments: dict[str, Any], policy: FetchPolicy, ray_address: str | None = None) -> None:
     # else albumentations asks PyPI for updates at import; img2dataset's spawned workers inherit it
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from .adapter import download  # slow import (~4 s): only when a download happens
 
-    download(arguments, policy)
+    download(arguments, policy, ray_address)

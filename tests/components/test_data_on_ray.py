@@ -13,12 +13,15 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from local_processes import NO_AUTH
 from test_filter import _encode, _picture
 from test_ray_cluster import local_cluster
 
 from dalle_pipeline.components.config import DataConfig, DownloadConfig, FilterConfig
+from dalle_pipeline.components.download.run import distributor_of
 from dalle_pipeline.components.filter import read_report
 from dalle_pipeline.components.filter import run as filter_run
 from dalle_pipeline.components.shards import iter_samples, shard_paths
@@ -57,6 +60,7 @@ def test_on_ray_the_data_stages_curate_what_one_process_curates(tmp_path, local_
     ray.shutdown()  # the same calls without a Ray session: in this process
     _, here = curate(source, tmp_path / "here")
     assert here.shards_by_node == {"local": 5}
+    assert distributor_of(DownloadConfig()) == "multiprocessing"  # no Ray session: img2dataset's processes
     assert read_report(on_ray.report_path).equals(read_report(here.report_path))
     assert corpus_of(on_ray.curated_dir) == corpus_of(here.curated_dir)
     assert on_ray.dropped_by_reason == here.dropped_by_reason == {"duplicate": 4}
@@ -71,14 +75,24 @@ from test_data_on_ray import curate
 from pathlib import Path
 ray.init(address=sys.argv[1], include_dashboard=False, configure_logging=False)
 downloaded, curated = curate(Path(sys.argv[2]), Path(sys.argv[3]), per_shard=4)
+from dalle_pipeline.components.config import DownloadConfig
+from dalle_pipeline.components.download.run import distributor_of, run as download
+cfg = DownloadConfig(allow_file_urls=True, samples_per_shard=8, timeout=5)
+fetched = download(cfg, Path(sys.argv[3]) / "urls.parquet", Path(sys.argv[3]) / "fetched", 32)
 print("RESULT " + json.dumps({"ingest": downloaded.shards_by_node, "filter": curated.shards_by_node,
-                              "nodes": [node["NodeID"] for node in ray.nodes() if node["Alive"]]}))
+                              "nodes": [node["NodeID"] for node in ray.nodes() if node["Alive"]],
+                              "distributor": distributor_of(cfg), "downloaded": fetched.successes}))
 """
 
 
 @pytest.mark.slow  # two-node Ray
 def test_both_nodes_of_a_cluster_ingest_and_filter(tmp_path, monkeypatch):
     source = captioned_folder(tmp_path / "source", 64, side=96)
+    (tmp_path / "out").mkdir()
+    pictures = sorted(source.glob("*.png"))
+    pq.write_table(pa.table({"url": [path.as_uri() for path in pictures],
+                             "caption": [path.with_suffix(".txt").read_text() for path in pictures]}),
+                   tmp_path / "out" / "urls.parquet")
     for address in local_cluster(monkeypatch, "data-nodes", 1, [1]):
         proc = subprocess.run([sys.executable, "-c", DRIVER, address, str(source), str(tmp_path / "out"),
                                str(Path(__file__).parent), str(Path(__file__).parent.parent)], capture_output=True, text=True, timeout=300,
@@ -88,6 +102,8 @@ def test_both_nodes_of_a_cluster_ingest_and_filter(tmp_path, monkeypatch):
         # 16 shards, four tasks in flight on two nodes of one CPU: each node takes some
         assert sorted(result["ingest"]) == sorted(result["nodes"]) == sorted(result["filter"])
         assert sum(result["ingest"].values()) == sum(result["filter"].values()) == 16
+        # a URL list on a cluster of two nodes: img2dataset's shards are Ray tasks (download.distributor auto)
+        assert result["distributor"] == "ray" and result["downloaded"] == 64
     _, here = curate(source, tmp_path / "here", per_shard=4)
     assert read_report(tmp_path / "out" / "curated" / "filter_report.parquet").equals(read_report(here.report_path))
 
