@@ -23,3 +23,25 @@ def test_no_benchmark_shadows_a_package_its_imports_need():
     import importlib.util
 
     assert [path.name for path in BENCH.glob("*.py") if importlib.util.find_spec(path.stem) is not None] == []
+
+
+def test_the_memory_plan_counts_states_by_shard_and_activations_by_rows(tmp_path):
+    """bench/memory.py on the meta device: FSDP divides the 16 bytes a parameter of states by the GPU count,
+    DDP does not, and the activations measured grow with the micro-batch (weights are not counted as them)."""
+    import json
+
+    plans = []
+    for rows in (1, 2):
+        done = subprocess.run([sys.executable, str(BENCH / "memory.py"), "--preset", "small", "--gpus", "1", "4",
+                               "--micro-batch", str(rows), "--out", str(tmp_path / f"{rows}.json")],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        plans.append(json.loads((tmp_path / f"{rows}.json").read_text()))
+    one, two = plans
+    params = one["parameters"]
+    fsdp = {row["gpus"]: row for row in one["training_per_gpu"]["fsdp"]}
+    assert abs(fsdp[4]["adam_moments_fp32"] * 2**30 - 8 * params / 4) < 1e3
+    assert abs(fsdp[1]["weights_fp32"] / fsdp[4]["weights_fp32"] - 4) < 1e-9
+    assert one["training_per_gpu"]["ddp"][1]["weights_fp32"] == fsdp[1]["weights_fp32"]
+    activations = one["activations_gib_per_micro_batch"]["whole"], two["activations_gib_per_micro_batch"]["whole"]
+    assert abs(activations[1] / activations[0] - 2) < 0.01 and activations[0] * 2**30 < 2 * params
