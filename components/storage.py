@@ -1,4 +1,4 @@
-"""Atomic writes: a reader sees the old file or the whole new one, never half of it."""
+"""Local paths, and atomic writes: a reader sees the old file or the whole new one, never half of it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+def local_path(value: str | Path, what: str) -> Path:
+    """`value` (a path, `~` expanded, or a file:// URL) as an absolute local path. Any other URL is refused
+    naming its protocol and `what` it was given as: every path the pipeline writes is local or on a
+    shared file system (object storage, s3:// or gs://, is not supported yet), and a URL taken as a
+    path would be a local folder named `s3:`."""
+    text = str(value)
+    scheme, separator, rest = text.partition("://")
+    if separator and scheme.isidentifier():
+        if scheme != "file":
+            raise ValueError(f"{what} {text!r}: the {scheme}:// protocol is not supported; give a local or "
+                             "shared-file-system path (or a file:// URL)")
+        text = rest
+    return Path(text).expanduser().resolve()
 
 
 @contextmanager

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .storage import local_path
+
 if TYPE_CHECKING:
     from .lineage import DatasetRef
 
@@ -29,7 +31,7 @@ SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("DALLE_HOME", "runs")).resolve()
+    return local_path(os.environ.get("DALLE_HOME", "runs"), "DALLE_HOME")
 
 
 def default_tracking_uri(root: str | Path | None = None) -> str:

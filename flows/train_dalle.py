@@ -26,6 +26,7 @@ from dalle_pipeline.components.evaluate.evaluation_set import (EvaluationSet, ho
 from dalle_pipeline.components.overrides import PipelineOverrides
 from dalle_pipeline.components.sources.kinds import source_kind
 from dalle_pipeline.components.stage_cache import StageCache, StageRecord
+from dalle_pipeline.components.storage import local_path
 from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri
 from dalle_pipeline.components.environment import use_defaults
 from dalle_pipeline.flows.concurrency import ensure_training_limit
@@ -98,7 +99,7 @@ def check_arguments(rerun: list[str] | None, retrain_from: str | None, retrain_d
 def start_run(preset: str, root: str | None, rerun: frozenset[str], retrain_from: str | None) -> tuple[Path, Stages]:
     """The root, and what every stage task needs: the MLflow parent run, tagged with the Prefect flow run,
     and the stage cache under the root."""
-    root_dir = Path(root).resolve() if root else default_root()
+    root_dir = local_path(root, "root") if root else default_root()
     tracking_uri = default_tracking_uri(root_dir)
     kind = "retrain" if retrain_from else "train"
     parent = Tracker.start(

@@ -34,6 +34,7 @@ from .. import columns
 from ..config import DataConfig
 from ..download.run import INPUT_FORMATS
 from ..shards import tar_members
+from ..storage import local_path
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 CAPTION_SUFFIXES = (".txt", ".json")
@@ -57,7 +58,7 @@ class Item:
 def source_kind(data: DataConfig) -> str:
     """`data.format`, or the kind recognised from `data.source`; a path that is none of them raises
     ValueError saying what was found there (FileNotFoundError when nothing is)."""
-    path = Path(data.source).expanduser()
+    path = local_path(data.source, "data.source")
     if not path.exists():
         raise FileNotFoundError(f"data.source {path} does not exist")
     kind = data.format if data.format != "auto" else _recognise(path, data)

@@ -351,3 +351,17 @@ def test_shards_hold_jpegs_from_256_px_and_pngs_below_unless_told(tmp_path):
         sample = next(iter_samples(out / "batch-00000"))
         formats[size, chosen] = (sample.image_ext, Image.open(io.BytesIO(sample.image_bytes)).format)
     assert formats == {(256, "auto"): ("jpg", "JPEG"), (64, "auto"): ("png", "PNG"), (256, "png"): ("png", "PNG")}
+
+
+def test_a_url_where_a_path_is_asked_for_is_refused_naming_its_protocol(tmp_path, monkeypatch):
+    """DALLE_HOME=s3://bucket used to become a local folder named `s3:`; object storage is refused, file:// read."""
+    from dalle_pipeline.components.tracking import default_root
+
+    monkeypatch.setenv("DALLE_HOME", "s3://bucket/dalle")
+    with pytest.raises(ValueError, match=r"DALLE_HOME 's3://bucket/dalle': the s3:// protocol is not supported"):
+        default_root()
+    monkeypatch.setenv("DALLE_HOME", (tmp_path / "home").as_uri())
+    assert default_root() == tmp_path / "home"
+    with pytest.raises(ValueError, match=r"data.source 'gs://b/photos': the gs:// protocol"):
+        source_kind(DataConfig(source="gs://b/photos"))
+    assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:")
