@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from pydantic import ConfigDict, Field
 from torch import nn
 
@@ -183,8 +184,17 @@ class Block(nn.Module):
             nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model),
             nn.Dropout(cfg.dropout),
         )
+        # a training setting, not the architecture (`prior.activation_checkpointing`); never saved
+        self.activation_checkpointing = False
 
     def forward(self, x, mask, cache=None, layer=0, start=0, kv_len=None):
+        if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+            # only the block's input is kept for the backward pass, which runs the block again; the
+            # recomputation calls `residual`, not the module, so FSDP's hooks (outside) gather once
+            return torch.utils.checkpoint.checkpoint(self.residual, x, mask, use_reentrant=False)
+        return self.residual(x, mask, cache, layer, start, kv_len)
+
+    def residual(self, x, mask, cache=None, layer=0, start=0, kv_len=None):
         x = x + self.attn(self.norm1(x), mask, cache, layer, start, kv_len)
         return x + self.mlp(self.norm2(x))
 
@@ -202,17 +212,30 @@ class Prior(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.text_head = nn.Linear(cfg.d_model, cfg.text_vocab + cfg.text_len, bias=False)
         self.image_head = nn.Linear(cfg.d_model, cfg.image_vocab, bias=False)
-        self.apply(self._init)
-        for name, param in self.named_parameters():
-            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(param, std=0.02 / math.sqrt(2 * cfg.layers))
+        self.reset_parameters()
 
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Every parameter's initial value (`init_parameter`), drawn from `generator` (None: torch's
+        global one) in `named_parameters` order."""
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                self.init_parameter(name, param, generator)
+
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Fill `tensor`, parameter `name` or a stand-in of its full shape, with its initial value: GPT-2's
+        normal(0, 0.02) for weights and embeddings, scaled by 1/sqrt(2 x layers) on the projections into
+        the residual stream; zero biases; LayerNorm weights one. One parameter at a time, in order, from
+        one seeded generator: the same values whether the model is whole or sharded from the meta device
+        (`prior.train.build`)."""
+        module = self.get_submodule(name.rpartition(".")[0])
+        if name.endswith("bias"):
+            tensor.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            tensor.fill_(1.0)
+        elif name.endswith(("attn.proj.weight", "mlp.2.weight")):
+            tensor.normal_(0.0, 0.02 / math.sqrt(2 * self.cfg.layers), generator=generator)
+        else:
+            tensor.normal_(0.0, 0.02, generator=generator)
 
     @cached_property
     def _masks(self) -> dict[str, torch.Tensor]:
@@ -338,9 +361,12 @@ class Prior(nn.Module):
         return self.image_head(self.norm(x[:, -1]))
 
 
-def load(checkpoint_dir: str | Path) -> Prior:
-    """The prior saved in `checkpoint_dir` (weights and the config that rebuilds it), in eval mode."""
-    state, config, _ = checkpoint.load(checkpoint_dir, KIND)
-    model = Prior(PriorModelConfig(**config))
-    model.load_state_dict(state)
+def load(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> Prior:
+    """The prior saved in `checkpoint_dir` (weights and the config that rebuilds it) on `device`, in eval
+    mode. Built on the meta device and given the file's tensors as its parameters: one copy of the
+    weights in memory, never a random initialisation beside them."""
+    state, config, _ = checkpoint.load(checkpoint_dir, KIND, device=device)
+    with torch.device("meta"):
+        model = Prior(PriorModelConfig(**config))
+    model.load_state_dict(state, assign=True)
     return model.eval()
