@@ -306,6 +306,9 @@ class PriorConfig(RayTrainConfig, PriorArchitecture):
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="data parallel (replicas) or FSDP2 (parameters, grads and optimizer state sharded)"
     )
+    activation_checkpointing: bool = Field(
+        False, description="keep only each block's input for the backward pass, which recomputes the block"
+    )
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(steps=500, batch_size=64, lr=2e-3, min_lr=1e-4, weight_decay=0.01,
                                             precision="auto")

@@ -1,10 +1,16 @@
-"""Train the prior on the token Parquet with Ray Train's TorchTrainer (DDP or FSDP; gloo on CPU).
+"""Train the prior on the token Parquet with Ray Train's TorchTrainer (DDP or FSDP2; gloo on CPU).
 
 `train_worker` is the thin Ray shell around the shared `fit` loop: it streams its rank's share of
 the token dataset through a shuffle buffer (`ParquetBatches`), resumes from Ray's latest
 checkpoint when a worker or the driver was lost, logs to MLflow from rank 0 and reports
 checkpoints through `ray_train.report_checkpoint`. Given the dVAE that made the tokens, rank 0 also
 draws a few captions at every checkpoint into the run's image view (`Preview`).
+
+Under FSDP2 (`prior.parallel: fsdp`) no process holds the whole prior: each worker builds it on the
+meta device and materialises only its shards (`build`), computes in bf16 with fp32 gradient
+reduction where the prior trains in bf16 (`mixed_precision`), writes and reads only its shards at a
+checkpoint (DCP, `ray_train.report_sharded`), and the driver streams the kept weights into the
+stage's safetensors file a group of tensors at a time (`export`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from .. import checkpoint
 from ..config import PriorArchitecture, PriorConfig
@@ -27,11 +34,16 @@ from ..images import to_uint8
 from ..lineage import token_dataset
 from ..sample.generate import sample_image_tokens
 from ..tracking import Tracker, monitor_system
-from ..training import ParquetBatches, TokenParquet, fit, ray_train
+from ..training import ParquetBatches, TokenParquet, fit, ray_train, sharded
 from ..training.flops import measured_matmul_peak, transformer_flops_per_token
-from ..training.loop import unwrap, uses_bf16
+from ..training.loop import SHARDED_KEY, unwrap, uses_bf16
 from .model import KIND, Prior, PriorModelConfig, prior_loss
 
+# CPU workers under FSDP: glibc's malloc raises its mmap threshold to the largest block freed (up to 32 MiB),
+# after which FSDP's gathered blocks and reduced gradients come from the heap, which it seldom gives back: a
+# worker of a 100M-parameter prior held 0.5-0.7 GiB more than its tensors, most of what sharding saves. A
+# fixed threshold keeps them mapped, and unmapped when freed (peak 2.5 -> 1.8 GiB a worker, no slower).
+SHARDED_CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 # the MLflow image series of the preview, one per caption: "preview-<n> <caption>" (MLflow turns a "/" in a key into "~")
 PREVIEW_KEY = "preview"
 PREVIEW_SCALE = 4  # preview pixels are shown this many screen pixels wide, as the stages' grids are
@@ -93,25 +105,55 @@ def check_same_architecture(checkpoint_dir: str | Path, model_cfg: PriorModelCon
                                 ignore=("dropout", "attention_backend"))
 
 
-def initialise_from(model: Prior, checkpoint_dir: str | Path) -> None:
-    """Start from another prior's weights (fine-tuning)."""
-    check_same_architecture(checkpoint_dir, model.cfg)
-    state, _, _ = checkpoint.load(checkpoint_dir, KIND)
-    model.load_state_dict(state)
+def initial_values(model_cfg: PriorModelConfig, seed: int, init_from: str | None = None) -> sharded.InitialValue:
+    """Each parameter's full starting value, one at a time: `init_from`'s tensor (fine-tuning), else the
+    prior's own initialisation (`Prior.init_parameter`) drawn from a generator seeded by `seed`, parameter
+    after parameter in `named_parameters` order: the weights `Prior.reset_parameters` gives a whole prior
+    from that generator, under DDP and FSDP alike, on any number of workers."""
+    if init_from:
+        check_same_architecture(init_from, model_cfg)
+        weights = safe_open(str(Path(init_from) / checkpoint.WEIGHTS), framework="pt")
+        return lambda name, shape: weights.get_tensor(name)
+    with torch.device("meta"):
+        prior = Prior(model_cfg)  # its parameter names and initialisation, no storage
+    generator = torch.Generator().manual_seed(seed)
+
+    def drawn(name: str, shape: torch.Size) -> torch.Tensor:
+        value = torch.empty(shape)
+        prior.init_parameter(name, value, generator)
+        return value
+
+    return drawn
 
 
-def distribute(model: Prior, parallel: str) -> torch.nn.Module:
-    """DDP through Ray, or FSDP2: each transformer block sharded on its own, then the rest."""
-    import ray.train.torch
+def mixed_precision(cfg: PriorConfig, device: torch.device):
+    """FSDP2's policy: bf16 parameters for compute and fp32 gradient reduction where the prior trains in
+    bf16 (`optim.precision`, `auto` where the device has bf16 units); fp32 throughout otherwise."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if parallel == "ddp":
-        return ray.train.torch.prepare_model(model)
+    if uses_bf16(cfg.optim, device.type):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def build(model_cfg: PriorModelConfig, cfg: PriorConfig, device: torch.device,
+          initial_value: sharded.InitialValue | None) -> Prior:
+    """This worker's prior, built on the meta device and given its storage on `device`: whole (for DDP to
+    wrap), or under FSDP2 each transformer block sharded on its own, then the rest, and only this rank's
+    shards materialised (`sharded.materialise`: no worker ever holds the whole model). Its weights:
+    `initial_value` (`initial_values`; None where the run resumes: the checkpoint overwrites every one)."""
     from torch.distributed.fsdp import fully_shard
 
-    model = model.to(ray.train.torch.get_device())
+    with torch.device("meta"):
+        model = Prior(model_cfg)
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        block.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.parallel == "fsdp":
+        policy = mixed_precision(cfg, device)
+        for block in model.blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+    sharded.materialise(model, device, initial_value)
     return model
 
 
@@ -187,17 +229,20 @@ def worker_preview(config: dict[str, Any], cfg: PriorConfig, rank: int, dataset:
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function; `config` is plain data so it pickles to every worker."""
+    import ray.train.torch
+
     cfg = PriorConfig.model_validate(config["prior"])
     dataset = TokenParquet(config["dataset_dir"])
     model_cfg = model_config(cfg, dataset.manifest)
     worker = ray_train.StageWorker.start("prior", config, model_cfg.to_dict(), cfg.optim.steps)
     rank, world_size = worker.rank, worker.world_size
     _, val_rows = split_validation(dataset.num_rows, cfg, config["seed"])
-    model = Prior(model_cfg)
-    if worker.fine_tunes(cfg.init_from):
-        initialise_from(model, cfg.init_from)
-    model = distribute(model, cfg.parallel)
-    device = next(model.parameters()).device
+    device = ray.train.torch.get_device()
+    init_from = cfg.init_from if worker.fine_tunes(cfg.init_from) else None
+    model = build(model_cfg, cfg, device,
+                  initial_values(model_cfg, config["seed"], init_from) if worker.resume_state is None else None)
+    if cfg.parallel == "ddp":
+        model = ray.train.torch.prepare_model(model)
     flops_per_token = transformer_flops_per_token(model, model_cfg.layers, model_cfg.seq_len, model_cfg.d_model)
     peak = measured_matmul_peak(device, torch.bfloat16 if uses_bf16(cfg.optim, device.type) else torch.float32)
 
@@ -251,6 +296,17 @@ def check_preview_dvae(dvae_dir: str | Path, manifest: dict) -> None:
                          f"something else; pass the dVAE the tokenize-corpus stage used")
 
 
+def export(state: dict[str, Any], directory: Path, model_cfg: PriorModelConfig, meta: dict[str, Any]) -> Path:
+    """The kept training state's weights as the stage's checkpoint (`model.safetensors` + `config.json`).
+    Sharded ones (FSDP) are read from the checkpoint's DCP folder a group of tensors at a time and
+    streamed into the file (`checkpoint.save_streamed`): the driver never holds the whole model."""
+    if not state.get(SHARDED_KEY):
+        return checkpoint.save(directory, KIND, state["model"], model_cfg.to_dict(), meta=meta)
+    layout = sharded.saved_layout(state[SHARDED_KEY])
+    return checkpoint.save_streamed(directory, KIND, layout, sharded.saved_weights(state[SHARDED_KEY], layout),
+                                    model_cfg.to_dict(), meta=meta)
+
+
 def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: Tracker | None = None,
         ray_address: str | None = None, dvae_dir: Path | None = None) -> PriorResult:
     """Train on Ray Train (resuming a run killed earlier in `out_dir`), then save the kept weights.
@@ -277,12 +333,11 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
         state, metrics = ray_train.train_on_ray(
             "prior", train_worker, loop_config, cfg, out_dir,
             score_attribute="val_loss" if cfg.val_fraction > 0 else None, ray_address=ray_address, tracker=tracker,
+            cpu_worker_env=SHARDED_CPU_WORKER_ENV if cfg.parallel == "fsdp" else None,
         )
-    checkpoint_dir = checkpoint.save(
-        out_dir / "checkpoint", KIND, state["model"], model_cfg.to_dict(),
-        meta={**metrics, "step": state["step"], "dvae_hash": manifest["dvae_hash"],
-              "tokenizer_hash": manifest["tokenizer_hash"]},
-    )
+    checkpoint_dir = export(state, out_dir / "checkpoint", model_cfg,
+                            meta={**metrics, "step": state["step"], "dvae_hash": manifest["dvae_hash"],
+                                  "tokenizer_hash": manifest["tokenizer_hash"]})
     if tracker is not None:
         tracker.log_artifact(checkpoint_dir, "checkpoint")
     return PriorResult(checkpoint_dir=checkpoint_dir, metrics=metrics, step=state["step"])

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig
+from . import sharded
 
 LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]]
 LogHook = Callable[[int, dict[str, float]], None]
@@ -108,39 +109,45 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _full_state_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+SHARDED_KEY = "sharded"  # a resume state's DCP folder, where its weights and optimizer state are sharded
 
 
-def model_state(model: nn.Module) -> dict[str, Any]:
-    """The whole (unsharded) state dict; for a sharded model, complete on rank 0 only."""
+def training_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """{"model", "optimizer"} of a checkpoint: whole state dicts, or for a model sharded with FSDP2 this
+    rank's shards of both (DTensors), which every rank writes into one DCP folder: nothing is gathered."""
     if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(model, options=_full_state_options())
-    return unwrap(model).state_dict()
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, optimizer, options=_full_state_options())
-    return optimizer.state_dict()
+        return sharded.state_dicts(model, optimizer)
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
 
 
 def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Inverse of `model_state` + `optimizer_state`: every rank passes the full dicts, FSDP shards them."""
-    if is_sharded(model):
+    """Inverse of `training_weights`. A state naming a DCP folder (`SHARDED_KEY`) is read by every rank
+    for its own shards, whatever the number of ranks that wrote it; whole state dicts (a DDP run's, or
+    a checkpoint written before sharded checkpoints) are passed whole by every rank, FSDP shards them."""
+    if state.get(SHARDED_KEY):
+        sharded.load(model, optimizer, state[SHARDED_KEY])
+    elif is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+        moments = _by_parameter_name(model, optimizer, state["optimizer"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=moments,
                        options=StateDictOptions(full_state_dict=True))
-        return
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    else:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+
+
+def _by_parameter_name(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """A whole optimizer state dict keyed by parameter name, as `set_state_dict` takes it: a plain
+    `optimizer.state_dict()` (a DDP run's) numbers the parameters in the order of the optimizer's groups,
+    which `make_optimizer` builds the same for the same model, sharded or not."""
+    if not all(isinstance(key, int) for key in saved["state"]):
+        return saved  # already by name (FSDP's whole checkpoints before sharded ones)
+    name_of = {param: name for name, param in unwrap(model).named_parameters()}
+    names = [name_of[param] for group in optimizer.param_groups for param in group["params"]]
+    return {"state": {names[index]: value for index, value in saved["state"].items()},
+            "param_groups": [{**group, "params": [names[index] for index in group["params"]]}
+                             for group in saved["param_groups"]]}
 
 
 @dataclass
@@ -258,9 +265,7 @@ def _update(model: nn.Module, forward_model: nn.Module, loss_fn: LossFn, batches
     metrics_sum: dict[str, float | torch.Tensor] = {}
     finite: bool | torch.Tensor = True
     for micro in range(accumulate):
-        # under DDP, forward and backward of all but the last micro-batch skip the all-reduce
-        sync = micro == accumulate - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync():
+        with _gradient_sync(model, micro == accumulate - 1):
             with _precision_context(cfg, device_type):
                 loss, metrics = loss_fn(forward_model, next(batches), step)
             (loss / accumulate).backward()
@@ -271,6 +276,26 @@ def _update(model: nn.Module, forward_model: nn.Module, loss_fn: LossFn, batches
              for name, params in clip_groups.items()}
     optimizer.step()
     return {**metrics_sum, **norms}, finite
+
+
+@contextlib.contextmanager
+def _gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Where `sync` is False, a backward pass that keeps its gradients on this rank: DDP's `no_sync`,
+    FSDP2's `set_requires_gradient_sync(False)` (which holds the unsharded gradients, in fp32, until the
+    last micro-batch reduce-scatters their sum). A single process has nothing to synchronise."""
+    if sync:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def _clip_groups(model: nn.Module, separately: tuple[str, ...]) -> dict[str, list[nn.Parameter]]:
@@ -298,8 +323,8 @@ def _measure(model: nn.Module, measure: Callable[[nn.Module, int], dict[str, flo
 
 def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None, step: int) -> dict[str, Any]:
     """Everything `fit` needs to continue at `step` exactly: weights, optimizer, EMA, RNG."""
-    return {"model": model_state(model), "optimizer": optimizer_state(model, optimizer),
-            "ema": ema.model.state_dict() if ema is not None else None, "rng": rng_state(), "step": step}
+    return {**training_weights(model, optimizer), "ema": ema.model.state_dict() if ema is not None else None,
+            "rng": rng_state(), "step": step}
 
 
 def fit(
@@ -319,8 +344,8 @@ def fit(
 ) -> FitResult:
     """Train `model` for `cfg.steps` updates on `batches`; returns the final metrics and models.
 
-    Each update accumulates gradients over `cfg.grad_accum_steps` batches (under DDP, only the last
-    micro-batch synchronises), in `cfg.precision`, through `torch.compile` where `cfg.compile` says.
+    Each update accumulates gradients over `cfg.grad_accum_steps` batches (under DDP and FSDP, only the
+    last micro-batch synchronises), in `cfg.precision`, through `torch.compile` where `cfg.compile` says.
     `on_log(step, metrics)` receives averages over the last `cfg.log_every` updates, plus lr, grad
     norm, samples/s and, every `measure_every` updates, `measure(model, step)`'s metrics (the model in eval
     mode, without gradients), under the names it gives them: `val_*` for held-out data, `train_*` for

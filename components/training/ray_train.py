@@ -11,11 +11,18 @@ storage path.
 Worker side: `worker_rank` seeds and sizes the worker, `resume_state` reads the checkpoint Ray hands
 a restarted worker, and `report_checkpoint` gathers every rank's RNG state and reports the
 training state from rank 0, so a resumed run draws the same random numbers as an uninterrupted one.
+
+A checkpoint is a folder: `train_state.pt` (step, every rank's RNG, EMA; with DDP the weights and
+optimizer state too, written by rank 0) and, for a model sharded with FSDP2, `sharded/`: a DCP
+folder into which every rank writes its own shards of the weights and optimizer state, straight in
+Ray's storage (nothing gathered, nothing copied after).
 """
 
 from __future__ import annotations
 
 import json
+import resource
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,9 +34,11 @@ import torch
 from ..cluster import connect
 from ..config import RayTrainConfig
 from ..tracking import Tracker
-from .loop import LogHook, progress_logger, rng_state, seed_everything, set_threads
+from . import sharded
+from .loop import SHARDED_KEY, LogHook, progress_logger, rng_state, seed_everything, set_threads
 
 STATE_FILE = "train_state.pt"
+SHARDED_DIR = "sharded"  # in a checkpoint folder: the DCP folder of a sharded model's weights and optimizer
 
 
 def train_on_ray(
@@ -41,13 +50,15 @@ def train_on_ray(
     score_attribute: str | None = None,
     ray_address: str | None = None,
     tracker: Tracker | None = None,
+    cpu_worker_env: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Run `worker_fn(loop_config)` on `cfg.num_workers` workers; (training state kept, its metrics).
 
     The state kept is the best checkpoint by `score_attribute` (lower is better) when given, else
     the latest; the metrics are the ones reported with that checkpoint, so they describe its weights
     (a run that overfit keeps an early step and that step's validation loss, not the last report's). `loop_config` gains `threads_per_worker` and `tracker` (what rebuilds `tracker` on
-    rank 0: `rank_zero_tracker`); it must be plain data (it is pickled).
+    rank 0: `rank_zero_tracker`); it must be plain data (it is pickled). `cpu_worker_env`: environment
+    variables of the workers where they train on CPUs.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -75,14 +86,15 @@ def train_on_ray(
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": cpu_worker_env} if cpu_worker_env and not use_gpu else None,
         ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{name} training reported no checkpoint (error: {result.error})")
     kept, reported = kept_checkpoint(result, score_attribute)
-    with kept.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
+    with kept.as_directory() as directory:  # Ray's storage is local: the folder itself, which stays
+        state = read_state(Path(directory))
     metrics = {k: float(v) for k, v in reported.items() if isinstance(v, (int, float))}
     return state, metrics
 
@@ -113,6 +125,16 @@ def kept_checkpoint(result, score_attribute: str | None):
     if scored:
         return min(scored, key=lambda pair: pair[1][score_attribute])
     return result.checkpoint, result.metrics or {}  # every report carries a checkpoint
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    """The training state of the checkpoint folder `directory`, its tensors on the CPU; where the weights
+    and optimizer state are sharded, not them but their DCP folder's path (`loop.SHARDED_KEY`), for each
+    rank to read its own shards (`loop.load_training_state`) or the driver the weights (`sharded.saved_weights`)."""
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    if (directory / SHARDED_DIR).is_dir():
+        state[SHARDED_KEY] = str(directory / SHARDED_DIR)
+    return state
 
 
 def worker_rank(config: dict[str, Any], seed: int) -> tuple[int, int]:
@@ -151,8 +173,8 @@ def resume_state(rank: int, world_size: int) -> dict[str, Any] | None:
     latest = ray.train.get_checkpoint()
     if latest is None:
         return None
-    with latest.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
+    with latest.as_directory() as directory:  # Ray's storage is local: the folder itself, which stays
+        state = read_state(Path(directory))
     rngs = state.get("rng")
     state["rng"] = rngs[rank] if isinstance(rngs, list) and len(rngs) == world_size else None
     return state
@@ -171,10 +193,14 @@ def _all_ranks_rng() -> list[dict[str, Any]]:
 
 def report_checkpoint(rank: int, metrics: dict[str, float], state: dict[str, Any],
                       files: dict[str, str] | None = None) -> None:
-    """Every rank calls this at a checkpoint step; rank 0 writes `state` (and `files`: name -> text)."""
+    """Every rank calls this at a checkpoint step; rank 0 writes `state` (and `files`: name -> text).
+    Sharded weights and optimizer state (FSDP2) are written by every rank (`report_sharded`)."""
     import ray.train
 
     state = {**state, "rng": _all_ranks_rng()}
+    if sharded.is_sharded_state(state):
+        report_sharded(rank, metrics, state, files)
+        return
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -183,6 +209,48 @@ def report_checkpoint(rank: int, metrics: dict[str, float], state: dict[str, Any
         for file_name, text in (files or {}).items():
             (Path(directory) / file_name).write_text(text)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def report_sharded(rank: int, metrics: dict[str, float], state: dict[str, Any], files: dict[str, str] | None) -> None:
+    """Every rank writes its shards of the weights and optimizer state into the checkpoint folder in
+    Ray's storage (`SHARDED_DIR`, one DCP file a rank); rank 0 the rest of `state` and `files`, then
+    reports the folder as it is (no upload: it is already where Ray keeps checkpoints). The folder is
+    named by the step: a run killed while writing one leaves a folder Ray never registered, which the
+    resumed run clears before writing that step again."""
+    import pyarrow.fs
+    import ray.train
+    import torch.distributed as dist
+
+    storage = ray.train.get_context().get_storage()
+    if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        raise ValueError(f"sharded checkpoints are written where Ray keeps its checkpoints, which must be a local "
+                         f"or shared file system; got {storage.storage_filesystem.type_name}")
+    name = f"checkpoint_step_{int(state['step']):07d}"
+    directory = Path(storage.experiment_fs_path) / name
+    if rank == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+    dist.barrier()
+    sharded.save(directory / SHARDED_DIR, {key: state.pop(key) for key in ("model", "optimizer")})
+    checkpoint = None
+    if rank == 0:
+        torch.save(state, directory / STATE_FILE)
+        for file_name, text in (files or {}).items():
+            (directory / file_name).write_text(text)
+        checkpoint = ray.train.Checkpoint(str(directory))
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+
+
+def peak_rss_gb() -> float:
+    """The most resident memory any worker of the group has held so far, in GiB (every rank calls this)."""
+    import torch.distributed as dist
+
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # KiB on Linux
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mine
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return max(every)
 
 
 @dataclass
@@ -218,8 +286,10 @@ class StageWorker:
         return bool(init_from) and self.resume_state is None
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        """`fit`'s on_log, once the stage has added its own rates: kept for the next checkpoint's report, and
-        one progress line and one MLflow write per step from rank 0, not one per worker."""
+        """`fit`'s on_log, once the stage has added its own rates, with the workers' peak resident memory
+        (`peak_rss_gb`): kept for the next checkpoint's report, and one progress line and one MLflow write
+        per step from rank 0, not one per worker. Every rank calls it."""
+        metrics = {**metrics, "peak_rss_gb": peak_rss_gb()}
         self.latest_metrics.update(metrics)
         if self.rank == 0:
             self.log_progress(step, metrics)

@@ -113,6 +113,155 @@ def test_a_killed_worker_resumes_from_the_latest_checkpoint(tmp_path, local_ray,
     assert max(m.step for m in tracker.client.get_metric_history(tracker.run_id, "image_loss")) == 400
 
 
+def _metric(tracker: Tracker, name: str) -> dict[int, float]:
+    return {m.step: m.value for m in tracker.client.get_metric_history(tracker.run_id, name)}
+
+
+@pytest.mark.slow  # three Ray Train runs of a 100M-parameter prior (about 2.5 minutes here)
+def test_a_100m_prior_sharded_on_two_workers_killed_resumes_on_one_as_an_unbroken_run_continues(tmp_path,
+                                                                                                local_ray):
+    """FSDP on two CPU workers: each writes its half of the weights and Adam moments into the checkpoint
+    (DCP, one file a rank) and holds less at its peak than one worker holding the whole prior with Adam;
+    both are SIGKILLed after the step-4 checkpoint, and the run resumes there on ONE worker (DCP reshards)
+    and continues as an unbroken run does. The driver streams the exported weights into model.safetensors."""
+    import torch
+
+    from dalle_pipeline.components.prior.model import load
+    from dalle_pipeline.components.prior.train import run
+
+    dataset = write_learnable_dataset(tmp_path / "tokens", rows=256)
+
+    def config(workers: int) -> PriorConfig:
+        cfg = PriorConfig(layers=8, d_model=1024, heads=8, num_workers=workers, parallel="fsdp", caption_dropout=0.0,
+                          val_fraction=0.0, checkpoint_every=4, max_failures=0, preview_prompts=0)
+        cfg.optim.steps, cfg.optim.batch_size, cfg.optim.log_every = 8, 8, 1
+        cfg.optim.lr, cfg.optim.warmup_steps = 1e-4, 4
+        return cfg
+
+    def started(name: str) -> Tracker:
+        return Tracker.start(f"sqlite:///{tmp_path}/mlflow.db", name, artifact_root=(tmp_path / "artifacts").as_uri())
+
+    unbroken = started("unbroken")  # one worker: also what a whole replica with Adam holds
+    run(config(1), dataset, tmp_path / "unbroken", seed=0, tracker=unbroken)
+
+    killed = started("killed")
+    out_dir = tmp_path / "prior"
+    failure: dict = {}
+
+    def killed_run() -> None:
+        try:
+            run(config(2), dataset, out_dir, 0, killed)
+        except Exception as error:  # the workers' deaths fail the run (max_failures=0)
+            failure["error"] = error
+
+    thread = threading.Thread(target=killed_run)
+    thread.start()
+    snapshot = out_dir / "ray" / "prior" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and "checkpoint_step_0000004" not in (
+            snapshot.read_text() if snapshot.exists() else ""):
+        time.sleep(0.2)  # the checkpoint is registered: Ray will hand it to the resumed run
+    victims = _ray_train_worker_pids()
+    assert len(victims) == 2, victims
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and "error" in failure
+
+    shards = sorted((out_dir / "ray" / "prior" / "checkpoint_step_0000004" / "sharded").glob("*.distcp"))
+    numel = sum(param.numel() for param in load(tmp_path / "unbroken" / "checkpoint").parameters())
+    assert 95e6 < numel < 110e6
+    sizes = [shard.stat().st_size for shard in shards]
+    assert len(sizes) == 2 and all(0.48 < size / (12 * numel) < 0.52 for size in sizes), sizes  # 4+4+4 B a half
+
+    resumed = started("resumed")
+    result = run(config(1), dataset, out_dir, seed=0, tracker=resumed)
+    assert _metric(resumed, "resumed_from_step") == {4: 4.0}
+    losses = {name: _metric(handle, "loss") for name, handle in
+              (("unbroken", unbroken), ("killed", killed), ("resumed", resumed))}
+    assert sorted(losses["resumed"]) == [5, 6, 7, 8]
+    after = {name: sum(losses[name][step] for step in (5, 6, 7, 8)) / 4 for name in ("unbroken", "resumed")}
+    assert after["resumed"] == pytest.approx(after["unbroken"], rel=0.2), losses
+    assert losses["resumed"][5] < 0.9 * losses["unbroken"][1], "the resumed run began again from step 0"
+
+    peaks = {name: max(_metric(handle, "peak_rss_gb").values()) for name, handle in
+             (("unbroken", unbroken), ("killed", killed), ("resumed", resumed))}
+    full_replica = 16 * numel / 2**30  # fp32 weights, gradients and two Adam moments
+    assert peaks["killed"] < peaks["unbroken"] - full_replica / 4, peaks  # 8 B a parameter sharded away
+    print(f"parameters {numel}, checkpoint shards {sizes} B, peak RSS per worker {peaks} GiB, 16 B a "
+          f"parameter {full_replica:.2f} GiB, losses {losses}")
+
+    exported = load(result.checkpoint_dir)
+    assert sum(param.numel() for param in exported.parameters()) == numel
+    assert torch.isfinite(next(exported.parameters())).all()
+
+
+SMALL = dict(text_vocab=40, image_vocab=32, text_len=6, grid_size=3, layers=3, d_model=48, heads=2)
+
+
+def _prior_built_sharded(rank: int, seed: int, init_from: str | None, activation_checkpointing: bool):
+    """On each of two ranks: (this rank's shard sizes, every parameter whole) of the prior `train.build` makes
+    under FSDP from the meta device, and its gradients of one loss."""
+    import torch
+
+    from dalle_pipeline.components.prior.model import PriorModelConfig, prior_loss
+    from dalle_pipeline.components.prior.train import build, initial_values
+
+    model_cfg = PriorModelConfig(**SMALL)
+    cfg = PriorConfig(parallel="fsdp", activation_checkpointing=activation_checkpointing)
+    cfg.optim.precision = "fp32"
+    model = build(model_cfg, cfg, torch.device("cpu"), initial_values(model_cfg, seed, init_from))
+    text = torch.randint(0, 40, (4, 6), generator=torch.Generator().manual_seed(5))
+    image = torch.randint(0, 32, (4, 9), generator=torch.Generator().manual_seed(6))
+    prior_loss(*model(text, image), text, image, 1 / 8)[0].backward()
+    return ({name: param.to_local().numel() for name, param in model.named_parameters()},
+            {name: param.full_tensor() for name, param in model.named_parameters()},
+            {name: param.grad.full_tensor() for name, param in model.named_parameters()})
+
+
+def test_a_prior_sharded_from_the_meta_device_starts_from_the_weights_of_a_whole_one(tmp_path):
+    """Two FSDP ranks build the prior on the meta device and materialise only their shards (about half
+    of each parameter), drawn one parameter at a time: the weights a whole prior gets from the same seed
+    (`reset_parameters`), bit for bit; another seed, other weights. Recomputing each block in the
+    backward pass (activation checkpointing) under FSDP gives the same gradients."""
+    import torch
+    from process_group import on_ranks
+
+    from dalle_pipeline.components.prior.model import Prior, PriorModelConfig
+    from dalle_pipeline.components.prior.train import initial_values
+
+    whole = Prior(PriorModelConfig(**SMALL))
+    whole.reset_parameters(torch.Generator().manual_seed(7))
+    ranks = on_ranks(_prior_built_sharded, 2, tmp_path / "seed7", 7, None, False)
+    for name, value in whole.named_parameters():
+        assert torch.equal(ranks[0][1][name], value.detach()), name
+        assert ranks[0][0][name] + ranks[1][0][name] == value.numel()
+        assert ranks[0][0][name] >= value.numel() // 2, name  # dim 0 split in two, the first chunk the larger
+    drawn = {seed: initial_values(PriorModelConfig(**SMALL), seed)("text_embedding.weight", (47, 48))
+             for seed in (7, 8)}
+    assert torch.equal(drawn[7], ranks[0][1]["text_embedding.weight"]) and not torch.equal(drawn[8], drawn[7])
+
+    recomputed = on_ranks(_prior_built_sharded, 2, tmp_path / "checkpointed", 7, None, True)
+    for name, grad in ranks[0][2].items():
+        torch.testing.assert_close(recomputed[0][2][name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_prior_sharded_from_the_meta_device_fine_tunes_from_its_init_from_weights(tmp_path):
+    import torch
+    from process_group import on_ranks
+
+    from dalle_pipeline.components import checkpoint
+    from dalle_pipeline.components.prior.model import KIND, Prior, PriorModelConfig
+
+    model_cfg = PriorModelConfig(**SMALL)
+    torch.manual_seed(3)
+    start = Prior(model_cfg)
+    saved = checkpoint.save(tmp_path / "start", KIND, start.state_dict(), model_cfg.to_dict())
+    ranks = on_ranks(_prior_built_sharded, 2, tmp_path / "group", 0, str(saved), False)
+    for name, value in start.state_dict().items():
+        assert torch.equal(ranks[1][1][name], value), name
+
+
 def test_fine_tuning_refuses_a_prior_of_another_architecture(tmp_path):
     from dalle_pipeline.components import checkpoint
     from dalle_pipeline.components.prior.model import Prior
