@@ -105,6 +105,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "prior.optim.betas": (0.9, 0.96),
         "prior.optim.weight_decay": 4.5e-2,
         "prior.optim.grad_clip": 4.0,
+        # 16 bytes a parameter of weights, gradients and Adam moments (183 GiB) fit no GPU whole: sharded
+        "prior.parallel": "fsdp",
         "clip.model_name": "ViT-B-32",
         "clip.pretrained": "openai",
         "sample.candidates": 512,
