@@ -351,7 +351,9 @@ def fit(
     mode, without gradients), under the names it gives them: `val_*` for held-out data, `train_*` for
     training data.
     `on_checkpoint(step, state)` receives everything needed to resume (weights, optimizer, EMA,
-    RNG): pass that state back as `resume_state` to continue at the same step. The submodules named
+    RNG): pass that state back as `resume_state` to continue at the same step. Under FSDP the weights
+    and optimizer state are this rank's shards (`training_weights`), for every rank to write into one
+    DCP folder; `resume_state` then names that folder (`SHARDED_KEY`). The submodules named
     in `clip_separately` (the dVAE's discriminator) have their gradient norm clipped apart from the rest.
     """
     if cfg.ema_decay > 0 and is_sharded(model):
