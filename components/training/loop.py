@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig
-from . import sharded
+from .sharded import load as load_sharded
+from .sharded import state_dicts
 
 LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]]
 LogHook = Callable[[int, dict[str, float]], None]
@@ -116,7 +117,7 @@ def training_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     """{"model", "optimizer"} of a checkpoint: whole state dicts, or for a model sharded with FSDP2 this
     rank's shards of both (DTensors), which every rank writes into one DCP folder: nothing is gathered."""
     if is_sharded(model):
-        return sharded.state_dicts(model, optimizer)
+        return state_dicts(model, optimizer)
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
 
 
@@ -125,7 +126,7 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, stat
     for its own shards, whatever the number of ranks that wrote it; whole state dicts (a DDP run's, or
     a checkpoint written before sharded checkpoints) are passed whole by every rank, FSDP shards them."""
     if state.get(SHARDED_KEY):
-        sharded.load(model, optimizer, state[SHARDED_KEY])
+        load_sharded(model, optimizer, state[SHARDED_KEY])
     elif is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
