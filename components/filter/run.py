@@ -119,8 +119,8 @@ class _Deduplicator:
         reasons = rows.column("reason").to_pylist()
         candidates = [i for i, (reason, stage) in enumerate(zip(reasons, rows.column("stage").to_pylist()))
                       if reason is None and stage == "filter"]
-        digests = [rows.column("sha256")[i].as_py() for i in candidates]
-        hashes = [rows.column("phash")[i].as_py() for i in candidates]
+        all_digests, all_hashes = rows.column("sha256").to_pylist(), rows.column("phash").to_pylist()
+        digests, hashes = [all_digests[i] for i in candidates], [all_hashes[i] for i in candidates]
         urls = rows.column("url").to_pylist()
         keys = rows.column("key").to_pylist()
         shard = ShardDeduplicator(self.exact, self.near, digests, hashes)
