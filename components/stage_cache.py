@@ -18,7 +18,14 @@ key and the component's result (a dataclass, the type its function returns: path
 tensors, its summary `metrics` among them), read back into that type. The folder is named by the
 key, except for stages that accumulate (ingest, download, filter, tokenization): theirs is named by the call with paths as they are
 (its settings and where its inputs live, not what they hold), so a longer URL list lands in the
-same folder and only its new rows are downloaded, filtered and tokenized.
+same folder and only its new rows are downloaded, filtered and tokenized; paths under the root are named
+relative to it there too, so the folder is the same wherever the root is.
+
+Where the run's root is an object store (`storage.RunRoot`), `root` is its local cache and `remote` the
+store's stages folder: a committed stage is published there, its files first and its record last
+(the store has no atomic rename: a stage without its record is unfinished), with the local root in
+the record's paths written as `STAGES_PLACEHOLDER`; a stage finished on the store but not in the
+cache is fetched from it (into a temporary folder, renamed when whole) and taken as finished here.
 """
 
 from __future__ import annotations
@@ -39,9 +46,10 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from pydantic import BaseModel, TypeAdapter
 
-from .storage import file_sha256, write_json
+from .storage import atomic_path, file_sha256, object_store, write_json
 
 RECORD = "_stage.json"
+STAGES_PLACEHOLDER = "${DALLE_STAGES}"  # the stages root in a record published to an object store
 PACKAGE = __name__.rsplit(".", 1)[0]  # dalle_pipeline.components
 COMPONENTS = Path(__file__).resolve().parent
 # modules whose effect on a stage's output reaches its key through values, or that write none:
@@ -147,6 +155,7 @@ class StageRecord(Generic[Outputs]):
 @dataclass(frozen=True)
 class StageCache:
     root: Path
+    remote: str | None = None  # the stages folder on an object store, where finished stages are published
 
     def stage_value(self, value: Any, content: bool = True) -> Any:
         """`value` as plain data for a key: with `content`, what it holds (paths into finished stages
@@ -165,7 +174,7 @@ class StageCache:
             return {"array": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest(),
                     "shape": list(value.shape), "dtype": str(value.dtype)}
         if isinstance(value, (str, Path)):
-            return self._path_value(str(value)) if content else str(value)
+            return self._path_value(str(value)) if content else str(value).replace(str(self.root), "<stages>")
         if value is None or isinstance(value, (bool, int, float)):
             return value
         raise TypeError(f"a stage argument of type {type(value).__name__} has no stage key: pass paths or plain "
@@ -196,11 +205,11 @@ class StageCache:
     def folder(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
-    @staticmethod
-    def lookup(folder: Path, key: str, outputs_type: type[Outputs]) -> StageRecord[Outputs] | None:
-        """The record of the stage finished in `folder` with this key, or None."""
+    def lookup(self, folder: Path, key: str, outputs_type: type[Outputs]) -> StageRecord[Outputs] | None:
+        """The record of the stage finished in `folder` with this key (fetched from the store if it finished
+        there), or None."""
         path = folder / RECORD
-        if not path.is_file():
+        if not path.is_file() and not self._fetch(folder, key):
             return None
         record = json.loads(path.read_text())
         if record.get("key") != key:
@@ -210,13 +219,53 @@ class StageCache:
                            metrics=record["metrics"], mlflow_run_id=record["mlflow_run_id"],
                            build_seconds=record["build_seconds"])
 
-    @staticmethod
-    def commit(record: StageRecord) -> None:
+    def commit(self, record: StageRecord) -> None:
         outputs = TypeAdapter(type(record.outputs)).dump_python(record.outputs, mode="json")
         document = {"stage": record.stage, "key": record.key, "outputs": outputs,
                     "metrics": record.metrics, "mlflow_run_id": record.mlflow_run_id,
                     "build_seconds": record.build_seconds}
         write_json(record.folder / RECORD, document)
+        if self.remote:
+            self._publish(record.folder)
+
+    def _remote_folder(self, folder: Path) -> tuple[Any, str]:
+        fs, stages = object_store(self.remote, "the stage store")
+        return fs, f"{stages}/{folder.relative_to(self.root).as_posix()}"
+
+    def _publish(self, folder: Path) -> None:
+        """Copy a finished stage folder to the store: what an earlier build left there goes first (its record
+        before anything), then the files, then the record, the local root in its paths made a placeholder."""
+        fs, target = self._remote_folder(folder)
+        if fs.exists(f"{target}/{RECORD}"):
+            fs.rm_file(f"{target}/{RECORD}")
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.name != RECORD:
+                fs.put_file(str(path), f"{target}/{path.relative_to(folder).as_posix()}")
+        record = (folder / RECORD).read_text().replace(str(self.root), STAGES_PLACEHOLDER)
+        fs.pipe_file(f"{target}/{RECORD}", record.encode())
+
+    def _fetch(self, folder: Path, key: str) -> bool:
+        """Fetch the stage finished on the store in `folder`'s place with this key into `folder` (replacing an
+        unfinished local one); False when the store has none."""
+        if not self.remote:
+            return False
+        fs, source = self._remote_folder(folder)
+        try:
+            record = json.loads(fs.cat_file(f"{source}/{RECORD}"))
+        except FileNotFoundError:
+            return False
+        if record.get("key") != key:
+            return False
+        with atomic_path(folder) as tmp:
+            for path in fs.find(source):
+                relative = path[len(source) + 1:]
+                if relative != RECORD:
+                    (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+                    fs.get_file(path, str(tmp / relative))
+            (tmp / RECORD).write_text(json.dumps(record).replace(STAGES_PLACEHOLDER, str(self.root)))
+        return True
 
 
 def bind_call(function: Callable, args: tuple, kwargs: Mapping[str, Any]) -> inspect.BoundArguments:

@@ -1,4 +1,11 @@
-"""Local paths, and atomic writes: a reader sees the old file or the whole new one, never half of it."""
+"""Where a run's files live, and atomic writes: a reader sees the old file or the whole new one, never half of it.
+
+A run's root (`DALLE_HOME`, `--root`) is a local folder or an object store (`s3://bucket/dalle`, any
+protocol fsspec knows and has installed). On an object store the stages work in a local cache of
+it (`RunRoot.local`: `DALLE_CACHE`, else a folder under ~/.cache named by the URL) and a finished
+stage is published to the store, its record last (`components/stage_cache.py`): an object store
+has no atomic rename, so a reader takes a stage as finished only when its record is there.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +16,80 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+CACHE_ENV = "DALLE_CACHE"
+
+
+def url_protocol(value: str | Path) -> str | None:
+    """The protocol of a URL (`s3` of `s3://bucket/x`), or None for a plain path."""
+    scheme, separator, _ = str(value).partition("://")
+    return scheme if separator and scheme.isidentifier() else None
 
 
 def local_path(value: str | Path, what: str) -> Path:
     """`value` (a path, `~` expanded, or a file:// URL) as an absolute local path. Any other URL is refused
-    naming its protocol and `what` it was given as: every path the pipeline writes is local or on a
-    shared file system (object storage, s3:// or gs://, is not supported yet), and a URL taken as a
-    path would be a local folder named `s3:`."""
+    naming its protocol and `what` it was given as: a URL taken as a path would be a local folder named `s3:`."""
     text = str(value)
-    scheme, separator, rest = text.partition("://")
-    if separator and scheme.isidentifier():
-        if scheme != "file":
-            raise ValueError(f"{what} {text!r}: the {scheme}:// protocol is not supported; give a local or "
+    protocol = url_protocol(text)
+    if protocol is not None:
+        if protocol != "file":
+            raise ValueError(f"{what} {text!r}: the {protocol}:// protocol is not supported here; give a local or "
                              "shared-file-system path (or a file:// URL)")
-        text = rest
+        text = text.partition("://")[2]
     return Path(text).expanduser().resolve()
+
+
+def object_store(url: str, what: str):
+    """The fsspec file system of `url` and the path in it. An unknown protocol, or one whose package is not
+    installed (gcsfs for gs://), is refused naming it and `what` the URL was given as, before any work."""
+    import fsspec
+
+    protocol = url_protocol(url)
+    if protocol not in fsspec.available_protocols():
+        raise ValueError(f"{what} {url!r}: unknown protocol {protocol}://; give a local path or an object store "
+                         "URL fsspec knows (s3://, gs://, ...)")
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as error:  # fsspec names the package to install
+        raise ValueError(f"{what} {url!r}: {error}") from None
+
+
+@dataclass(frozen=True)
+class RunRoot:
+    """A run's root: `local` is where its stages work and its files are read; `remote`, where the root is an
+    object store, the store's URL (stages are published there, MLflow's artifacts written there)."""
+
+    local: Path
+    remote: str | None = None
+
+    @property
+    def stages_url(self) -> str | None:
+        return f"{self.remote}/stages" if self.remote else None
+
+    @property
+    def artifact_uri(self) -> str:
+        """Where MLflow writes the runs' artifacts: on the store, or `<root>/mlartifacts`."""
+        return f"{self.remote}/mlartifacts" if self.remote else (self.local / "mlartifacts").as_uri()
+
+    def __str__(self) -> str:
+        return self.remote or str(self.local)
+
+
+def run_root(value: str | Path, what: str) -> RunRoot:
+    """`value` as a run's root: a local path (or file:// URL), or an object store URL, checked before any
+    work, with its local cache (`DALLE_CACHE`, else ~/.cache/dalle-pipeline/<protocol>-<digest of the URL>)."""
+    text = str(value)
+    protocol = url_protocol(text)
+    if protocol is None or protocol == "file":
+        return RunRoot(local_path(text, what))
+    url = text.rstrip("/")
+    object_store(url, what)
+    cache = os.environ.get(CACHE_ENV) or Path("~/.cache/dalle-pipeline").expanduser() / \
+        f"{protocol}-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    return RunRoot(local_path(cache, CACHE_ENV), url)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .storage import local_path
+from .storage import RunRoot, run_root
 
 if TYPE_CHECKING:
     from .lineage import DatasetRef
@@ -30,17 +30,23 @@ EXPERIMENT_NAME = "train-dalle"
 SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
-def default_root() -> Path:
-    return local_path(os.environ.get("DALLE_HOME", "runs"), "DALLE_HOME")
+def default_root() -> RunRoot:
+    """The run's root: `DALLE_HOME` (a local path or an object store URL), else ./runs."""
+    return run_root(os.environ.get("DALLE_HOME", "runs"), "DALLE_HOME")
 
 
-def default_tracking_uri(root: str | Path | None = None) -> str:
-    """`MLFLOW_TRACKING_URI` if set, else a sqlite store under the artifact root."""
+def default_tracking_uri(root: RunRoot | None = None) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a sqlite store under the root. An object store cannot hold a
+    sqlite file: there, the tracking URI must be given (an MLflow server, or a database)."""
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return uri
-    root = Path(root) if root is not None else default_root()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root.resolve()}/mlflow.db"
+    root = root if root is not None else default_root()
+    if root.remote:
+        raise ValueError(f"the root {root.remote!r} is an object store, which cannot hold MLflow's default sqlite "
+                         "store: set MLFLOW_TRACKING_URI to an MLflow tracking server (make serve starts one) or a "
+                         "database (postgresql://...); the runs' artifacts go to the store")
+    root.local.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root.local}/mlflow.db"
 
 
 def _client(tracking_uri: str):

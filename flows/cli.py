@@ -142,9 +142,10 @@ def load_bundle(model: str, root: str | None):
 
     if Path(model).is_dir():
         return Bundle.load(model)
+    from dalle_pipeline.components.storage import run_root
     from dalle_pipeline.components.tracking import default_tracking_uri, load_registered_model
 
-    return load_registered_model(model, default_tracking_uri(Path(root) if root else None)).bundle
+    return load_registered_model(model, default_tracking_uri(run_root(root, "--root") if root else None)).bundle
 
 
 def generate_images(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from dalle_pipeline.components.evaluate.evaluation_set import (EvaluationSet, ho
 from dalle_pipeline.components.overrides import PipelineOverrides
 from dalle_pipeline.components.sources.kinds import source_kind
 from dalle_pipeline.components.stage_cache import StageCache, StageRecord
-from dalle_pipeline.components.storage import local_path
+from dalle_pipeline.components.storage import RunRoot, run_root
 from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri
 from dalle_pipeline.components.environment import use_defaults
 from dalle_pipeline.flows.concurrency import ensure_training_limit
@@ -41,7 +41,7 @@ class PipelineRun:
     """The resolved config of one flow run, where it writes, and its MLflow parent run."""
 
     cfg: PipelineConfig
-    root: Path
+    root: RunRoot
     stages: Stages
 
 
@@ -96,19 +96,21 @@ def check_arguments(rerun: list[str] | None, retrain_from: str | None, retrain_d
     return rerun_set
 
 
-def start_run(preset: str, root: str | None, rerun: frozenset[str], retrain_from: str | None) -> tuple[Path, Stages]:
+def start_run(preset: str, root: str | None, rerun: frozenset[str], retrain_from: str | None
+              ) -> tuple[RunRoot, Stages]:
     """The root, and what every stage task needs: the MLflow parent run, tagged with the Prefect flow run,
-    and the stage cache under the root."""
-    root_dir = local_path(root, "root") if root else default_root()
+    and the stage cache under the root (on an object store: in its local cache, published to the store)."""
+    root_dir = run_root(root, "root") if root else default_root()
     tracking_uri = default_tracking_uri(root_dir)
     kind = "retrain" if retrain_from else "train"
     parent = Tracker.start(
         tracking_uri, run_name=f"{kind}-dalle-{preset}-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={"prefect.flow_run_id": str(flow_run.get_id()), "preset": preset, "stages_root": str(root_dir / "stages"),
+        tags={"prefect.flow_run_id": str(flow_run.get_id()), "preset": preset, "stages_root": root_dir.stages_url or str(root_dir.local / "stages"),
               **({"retrain_from": retrain_from} if retrain_from else {})},
-        artifact_root=(root_dir / "mlartifacts").as_uri(),
+        artifact_root=root_dir.artifact_uri,
     )
-    return root_dir, Stages(parent=parent, cache=StageCache(root_dir / "stages"), rerun=rerun)
+    return root_dir, Stages(parent=parent, cache=StageCache(root_dir.local / "stages", root_dir.stages_url),
+                            rerun=rerun)
 
 
 def log_config(run: PipelineRun) -> None:
@@ -116,7 +118,7 @@ def log_config(run: PipelineRun) -> None:
     run.stages.parent.log_params(config_json)
     run.stages.parent.log_dict(config_json, "config.json")
     get_run_logger().info("MLflow run %s at %s; stage outputs under %s", run.stages.parent.run_id,
-                          run.stages.parent.tracking_uri, run.root / "stages")
+                          run.stages.parent.tracking_uri, run.stages.cache.remote or run.stages.cache.root)
 
 
 def curate(run: PipelineRun) -> list[StageRecord]:
@@ -152,7 +154,7 @@ def build_evaluation_set(cfg: PipelineConfig, curated: StageRecord, ids: list[st
                                   cfg.data.holdout_max, cfg.sample.prompts_file, ids)
 
 
-def retrain(root: Path, stages: Stages, preset: str, overrides: PipelineOverrides, retrain_from: str,
+def retrain(root: RunRoot, stages: Stages, preset: str, overrides: PipelineOverrides, retrain_from: str,
             retrain_dvae: bool) -> tuple[PipelineRun, list[StageRecord]]:
     """Fine-tune the registered model `retrain_from` on the configured data: its config is the base
     of the overrides, its tokenizer and CLIP are kept, its prior (and with `retrain_dvae` its dVAE)

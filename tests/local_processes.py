@@ -76,3 +76,50 @@ def stop_ray_cluster(cluster: str, address: str, grace: float = 10.0) -> None:
     written = read_ray_address()
     if written and written.rsplit(":", 1)[-1] == address.rsplit(":", 1)[-1]:
         Path(get_ray_address_file(None)).unlink(missing_ok=True)
+
+
+class S3Endpoint:
+    """moto's standalone S3 server on a loopback port (as s3fs's own tests run it), with a bucket; `env` is what
+    a process needs to reach it through the usual boto/s3fs configuration."""
+
+    def __init__(self, bucket: str = "dalle-test") -> None:
+        self.bucket, self.port = bucket, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.url,
+                    "MLFLOW_S3_ENDPOINT_URL": self.url}
+        self.process = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                                         "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.url, timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"moto_server did not answer on {self.url}")
+                time.sleep(0.2)
+        self.client().create_bucket(Bucket=bucket)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

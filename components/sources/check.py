@@ -56,7 +56,7 @@ def check_data(cfg: PipelineConfig, out_dir: str | Path | None = None, examples:
     if out_dir is None:
         from ..tracking import default_root
 
-        out_dir = default_root() / "check-data" / f"{source.name}-{hashlib.sha256(str(source).encode()).hexdigest()[:8]}"
+        out_dir = default_root().local / "check-data" / f"{source.name}-{hashlib.sha256(str(source).encode()).hexdigest()[:8]}"
     out_dir = Path(out_dir)
     connect()  # every core (of the cluster at RAY_ADDRESS, if set) reads, fits and checks the images
     try:

@@ -48,6 +48,10 @@ def test_a_key_follows_every_argument_passed_and_the_key_of_the_stage_an_input_l
     moved = StageCache(tmp_path / "elsewhere" / "stages")
     finished(moved, "download", "folder-a", "download-key-2")
     assert key(moved, FilterConfig(), str(moved.root / "download" / "folder-a")) == grown
+    # ... and an accumulating stage's folder is named the same there: a root's cache on another machine (an
+    # object store's) finds the folder the store holds
+    assert key(moved, FilterConfig(), str(moved.root / "download" / "folder-a"), content=False) == key(
+        cache, FilterConfig(), str(source), content=False)
 
 
 def test_a_file_outside_the_root_is_keyed_by_its_content(tmp_path):

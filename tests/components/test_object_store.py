@@ -1,0 +1,109 @@
+"""A run's root on an object store: S3 through moto's standalone server on loopback (a real HTTP endpoint that
+boto3 and s3fs talk to as to AWS); the stage cache publishes finished stages there and fetches them back."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dalle_pipeline.components.stage_cache import RECORD, STAGES_PLACEHOLDER, StageCache, StageRecord
+from dalle_pipeline.components.storage import RunRoot, run_root
+from local_processes import S3Endpoint
+
+
+@dataclass(frozen=True)
+class Out:
+    curated_dir: str
+
+
+@pytest.fixture(scope="module")
+def s3():
+    endpoint = S3Endpoint()
+    saved = {name: os.environ.get(name) for name in endpoint.env}
+    os.environ.update(endpoint.env)
+    try:
+        yield endpoint
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        endpoint.stop()
+
+
+def test_a_root_is_a_local_folder_or_an_object_store_with_a_local_cache(tmp_path, monkeypatch):
+    from dalle_pipeline.components.tracking import default_root, default_tracking_uri
+
+    assert run_root(tmp_path / "home", "root") == RunRoot(tmp_path / "home")
+    assert run_root((tmp_path / "home").as_uri(), "root") == RunRoot(tmp_path / "home")
+    monkeypatch.setenv("DALLE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DALLE_HOME", "s3://bucket/dalle/")
+    root = default_root()
+    assert root == RunRoot(tmp_path / "cache", "s3://bucket/dalle")
+    assert root.stages_url == "s3://bucket/dalle/stages" and root.artifact_uri == "s3://bucket/dalle/mlartifacts"
+    monkeypatch.delenv("DALLE_CACHE")
+    elsewhere = run_root("s3://bucket/other", "root").local  # each store its own cache
+    assert elsewhere.parent == Path("~/.cache/dalle-pipeline").expanduser() and elsewhere.name.startswith("s3-")
+    assert elsewhere != run_root("s3://bucket/dalle", "root").local
+
+    # MLflow's default store is a sqlite file under the root: an object store needs a tracking URI
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ValueError, match=r"'s3://bucket/dalle' is an object store.*MLFLOW_TRACKING_URI"):
+        default_tracking_uri(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert default_tracking_uri(root) == "http://127.0.0.1:5000"
+
+    # refused before any work, naming the protocol: one fsspec does not know, one whose package is missing
+    with pytest.raises(ValueError, match=r"DALLE_HOME 'nosuch://b/x': unknown protocol nosuch://"):
+        run_root("nosuch://b/x", "DALLE_HOME")
+    with pytest.raises(ValueError, match=r"root 'gs://b/x': .*gcsfs"):
+        run_root("gs://b/x", "root")
+    assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:") and not os.path.exists("nosuch:")
+
+
+def finished_stage(cache: StageCache, key: str, files: dict[str, bytes]) -> StageRecord:
+    folder = cache.root / "filter" / "folder-a"
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    record = StageRecord("filter", key, folder, Out(str(folder / "curated")), {"kept": 3.0}, "run-1", 2.0)
+    cache.commit(record)
+    return record
+
+
+def test_a_finished_stage_is_published_record_last_and_fetched_into_another_cache(tmp_path, s3):
+    url = f"s3://{s3.bucket}/publish/stages"
+    here = StageCache(tmp_path / "here" / "stages", url)
+    files = {"curated/00000.tar": os.urandom(3000), "curated/report.parquet": b"report", "part.json": b"{}"}
+    record = finished_stage(here, "key-1", files)
+    prefix = "publish/stages/filter/folder-a/"
+    assert s3.keys(prefix) == sorted(prefix + name for name in [*files, RECORD])
+    published = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=prefix + RECORD)["Body"].read())
+    assert published["outputs"]["curated_dir"] == f"{STAGES_PLACEHOLDER}/filter/folder-a/curated"
+
+    # another machine's cache: fetched whole, its paths its own
+    there = StageCache(tmp_path / "there" / "stages", url)
+    folder = there.root / "filter" / "folder-a"
+    assert there.lookup(folder, "another key", Out) is None and not folder.exists()
+    fetched = there.lookup(folder, "key-1", Out)
+    assert fetched.outputs == Out(str(folder / "curated")) and fetched.metrics == record.metrics
+    assert {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+            and p.name != RECORD} == files
+    assert not [p for p in folder.parent.iterdir() if p.name != "folder-a"]  # no temporary folder left
+
+    # a build published again (a forced rerun) leaves nothing of the last one on the store
+    (here.root / "filter" / "folder-a" / "part.json").unlink()
+    finished_stage(here, "key-2", {"curated/00000.tar": b"new"})
+    assert s3.keys(prefix) == sorted(prefix + name for name in ["curated/00000.tar", "curated/report.parquet",
+                                                               RECORD])
+
+    # a publication cut short (files, no record) is no finished stage: nothing fetched, nothing taken
+    s3.client().delete_object(Bucket=s3.bucket, Key=prefix + RECORD)
+    elsewhere = StageCache(tmp_path / "elsewhere" / "stages", url)
+    assert elsewhere.lookup(elsewhere.root / "filter" / "folder-a", "key-2", Out) is None
+    assert not (elsewhere.root / "filter" / "folder-a").exists()

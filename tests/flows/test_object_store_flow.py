@@ -1,0 +1,107 @@
+"""The micro flow with its root on an object store (`DALLE_HOME=s3://...`): S3 is moto's standalone server on
+loopback, MLflow a tracking server whose artifacts go to the same bucket. The run writes nothing outside its
+temporary cache; a fresh cache reuses every stage from the store; `generate` loads the champion from there."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from local_processes import S3Endpoint, free_port
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from dalle_pipeline.components.environment import DEFAULTS
+from dalle_pipeline.components.tracking import PARENT_RUN_TAG
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # two micro runs (the second reuses every stage)
+
+STAGES = {"corpus", "download", "filter", "text-tokenizer", "dvae", "tokenize-corpus", "prior", "clip", "sample",
+          "evaluate", "register"}
+CLI = [sys.executable, "-m", "dalle_pipeline.flows.cli"]
+
+
+def mlflow_server(tmp_path: Path, env: dict, bucket: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow-server/mlflow.db",
+         "--default-artifact-root", f"s3://{bucket}/mlflow-default", "--no-serve-artifacts"],
+        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=tmp_path / "mlflow-server",
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2).close()
+            return server, url
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise AssertionError("the MLflow server did not start")
+            time.sleep(0.5)
+
+
+def train(env: dict, cwd: Path) -> tuple[subprocess.CompletedProcess, str]:
+    proc = subprocess.run([*CLI, "train", "--preset", "micro"], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, re.search(r"MLflow run id : ([0-9a-f]{32})", proc.stdout).group(1)
+
+
+def stage_cache_tags(client: MlflowClient, run_id: str) -> dict[str, str]:
+    runs = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{run_id}'")
+    return {run.data.tags["stage"]: run.data.tags["cache"] for run in runs}
+
+
+def test_a_run_rooted_on_s3_writes_only_its_cache_reuses_stages_from_the_store_and_generates(tmp_path):
+    s3 = S3Endpoint()
+    (tmp_path / "mlflow-server").mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {name: value for name, value in os.environ.items() if name not in DEFAULTS}
+    env.pop("PREFECT_API_URL", None)
+    env.update(s3.env, PREFECT_HOME=str(tmp_path / "prefect"), DALLE_HOME=f"s3://{s3.bucket}/dalle",
+               DALLE_CACHE=str(tmp_path / "cache"))
+    server, tracking_uri = mlflow_server(tmp_path, env, s3.bucket)
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    try:
+        first, run_id = train(env, work)
+        keys = s3.keys("dalle/")
+        records = {key.split("/")[2] for key in keys if key.endswith("/_stage.json")}
+        assert records == STAGES, keys[:50]
+        assert any(key.startswith("dalle/mlartifacts/") and key.endswith("/MLmodel") for key in keys), keys[-50:]
+        assert not any(key.startswith("mlflow-default/") for key in s3.keys())  # the run's artifacts: under the root
+        assert list(work.iterdir()) == [] and not Path("s3:").exists()  # nothing written where the run started
+        client = MlflowClient(tracking_uri)
+        parent = client.get_run(run_id)
+        assert parent.data.tags["stages_root"] == f"s3://{s3.bucket}/dalle/stages"
+        assert parent.info.artifact_uri.startswith(f"s3://{s3.bucket}/dalle/mlartifacts/")
+        logged = json.dumps([parent.data.params, parent.data.tags]) + first.stdout + first.stderr
+        assert s3.env["AWS_SECRET_ACCESS_KEY"] not in logged  # credentials come from the environment, never logged
+
+        # another machine (a fresh cache): every stage is finished on the store, fetched, not run again
+        shutil.rmtree(tmp_path / "cache")
+        again, again_id = train({**env, "DALLE_CACHE": str(tmp_path / "cache-2")}, work)
+        assert stage_cache_tags(client, again_id) == {stage: "hit" for stage in STAGES}, again.stdout[-3000:]
+
+        # the champion loads from the registry, its weights from the store (no cache at all now)
+        shutil.rmtree(tmp_path / "cache-2")
+        out = tmp_path / "grid.png"
+        generated = subprocess.run([*CLI, "generate", "a small red circle in the center", "--model",
+                                    "models:/dalle@champion", "-n", "2", "--out", str(out)],
+                                   env=env, cwd=work, capture_output=True, text=True, timeout=300)
+        assert generated.returncode == 0, generated.stderr[-3000:]
+        assert Image.open(out).size[0] > 2 * 32 and list(work.iterdir()) == []
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        s3.stop()
