@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,20 +212,7 @@ def _tokenize(pending: list[Path], out_dir: Path, metadata: dict[str, str], dvae
     quiet_ray_data()
     gpus = int(resources.get("GPU", 0))
     cpus = max(1, int(resources.get("CPU", 1)))
-    actors = max(1, gpus)
-    rows = (
-        ray.data.from_items([{"shard": str(shard)} for shard in pending], override_num_blocks=len(pending))
-        .map_batches(read_shard_rows, batch_size=1, num_cpus=1, fn_kwargs={
-            "image_size": image_size, "tokenizer_path": str(tokenizer_path), "text_len": text_len,
-            "bpe_dropout": bpe_dropout})
-        .map_batches(ImageEncoder, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                     fn_constructor_kwargs={"dvae_dir": str(dvae_dir), "threads": max(1, cpus // actors)},
-                     # an encoder that dies fails the stage, which resumes at its first unwritten part: Ray's
-                     # restart of an actor whose constructor arguments live in the object store is unreliable
-                     # (it says so on stderr for every actor otherwise)
-                     # (Ray Data's own way to say it, though it warns of the keyword's deprecation in Ray 2.64)
-                     max_restarts=0, **({"num_gpus": 1} if gpus else {"num_cpus": 1}))
-    )
+    rows = _pipeline(pending, image_size, tokenizer_path, text_len, bpe_dropout, batch_size, dvae_dir, gpus, cpus)
     waiting: dict[str, list[dict[str, np.ndarray]]] = {}
     received: dict[str, int] = {}
     progress = ProgressLine("tokenize-corpus", len(pending), "shards")
@@ -242,6 +230,26 @@ def _tokenize(pending: list[Path], out_dir: Path, metadata: dict[str, str], dvae
         raise RuntimeError(f"the tokenization ended with shards incomplete: {sorted(waiting)}")
 
 
+def _pipeline(pending: list[Path], image_size: int, tokenizer_path: Path, text_len: int, bpe_dropout: float,
+              batch_size: int, dvae_dir: Path, gpus: int, cpus: int):
+    """The Ray Data pipeline: shards read into rows (captions tokenized), images encoded by a pool of actors."""
+    import ray.data
+
+    actors = max(1, gpus)
+    with warnings.catch_warnings():  # max_restarts is a Ray remote argument, whose keyword Ray 2.60 calls deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        shards = ray.data.from_items([{"shard": str(shard)} for shard in pending], override_num_blocks=len(pending))
+        rows = shards.map_batches(read_shard_rows, batch_size=1, num_cpus=1, fn_kwargs={
+            "image_size": image_size, "tokenizer_path": str(tokenizer_path), "text_len": text_len,
+            "bpe_dropout": bpe_dropout})
+        return rows.map_batches(
+            ImageEncoder, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+            fn_constructor_kwargs={"dvae_dir": str(dvae_dir), "threads": max(1, cpus // actors)},
+            # an encoder that dies fails the stage, which resumes at its first unwritten part: Ray's restart of an
+            # actor whose constructor arguments live in the object store is unreliable (it says so on stderr for
+            # every actor otherwise)
+            max_restarts=0, **({"num_gpus": 1} if gpus else {"num_cpus": 1}))
+
 def quiet_ray_data() -> None:
     """Ray Data's own output kept to warnings: its progress block (eight lines a dataset, every few seconds)
     and execution plans go to its log file only; the stage prints its `ProgressLine`."""
@@ -250,6 +258,10 @@ def quiet_ray_data() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # nor its warning that the progress bars are off, nor its advice on memory every 30 s (an encoder actor
+    # holds its model and a batch's activations: several GiB at 256 px, which Ray takes for a leak)
+    for chatty in ("ray.data._internal.progress", "ray.data._internal.issue_detection"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
 
 
 class ProgressLine:

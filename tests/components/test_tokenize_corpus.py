@@ -38,7 +38,7 @@ def test_schema_metadata_and_round_trip(inputs, tmp_path, capfd):
     assert [line for line in out.splitlines() if line.startswith("tokenize-corpus:")] == \
         [line for line in out.splitlines() if "tokenize-corpus" in line] and "2/2 shards, 96 rows" in out
     assert not [line for line in (out + err).splitlines() if "logging_progress" in line or "core_worker" in line
-                or "Execution plan" in line]
+                or "Execution plan" in line or "Progress bars disabled" in line or "DeprecationWarning" in line]
     part = pq.read_table(tmp_path / "tokens" / "00000.parquet")
     assert part.schema.field("text_tokens").type == pa.list_(pa.uint16())
     assert part.schema.field("image_tokens").type == pa.list_(pa.uint16(), 64)
