@@ -66,8 +66,10 @@ def split_validation(num_rows: int, cfg: PriorConfig, seed: int) -> tuple[torch.
     return order[count:].sort().values, order[:count].sort().values
 
 
-def validation_loss(text, lengths, image, cfg: PriorConfig, batch_size: int = 256):
-    """Mean text / image / weighted loss over the held-out rows (no caption dropout)."""
+def validation_loss(text, lengths, image, cfg: PriorConfig, batch_size: int):
+    """Mean text / image / weighted loss over the held-out rows (no caption dropout), `batch_size` rows a forward:
+    the training batch, which fits where training does (a fixed 256 made validation's attention the worker's
+    peak, growing with the corpus until it had 256 validation rows: 4096 image tokens a row ran out of memory)."""
 
     def evaluate(model: Prior) -> dict[str, float]:
         totals = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
@@ -252,7 +254,8 @@ def train_worker(config: dict[str, Any]) -> None:
         dataset, per_rank_batch, seed=config["seed"], rank=rank, world_size=world_size,
         buffer_rows=cfg.shuffle_buffer_rows, exclude_rows=val_rows, device=device,
     ).from_step(worker.start_step * cfg.optim.grad_accum_steps)
-    validate = validation_loss(*(t.to(device) for t in dataset.read_rows(val_rows)), cfg) if len(val_rows) else None
+    validate = (validation_loss(*(t.to(device) for t in dataset.read_rows(val_rows)), cfg, per_rank_batch)
+                if len(val_rows) else None)
     tracker = worker.tracker
     preview = worker_preview(config, cfg, rank, dataset, val_rows, device)
 
