@@ -92,6 +92,45 @@ def run_root(value: str | Path, what: str) -> RunRoot:
     return RunRoot(local_path(cache, CACHE_ENV), url)
 
 
+def is_object_store(value: str | Path) -> bool:
+    return url_protocol(value) not in (None, "file")
+
+
+def existing(url: str, what: str):
+    """`object_store(url)`, FileNotFoundError naming `what` when nothing is at `url`."""
+    fs, path = object_store(url, what)
+    path = path.rstrip("/")
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{what} {url} does not exist")
+    return fs, path
+
+
+def mirror(url: str, into: Path, what: str) -> Path:
+    """A local copy of the file or folder at the object store `url`, kept under `into` in a folder named by the
+    URL; returns the copy's path. A file the copy lacks, or holds at another size, is fetched (through a
+    temporary name, so a copy cut short is never taken for whole); one gone from the store is removed from
+    the copy. FileNotFoundError naming `what` when nothing is at `url`."""
+    fs, path = existing(url, what)
+    name = path.rsplit("/", 1)[-1] or "source"
+    target = into / f"{url_protocol(url)}-{hashlib.sha256(url.encode()).hexdigest()[:16]}" / name
+    single = fs.isfile(path)
+    listing = {"": fs.info(path)} if single else \
+        {found[len(path) + 1:]: info for found, info in fs.find(path, detail=True).items()}
+    wanted = set()
+    for relative, info in sorted(listing.items()):
+        local = target / relative if relative else target
+        wanted.add(local)
+        if local.is_file() and local.stat().st_size == info["size"]:
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(local) as tmp:
+            fs.get_file(info["name"], str(tmp))
+    if not single:
+        for stale in [p for p in target.rglob("*") if p.is_file() and p not in wanted]:
+            stale.unlink()
+    return target
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.

@@ -26,7 +26,7 @@ from dalle_pipeline.components.evaluate.evaluation_set import (EvaluationSet, ho
 from dalle_pipeline.components.overrides import PipelineOverrides
 from dalle_pipeline.components.sources.kinds import source_kind
 from dalle_pipeline.components.stage_cache import StageCache, StageRecord
-from dalle_pipeline.components.storage import RunRoot, run_root
+from dalle_pipeline.components.storage import RunRoot, existing, is_object_store, mirror, run_root
 from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri
 from dalle_pipeline.components.environment import use_defaults
 from dalle_pipeline.flows.concurrency import ensure_training_limit
@@ -65,8 +65,11 @@ def train_dalle(preset: PresetName = "tiny", overrides: PipelineOverrides = Pipe
     rerun_set = check_arguments(rerun, retrain_from, retrain_dvae)
     # a bad value fails here, before any work (a retrain's config is the base model's: resolved once it is fetched)
     cfg = config_module.resolve(preset, overrides) if retrain_from is None else None
-    if cfg is not None and not cfg.shapes_corpus:
-        source_kind(cfg.data)  # a source that is none of the kinds is refused before any work
+    if cfg is not None and not cfg.shapes_corpus:  # a source that is none of the kinds is refused before any work
+        if is_object_store(cfg.data.source):
+            existing(cfg.data.source, "data.source")  # its kind is recognised in its local copy
+        else:
+            source_kind(cfg.data)
     ensure_training_limit()  # the compute stages queue on it: two runs on one machine take turns
     root_dir, stages = start_run(preset, root, rerun_set, retrain_from)
     started = time.perf_counter()
@@ -122,8 +125,13 @@ def log_config(run: PipelineRun) -> None:
 
 
 def curate(run: PipelineRun) -> list[StageRecord]:
-    """corpus -> download (the shapes corpus), download (your URL list) or ingest (your local source) -> filter."""
+    """corpus -> download (the shapes corpus), download (your URL list) or ingest (your local source) -> filter.
+    A source on an object store is read from its mirror in the root's local cache (`storage.mirror`)."""
     cfg, stages = run.cfg, run.stages
+    if not cfg.shapes_corpus and is_object_store(cfg.data.source):
+        local = mirror(cfg.data.source, run.root.local / "sources", "data.source")
+        print(f"data.source {cfg.data.source}: read from its copy in {local}")
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(local)})})
     records = []
     kind = "shapes" if cfg.shapes_corpus else source_kind(cfg.data)
     if kind == "shapes":

@@ -107,3 +107,45 @@ def test_a_finished_stage_is_published_record_last_and_fetched_into_another_cach
     elsewhere = StageCache(tmp_path / "elsewhere" / "stages", url)
     assert elsewhere.lookup(elsewhere.root / "filter" / "folder-a", "key-2", Out) is None
     assert not (elsewhere.root / "filter" / "folder-a").exists()
+
+
+def test_a_source_on_the_store_is_mirrored_into_the_cache_and_kept_in_step_with_it(tmp_path, s3):
+    from dalle_pipeline.components.config import DataConfig
+    from dalle_pipeline.components.sources.kinds import source_kind
+    from dalle_pipeline.components.storage import mirror
+
+    client = s3.client()
+    files = {"photos/a.jpg": os.urandom(500), "photos/a.txt": b"a red square", "photos/more/b.png": os.urandom(300),
+             "photos/more/b.txt": b"a blue circle"}
+    for key, data in files.items():
+        client.put_object(Bucket=s3.bucket, Key=f"src/{key}", Body=data)
+    url = f"s3://{s3.bucket}/src/photos"
+    copy = mirror(url, tmp_path / "sources", "data.source")
+    assert copy.parent.parent == tmp_path / "sources" and copy.name == "photos"
+    assert {p.relative_to(copy.parent).as_posix(): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == files
+    assert source_kind(DataConfig(source=str(copy))) == "folder"
+
+    # the store changes: a file rewritten at another size, one removed, one added; unchanged files are not fetched
+    kept = copy / "a.jpg"
+    os.utime(kept, ns=(1, 1))
+    client.put_object(Bucket=s3.bucket, Key="src/photos/a.txt", Body=b"a large red square")
+    client.delete_object(Bucket=s3.bucket, Key="src/photos/more/b.png")
+    client.put_object(Bucket=s3.bucket, Key="src/photos/c.jpg", Body=b"c")
+    assert mirror(url, tmp_path / "sources", "data.source") == copy
+    assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()) == [
+        "a.jpg", "a.txt", "c.jpg", "more/b.txt"]
+    assert (copy / "a.txt").read_bytes() == b"a large red square" and kept.stat().st_mtime_ns == 1
+
+    single = mirror(f"s3://{s3.bucket}/src/photos/a.txt", tmp_path / "sources", "data.source")
+    assert single.read_bytes() == b"a large red square"
+    with pytest.raises(FileNotFoundError, match=rf"data.source s3://{s3.bucket}/src/nothing does not exist"):
+        mirror(f"s3://{s3.bucket}/src/nothing", tmp_path / "sources", "data.source")
+
+
+def test_the_flow_refuses_a_source_missing_from_the_store_before_any_work(tmp_path, s3, monkeypatch):
+    from dalle_pipeline.flows.train_dalle import train_dalle
+
+    monkeypatch.setenv("DALLE_HOME", str(tmp_path / "runs"))
+    with pytest.raises(FileNotFoundError, match=rf"data.source s3://{s3.bucket}/nowhere does not exist"):
+        train_dalle.fn(preset="micro", overrides={"data": {"source": f"s3://{s3.bucket}/nowhere"}})
+    assert not (tmp_path / "runs").exists()

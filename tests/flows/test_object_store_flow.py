@@ -1,6 +1,7 @@
 """The micro flow with its root on an object store (`DALLE_HOME=s3://...`): S3 is moto's standalone server on
 loopback, MLflow a tracking server whose artifacts go to the same bucket. The run writes nothing outside its
-temporary cache; a fresh cache reuses every stage from the store; `generate` loads the champion from there."""
+temporary cache; a fresh cache reuses every stage from the store; `generate` loads the champion from there; a
+folder source on the store is ingested from its copy in the cache."""
 
 from __future__ import annotations
 
@@ -14,19 +15,24 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from local_processes import S3Endpoint, free_port
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from dalle_pipeline.components.config import resolve
+from dalle_pipeline.components.corpus.shapes import run as generate_corpus
 from dalle_pipeline.components.environment import DEFAULTS
 from dalle_pipeline.components.tracking import PARENT_RUN_TAG
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # two micro runs (the second reuses every stage)
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # three micro runs (the second reuses every stage)
 
 STAGES = {"corpus", "download", "filter", "text-tokenizer", "dvae", "tokenize-corpus", "prior", "clip", "sample",
           "evaluate", "register"}
 CLI = [sys.executable, "-m", "dalle_pipeline.flows.cli"]
+FAST = ["--set", "dvae.optim.steps=10", "--set", "prior.optim.steps=10", "--set", "clip.optim.steps=10",
+        "--set", "data.holdout_fraction=0.1"]
 
 
 def mlflow_server(tmp_path: Path, env: dict, bucket: str) -> tuple[subprocess.Popen, str]:
@@ -50,9 +56,9 @@ def mlflow_server(tmp_path: Path, env: dict, bucket: str) -> tuple[subprocess.Po
             time.sleep(0.5)
 
 
-def train(env: dict, cwd: Path) -> tuple[subprocess.CompletedProcess, str]:
-    proc = subprocess.run([*CLI, "train", "--preset", "micro"], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
+def train(env: dict, cwd: Path, *args: str) -> tuple[subprocess.CompletedProcess, str]:
+    proc = subprocess.run([*CLI, "train", "--preset", "micro", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, re.search(r"MLflow run id : ([0-9a-f]{32})", proc.stdout).group(1)
 
@@ -101,6 +107,19 @@ def test_a_run_rooted_on_s3_writes_only_its_cache_reuses_stages_from_the_store_a
                                    env=env, cwd=work, capture_output=True, text=True, timeout=300)
         assert generated.returncode == 0, generated.stderr[-3000:]
         assert Image.open(out).size[0] > 2 * 32 and list(work.iterdir()) == []
+
+        # your data on the store too: a folder of captioned pictures, ingested from its copy in the cache
+        corpus = generate_corpus(resolve("micro").corpus.model_copy(update={"num_images": 80}), tmp_path / "corpus")
+        for row in pq.read_table(corpus.url_list).to_pylist():
+            name = row["url"].rsplit("/", 1)[1]
+            s3.client().put_object(Bucket=s3.bucket, Key=f"pictures/{name}",
+                                   Body=(corpus.images_dir / name).read_bytes())
+            s3.client().put_object(Bucket=s3.bucket, Key=f"pictures/{Path(name).with_suffix('.txt')}",
+                                   Body=row["caption"].encode())
+        own, _ = train(env, work, "--data", f"s3://{s3.bucket}/pictures", *FAST)
+        assert f"data.source s3://{s3.bucket}/pictures: read from its copy in {tmp_path / 'cache'}" in own.stdout
+        assert any(key.startswith("dalle/stages/ingest/") and key.endswith("/_stage.json") for key in s3.keys("dalle/"))
+        assert list(work.iterdir()) == []
     finally:
         server.terminate()
         server.wait(timeout=30)
