@@ -9,11 +9,12 @@ fresh child process (so each N's peak memory is its own):
 - ingest: `sources.ingest.run` (data.source the shards, `holdout_fraction` 0.01, DownloadConfig defaults);
 - filter: `filter.run.run` with `near_duplicate_distance` 4 (pHashes computed and searched);
 - text-tokenizer: `text.tokenizer.run` (TokenizerConfig defaults) on the curated captions;
-- dvae: `dvae.train.run`, the micro preset's dVAE at 256 px for its 30 updates on Ray Train, its images
+- dvae: `dvae.train.run`, the micro preset's dVAE at 256 px for its 30 updates (or `--steps`) on Ray Train, its images
   read as `--image-data` says (`auto`: in memory up to 1 GiB of decoded pixels, streamed past it);
 - tokenize-corpus: `tokenize_corpus.run.run` with that dVAE (without the dvae stage, the micro
   preset's dVAE randomly initialised and saved by `checkpoint.save`: its speed is what is measured);
-- prior: `prior.train.run`, the micro preset's prior for its 30 updates on the token Parquet.
+- prior: `prior.train.run`, the micro preset's prior for its 30 updates (or `--steps`, validated halfway and at
+  the end) on the token Parquet.
 
 The training stages' items/s is the corpus size over their seconds: their work is a fixed number of
 updates, so what they show as the corpus grows is their memory (the whole flow's peak PSS at 4N at
@@ -265,6 +266,10 @@ def _run_stages(job: dict, memory: TreeMemory) -> dict:
 
     work, size, image_size = Path(job["work"]), job["size"], job["image_size"]
     result: dict = {"items": size, "stages": {}}
+
+    def steps(stage: str) -> dict:
+        return {f"{stage}.optim.steps": job["steps"]} if job.get("steps") else {}
+
     started = time.perf_counter()
     result["cluster"] = {"cpus": connect()["CPU"]} if job["ray"] else None
     result["ray_start_seconds"] = time.perf_counter() - started if job["ray"] else None
@@ -302,7 +307,7 @@ def _run_stages(job: dict, memory: TreeMemory) -> dict:
         if "dvae" in job["run"]:
             from dalle_pipeline.components.dvae.train import run as train_dvae
 
-            dvae_settings = resolve("micro", {"dvae.image_data": job["image_data"]}).dvae
+            dvae_settings = resolve("micro", {"dvae.image_data": job["image_data"], **steps("dvae")}).dvae
             timed("dvae", curated_items, lambda: train_dvae(dvae_settings, work / "curated", work / "dvae-trained",
                                                            image_size, seed=0))
             result["stages"]["dvae"].update(steps=outputs["dvae"].step, image_data=job["image_data"])
@@ -327,8 +332,9 @@ def _run_stages(job: dict, memory: TreeMemory) -> dict:
         if "prior" in job["run"]:
             from dalle_pipeline.components.prior.train import run as train_prior
 
-            timed("prior", curated_items, lambda: train_prior(resolve("micro").prior, work / "tokens",
-                                                             work / "prior", seed=0))
+            prior_settings = resolve("micro", {**steps("prior"), **({"prior.checkpoint_every": max(1, job["steps"] // 2)}
+                                                                     if job.get("steps") else {})}).prior
+            timed("prior", curated_items, lambda: train_prior(prior_settings, work / "tokens", work / "prior", seed=0))
             result["stages"]["prior"].update(steps=outputs["prior"].step)
     finally:
         if "ray" in sys.modules:  # ours, or the one tokenize-corpus started under --no-ray
@@ -353,7 +359,7 @@ def run_size(size: int, args: argparse.Namespace, stages: list[str], to_run: lis
     job = {"size": size, "source": str(source), "work": str(work), "result": str(work / "_result.json"),
            "image_size": args.image_size, "holdout_fraction": args.holdout_fraction,
            "near_duplicate_distance": args.near_duplicate_distance, "tokenize_batch": args.tokenize_batch,
-           "image_data": args.image_data,
+           "image_data": args.image_data, "steps": args.steps,
            "interval": args.interval, "ray": not args.no_ray, "stages": stages, "run": to_run}
     (work / "_job.json").write_text(json.dumps(job))
     load_before = os.getloadavg()[0]
@@ -426,6 +432,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenize-batch", type=int, default=256, help="tokenize-corpus batch_size")
     parser.add_argument("--image-data", choices=["auto", "memory", "stream"], default="auto",
                         help="dvae: how its images are read (dvae.image_data)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="updates of the dvae and prior stages (default: the micro preset's); the prior validates "
+                             "and checkpoints halfway and at the end")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between memory samples")
     parser.add_argument("--no-ray", action="store_true", help="no Ray session before the stages")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="corpus generation processes")
