@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-data":
         return check_data(cfg, args.out)
     if not cfg.shapes_corpus:
-        from dalle_pipeline.components.sources.kinds import source_kind
+        from dalle_pipeline.components.sources.kinds import check_source
 
         try:
-            source_kind(cfg.data)
+            check_source(cfg.data)
         except (OSError, ValueError) as err:  # before Prefect starts: the source is none of the kinds
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -24,9 +24,9 @@ from dalle_pipeline.components.evaluate import headline_metrics
 from dalle_pipeline.components.evaluate.evaluation_set import (EvaluationSet, holdout_evaluation_set,
                                                                shapes_evaluation_set)
 from dalle_pipeline.components.overrides import PipelineOverrides
-from dalle_pipeline.components.sources.kinds import source_kind
+from dalle_pipeline.components.sources.kinds import check_source, source_kind
 from dalle_pipeline.components.stage_cache import StageCache, StageRecord
-from dalle_pipeline.components.storage import RunRoot, existing, is_object_store, mirror, run_root
+from dalle_pipeline.components.storage import RunRoot, is_object_store, mirror, run_root
 from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri
 from dalle_pipeline.components.environment import use_defaults
 from dalle_pipeline.flows.concurrency import ensure_training_limit
@@ -65,11 +65,8 @@ def train_dalle(preset: PresetName = "tiny", overrides: PipelineOverrides = Pipe
     rerun_set = check_arguments(rerun, retrain_from, retrain_dvae)
     # a bad value fails here, before any work (a retrain's config is the base model's: resolved once it is fetched)
     cfg = config_module.resolve(preset, overrides) if retrain_from is None else None
-    if cfg is not None and not cfg.shapes_corpus:  # a source that is none of the kinds is refused before any work
-        if is_object_store(cfg.data.source):
-            existing(cfg.data.source, "data.source")  # its kind is recognised in its local copy
-        else:
-            source_kind(cfg.data)
+    if cfg is not None and not cfg.shapes_corpus:
+        check_source(cfg.data)  # a source that is none of the kinds is refused before any work
     ensure_training_limit()  # the compute stages queue on it: two runs on one machine take turns
     root_dir, stages = start_run(preset, root, rerun_set, retrain_from)
     started = time.perf_counter()

@@ -34,7 +34,7 @@ from .. import columns
 from ..config import DataConfig
 from ..download.run import INPUT_FORMATS
 from ..shards import tar_members
-from ..storage import local_path
+from ..storage import existing, is_object_store, local_path
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 CAPTION_SUFFIXES = (".txt", ".json")
@@ -68,6 +68,15 @@ def source_kind(data: DataConfig) -> str:
     if kind in ("url_list", "coco") and not path.is_file():
         raise ValueError(f"data.source {path}: format {kind!r} needs a file, not a folder")
     return kind
+
+
+def check_source(data: DataConfig) -> None:
+    """Refuse, before any work, a source that is none of the kinds (`source_kind`); one on an object store
+    only when nothing is there: its kind is recognised in the flow's local copy of it."""
+    if is_object_store(data.source):
+        existing(data.source, "data.source")
+    else:
+        source_kind(data)
 
 
 def _recognise(path: Path, data: DataConfig) -> str:

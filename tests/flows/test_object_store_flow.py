@@ -117,7 +117,7 @@ def test_a_run_rooted_on_s3_writes_only_its_cache_reuses_stages_from_the_store_a
             s3.client().put_object(Bucket=s3.bucket, Key=f"pictures/{Path(name).with_suffix('.txt')}",
                                    Body=row["caption"].encode())
         own, _ = train(env, work, "--data", f"s3://{s3.bucket}/pictures", *FAST)
-        assert f"data.source s3://{s3.bucket}/pictures: read from its copy in {tmp_path / 'cache'}" in own.stdout
+        assert f"data.source s3://{s3.bucket}/pictures: read from its copy in {tmp_path / 'cache'}" in own.stdout + own.stderr
         assert any(key.startswith("dalle/stages/ingest/") and key.endswith("/_stage.json") for key in s3.keys("dalle/"))
         assert list(work.iterdir()) == []
     finally:
