@@ -324,8 +324,9 @@ def reconstruct(model: ImageTokenizer, images: np.ndarray, batch_size: int = 256
 
 @torch.no_grad()
 def reconstruction_quality(model: ImageTokenizer, images: np.ndarray,
-                           batch_size: int = 256) -> tuple[dict[str, float], torch.Tensor]:
-    """Hard-code (argmax) reconstruction quality: what the prior's tokens can express."""
+                           batch_size: int) -> tuple[dict[str, float], torch.Tensor]:
+    """Hard-code (argmax) reconstruction quality: what the prior's tokens can express, `batch_size` images a
+    forward (the training batch: what fits where the tokenizer trains)."""
     tokens_all = encode_images(model, images, batch_size)
     errors = [F.mse_loss(decode_tokens(model, tokens_all[start : start + batch_size], batch_size),
                          to_float(images[start : start + batch_size]), reduction="none").flatten(1).mean(1)

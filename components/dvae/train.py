@@ -249,7 +249,7 @@ def train_worker(config: dict[str, Any]) -> None:
             tracker.log_artifact(grid, "reconstructions")
             with Image.open(grid) as picture:  # the run page's image view steps through these
                 tracker.log_image(picture.convert("RGB"), RECONSTRUCTIONS_KEY, step)
-        metrics, _ = reconstruction_quality(current, corpus.images[:256])
+        metrics, _ = reconstruction_quality(current, corpus.images[:256], per_rank_batch)
         return {"train_hard_psnr": metrics["eval_psnr"], "train_hard_codes_used": metrics["eval_codes_used"]}
 
     if worker.start_step == 0 and tracker is not None:  # the untrained grid: the image view's slider starts at step 0
@@ -337,11 +337,12 @@ def measure_and_save(model: ImageTokenizer, cfg: DVAEConfig, curated_dir: Path, 
     can be looked at)."""
     with monitor_system(tracker):
         corpus = load_corpus(curated_dir, image_size, limit=1024)
-        eval_metrics, _ = reconstruction_quality(model, corpus.images)
+        # in training batches: at 256 px a decoder's activations for 256 images doubled the stage's peak
+        eval_metrics, _ = reconstruction_quality(model, corpus.images, cfg.optim.batch_size)
         held_out = Path(curated_dir) / HOLDOUT_DIR
         if shard_paths(held_out):  # your corpus: what the tokenizer makes of images no stage trained on
             held_out_images = load_corpus(held_out, image_size, limit=1024).images
-            holdout_metrics, _ = reconstruction_quality(model, held_out_images)
+            holdout_metrics, _ = reconstruction_quality(model, held_out_images, cfg.optim.batch_size)
             eval_metrics.update({name.replace("eval_", "holdout_", 1): value
                                  for name, value in holdout_metrics.items()})
         if shapes is not None:

@@ -101,7 +101,7 @@ def test_the_decode_check_compares_with_the_psnr_training_reported(inputs, tmp_p
 
     curated, dvae_dir, tokenizer_path, corpus = inputs
     model = load(dvae_dir)
-    measured = evaluate(model, corpus.images)[0]["eval_psnr"]
+    measured = evaluate(model, corpus.images, 32)[0]["eval_psnr"]
     honest = checkpoint.save(tmp_path / "honest", KIND, model.state_dict(), model.cfg.to_dict(),
                              meta={"eval_psnr": measured})
     check = run(curated, honest, tokenizer_path, tmp_path / "ok", text_len=24).manifest["decode_check"]
