@@ -174,7 +174,7 @@ class StageCache:
             return {"array": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest(),
                     "shape": list(value.shape), "dtype": str(value.dtype)}
         if isinstance(value, (str, Path)):
-            return self._path_value(str(value)) if content else str(value).replace(str(self.root), "<stages>")
+            return self._path_value(str(value)) if content else str(value)
         if value is None or isinstance(value, (bool, int, float)):
             return value
         raise TypeError(f"a stage argument of type {type(value).__name__} has no stage key: pass paths or plain "
@@ -198,9 +198,12 @@ class StageCache:
         return replaced
 
     def call_key(self, stage: str, function: Callable, arguments: Mapping[str, Any], content: bool = True) -> str:
-        document = {"stage": stage, "function": f"{function.__module__}.{function.__qualname__}",
-                    "arguments": self.stage_value(arguments, content), "code": code_version(function.__module__)}
-        return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:24]
+        document = json.dumps({"stage": stage, "function": f"{function.__module__}.{function.__qualname__}",
+                               "arguments": self.stage_value(arguments, content),
+                               "code": code_version(function.__module__)}, sort_keys=True)
+        if not content:  # paths under the root named relative to it: the same folder wherever the root is
+            document = document.replace(str(self.root), "<stages>")
+        return hashlib.sha256(document.encode()).hexdigest()[:24]
 
     def folder(self, stage: str, key: str) -> Path:
         return self.root / stage / key
