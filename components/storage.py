@@ -74,22 +74,26 @@ class RunRoot:
         """Where MLflow writes the runs' artifacts: on the store, or `<root>/mlartifacts`."""
         return f"{self.remote}/mlartifacts" if self.remote else (self.local / "mlartifacts").as_uri()
 
-    def __str__(self) -> str:
-        return self.remote or str(self.local)
+    @property
+    def stages_location(self) -> str:
+        """Where finished stages are found: the store's stages folder, or `<root>/stages`."""
+        return self.stages_url or str(self.local / "stages")
 
 
 def run_root(value: str | Path, what: str) -> RunRoot:
     """`value` as a run's root: a local path (or file:// URL), or an object store URL, checked before any
     work, with its local cache (`DALLE_CACHE`, else ~/.cache/dalle-pipeline/<protocol>-<digest of the URL>)."""
-    text = str(value)
-    protocol = url_protocol(text)
-    if protocol is None or protocol == "file":
-        return RunRoot(local_path(text, what))
-    url = text.rstrip("/")
+    if not is_object_store(value):
+        return RunRoot(local_path(value, what))
+    url = str(value).rstrip("/")
     object_store(url, what)
-    cache = os.environ.get(CACHE_ENV) or Path("~/.cache/dalle-pipeline").expanduser() / \
-        f"{protocol}-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    cache = os.environ.get(CACHE_ENV) or Path("~/.cache/dalle-pipeline").expanduser() / url_folder(url)
     return RunRoot(local_path(cache, CACHE_ENV), url)
+
+
+def url_folder(url: str) -> str:
+    """A local folder's name for what lies at `url`: its protocol and a digest of the URL."""
+    return f"{url_protocol(url)}-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
 
 
 def is_object_store(value: str | Path) -> bool:
@@ -112,7 +116,7 @@ def mirror(url: str, into: Path, what: str) -> Path:
     the copy. FileNotFoundError naming `what` when nothing is at `url`."""
     fs, path = existing(url, what)
     name = path.rsplit("/", 1)[-1] or "source"
-    target = into / f"{url_protocol(url)}-{hashlib.sha256(url.encode()).hexdigest()[:16]}" / name
+    target = into / url_folder(url) / name
     single = fs.isfile(path)
     listing = {"": fs.info(path)} if single else \
         {found[len(path) + 1:]: info for found, info in fs.find(path, detail=True).items()}

@@ -105,7 +105,7 @@ def start_run(preset: str, root: str | None, rerun: frozenset[str], retrain_from
     kind = "retrain" if retrain_from else "train"
     parent = Tracker.start(
         tracking_uri, run_name=f"{kind}-dalle-{preset}-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={"prefect.flow_run_id": str(flow_run.get_id()), "preset": preset, "stages_root": root_dir.stages_url or str(root_dir.local / "stages"),
+        tags={"prefect.flow_run_id": str(flow_run.get_id()), "preset": preset, "stages_root": root_dir.stages_location,
               **({"retrain_from": retrain_from} if retrain_from else {})},
         artifact_root=root_dir.artifact_uri,
     )
@@ -118,7 +118,7 @@ def log_config(run: PipelineRun) -> None:
     run.stages.parent.log_params(config_json)
     run.stages.parent.log_dict(config_json, "config.json")
     get_run_logger().info("MLflow run %s at %s; stage outputs under %s", run.stages.parent.run_id,
-                          run.stages.parent.tracking_uri, run.stages.cache.remote or run.stages.cache.root)
+                          run.stages.parent.tracking_uri, run.root.stages_location)
 
 
 def curate(run: PipelineRun) -> list[StageRecord]:
