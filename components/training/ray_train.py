@@ -21,6 +21,7 @@ Ray's storage (nothing gathered, nothing copied after).
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import shutil
 import tempfile
@@ -135,6 +136,19 @@ def read_state(directory: Path) -> dict[str, Any]:
     if (directory / SHARDED_DIR).is_dir():
         state[SHARDED_KEY] = str(directory / SHARDED_DIR)
     return state
+
+
+def quiet_ray_train_reports() -> None:
+    """In a worker: Ray Train logs two long lines at INFO for every checkpoint of every rank ("Checkpoint
+    successfully created at", "Reporting training result ... from rank N"); the stage's progress line
+    says the step and its metrics already. Warnings and errors still show."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # this module's logger is named by its file's path, not under ray.train
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    if isinstance(getattr(context, "logger", None), logging.Logger):
+        context.logger.setLevel(logging.WARNING)
 
 
 def worker_rank(config: dict[str, Any], seed: int) -> tuple[int, int]:
@@ -271,6 +285,7 @@ class StageWorker:
     @classmethod
     def start(cls, stage: str, config: dict[str, Any], model_config: dict[str, Any], total_steps: int) -> StageWorker:
         """In a worker of `train_on_ray`: `config` is its loop config (seeded by `config["seed"]`)."""
+        quiet_ray_train_reports()
         rank, world_size = worker_rank(config, config["seed"])
         state = resume_state(rank, world_size)
         tracker = rank_zero_tracker(config, rank, stage, state)

@@ -90,7 +90,7 @@ def test_one_hot_decode_path_equals_argmax_token_path():
     assert model.encode(images).shape == (3, 8 * 8)
 
 
-def test_loss_falls_and_checkpoint_rebuilds_the_model(curated_shards, tmp_path, micro_config, local_ray):
+def test_loss_falls_and_checkpoint_rebuilds_the_model(curated_shards, tmp_path, micro_config, local_ray, capfd):
     """Two Ray Train workers (DDP over gloo), each with half of every batch."""
     cfg = micro_config.dvae.model_copy(deep=True)
     cfg.optim.steps, cfg.optim.log_every, cfg.recon_grid_every, cfg.num_workers = 40, 10, 20, 2
@@ -103,6 +103,11 @@ def test_loss_falls_and_checkpoint_rebuilds_the_model(curated_shards, tmp_path, 
     assert result.recon_grid.exists()
     grids = sorted(p.name for p in (tmp_path / "dvae" / "reconstructions").iterdir())
     assert grids == ["step_0000000.png", "step_0000020.png", "step_0000040.png"]  # the untrained one first
+    # what a person sees: the stage's progress lines, not Ray Train's two long lines per checkpoint
+    out, err = capfd.readouterr()
+    assert "[dvae] step 40/40" in out + err
+    assert not [line for line in (out + err).splitlines()
+                if "Checkpoint successfully created" in line or "Reporting training result" in line]
     model = load_dvae(result.checkpoint_dir)
     assert model.cfg.codebook_size == cfg.codebook_size
     assert "eval_psnr" in result.metrics and result.metrics["eval_psnr"] > 0
