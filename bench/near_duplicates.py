@@ -6,7 +6,11 @@ path) at N, 4N and 16N; the same hashes through the per-item band index the filt
 (a Python dict of lists per band, every query scanning its bands' lists) at the smaller sizes as
 the baseline, with its verdicts checked equal. Reports seconds, items/s and the process's peak RSS.
 
+At each size the index is timed with every band count of `--bands` (auto: the filter's own choice for
+that many items), their verdicts checked equal.
+
     python bench/near_duplicates.py --sizes 62500 250000 1000000 --baseline-sizes 62500 250000
+    python bench/near_duplicates.py --sizes 250000 --baseline-sizes --bands 5 3 --query-cost 1000000 4000000 16000000
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import numpy as np
 from common import device_name, emit
 
 import torch  # noqa: F401  (device_name's import path; nothing runs on it)
-from dalle_pipeline.components.filter.dedup import ExactIndex, NearDuplicateIndex, ShardDeduplicator
+from dalle_pipeline.components.filter.dedup import (ExactIndex, NearDuplicateIndex, ShardDeduplicator, choose_bands,
+                                                    probes_per_query)
 
 
 def corpus(size: int, seed: int, near_share: float = 0.02, exact_share: float = 0.01) -> tuple[list[str], list[int]]:
@@ -38,8 +43,9 @@ def corpus(size: int, seed: int, near_share: float = 0.02, exact_share: float = 
     return digests, [int(value) for value in hashes]
 
 
-def ours(digests: list[str], hashes: list[int], max_distance: int, shard: int) -> list[str | None]:
-    exact, near, verdicts = ExactIndex(), NearDuplicateIndex(max_distance), []
+def ours(digests: list[str], hashes: list[int], max_distance: int, shard: int,
+         bands: int | None = None) -> list[str | None]:
+    exact, near, verdicts = ExactIndex(), NearDuplicateIndex(max_distance, len(hashes), bands), []
     for start in range(0, len(hashes), shard):
         shard_digests, shard_hashes = digests[start : start + shard], hashes[start : start + shard]
         dedup = ShardDeduplicator(exact, near, shard_digests, shard_hashes)
@@ -73,12 +79,41 @@ def before(digests: list[str], hashes: list[int], max_distance: int) -> list[str
     return verdicts
 
 
+def query_cost(index_sizes: list[int], band_counts: list[int], max_distance: int, shard: int,
+               queries: int = 20_000) -> list[dict]:
+    """Microseconds a query against an index already holding N random hashes (added in large batches),
+    for each band count: the probe and candidate costs `choose_bands` weighs, isolated from the rest."""
+    rows = []
+    for size in index_sizes:
+        rng = np.random.default_rng(size)
+        stored = rng.integers(0, 2**64, size, dtype=np.uint64)
+        asked = rng.integers(0, 2**64, queries, dtype=np.uint64)
+        row: dict = {"index_items": size, "queries": queries, "chosen_bands": choose_bands(max_distance, size)}
+        for bands in band_counts:
+            index = NearDuplicateIndex(max_distance, bands=bands)
+            for start in range(0, size, 1 << 20):
+                index.add(stored[start : start + (1 << 20)])
+            started = time.perf_counter()
+            for start in range(0, queries, shard):
+                index.contains_near(asked[start : start + shard])
+            row[f"us_per_query_{bands}_bands"] = (time.perf_counter() - started) / queries * 1e6
+            del index
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", type=int, default=[62_500, 250_000, 1_000_000])
     parser.add_argument("--baseline-sizes", nargs="*", type=int, default=[62_500, 250_000])
     parser.add_argument("--max-distance", type=int, default=4, help="the filter's near_duplicate_distance")
     parser.add_argument("--shard", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--bands", nargs="*", default=["auto"],
+                        help="band counts to time at each size (auto: the filter's choice for that size, "
+                             "choose_bands); the verdicts of every layout are checked equal")
+    parser.add_argument("--query-cost", nargs="*", type=int, default=[],
+                        help="also time queries alone against indexes of these sizes, for each of --bands")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     runs = []
@@ -86,10 +121,21 @@ def main(argv: list[str] | None = None) -> dict:
         digests, hashes = corpus(size, seed=size)
         row: dict = {"items": size}
         if size in args.sizes:
-            started = time.perf_counter()
-            verdicts = ours(digests, hashes, args.max_distance, args.shard)
-            row["seconds"] = time.perf_counter() - started
+            layouts, verdicts = {}, None
+            for bands in args.bands:
+                count = choose_bands(args.max_distance, size) if bands == "auto" else int(bands)
+                started = time.perf_counter()
+                layout_verdicts = ours(digests, hashes, args.max_distance, args.shard, count)
+                layouts[str(bands)] = {"bands": count, "probes_per_query": probes_per_query(args.max_distance, count),
+                                       "seconds": time.perf_counter() - started}
+                if verdicts is None:
+                    verdicts = layout_verdicts
+                else:
+                    row["layouts_agree"] = row.get("layouts_agree", True) and layout_verdicts == verdicts
+            first = layouts[str(args.bands[0])]
+            row["bands"], row["seconds"] = first["bands"], first["seconds"]
             row["items_per_s"] = size / row["seconds"]
+            row["layouts"] = layouts
             row["dropped"] = {reason: verdicts.count(reason) for reason in ("duplicate", "near_duplicate")}
         if size in args.baseline_sizes:
             started = time.perf_counter()
@@ -104,8 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
     timed = [row for row in runs if "seconds" in row]
     growth = {"items": timed[-1]["items"] / timed[0]["items"],
               "seconds": timed[-1]["seconds"] / timed[0]["seconds"]} if len(timed) > 1 else {}
+    costs = query_cost(args.query_cost, [choose_bands(args.max_distance, 0) if b == "auto" else int(b)
+                                         for b in args.bands], args.max_distance, args.shard) if args.query_cost else []
     return emit({"bench": "near_duplicates", "settings": vars(args), "device": device_name(torch.device("cpu")),
-                 "runs": runs, "growth": growth}, args.out)
+                 "runs": runs, "growth": growth, "query_cost": costs}, args.out)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from .dedup import ExactIndex, NearDuplicateIndex, ShardDeduplicator
 
 REPORT_NAME = "filter_report.parquet"
 PARTS_DIR = "_parts"
+SPILL_DIR = "_dedup_spill"  # the duplicate indexes' runs on disk while the stage runs
 SETTINGS_NAME = "_filter_settings.json"
 FILTER_VERSION = 3  # bump when a change to this module changes verdicts: old parts are then redone
 DIGEST_KEY = b"data_digest"  # the report's metadata holds its corpus digest
@@ -99,10 +100,11 @@ class FilterResult:
 class _Deduplicator:
     """What was kept so far, by sha256 and perceptual hash, across shards, batches and runs (dedup.py)."""
 
-    def __init__(self, cfg: FilterConfig) -> None:
+    def __init__(self, cfg: FilterConfig, spill_dir: Path, expected_items: int) -> None:
         exact = cfg.drop_exact_duplicates is not False  # None: on (the pipeline passes the source's default)
-        self.exact = ExactIndex() if exact else None
-        self.near = None if cfg.near_duplicate_distance is None else NearDuplicateIndex(cfg.near_duplicate_distance)
+        self.exact = ExactIndex(spill_dir / "exact") if exact else None
+        self.near = None if cfg.near_duplicate_distance is None else \
+            NearDuplicateIndex(cfg.near_duplicate_distance, expected_items, spill_dir=spill_dir / "near")
 
     def remember(self, part: pa.Table) -> None:
         """Register a finished shard's kept samples (which may come from an earlier run)."""
@@ -184,7 +186,24 @@ def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path, holdout_
     write_json(out_dir / SETTINGS_NAME, settings)
     _remove_stale_outputs(out_dir, {_curated_name(batch, tar) for batch, tar, _ in sources})
 
-    dedupe = _Deduplicator(cfg)
+    spill_dir = out_dir / SPILL_DIR  # the indexes' runs past 64k entries: scratch, gone when the stage ends
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    try:
+        return _filter(cfg, sources, out_dir, report_path, holdout_fraction,
+                       _Deduplicator(cfg, spill_dir, _expected_items(sources)))
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+def _expected_items(sources: list[tuple[Path, Path, Path | None]]) -> int:
+    """About how many samples the shards hold, the first shard's rows (its Parquet's; 1000 without one) times
+    the shards: the near-duplicate index's band count is chosen for it (any count gives the same verdicts)."""
+    first = sources[0][2]
+    return len(sources) * (pq.read_metadata(first).num_rows if first is not None and first.is_file() else 1000)
+
+
+def _filter(cfg: FilterConfig, sources: list[tuple[Path, Path, Path | None]], out_dir: Path, report_path: Path,
+            holdout_fraction: float, dedupe: _Deduplicator) -> FilterResult:
     outputs = [_outputs_of(out_dir, batch, tar) for batch, tar, _ in sources]
     reused = 0
     for (_, tar, parquet), (part_path, curated, held_out) in zip(sources, outputs):

@@ -124,7 +124,21 @@ def test_each_sample_is_reported_with_its_reason_and_only_good_ones_are_kept(dow
             original.caption, original.image_bytes, original.image_ext, original.meta)
 
 
-def test_a_rerun_reuses_finished_shards_and_a_new_batch_is_deduplicated_against_them(download_dir, tmp_path):
+@pytest.mark.parametrize("spill", [False, True], ids=["indexes-in-memory", "indexes-in-files"])
+def test_a_rerun_reuses_finished_shards_and_a_new_batch_is_deduplicated_against_them(download_dir, tmp_path,
+                                                                                     monkeypatch, spill):
+    if spill:  # every run of the duplicate indexes past one entry in files, merged one entry at a time
+        from dalle_pipeline.components.filter import dedup
+
+        monkeypatch.setattr(dedup, "SPILL_ENTRIES", 1)
+        monkeypatch.setattr(dedup, "MERGE_CHUNK", 1)
+        written, write = [], dedup.SortedRuns._write
+
+        def recorded(self, keys, values):
+            written.append(len(keys))
+            return write(self, keys, values)
+
+        monkeypatch.setattr(dedup.SortedRuns, "_write", recorded)
     out_dir = tmp_path / "curated"
     write_shard(out_dir / "batch-00007-00000.tar", [_sample("000070000")])  # from some earlier download folder
     first = run(CFG, download_dir, out_dir)
@@ -151,6 +165,9 @@ def test_a_rerun_reuses_finished_shards_and_a_new_batch_is_deduplicated_against_
     stricter = run(CFG.model_copy(update={"min_image_size": 100}), download_dir, out_dir)
     assert stricter.reused_shards == 0 and stricter.kept == 0 and stricter.dropped_by_reason["too_small"] > 0
     assert sum(1 for _ in iter_samples(out_dir)) == 0
+    assert not (out_dir / "_dedup_spill").exists()  # scratch: gone with the stage
+    if spill:
+        assert written, "no run went to a file"
 
 
 def test_perceptual_hash_is_near_for_copies_and_far_for_other_pictures():
@@ -162,19 +179,63 @@ def test_perceptual_hash_is_near_for_copies_and_far_for_other_pictures():
     assert min(distance(base, other) for other in others) > 8
 
 
-def test_near_duplicate_index_finds_exactly_what_a_full_scan_finds():
+def test_near_duplicate_index_finds_exactly_what_a_full_scan_finds(tmp_path):
     rng = np.random.default_rng(0)
     stored = [int(v) for v in rng.integers(0, 2**64, 300, dtype=np.uint64)]  # the top bit set in half of them
-    queries = stored[:50] + [v ^ (1 << int(b)) ^ (1 << int(c)) for v, b, c in zip(stored[50:100], rng.integers(0, 64, 50),
-                                                                               rng.integers(0, 64, 50))]
+    flips = zip(stored[50:100], rng.integers(0, 64, 50), rng.integers(0, 64, 50))
+    queries = stored[:50] + [v ^ (1 << int(b)) ^ (1 << int(c)) for v, b, c in flips]
     queries += [int(v) for v in rng.integers(0, 2**64, 100, dtype=np.uint64)]
-    for max_distance in (0, 2, 5):
-        index = NearDuplicateIndex(max_distance)
-        for start in range(0, len(stored), 37):  # shard by shard: runs of 37, merged as they come
-            index.add(stored[start : start + 37])
-        assert len(index) == len(stored) and len(index.tables[0].runs) <= 9  # log2(300) runs at most
+    for max_distance, band_counts in ((0, [1]), (2, [1, 2, 3]), (5, [2, 3, 6])):
         expected = [any((query ^ value).bit_count() <= max_distance for value in stored) for query in queries]
-        assert index.contains_near(queries).tolist() == expected
+        # exact bands (d + 1), or fewer probed with their near values; the second layout's runs in files
+        for bands, spill in zip(band_counts, (None, tmp_path / f"spill-{max_distance}", None)):
+            index = NearDuplicateIndex(max_distance, bands=bands, spill_dir=spill)
+            for table in index.tables:  # runs past 50 hashes in files, merged 7 at a time
+                table.spill_entries, table.merge_chunk = 50, 7
+            for start in range(0, len(stored), 37):  # shard by shard: runs of 37, merged as they come
+                index.add(stored[start : start + 37])
+            assert len(index) == len(stored) and len(index.tables[0].runs) <= 9  # log2(300) runs at most
+            assert index.contains_near(queries).tolist() == expected, (max_distance, bands)
+            assert spill is None or len(list(spill.rglob("*.keys.npy"))) == bands  # runs of 259 (a file) and 41
+        assert any(expected) and not all(expected)
+
+
+def test_runs_spilled_to_files_answer_as_runs_in_memory_and_leave_log_n_files(tmp_path):
+    """Past `spill_entries` a run lives in files, merged file to file a few entries at a time (ties across
+    the chunk bounds included); every lookup answers as the index held in memory does."""
+    from dalle_pipeline.components.filter.dedup import SortedRuns
+
+    rng = np.random.default_rng(2)
+    in_memory, spilled = SortedRuns(), SortedRuns(tmp_path / "runs", spill_entries=8, merge_chunk=3)
+    for _ in range(40):  # batches of 1-12 keys from a small range: many equal keys in every run
+        keys = rng.integers(0, 60, int(rng.integers(1, 13))).astype(np.uint64)
+        values = rng.integers(0, 2**64, len(keys), dtype=np.uint64)
+        in_memory.add(keys, values)
+        spilled.add(keys, values)
+        queries = rng.integers(0, 70, 25).astype(np.uint64)
+        expected, got = in_memory.matches(queries), spilled.matches(queries)
+        assert sorted(zip(*map(np.ndarray.tolist, expected))) == sorted(zip(*map(np.ndarray.tolist, got)))
+    files = sorted(path.name for path in (tmp_path / "runs").iterdir())
+    on_disk = [path for path in spilled.runs if isinstance(path, Path)]
+    assert on_disk and len(files) == 2 * len(on_disk)  # merged runs' files removed
+    assert len(spilled) == len(in_memory) and len(spilled.runs) <= 10
+    added = {(int(k), int(v)) for keys, values in in_memory.runs for k, v in zip(keys, values)}
+    for path in on_disk:  # each file run sorted, its values following their keys
+        keys, values = np.load(f"{path}.keys.npy"), np.load(f"{path}.values.npy")
+        assert (keys[1:] >= keys[:-1]).all() and set(zip(keys.tolist(), values.tolist())) <= added
+
+
+def test_the_band_count_suits_the_corpus_size():
+    """Exact bands while the index is small; fewer, wider bands probed with their one-bit neighbours once
+    the candidates sharing an exact band's value would outnumber the probes."""
+    from dalle_pipeline.components.filter.dedup import choose_bands, probes_per_query
+
+    assert choose_bands(4, 10_000) == 5 and probes_per_query(4, 5) == 5
+    assert choose_bands(4, 100_000_000) == 3 and probes_per_query(4, 3) == 3 * 22 + 1  # widths 21, 21, 22
+    assert choose_bands(0, 10**9) == 1
+    assert all(probes_per_query(d, choose_bands(d, n)) <= 1024 for d in range(12) for n in (10**3, 10**6, 10**9))
+    with pytest.raises(ValueError, match="near_duplicate_distance must be in"):
+        NearDuplicateIndex(64)
 
 
 def test_shard_verdicts_equal_a_sequential_scan_of_everything_kept_before():
