@@ -24,7 +24,9 @@ The child connects a local Ray on every core first (`cluster.connect`), so the s
 their per-shard work as Ray tasks do; `--no-ray` leaves it out (tokenize-corpus, built on Ray
 Data, then starts one itself, inside its own timing). A background thread samples the PSS (and
 RSS) of the child and all its descendants (Ray's gcs, raylet and workers) every `--interval`
-seconds with psutil; peaks are kept per stage and overall.
+seconds with psutil; peaks are kept per stage and overall, each with the PSS of every process role
+(driver, Ray workers, raylet, gcs_server, ...) at that peak, and the scaling summary says which
+roles grew from the smallest N to the largest.
 
 The corpus is cached under `--cache-dir` by seed and shard size, shard by shard (the images of a
 shard depend only on the seed and their index, so 160k reuses 40k's shards; a shard is written
@@ -179,6 +181,8 @@ class TreeMemory:
         self.stage: str | None = None
         self.peaks: dict[str, dict[str, float]] = {}
         self.overall = {"pss": 0.0, "rss": 0.0, "processes": 0}
+        self.overall_roles: dict[str, int] = {}  # PSS by process role at the overall peak
+        self.peak_roles: dict[str, dict[str, int]] = {}  # the same at each stage's peak
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tree-memory", daemon=True)
@@ -196,31 +200,38 @@ class TreeMemory:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def measure(self) -> tuple[int, int, int]:
-        """(PSS, RSS, processes) now; a process that ends or refuses while being read is left out."""
+    def measure(self) -> tuple[int, int, int, dict[str, int]]:
+        """(PSS, RSS, processes, PSS by role) now; a process that ends or refuses while being read is left out."""
         try:
             processes = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
             processes = [self.root]
         pss = rss = counted = 0
+        by_role: dict[str, int] = {}
         for process in processes:
             try:
                 info = process.memory_full_info()
+                role = "driver" if process is self.root else process_role(process)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             pss += info.pss
             rss += info.rss
             counted += 1
-        return pss, rss, counted
+            by_role[role] = by_role.get(role, 0) + info.pss
+        return pss, rss, counted, by_role
 
     def sample(self) -> None:
-        pss, rss, counted = self.measure()
+        pss, rss, counted, by_role = self.measure()
         with self.lock:
             self.samples += 1
+            if pss > self.overall["pss"]:
+                self.overall_roles = by_role
             self.overall = {"pss": max(self.overall["pss"], pss), "rss": max(self.overall["rss"], rss),
                             "processes": max(self.overall["processes"], counted)}
             if self.stage is not None:
                 peak = self.peaks.setdefault(self.stage, {"pss": 0.0, "rss": 0.0, "processes": 0})
+                if pss > peak["pss"]:
+                    self.peak_roles[self.stage] = by_role
                 peak.update(pss=max(peak["pss"], pss), rss=max(peak["rss"], rss),
                             processes=max(peak["processes"], counted))
 
@@ -236,9 +247,25 @@ class TreeMemory:
             with self.lock:
                 self.stage = None
 
-    def report(self, peak: dict[str, float]) -> dict[str, float]:
+    def report(self, peak: dict[str, float], roles: dict[str, int]) -> dict:
         return {"peak_pss_mb": peak["pss"] / MB, "peak_rss_sum_mb": peak["rss"] / MB,
-                "peak_processes": peak["processes"]}
+                "peak_processes": peak["processes"],
+                "peak_pss_mb_by_role": {role: pss / MB for role, pss in sorted(roles.items())}}
+
+
+def process_role(process: psutil.Process) -> str:
+    """What a descendant of the child is: a Ray worker (`ray::<task or actor>`, as Ray names them), one
+    of Ray's daemons by its executable or script, or `other`."""
+    name = process.name()
+    if name.startswith("ray::"):
+        return "ray worker"
+    command = " ".join(process.cmdline()[:3])
+    for daemon in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env"):
+        if daemon in name or daemon in command:
+            return f"ray {daemon.removesuffix('.py')}"
+    if "default_worker.py" in command or command.startswith("ray::"):
+        return "ray worker"
+    return "other"
 
 
 # one N, in a child process ------------------------------------------------------------------------
@@ -248,10 +275,10 @@ def run_stages(job: dict) -> dict:
     """The child's work: the stages in order on the corpus at `job['source']`, each timed and its memory sampled."""
     with TreeMemory(job["interval"]) as memory:
         result = _run_stages(job, memory)
-        result["peak"] = memory.report(memory.overall)
+        result["peak"] = memory.report(memory.overall, memory.overall_roles)
         result["memory_samples"] = memory.samples
         for stage, row in result["stages"].items():
-            row.update(memory.report(memory.peaks[stage]))
+            row.update(memory.report(memory.peaks[stage], memory.peak_roles.get(stage, {})))
     return result
 
 
@@ -273,8 +300,9 @@ def _run_stages(job: dict, memory: TreeMemory) -> dict:
     started = time.perf_counter()
     result["cluster"] = {"cpus": connect()["CPU"]} if job["ray"] else None
     result["ray_start_seconds"] = time.perf_counter() - started if job["ray"] else None
-    pss, rss, processes = memory.measure()  # before the first stage (Ray started, modules imported)
-    result["before_stages"] = {"pss_mb": pss / MB, "rss_sum_mb": rss / MB, "processes": processes}
+    pss, rss, processes, roles = memory.measure()  # before the first stage (Ray started, modules imported)
+    result["before_stages"] = {"pss_mb": pss / MB, "rss_sum_mb": rss / MB, "processes": processes,
+                               "pss_mb_by_role": {role: value / MB for role, value in sorted(roles.items())}}
     data = DataConfig(source=job["source"], holdout_fraction=job["holdout_fraction"])
     outputs: dict = {}
 
@@ -395,13 +423,19 @@ def scaling(runs: list[dict], stages: list[str]) -> dict:
         return {"peak_pss_diff_mb": after - before,
                 "pss_growth_bytes_per_item": (after - before) * MB / added if added else None}
 
+    def by_role(before: dict, after: dict) -> dict:  # at each N's peak: which processes grew
+        roles = sorted(set(before) | set(after))
+        return {role: after.get(role, 0.0) - before.get(role, 0.0) for role in roles}
+
     out = {"smallest_n": small["items"], "largest_n": large["items"],
            "overall": growth(small["peak"]["peak_pss_mb"], large["peak"]["peak_pss_mb"]), "stages": {}}
     for stage in stages:
         before, after = small["stages"].get(stage), large["stages"].get(stage)
         if before and after:
             out["stages"][stage] = {"items_per_s_ratio": after["items_per_s"] / before["items_per_s"],
-                                    **growth(before["peak_pss_mb"], after["peak_pss_mb"])}
+                                    **growth(before["peak_pss_mb"], after["peak_pss_mb"]),
+                                    "peak_pss_diff_mb_by_role": by_role(before.get("peak_pss_mb_by_role", {}),
+                                                                        after.get("peak_pss_mb_by_role", {}))}
     return out
 
 
