@@ -43,6 +43,9 @@ REPORT_SCHEMA = pa.schema([
 ])
 
 
+CLIP_BATCH = 256  # candidates scored at once, their decoded images in memory until then
+
+
 def caption_problem(caption: str, cfg: FilterConfig, blocklist: re.Pattern[str] | None = None) -> str | None:
     """Why a caption is unusable, or None. Length is counted after stripping whitespace."""
     text = caption.strip()
@@ -148,8 +151,11 @@ def examine_shard(job: ShardJob) -> Examined:
             "reason": caption_problem(sample.caption, cfg, blocklist) or image_problem(image, original, cfg),
         }
         rows.append(row)
-        if row["reason"] is None:
-            candidates.append((row, sample.caption, image))
+        if row["reason"] is None and cfg.clip_model is not None:  # decoded images kept only to score them,
+            candidates.append((row, sample.caption, image))     # a batch at a time (1000 of 256 px: 197 MB)
+            if len(candidates) == CLIP_BATCH:
+                _score_with_clip(candidates, cfg)
+                candidates.clear()
     _score_with_clip(candidates, cfg)
     return Examined(job, pa.Table.from_pylist(rows, schema=REPORT_SCHEMA), worker_node())
 
@@ -157,7 +163,8 @@ def examine_shard(job: ShardJob) -> Examined:
 _scorers: dict[tuple[str, str | None], object] = {}  # per process: a Ray worker loads CLIP once for all its tasks
 
 
-def _score_with_clip(candidates: list[tuple[dict, str, Image.Image]], cfg: FilterConfig, batch_size: int = 256) -> None:
+def _score_with_clip(candidates: list[tuple[dict, str, Image.Image]], cfg: FilterConfig,
+                     batch_size: int = CLIP_BATCH) -> None:
     if cfg.clip_model is None or not candidates:
         return
     import torch

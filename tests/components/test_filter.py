@@ -284,7 +284,7 @@ def test_shard_verdicts_equal_a_sequential_scan_of_everything_kept_before():
     assert len(exact) == len(near) == expected.count(None)
 
 
-def test_clip_score_threshold_drops_the_worst_matches_and_records_every_score(tmp_path):
+def test_clip_score_threshold_drops_the_worst_matches_and_records_every_score(tmp_path, monkeypatch):
     torch.manual_seed(0)
     clip_cfg = ClipConfig(model_name="filter-test-clip", embed_dim=16, vision_width=32, vision_layers=1,
                           text_width=32, text_layers=1, patch_size=8)
@@ -303,6 +303,12 @@ def test_clip_score_threshold_drops_the_worst_matches_and_records_every_score(tm
     assert {row["key"] for row in report if row["reason"] == "low_clip_score"} == {
         key for key, score in scores.items() if score < threshold}
     assert 0 < result.dropped_by_reason["low_clip_score"] < len(samples)
+    # scored as they are read, 5 at a time (the decoded images of one batch in memory): the same scores
+    from dalle_pipeline.components.filter import checks
+
+    monkeypatch.setattr(checks, "CLIP_BATCH", 5)
+    batched = read_report(run(loose, tmp_path / "download", tmp_path / "batched").report_path).to_pylist()
+    assert {row["key"]: row["clip_score"] for row in batched} == pytest.approx(scores, abs=1e-6)
 
 
 def test_a_folder_without_finished_batches_is_an_error(tmp_path):
