@@ -69,6 +69,8 @@ class SortedRuns:
     def matches(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(query index, stored value) for every stored entry whose key equals a query's."""
         query_index, found = [], []
+        order = np.argsort(keys, kind="stable")  # searched in key order: each search starts near the last
+        keys = keys[order]
         for run in self.runs:
             stored_keys, stored_values = _read(run)
             left = np.searchsorted(stored_keys, keys, side="left")
@@ -76,7 +78,7 @@ class SortedRuns:
             total = int(counts.sum())
             if not total:
                 continue
-            owners = np.repeat(np.arange(len(keys)), counts)
+            owners = np.repeat(order, counts)
             # positions left[q], left[q] + 1, ... for each query q, without a Python loop
             starts = np.repeat(left - np.cumsum(counts) + counts, counts)
             positions = starts + np.arange(total)
@@ -176,8 +178,8 @@ class ExactIndex:
 
 # the relative cost of one probe (a key searched in every sorted run: cache misses in a large index) and of
 # one candidate met there (its full hash gathered and XOR-popcounted), fitted to `bench/near_duplicates.py
-# --query-cost` (bench/RESULTS.md): 5 exact bands are quicker up to about 28M hashes at distance 4, 3 past it
-PROBE_COST, CANDIDATE_COST = 300.0, 1.0
+# --query-cost` (bench/RESULTS.md): 5 exact bands are quicker up to about 14M hashes at distance 4, 3 past it
+PROBE_COST, CANDIDATE_COST = 150.0, 1.0
 MAX_PROBES = 1024  # a band layout probing more keys than this per query is never chosen
 
 
