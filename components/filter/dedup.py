@@ -16,7 +16,8 @@ Every pair within the distance is found, as by comparing all of them. With m = d
 one probe each) a query meets about N / 2^(64 / m) stored hashes per band: 7e4 at 100M items and
 d = 4, so the search grows as N^2. Fewer, wider bands cost more probes (3 bands of 21 bits probed
 with their 22 one-bit neighbours) and meet 2^8 times fewer stored hashes: `choose_bands` picks m by
-the number of items the index will hold, so the cost per query stays near constant as N grows.
+the number of items the index will hold, so the candidates a query meets stay few as N grows (what
+grows then is the probes' binary searches, in cache misses: bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -199,9 +200,14 @@ def neighbour_masks(width: int, radius: int) -> np.ndarray:
     return np.array(masks, np.uint64)
 
 
+def _band_probes(width: int, radius: int) -> int:
+    """How many values lie within `radius` bits of a `width`-bit value (itself included)."""
+    return sum(comb(width, k) for k in range(radius + 1))
+
+
 def probes_per_query(max_distance: int, bands: int) -> int:
     layout, radius = band_layout(max_distance, bands)
-    return sum(sum(comb(width, k) for k in range(radius + 1)) for _, width in layout)
+    return sum(_band_probes(width, radius) for _, width in layout)
 
 
 def choose_bands(max_distance: int, expected_items: int) -> int:
@@ -211,8 +217,8 @@ def choose_bands(max_distance: int, expected_items: int) -> int:
     each); many: fewer, wider bands probed with their near values, so the candidates stay few."""
     def cost(bands: int) -> float:
         layout, radius = band_layout(max_distance, bands)
-        return sum(sum(comb(width, k) for k in range(radius + 1))
-                   * (PROBE_COST + CANDIDATE_COST * expected_items / 2**width) for _, width in layout)
+        return sum(_band_probes(width, radius) * (PROBE_COST + CANDIDATE_COST * expected_items / 2**width)
+                   for _, width in layout)
 
     layouts = [bands for bands in range(1, max_distance + 2) if probes_per_query(max_distance, bands) <= MAX_PROBES]
     return min(layouts, key=lambda bands: (cost(bands), -bands))
