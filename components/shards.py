@@ -157,6 +157,33 @@ def tar_members(path: str | Path, wanted: Callable[[str], bool] | None = None) -
     one member's content at a time; `wanted(name)` (None: every member) says whose content is
     read, the others are skipped on disk and not yielded. A damaged tar raises ValueError.
     """
+    for name, content, _ in tar_entries(path, wanted):
+        if content is not None:
+            yield name, content
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """Where one member's content lies in a tar, to read later wherever the file can be read (a Ray task
+    on another node, when the tar is on shared storage)."""
+
+    path: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as file:
+            file.seek(self.offset)
+            content = file.read(self.size)
+        if len(content) != self.size:
+            raise OSError(f"{self.path}: the member at byte {self.offset} is cut short (the tar changed)")
+        return content
+
+
+def tar_entries(path: str | Path, wanted: Callable[[str], bool] | None = None
+                ) -> Iterator[tuple[str, bytes | None, TarMember]]:
+    """(name, content, where) of each regular file of a tar, in file order (see `tar_members`): the content
+    only where `wanted(name)` (None: every member), else None and the member left on disk, at `where`."""
     with open(path, "rb") as file:
         end = os.fstat(file.fileno()).st_size
         offset, extended = 0, {}
@@ -184,8 +211,8 @@ def tar_members(path: str | Path, wanted: Callable[[str], bool] | None = None) -
                 continue
             if kind in (b"0", b"\0", b"7"):
                 name = extended.get("path") or _header_name(header)
-                if wanted is None or wanted(name):
-                    yield name, _read_body(file, size, path, member_offset)
+                content = _read_body(file, size, path, member_offset) if wanted is None or wanted(name) else None
+                yield name, content, TarMember(str(path), member_offset + _BLOCK, size)
             extended = {}
 
 

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from .. import columns
 from ..config import DataConfig
 from ..download.run import INPUT_FORMATS
-from ..shards import tar_members
+from ..shards import TarMember, tar_entries
 from ..storage import existing, is_object_store, local_path
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -217,20 +217,26 @@ def _webdataset_items(root: Path, data: DataConfig) -> Iterator[Item]:
     tars = [root] if root.is_file() else sorted(root.rglob("*.tar"))
     for tar in tars:
         name = tar.name if root.is_file() else tar.relative_to(root).as_posix()
-        groups: dict[str, dict[str, bytes]] = {}
-        try:
-            for member, content in tar_members(tar):
+        groups: dict[str, dict[str, bytes | TarMember]] = {}
+        try:  # captions and metadata read here; an image only where it is fitted (its tar's path and offset)
+            for member, content, where in tar_entries(tar, wanted=lambda name: not _is_image(name)):
                 directory, _, base = member.rpartition("/")
                 key, dot, extension = base.partition(".")
                 if dot:
-                    groups.setdefault(f"{directory}/{key}" if directory else key, {})[extension.lower()] = content
+                    groups.setdefault(f"{directory}/{key}" if directory else key, {})[extension.lower()] = \
+                        where if content is None else content
         except ValueError:
             yield Item(f"{name}/<after {len(groups)} samples>", None, None, problem="damaged_shard")
         for key, parts in groups.items():
             yield _webdataset_item(f"{name}/{key}", parts, data.caption_col)
 
 
-def _webdataset_item(item_id: str, parts: dict[str, bytes], caption_key: str) -> Item:
+def _is_image(member: str) -> bool:
+    """Whether a webdataset member is a sample's image (`key.<image suffix>`, as `_webdataset_item` reads it)."""
+    return f".{member.rpartition('/')[2].partition('.')[2].lower()}" in IMAGE_SUFFIXES
+
+
+def _webdataset_item(item_id: str, parts: dict[str, bytes | TarMember], caption_key: str) -> Item:
     meta = {}
     if "json" in parts:
         try:
@@ -246,7 +252,8 @@ def _webdataset_item(item_id: str, parts: dict[str, bytes], caption_key: str) ->
     if extension is None:
         return Item(item_id, caption, None, problem="missing_image", meta=source_meta)
     image = parts[extension]
-    return Item(item_id, caption if isinstance(caption, str) else None, lambda: image,
+    read = image.read if isinstance(image, TarMember) else lambda: image
+    return Item(item_id, caption if isinstance(caption, str) else None, read,
                 problem=None if isinstance(caption, str) else "missing_caption", meta=source_meta)
 
 

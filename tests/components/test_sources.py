@@ -155,6 +155,21 @@ def test_webdataset_shards_such_as_an_img2dataset_output_are_read_as_they_are(tm
     assert samples["00000.tar/000000001"].caption == "blue from json"
     assert samples["00000.tar/000000000"].meta["source_url"] == "https://example.com/red.jpg"
 
+    # the driver lists a shard and reads its captions; an image is read by the task that fits it (where
+    # it lies goes to the task, not its bytes), so a tar cut short after the listing is an unreadable image
+    import pickle
+
+    from dalle_pipeline.components.sources.kinds import items
+
+    listed = {item.item_id: item for item in items("webdataset", data)}
+    red = listed["00000.tar/000000000"]
+    assert red.read() == members["000000000.jpg"] and red.caption == "red"
+    assert members["000000000.jpg"] not in pickle.dumps(red)  # what a Ray task receives
+    with open(shards / "00000.tar", "r+b") as tar:
+        tar.truncate(1024)
+    with pytest.raises(OSError, match="cut short"):
+        listed["00000.tar/000000002"].read()
+
 
 def test_parquet_with_the_images_inside_as_datasets_exports_it(tmp_path):
     images = [encode(halves(RED, RED)), encode(halves(BLUE, BLUE)), None, encode(halves(GREEN, GREEN))]
