@@ -190,6 +190,8 @@ def _read(item: Item, cfg: DownloadConfig, image_size: int) -> tuple[str | None,
         data = item.read()
     except OSError:
         return "unreadable_image", None
+    if data is None:
+        return "missing_image", None
     if not data:
         return "empty_image", None
     if len(data) > cfg.max_image_bytes:

@@ -46,11 +46,12 @@ IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini"})  # what file managers le
 
 @dataclass(frozen=True)
 class Item:
-    """One image-caption pair of a source; `read` returns the image's bytes (OSError if unreadable)."""
+    """One image-caption pair of a source; `read` returns the image's bytes (OSError if unreadable, None
+    where the source says it has none)."""
 
     item_id: str
     caption: str | None
-    read: Callable[[], bytes] | None
+    read: Callable[[], bytes | None] | None
     problem: str | None = None
     meta: dict = field(default_factory=dict)
 
@@ -267,18 +268,54 @@ def _parquet_items(root: Path, data: DataConfig) -> Iterator[Item]:
             raise ValueError(f"{path}: no column {data.image_col!r} (data.image_col); columns are {names}")
         caption_col = columns.pick(names, data.caption_col, "caption", path,
                                    columns.string_columns(parquet.schema_arrow))
-        row = 0
-        for batch in parquet.iter_batches(batch_size=256, columns=[data.image_col, caption_col]):
-            for image, caption in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                image_bytes = image.get("bytes") if isinstance(image, dict) else image
+        row = 0  # the captions read here, a row group at a time; an image by the task that fits it
+        for row_group in range(parquet.num_row_groups):
+            captions = parquet.read_row_group(row_group, columns=[caption_col]).column(0).to_pylist()
+            for index, caption in enumerate(captions):
                 caption = caption if isinstance(caption, str) else None
-                item_id = f"{name}#{row}"
-                row += 1
-                if image_bytes is None:
-                    yield Item(item_id, caption, None, problem="missing_image")
-                    continue
-                yield Item(item_id, caption, lambda image_bytes=image_bytes: image_bytes,
+                image = ParquetImage(str(path), row_group, index, data.image_col)
+                yield Item(f"{name}#{row}", caption, image.read,
                            problem=None if caption is not None else "missing_caption")
+                row += 1
+
+
+@dataclass(frozen=True)
+class ParquetImage:
+    """Where one row's image lies in a Parquet file (the column's bytes, or a datasets export's struct
+    of bytes and path), to read later where the file can be read (a Ray task): `read` gives the bytes,
+    None where the row has none (a missing image)."""
+
+    path: str
+    row_group: int
+    row: int  # within the row group
+    column: str
+
+    def read(self) -> bytes | None:
+        value = _parquet_cell(self)
+        return value.get("bytes") if isinstance(value, dict) else value
+
+
+PARQUET_READ_ROWS = 256
+_cursor: dict = {}  # per process: the rows last read of one row group, and the reader after them
+
+
+def _parquet_cell(image: ParquetImage) -> object:
+    """The cell, read `PARQUET_READ_ROWS` rows at a time: a shard's items come in row order, so each
+    batch is read once and memory holds one batch of images, whatever the row groups' size."""
+    where = (image.path, image.row_group, image.column)
+    if _cursor.get("where") != where or image.row < _cursor["start"]:
+        batches = pq.ParquetFile(image.path).iter_batches(batch_size=PARQUET_READ_ROWS, row_groups=[image.row_group],
+                                                          columns=[image.column])
+        _cursor.update(where=where, batches=batches, start=0, rows=None)
+    while _cursor["rows"] is None or image.row >= _cursor["start"] + len(_cursor["rows"]):
+        if _cursor["rows"] is not None:
+            _cursor["start"] += len(_cursor["rows"])
+        batch = next(_cursor["batches"], None)
+        if batch is None:
+            _cursor.clear()
+            raise OSError(f"{image.path}: row group {image.row_group} has no row {image.row} (the file changed)")
+        _cursor["rows"] = batch.column(0)
+    return _cursor["rows"][image.row - _cursor["start"]].as_py()
 
 
 def _coco_items(root: Path, data: DataConfig) -> Iterator[Item]:

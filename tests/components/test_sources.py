@@ -171,7 +171,7 @@ def test_webdataset_shards_such_as_an_img2dataset_output_are_read_as_they_are(tm
         listed["00000.tar/000000002"].read()
 
 
-def test_parquet_with_the_images_inside_as_datasets_exports_it(tmp_path):
+def test_parquet_with_the_images_inside_as_datasets_exports_it(tmp_path, monkeypatch):
     images = [encode(halves(RED, RED)), encode(halves(BLUE, BLUE)), None, encode(halves(GREEN, GREEN))]
     struct = pa.array([None if data is None else {"bytes": data, "path": f"{i}.png"} for i, data in enumerate(images)],
                       pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
@@ -183,6 +183,18 @@ def test_parquet_with_the_images_inside_as_datasets_exports_it(tmp_path):
     assert reasons == {"train-00000.parquet#0": "kept", "train-00000.parquet#1": "kept",
                        "train-00000.parquet#2": "missing_image", "train-00000.parquet#3": "missing_caption"}
     assert samples["train-00000.parquet#1"].pixels()[..., 2].mean() > 180
+
+    # the driver reads the captions; each image is read by the task that fits it, a few rows at a time
+    import pickle
+
+    from dalle_pipeline.components.sources import kinds
+
+    monkeypatch.setattr(kinds, "PARQUET_READ_ROWS", 1)
+    listed = list(kinds.items("parquet", data))
+    assert [item.caption for item in listed] == ["red", "blue", "gone", None]
+    assert images[1] not in pickle.dumps(listed[1])  # what a Ray task receives
+    assert [item.read() for item in listed] == images  # in row order, each row read once
+    assert listed[0].read() == images[0]  # and back: the row group read again
 
     binary = tmp_path / "binary"
     binary.mkdir()
