@@ -24,8 +24,8 @@ import numpy as np
 from common import device_name, emit
 
 import torch  # noqa: F401  (device_name's import path; nothing runs on it)
-from dalle_pipeline.components.filter.dedup import (ExactIndex, NearDuplicateIndex, ShardDeduplicator, choose_bands,
-                                                    probes_per_query)
+from dalle_pipeline.components.filter.dedup import NearDuplicateIndex, ShardDeduplicator, choose_bands, probes_per_query
+from dalle_pipeline.components.sorted_runs import ExactIndex
 
 
 def corpus(size: int, seed: int, near_share: float = 0.02, exact_share: float = 0.01) -> tuple[list[str], list[int]]:

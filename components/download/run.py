@@ -38,12 +38,15 @@ import pyarrow.parquet as pq
 
 from .. import columns
 from ..config import DownloadConfig
+from ..sorted_runs import ExactIndex
 from ..parallel import ray_session
 from .fetch import FetchPolicy, reason_code
 
 SUCCESS_MARKER = "_SUCCESS"
 BATCH_PREFIX = "batch-"
 BATCH_URL_LIST = "_url_list.parquet"  # the rows a batch was asked for (not *.json: img2dataset reads those)
+ATTEMPTED_SPILL = ".attempted_spill"  # the index of what earlier batches attempted, in files while a batch is added
+ID_BLOCK = 1 << 16  # ids hashed and looked up at a time
 # URL-list file extensions we read, by img2dataset's input_format name
 INPUT_FORMATS = ("parquet", "csv", "tsv", "json", "jsonl")
 # img2dataset's encode_quality means JPEG/WebP quality (0-100) but PNG zlib level (0-9)
@@ -97,7 +100,8 @@ def run(cfg: DownloadConfig, url_list: str | Path, out_dir: str | Path, image_si
     with exclusive(out_dir, "download"):
         batches = finished_batches(out_dir)
         check_same_settings(batches, settings)
-        new_rows = _unattempted(table, url_col, batches)
+        with attempted_index(out_dir, batches) as attempted:
+            new_rows = _unattempted(table, url_col, attempted)
         if new_rows.num_rows == 0:
             return summarise(out_dir)
         batch = out_dir / f"{BATCH_PREFIX}{next_batch_number(batches):05d}"
@@ -143,18 +147,41 @@ def _download_batch(cfg: DownloadConfig, rows: pa.Table, batch: Path, image_size
     os.replace(staging, batch)
 
 
-def _unattempted(table: pa.Table, url_col: str, batches: list[Path]) -> pa.Table:
+def _unattempted(table: pa.Table, url_col: str, attempted: ExactIndex) -> pa.Table:
     """The rows whose URL no finished batch attempted, each URL once (its first row)."""
     numbered = table.append_column("__row", pa.array(np.arange(table.num_rows)))
     first_rows = numbered.group_by(url_col, use_threads=False).aggregate([("__row", "min")]).column("__row_min")
     if len(first_rows) < table.num_rows:
         table = table.take(np.sort(first_rows.to_numpy()))
-    attempted = [pq.read_table(path, columns=["url"]).column("url") for batch in batches
-                 for path in sorted(batch.glob("[0-9]*.parquet"))]
-    if attempted:
-        seen = pa.chunked_array([chunk for column in attempted for chunk in column.chunks], pa.string())
-        table = table.filter(pc.invert(pc.is_in(table.column(url_col), value_set=seen.combine_chunks())))
+    if len(attempted):
+        urls = table.column(url_col)
+        seen = np.concatenate([attempted.contains(id_digests(urls.slice(start, ID_BLOCK).to_pylist()))
+                               for start in range(0, len(urls), ID_BLOCK)])
+        table = table.filter(pa.array(~seen))
     return table
+
+
+@contextmanager
+def attempted_index(out_dir: Path, batches: list[Path]) -> Iterator[ExactIndex]:
+    """What the finished `batches` attempted (their per-item parquets' `url`: a URL, or a local source's item id),
+    as sorted 128-bit hashes: 16 bytes an id, in files under `out_dir` past 64k of them, removed on the way out.
+    A download or ingest that adds to a large folder never holds the ids it already has."""
+    spill_dir = out_dir / ATTEMPTED_SPILL
+    shutil.rmtree(spill_dir, ignore_errors=True)  # a killed run's leftovers
+    try:
+        index = ExactIndex(spill_dir)
+        for batch in batches:
+            for path in sorted(batch.glob("[0-9]*.parquet")):
+                for block in pq.ParquetFile(path).iter_batches(batch_size=ID_BLOCK, columns=["url"]):
+                    index.add(id_digests(block.column(0).to_pylist()))
+        yield index
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+def id_digests(ids: list[str]) -> list[str]:
+    """The sha256 of each id (a URL, an item id), as the attempted index keys it."""
+    return [hashlib.sha256(item_id.encode("utf-8")).hexdigest() for item_id in ids]
 
 
 def _table_digest(table: pa.Table) -> bytes:

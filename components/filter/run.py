@@ -50,9 +50,10 @@ from ..config import FilterConfig
 from ..download.run import batch_shards, finished_batches
 from ..parallel import ordered_map, worker_node
 from ..shards import HOLDOUT_DIR, holdout_rank, read_shard, shard_paths, write_shard
+from ..sorted_runs import ExactIndex
 from ..storage import atomic_path, write_json
 from .checks import HELD_OUT, KEPT, REPORT_SCHEMA, Examined, ShardJob, examine_shard
-from .dedup import ExactIndex, NearDuplicateIndex, ShardDeduplicator
+from .dedup import NearDuplicateIndex, ShardDeduplicator
 
 REPORT_NAME = "filter_report.parquet"
 PARTS_DIR = "_parts"

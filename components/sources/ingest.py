@@ -35,10 +35,10 @@ from PIL import Image, ImageOps
 from ..config import DataConfig, DownloadConfig
 from ..images import as_rgb, resized
 from ..download.fetch import damaged_image_reason
-from ..download.run import (BATCH_PREFIX, SUCCESS_MARKER, DownloadResult, batch_settings,
-                            check_same_settings, encode_quality, exclusive, finished_batches, next_batch_number,
-                            summarise)
-from ..filter.dedup import ExactIndex
+from ..download.run import (BATCH_PREFIX, SUCCESS_MARKER, DownloadResult, attempted_index, batch_settings,
+                            check_same_settings, encode_quality, exclusive, finished_batches, id_digests,
+                            next_batch_number, summarise)
+from ..sorted_runs import ExactIndex
 from ..parallel import ordered_map, worker_node
 from ..shards import Sample, write_shard
 from ..storage import atomic_path, write_json
@@ -66,24 +66,16 @@ def run(data: DataConfig, cfg: DownloadConfig, out_dir: str | Path, image_size: 
         batches = finished_batches(out_dir)
         check_same_settings(batches, settings)
         batch = out_dir / f"{BATCH_PREFIX}{next_batch_number(batches):05d}"
-        result = _ingest_batch(_unattempted(items(kind, data), batches), batch, cfg, image_size, settings)
+        with attempted_index(out_dir, batches) as attempted:
+            result = _ingest_batch(_unattempted(items(kind, data), attempted), batch, cfg, image_size, settings)
     return replace(summarise(out_dir, new_urls=result.items), shards_by_node=result.shards_by_node)
 
 
-def _unattempted(source: Iterable[Item], batches: list[Path], block: int = 4096) -> Iterator[Item]:
-    """The items no finished batch attempted, in source order; what was attempted is held as sorted
-    128-bit hashes of the ids (16 bytes an item), never as Python strings."""
-    attempted = ExactIndex()
-    for batch in batches:
-        for path in sorted(batch.glob("[0-9]*.parquet")):
-            attempted.add(_id_digests(pq.read_table(path, columns=["url"]).column("url").to_pylist()))
+def _unattempted(source: Iterable[Item], attempted: ExactIndex, block: int = 4096) -> Iterator[Item]:
+    """The items of `source` whose ids are not in `attempted`, in source order."""
     for chunk in _chunks(source, block):
-        seen = attempted.contains(_id_digests([item.item_id for item in chunk])) if len(attempted) else None
+        seen = attempted.contains(id_digests([item.item_id for item in chunk])) if len(attempted) else None
         yield from (item for index, item in enumerate(chunk) if seen is None or not seen[index])
-
-
-def _id_digests(ids: list[str]) -> list[str]:
-    return [hashlib.sha256(item_id.encode("utf-8")).hexdigest() for item_id in ids]
 
 
 def _chunks(source: Iterable[Item], size: int) -> Iterator[list[Item]]:

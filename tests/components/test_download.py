@@ -20,10 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from dalle_pipeline.components import sorted_runs
 from dalle_pipeline.components.cluster import disconnect
 from dalle_pipeline.components.config import CorpusConfig, DownloadConfig, FilterConfig
 from dalle_pipeline.components.corpus.shapes import run as generate_corpus
 from dalle_pipeline.components.download import batch_shards, finished_batches, read_url_list, run
+from dalle_pipeline.components.download.run import ATTEMPTED_SPILL
 from dalle_pipeline.components.filter import read_report
 from dalle_pipeline.components.filter import run as filter_run
 from dalle_pipeline.components.filter.run import require_usable
@@ -66,7 +68,12 @@ def _samples(download_dir: Path) -> list:
             for sample in read_shard(tar)]
 
 
-def test_a_rerun_adds_nothing_and_a_longer_list_adds_only_its_new_rows(corpus, tmp_path):
+def test_a_rerun_adds_nothing_and_a_longer_list_adds_only_its_new_rows(corpus, tmp_path, monkeypatch):
+    # what earlier batches attempted, read back from their shards' parquets: past 8 URLs in files, as past 64k
+    monkeypatch.setattr(sorted_runs, "SPILL_ENTRIES", 8)
+    spilled, write = [], sorted_runs.SortedRuns._write
+    monkeypatch.setattr(sorted_runs.SortedRuns, "_write",
+                        lambda self, keys, values: spilled.append(len(keys)) or write(self, keys, values))
     cfg = DownloadConfig(allow_file_urls=True, **FAST)
     rows = pq.read_table(corpus.url_list)
     first_list = tmp_path / "first.parquet"
@@ -89,6 +96,7 @@ def test_a_rerun_adds_nothing_and_a_longer_list_adds_only_its_new_rows(corpus, t
     longer = run(cfg, longer_list, out_dir, IMAGE_SIZE)
     assert (longer.new_urls, longer.successes, [b.name for b in longer.batches]) == (10, 40, ["batch-00000", "batch-00001"])
     assert sorted(s.meta["url"] for s in _samples(out_dir)) == sorted(rows.column("url").to_pylist())
+    assert spilled and not (out_dir / ATTEMPTED_SPILL).exists()  # the index was in files, and they are gone
 
     with pytest.raises(ValueError, match=r"other settings \(image_size: 32 -> 16\)"):
         run(cfg, longer_list, out_dir, 16)

@@ -128,17 +128,17 @@ def test_each_sample_is_reported_with_its_reason_and_only_good_ones_are_kept(dow
 def test_a_rerun_reuses_finished_shards_and_a_new_batch_is_deduplicated_against_them(download_dir, tmp_path,
                                                                                      monkeypatch, spill):
     if spill:  # every run of the duplicate indexes past one entry in files, merged one entry at a time
-        from dalle_pipeline.components.filter import dedup
+        from dalle_pipeline.components import sorted_runs
 
-        monkeypatch.setattr(dedup, "SPILL_ENTRIES", 1)
-        monkeypatch.setattr(dedup, "MERGE_CHUNK", 1)
-        written, write = [], dedup.SortedRuns._write
+        monkeypatch.setattr(sorted_runs, "SPILL_ENTRIES", 1)
+        monkeypatch.setattr(sorted_runs, "MERGE_CHUNK", 1)
+        written, write = [], sorted_runs.SortedRuns._write
 
         def recorded(self, keys, values):
             written.append(len(keys))
             return write(self, keys, values)
 
-        monkeypatch.setattr(dedup.SortedRuns, "_write", recorded)
+        monkeypatch.setattr(sorted_runs.SortedRuns, "_write", recorded)
     out_dir = tmp_path / "curated"
     write_shard(out_dir / "batch-00007-00000.tar", [_sample("000070000")])  # from some earlier download folder
     first = run(CFG, download_dir, out_dir)
@@ -203,7 +203,7 @@ def test_near_duplicate_index_finds_exactly_what_a_full_scan_finds(tmp_path):
 def test_runs_spilled_to_files_answer_as_runs_in_memory_and_leave_log_n_files(tmp_path):
     """Past `spill_entries` a run lives in files, merged file to file a few entries at a time (ties across
     the chunk bounds included); every lookup answers as the index held in memory does."""
-    from dalle_pipeline.components.filter.dedup import SortedRuns
+    from dalle_pipeline.components.sorted_runs import SortedRuns
 
     rng = np.random.default_rng(2)
     in_memory, spilled = SortedRuns(), SortedRuns(tmp_path / "runs", spill_entries=8, merge_chunk=3)
@@ -240,7 +240,8 @@ def test_the_band_count_suits_the_corpus_size():
 
 def test_shard_verdicts_equal_a_sequential_scan_of_everything_kept_before():
     """What the filter decided item by item against every kept hash and digest, shard by shard."""
-    from dalle_pipeline.components.filter.dedup import ExactIndex, ShardDeduplicator
+    from dalle_pipeline.components.filter.dedup import ShardDeduplicator
+    from dalle_pipeline.components.sorted_runs import ExactIndex
 
     rng = np.random.default_rng(1)
     base = [int(v) for v in rng.integers(0, 2**64, 120, dtype=np.uint64)]

@@ -13,9 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from dalle_pipeline.components import sorted_runs
 from dalle_pipeline.components.config import DataConfig, DownloadConfig, FilterConfig, resolve
 from dalle_pipeline.components.filter import read_report
 from dalle_pipeline.components.filter import run as filter_run
+from dalle_pipeline.components.download.run import ATTEMPTED_SPILL
 from dalle_pipeline.components.filter.run import require_usable
 from dalle_pipeline.components.shards import iter_samples
 from dalle_pipeline.components.sources import run as ingest
@@ -116,7 +118,11 @@ def test_a_folder_keeps_every_readable_pair_and_gives_every_other_item_one_reaso
     assert curated.kept == 7
 
 
-def test_a_folder_that_grows_adds_only_its_new_files(folder, tmp_path):
+def test_a_folder_that_grows_adds_only_its_new_files(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(sorted_runs, "SPILL_ENTRIES", 2)  # the ids already ingested: in files past 2, as past 64k
+    spilled, write = [], sorted_runs.SortedRuns._write
+    monkeypatch.setattr(sorted_runs.SortedRuns, "_write",
+                        lambda self, keys, values: spilled.append(self.spill_dir.name) or write(self, keys, values))
     data = DataConfig(source=str(folder))
     ingest_and_filter(tmp_path, data)
     again = ingest(data, DownloadConfig(samples_per_shard=4), tmp_path / "dl", SIZE)
@@ -125,6 +131,7 @@ def test_a_folder_that_grows_adds_only_its_new_files(folder, tmp_path):
     (folder / "new.txt").write_bytes(b"green")
     grown = ingest(data, DownloadConfig(samples_per_shard=4), tmp_path / "dl", SIZE)
     assert grown.new_urls == 1 and [batch.name for batch in grown.batches] == ["batch-00000", "batch-00001"]
+    assert ATTEMPTED_SPILL in spilled and not (tmp_path / "dl" / ATTEMPTED_SPILL).exists()
     curated = filter_run(FilterConfig(), tmp_path / "dl", tmp_path / "cur")
     assert curated.kept == 8 and curated.reused_shards >= 1
 
