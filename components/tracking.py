@@ -10,6 +10,7 @@ worker rebuilds it on its side.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -192,6 +193,8 @@ class Tracker:
         """
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        # its INFO lines (started, stopping, terminated, no GPU metrics: four a stage) say nothing a person needs
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=sampling_interval, resume_logging=True,
                                        tracking_uri=self.tracking_uri)
         monitor.start()

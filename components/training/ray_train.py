@@ -61,7 +61,7 @@ def train_on_ray(
     rank 0: `rank_zero_tracker`); it must be plain data (it is pickled). `cpu_worker_env`: environment
     variables of the workers where they train on CPUs.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     import ray
@@ -87,6 +87,9 @@ def train_on_ray(
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's own INFO lines (the worker group requested, started, its ranks and process group: 5
+            # a stage) stay in its log files; the console keeps its warnings and the stage's progress lines
+            logging_config=LoggingConfig(log_level="WARNING"),
             worker_runtime_env={"env_vars": cpu_worker_env} if cpu_worker_env and not use_gpu else None,
         ),
     )

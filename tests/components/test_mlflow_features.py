@@ -173,13 +173,15 @@ def test_clip_training_records_its_corpus_and_the_system(curated_shards, tmp_pat
     assert "system/cpu_utilization_percentage" in system_metrics(tracker)
 
 
-def test_the_monitor_stops_when_the_stage_raises(tracker, frequent_system_metrics):
+def test_the_monitor_stops_when_the_stage_raises(tracker, frequent_system_metrics, capfd):
     import threading
 
     with pytest.raises(RuntimeError, match="the stage failed"), tracker.system_metrics():
         assert any(thread.name == "SystemMetricsMonitor" for thread in threading.enumerate())
         raise RuntimeError("the stage failed")
     assert not any(thread.name == "SystemMetricsMonitor" for thread in threading.enumerate())
+    out, err = capfd.readouterr()  # nor four INFO lines of MLflow's a stage, in the console
+    assert "system metrics" not in out + err and "GPU metrics" not in out + err
 
 
 def _copy_shards(source, target, count):
