@@ -11,6 +11,7 @@ that many items), their verdicts checked equal.
 
     python bench/near_duplicates.py --sizes 62500 250000 1000000 --baseline-sizes 62500 250000
     python bench/near_duplicates.py --sizes 250000 --baseline-sizes --bands 5 3 --query-cost 1000000 4000000 16000000
+    python bench/near_duplicates.py --sizes 1000000 --baseline-sizes --bands 3 --threads 1 auto --query-cost 16000000
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ def before(digests: list[str], hashes: list[int], max_distance: int) -> list[str
 
 
 def query_cost(index_sizes: list[int], band_counts: list[int], max_distance: int, shard: int,
-               queries: int = 20_000) -> list[dict]:
+               thread_counts: list[int | None], queries: int = 20_000) -> list[dict]:
     """Microseconds a query against an index already holding N random hashes (added in large batches),
-    for each band count: the probe and candidate costs `choose_bands` weighs, isolated from the rest."""
+    for each band count: the probe and candidate costs `choose_bands` weighs, isolated from the rest;
+    with each of `thread_counts` searching the band tables (None: the index's own choice)."""
     rows = []
     for size in index_sizes:
         rng = np.random.default_rng(size)
@@ -93,10 +95,15 @@ def query_cost(index_sizes: list[int], band_counts: list[int], max_distance: int
             index = NearDuplicateIndex(max_distance, bands=bands)
             for start in range(0, size, 1 << 20):
                 index.add(stored[start : start + (1 << 20)])
-            started = time.perf_counter()
-            for start in range(0, queries, shard):
-                index.contains_near(asked[start : start + shard])
-            row[f"us_per_query_{bands}_bands"] = (time.perf_counter() - started) / queries * 1e6
+            answers = []
+            for threads in thread_counts:
+                index.threads = NearDuplicateIndex(max_distance, bands=bands, threads=threads).threads
+                started = time.perf_counter()
+                answers.append(np.concatenate([index.contains_near(asked[start : start + shard])
+                                               for start in range(0, queries, shard)]))
+                row[f"us_per_query_{bands}_bands_{index.threads}_threads"] = \
+                    (time.perf_counter() - started) / queries * 1e6
+            row[f"threads_agree_{bands}_bands"] = all(np.array_equal(answer, answers[0]) for answer in answers)
             del index
         print(row, flush=True)
         rows.append(row)
@@ -114,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "choose_bands); the verdicts of every layout are checked equal")
     parser.add_argument("--query-cost", nargs="*", type=int, default=[],
                         help="also time queries alone against indexes of these sizes, for each of --bands")
+    parser.add_argument("--threads", nargs="*", default=["auto"],
+                        help="threads searching the band tables in --query-cost (auto: the index's choice, "
+                             "as many as bands and cores allow)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     runs = []
@@ -151,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     growth = {"items": timed[-1]["items"] / timed[0]["items"],
               "seconds": timed[-1]["seconds"] / timed[0]["seconds"]} if len(timed) > 1 else {}
     costs = query_cost(args.query_cost, [choose_bands(args.max_distance, 0) if b == "auto" else int(b)
-                                         for b in args.bands], args.max_distance, args.shard) if args.query_cost else []
+                                         for b in args.bands], args.max_distance, args.shard,
+                       [None if t == "auto" else int(t) for t in args.threads]) if args.query_cost else []
     return emit({"bench": "near_duplicates", "settings": vars(args), "device": device_name(torch.device("cpu")),
                  "runs": runs, "growth": growth, "query_cost": costs}, args.out)
 

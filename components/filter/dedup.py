@@ -22,6 +22,8 @@ grows then is the probes' binary searches, in cache misses: bench/RESULTS.md).
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 from math import comb
 from pathlib import Path
@@ -87,7 +89,7 @@ class NearDuplicateIndex:
     stored hashes truly within `max_distance` (the answer is the same for any band count)."""
 
     def __init__(self, max_distance: int, expected_items: int = 0, bands: int | None = None,
-                 spill_dir: Path | None = None) -> None:
+                 spill_dir: Path | None = None, threads: int | None = None) -> None:
         if not 0 <= max_distance < 64:
             raise ValueError(f"near_duplicate_distance must be in [0, 63], not {max_distance}")
         self.max_distance = max_distance
@@ -96,6 +98,8 @@ class NearDuplicateIndex:
         self.masks = [neighbour_masks(width, self.radius) for _, width in self.bands]
         self.tables = [SortedRuns(spill_dir / f"band-{number}" if spill_dir else None)
                        for number in range(len(self.bands))]
+        # the band tables are searched side by side: numpy's sorts and binary searches let go of the GIL
+        self.threads = max(1, min(self.band_count, threads or os.cpu_count() or 1))
 
     def __len__(self) -> int:
         return len(self.tables[0])
@@ -106,20 +110,31 @@ class NearDuplicateIndex:
 
     def add(self, hashes: np.ndarray | list[int]) -> None:
         hashes = np.asarray(hashes, np.uint64)
-        for table, band in zip(self.tables, self.bands):
-            table.add(self._band(hashes, band), hashes)
+        self._each_band(lambda number: self.tables[number].add(self._band(hashes, self.bands[number]), hashes))
 
     def contains_near(self, hashes: np.ndarray | list[int]) -> np.ndarray:
         """For each hash, whether an added one lies within `max_distance` bits of it."""
         hashes = np.asarray(hashes, np.uint64)
-        near = np.zeros(len(hashes), bool)
-        for table, band, masks in zip(self.tables, self.bands, self.masks):
-            probes = (self._band(hashes, band)[:, None] ^ masks[None, :]).ravel()  # query-major
-            owners, stored = table.matches(probes)
+
+        def near_on_band(number: int) -> np.ndarray:
+            masks = self.masks[number]
+            probes = (self._band(hashes, self.bands[number])[:, None] ^ masks[None, :]).ravel()  # query-major
+            owners, stored = self.tables[number].matches(probes)
             owners = owners // len(masks)
             close = np.bitwise_count(hashes[owners] ^ stored) <= self.max_distance
-            near[owners[close]] = True
+            return np.unique(owners[close])
+
+        near = np.zeros(len(hashes), bool)
+        for owners in self._each_band(near_on_band):
+            near[owners] = True
         return near
+
+    def _each_band(self, call):
+        """`call(band number)` for every band, on `threads` threads; the results in band order."""
+        if self.threads == 1:
+            return [call(number) for number in range(len(self.bands))]
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="near-duplicate-band") as pool:
+            return list(pool.map(call, range(len(self.bands))))
 
 
 class ShardDeduplicator:

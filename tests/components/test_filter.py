@@ -187,9 +187,11 @@ def test_near_duplicate_index_finds_exactly_what_a_full_scan_finds(tmp_path):
     queries += [int(v) for v in rng.integers(0, 2**64, 100, dtype=np.uint64)]
     for max_distance, band_counts in ((0, [1]), (2, [1, 2, 3]), (5, [2, 3, 6])):
         expected = [any((query ^ value).bit_count() <= max_distance for value in stored) for query in queries]
-        # exact bands (d + 1), or fewer probed with their near values; the second layout's runs in files
-        for bands, spill in zip(band_counts, (None, tmp_path / f"spill-{max_distance}", None)):
-            index = NearDuplicateIndex(max_distance, bands=bands, spill_dir=spill)
+        # exact bands (d + 1), or fewer probed with their near values; the second layout's runs in files; the
+        # band tables searched one at a time, or side by side on three threads
+        for bands, spill, threads in zip(band_counts, (None, tmp_path / f"spill-{max_distance}", None), (1, 3, 3)):
+            index = NearDuplicateIndex(max_distance, bands=bands, spill_dir=spill, threads=threads)
+            assert index.threads == min(bands, threads)
             for table in index.tables:  # runs past 50 hashes in files, merged 7 at a time
                 table.spill_entries, table.merge_chunk = 50, 7
             for start in range(0, len(stored), 37):  # shard by shard: runs of 37, merged as they come
