@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 
 from .. import columns
 from ..config import DownloadConfig
-from ..sorted_runs import ExactIndex
 from ..parallel import ray_session
+from ..sorted_runs import ExactIndex
 from .fetch import FetchPolicy, reason_code
 
 SUCCESS_MARKER = "_SUCCESS"
