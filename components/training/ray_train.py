@@ -144,9 +144,10 @@ def read_state(directory: Path) -> dict[str, Any]:
 def quiet_ray_train_reports() -> None:
     """In a worker: Ray Train logs two long lines at INFO for every checkpoint of every rank ("Checkpoint
     successfully created at", "Reporting training result ... from rank N"); the stage's progress line
-    says the step and its metrics already. Warnings and errors still show."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:  # this module's logger is named by its file's path, not under ray.train
+    says the step and its metrics already. Those under `ray.train` stay out of the console by the run's
+    `LoggingConfig`; this one module's logger is named by its file's path, not under ray.train, so its
+    level is raised here. Warnings and errors still show."""
+    try:
         from ray.train.v2._internal.execution import context
     except ImportError:
         return
