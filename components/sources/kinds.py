@@ -234,7 +234,11 @@ def _webdataset_items(root: Path, data: DataConfig) -> Iterator[Item]:
 
 def _is_image(member: str) -> bool:
     """Whether a webdataset member is a sample's image (`key.<image suffix>`, as `_webdataset_item` reads it)."""
-    return f".{member.rpartition('/')[2].partition('.')[2].lower()}" in IMAGE_SUFFIXES
+    return _is_image_extension(member.rpartition("/")[2].partition(".")[2].lower())
+
+
+def _is_image_extension(extension: str) -> bool:
+    return f".{extension}" in IMAGE_SUFFIXES
 
 
 def _webdataset_item(item_id: str, parts: dict[str, bytes | TarMember], caption_key: str) -> Item:
@@ -246,7 +250,7 @@ def _webdataset_item(item_id: str, parts: dict[str, bytes | TarMember], caption_
         except ValueError:
             pass
     caption = _decode_caption(parts["txt"]) if "txt" in parts else meta.get(caption_key)
-    extension = next((ext for ext in parts if f".{ext}" in IMAGE_SUFFIXES), None)
+    extension = next((ext for ext in parts if _is_image_extension(ext)), None)
     source_meta = {key: value for key, value in meta.items() if key not in ("key", "caption", "status")}
     if "url" in source_meta:
         source_meta["source_url"] = source_meta.pop("url")
