@@ -38,9 +38,9 @@ from ..download.fetch import damaged_image_reason
 from ..download.run import (BATCH_PREFIX, SUCCESS_MARKER, DownloadResult, attempted_index, batch_settings,
                             check_same_settings, encode_quality, exclusive, finished_batches, id_digests,
                             next_batch_number, summarise)
-from ..sorted_runs import ExactIndex
 from ..parallel import ordered_map, worker_node
 from ..shards import Sample, write_shard
+from ..sorted_runs import ExactIndex
 from ..storage import atomic_path, write_json
 from .kinds import Item, items, source_kind
 
