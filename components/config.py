@@ -71,6 +71,8 @@ class DownloadConfig(StageConfig):
     processes_count: int = Field(1, ge=1, description="img2dataset worker processes (or Ray tasks at once)")
     thread_count: int = Field(8, ge=1, description="img2dataset download threads per process")
     samples_per_shard: int = Field(1000, ge=1, description="samples per webdataset shard")
+    batch_urls: int = Field(1_000_000, ge=1, description="new URLs a batch downloads at most: a longer list is "
+                                                          "several batches, each finished before the next is read")
     timeout: int = Field(10, ge=1, description="seconds before a download is abandoned")
     retries: int = Field(1, ge=0, description="retries of a URL that can succeed later (timeout, 429, 5xx)")
     max_retry_after: float = Field(30.0, ge=0, description="longest Retry-After (s) waited for before a retry")

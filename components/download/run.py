@@ -15,7 +15,6 @@ adding to a folder with other settings is refused rather than mixing two kinds o
 from __future__ import annotations
 
 import fcntl
-import gzip
 import hashlib
 import json
 import math
@@ -23,7 +22,7 @@ import multiprocessing
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,33 +30,25 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from .. import columns
 from ..config import DownloadConfig
 from ..parallel import ray_session
 from ..sorted_runs import ExactIndex
 from .fetch import FetchPolicy, reason_code
+from .url_list import check as check_url_list
+from .url_list import read_blocks
 
 SUCCESS_MARKER = "_SUCCESS"
 BATCH_PREFIX = "batch-"
 BATCH_URL_LIST = "_url_list.parquet"  # the rows a batch was asked for (not *.json: img2dataset reads those)
 ATTEMPTED_SPILL = ".attempted_spill"  # the index of what earlier batches attempted, in files while a batch is added
 ID_BLOCK = 1 << 16  # ids hashed and looked up at a time
-# URL-list file extensions we read, by img2dataset's input_format name
-INPUT_FORMATS = ("parquet", "csv", "tsv", "json", "jsonl")
 # img2dataset's encode_quality means JPEG/WebP quality (0-100) but PNG zlib level (0-9)
 ENCODE_QUALITY = {"jpg": 95, "webp": 95, "png": 6}
-# columns img2dataset writes itself and refuses to take from the URL list
-RESERVED_COLUMNS = frozenset(
-    "key url caption width height original_width original_height status error_message exif md5 sha256 sha512".split()
-)
 # settings that do not shape a batch's images, so batches made with other values mix freely
 TRANSIENT_SETTINGS = {"processes_count", "thread_count", "timeout", "retries", "max_retry_after", "distributor",
-                      "samples_per_shard", "url_list", "allow_file_urls"}
+                      "samples_per_shard", "url_list", "allow_file_urls", "batch_urls"}
 
 
 @dataclass(frozen=True)
@@ -86,27 +77,49 @@ class DownloadResult:
 
 def run(cfg: DownloadConfig, url_list: str | Path, out_dir: str | Path, image_size: int, url_col: str = "url",
         caption_col: str = "caption") -> DownloadResult:
-    """Download the URLs of `url_list` that no batch of `out_dir` attempted, resized to `image_size`.
+    """Download the URLs of `url_list` (a file, or a folder of them) that no batch of `out_dir` attempted,
+    resized to `image_size`, in batches of at most `cfg.batch_urls`.
 
-    The list is validated before any download starts (readable, its columns, not empty, URLs are
-    strings); a bad list raises ValueError naming the column and row. A URL that fails to download
-    is not an error: it is counted in `failures_by_reason` under its reason code (see
+    The whole list is checked before any download starts (readable, its columns, not empty, URLs are
+    strings: `url_list.check`); a bad list raises ValueError naming the file, column and row. It is then
+    read again a block at a time (`new_batches`), so the driver never holds the list. A URL that fails to
+    download is not an error: it is counted in `failures_by_reason` under its reason code (see
     `fetch.REASONS`), a scheme we do not fetch (ftp://, or file:// unless allowed) included.
     """
     url_list, out_dir = Path(url_list).resolve(), Path(out_dir).resolve()
-    table = read_url_list(url_list, url_col, caption_col)
+    check_url_list(url_list, url_col, caption_col)
     settings = {"url_col": url_col, "caption_col": caption_col, **batch_settings(cfg, image_size)}
     out_dir.mkdir(parents=True, exist_ok=True)
+    new_urls = 0
     with exclusive(out_dir, "download"):
         batches = finished_batches(out_dir)
         check_same_settings(batches, settings)
         with attempted_index(out_dir, batches) as attempted:
-            new_rows = _unattempted(table, url_col, attempted)
-        if new_rows.num_rows == 0:
-            return summarise(out_dir)
-        batch = out_dir / f"{BATCH_PREFIX}{next_batch_number(batches):05d}"
-        _download_batch(cfg, new_rows, batch, image_size, settings, url_col, caption_col)
-    return summarise(out_dir, new_urls=new_rows.num_rows)
+            for rows in new_batches(read_blocks(url_list, url_col, caption_col), url_col, attempted,
+                                    cfg.batch_urls):
+                batch = out_dir / f"{BATCH_PREFIX}{next_batch_number(batches):05d}"
+                _download_batch(cfg, rows, batch, image_size, settings, url_col, caption_col)
+                batches.append(batch)
+                new_urls += rows.num_rows
+    return summarise(out_dir, new_urls=new_urls)
+
+
+def new_batches(blocks: Iterable[pa.Table], url_col: str, attempted: ExactIndex, batch_urls: int) -> Iterator[pa.Table]:
+    """The rows of `blocks` whose URL no finished batch attempted, each URL once (its first row), in list order,
+    as tables of `batch_urls` rows (the last one shorter). What a block adds joins `attempted` as it is read,
+    so the driver holds one block, the batch being filled and the index, never the list."""
+    pending: list[pa.Table] = []
+    waiting = 0
+    for block in blocks:
+        block = _unattempted(block, url_col, attempted)
+        pending.append(block)
+        waiting += block.num_rows
+        while waiting >= batch_urls:
+            rows = pa.concat_tables(pending)
+            yield rows.slice(0, batch_urls)
+            pending, waiting = [rows.slice(batch_urls)], waiting - batch_urls
+    if waiting:
+        yield pa.concat_tables(pending)
 
 
 def finished_batches(out_dir: str | Path) -> list[Path]:
@@ -148,16 +161,17 @@ def _download_batch(cfg: DownloadConfig, rows: pa.Table, batch: Path, image_size
 
 
 def _unattempted(table: pa.Table, url_col: str, attempted: ExactIndex) -> pa.Table:
-    """The rows whose URL no finished batch attempted, each URL once (its first row)."""
+    """The rows whose URL is not in `attempted`, each URL once (its first row); their URLs join `attempted`."""
     numbered = table.append_column("__row", pa.array(np.arange(table.num_rows)))
     first_rows = numbered.group_by(url_col, use_threads=False).aggregate([("__row", "min")]).column("__row_min")
     if len(first_rows) < table.num_rows:
         table = table.take(np.sort(first_rows.to_numpy()))
+    digests = id_digests(table.column(url_col).to_pylist())
     if len(attempted):
-        urls = table.column(url_col)
-        seen = np.concatenate([attempted.contains(id_digests(urls.slice(start, ID_BLOCK).to_pylist()))
-                               for start in range(0, len(urls), ID_BLOCK)])
+        seen = attempted.contains(digests)
         table = table.filter(pa.array(~seen))
+        digests = [digest for digest, old in zip(digests, seen.tolist()) if not old]
+    attempted.add(digests)
     return table
 
 
@@ -254,77 +268,6 @@ def exclusive(out_dir: Path, what: str) -> Iterator[None]:
 def _read_marker(folder: Path, marker: str) -> str | None:
     path = folder / marker
     return path.read_text() if path.is_file() else None
-
-
-def input_format_of(url_list: Path) -> str:
-    """The list's format from its file name: `x.parquet`, `x.csv`, `x.jsonl.gz`..."""
-    suffixes = [suffix.lstrip(".").lower() for suffix in url_list.suffixes]
-    if suffixes[-1:] == ["gz"] and len(suffixes) >= 2 and suffixes[-2] in INPUT_FORMATS[1:]:
-        return f"{suffixes[-2]}.gz"
-    if suffixes and suffixes[-1] in INPUT_FORMATS:
-        return suffixes[-1]
-    raise ValueError(f"{url_list}: cannot tell the URL list's format; name it *.{{{','.join(INPUT_FORMATS)}}}")
-
-
-def _read_table(url_list: Path, input_format: str) -> pa.Table:
-    kind = input_format.removesuffix(".gz")
-    try:
-        if kind == "parquet":
-            return pq.read_table(url_list)
-        data = gzip.decompress(url_list.read_bytes()) if input_format.endswith(".gz") else url_list.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:  # a crawl's captions come in any encoding: keep the row, mark the bytes
-            text = data.decode("utf-8", errors="replace")
-        return _parse_text(text.encode("utf-8"), kind)
-    except (pa.ArrowException, ValueError, OSError, EOFError) as err:
-        raise ValueError(f"{url_list}: cannot read it as {input_format}: {err}") from err
-
-
-def _parse_text(data: bytes, kind: str) -> pa.Table:
-    if kind in ("csv", "tsv"):
-        parse = pa_csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True)
-        return pa_csv.read_csv(pa.BufferReader(data), parse_options=parse)
-    if kind == "jsonl":
-        return pa_json.read_json(pa.BufferReader(data))
-    rows = json.loads(data)
-    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        raise ValueError("a .json URL list must be an array of objects")
-    return pa.Table.from_pylist(rows)
-
-
-def read_url_list(url_list: Path, url_col: str = "url", caption_col: str = "caption") -> pa.Table:
-    """The list as a table, or ValueError if img2dataset would choke on it.
-
-    Checks: readable, the url and caption columns exist, at least one row, no column name that
-    img2dataset reserves, and every URL a string. Captions become strings (a missing caption an
-    empty one, which the filter drops). A URL whose scheme we do not fetch is no error here: the
-    fetch reports it (`unsupported_scheme`) and downloads the rest.
-    """
-    if not url_list.is_file():
-        raise FileNotFoundError(f"URL list {url_list} does not exist")
-    table = _read_table(url_list, input_format_of(url_list))
-    for role, column in (("url", url_col), ("caption", caption_col)):
-        found = columns.pick(table.column_names, column, role, url_list, columns.string_columns(table.schema))
-        if found != column:  # the rest of the pipeline reads it under the configured name
-            table = table.rename_columns([column if name == found else name for name in table.column_names])
-    if table.num_rows == 0:
-        raise ValueError(f"{url_list}: the URL list is empty")
-    reserved = sorted(RESERVED_COLUMNS.intersection(set(table.column_names) - {url_col, caption_col}))
-    if reserved:
-        raise ValueError(f"{url_list}: columns {reserved} are reserved by img2dataset; rename them")
-    _check_urls_are_strings(url_list, table.column(url_col), url_col)
-    captions = pc.fill_null(pc.cast(table.column(caption_col), pa.string()), "")
-    return table.set_column(table.column_names.index(caption_col), caption_col, captions)
-
-
-def _check_urls_are_strings(url_list: Path, urls: pa.ChunkedArray, url_col: str) -> None:
-    if not columns.is_text(urls.type):
-        raise ValueError(f"{url_list}: column {url_col!r} holds {urls.type}, not URL strings")
-    if urls.null_count:
-        first = pc.indices_nonzero(pc.is_null(urls))[0].as_py()
-        raise ValueError(f"{url_list}: column {url_col!r} row {first}: None is no URL ({urls.null_count} such rows "
-                         "in all)")
 
 
 def summarise(shards_dir: str | Path, new_urls: int = 0) -> DownloadResult:

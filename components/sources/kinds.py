@@ -7,7 +7,8 @@ symlink out of the folder is the item's `problem`, a reason code of `download.fe
 and an image that cannot be read is found when `ingest` reads its bytes.
 
 Kinds (`data.format`, or recognised by `source_kind`):
-- `url_list`: parquet/csv/tsv/json/jsonl[.gz] with a URL column (downloaded by img2dataset);
+- `url_list`: parquet/csv/tsv/json/jsonl[.gz] with a URL column, or a folder of such files (LAION's
+  `part-*.parquet`), downloaded by img2dataset;
 - `folder`: images anywhere below a folder, each captioned by a sidecar `name.txt`, a
   `name.json` with the caption field, or a row of `captions.csv` / `captions.jsonl` at the top
   (a `file_name` column, relative path or bare name, and the caption column);
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 
 from .. import columns
 from ..config import DataConfig
-from ..download.run import INPUT_FORMATS
+from ..download.url_list import INPUT_FORMATS, is_list_file
 from ..shards import TarMember, tar_entries
 from ..storage import existing, is_object_store, local_path
 
@@ -66,7 +67,7 @@ def source_kind(data: DataConfig) -> str:
     wants_folder = kind == "folder"
     if wants_folder and not path.is_dir():
         raise ValueError(f"data.source {path}: format 'folder' needs a folder, not a file")
-    if kind in ("url_list", "coco") and not path.is_file():
+    if kind == "coco" and not path.is_file():
         raise ValueError(f"data.source {path}: format {kind!r} needs a file, not a folder")
     return kind
 
@@ -100,10 +101,14 @@ def _recognise(path: Path, data: DataConfig) -> str:
         return "webdataset"
     if suffixes & IMAGE_SUFFIXES:
         return "folder"
-    if ".parquet" in suffixes:
-        return "parquet"
+    parquets = sorted(p for p in files if p.suffix.lower() == ".parquet")
+    if parquets:
+        return _parquet_kind(parquets[0], data)
+    listed = [p for p in files if not p.name.startswith("_")]  # a Spark export's _SUCCESS beside its lists
+    if listed and all(is_list_file(p) for p in listed):
+        return "url_list"
     found = ", ".join(sorted(str(p.relative_to(path)) for p in files)[:5]) or "nothing"
-    raise ValueError(f"data.source {path}: a folder with no images, .tar shards or .parquet files "
+    raise ValueError(f"data.source {path}: a folder with no images, .tar shards, .parquet files or URL lists "
                      f"({len(files)} files: {found}{', ...' if len(files) > 5 else ''})")
 
 

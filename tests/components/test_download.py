@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -22,17 +23,20 @@ from PIL import Image
 
 from dalle_pipeline.components import sorted_runs
 from dalle_pipeline.components.cluster import disconnect
-from dalle_pipeline.components.config import CorpusConfig, DownloadConfig, FilterConfig
+from dalle_pipeline.components.config import CorpusConfig, DataConfig, DownloadConfig, FilterConfig
 from dalle_pipeline.components.corpus.shapes import run as generate_corpus
 from dalle_pipeline.components.download import batch_shards, finished_batches, read_url_list, run
-from dalle_pipeline.components.download.run import ATTEMPTED_SPILL
+from dalle_pipeline.components.download import url_list as url_lists
+from dalle_pipeline.components.download.run import ATTEMPTED_SPILL, BATCH_URL_LIST
 from dalle_pipeline.components.filter import read_report
 from dalle_pipeline.components.filter import run as filter_run
 from dalle_pipeline.components.filter.run import require_usable
 from dalle_pipeline.components.shards import iter_samples, read_shard, shard_paths
+from dalle_pipeline.components.sources.kinds import source_kind
 from faulty_server import FAULTS, MAX_BYTES, FaultyServer
 
 IMAGE_SIZE = 32
+download_module = importlib.import_module("dalle_pipeline.components.download.run")  # `download.run` is the function
 FAST = dict(processes_count=1, thread_count=4, samples_per_shard=16)
 
 
@@ -100,6 +104,81 @@ def test_a_rerun_adds_nothing_and_a_longer_list_adds_only_its_new_rows(corpus, t
 
     with pytest.raises(ValueError, match=r"other settings \(image_size: 32 -> 16\)"):
         run(cfg, longer_list, out_dir, 16)
+
+
+def _list_folder(folder: Path, rows: pa.Table) -> Path:
+    """`rows` as a folder of parts, as LAION ships its lists (and a Spark export's _SUCCESS beside them)."""
+    folder.mkdir()
+    for number, start in enumerate(range(0, rows.num_rows, 15)):
+        pq.write_table(rows.slice(start, 15), folder / f"part-{number:05d}.parquet")
+    (folder / "_SUCCESS").write_text("")
+    return folder
+
+
+def _batch_lists(out_dir: Path) -> list[list[str]]:
+    return [pq.read_table(batch / BATCH_URL_LIST).column("url").to_pylist() for batch in finished_batches(out_dir)]
+
+
+def test_a_list_folder_is_read_a_block_at_a_time_into_batches_and_a_crash_between_them_resumes(
+        corpus, tmp_path, monkeypatch):
+    """A long list is never held whole: blocks of 7 rows from a folder of 3 files become batches of 16 new URLs,
+    the first row of a URL kept (one URL repeats across files); a run that dies after its first batch, run again,
+    gives the batches of an unbroken run, and a rerun adds nothing."""
+    monkeypatch.setattr(url_lists, "BLOCK_ROWS", 7)
+    rows = pq.read_table(corpus.url_list)
+    listed = pa.concat_tables([rows.slice(0, 20), rows.slice(3, 1), rows.slice(20)])  # 41 rows, 40 URLs
+    folder = _list_folder(tmp_path / "laion", listed)
+    assert source_kind(DataConfig(source=str(folder))) == "url_list"
+    cfg = DownloadConfig(allow_file_urls=True, **FAST, batch_urls=16)
+    read = []
+    monkeypatch.setattr(url_lists, "_raw_blocks", lambda path, kind, raw=url_lists._raw_blocks: (
+        read.append(block.num_rows) or block for block in raw(path, kind)))
+
+    unbroken = run(cfg, folder, tmp_path / "unbroken", IMAGE_SIZE)
+    assert max(read) == 7  # the driver read 7 rows at a time
+    expected = rows.column("url").to_pylist()
+    assert _batch_lists(tmp_path / "unbroken") == [expected[:16], expected[16:32], expected[32:]]
+    assert (unbroken.new_urls, unbroken.successes) == (40, 40)
+    assert sorted(s.meta["url"] for s in _samples(tmp_path / "unbroken")) == sorted(expected)
+
+    download_batch, calls = download_module._download_batch, []
+
+    def dies_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed between batches")
+        return download_batch(*args, **kwargs)
+
+    monkeypatch.setattr(download_module, "_download_batch", dies_on_the_second_batch)
+    with pytest.raises(RuntimeError, match="killed between batches"):
+        run(cfg, folder, tmp_path / "broken", IMAGE_SIZE)
+    assert _batch_lists(tmp_path / "broken") == [expected[:16]]
+    monkeypatch.setattr(download_module, "_download_batch", download_batch)
+    resumed = run(cfg, folder, tmp_path / "broken", IMAGE_SIZE)
+    assert resumed.new_urls == 24 and _batch_lists(tmp_path / "broken") == _batch_lists(tmp_path / "unbroken")
+    assert run(cfg, folder, tmp_path / "broken", IMAGE_SIZE).new_urls == 0
+
+
+def test_a_bad_row_late_in_a_list_folder_fails_before_anything_is_downloaded(corpus, tmp_path, monkeypatch):
+    """The list is checked whole, a block at a time, before the first download: a None URL in the last file's
+    second block, or a file whose columns differ from the first's, stops the run naming the file and row."""
+    monkeypatch.setattr(url_lists, "BLOCK_ROWS", 7)
+    rows = pq.read_table(corpus.url_list).select(["url", "caption"])
+    folder = _list_folder(tmp_path / "laion", rows)
+    last = folder / "part-00002.parquet"
+    pq.write_table(pa.table({"url": ["file:///a.png"] * 9 + [None], "caption": ["a"] * 10}), last)
+    with pytest.raises(ValueError, match=r"part-00002.parquet: column 'url' row 9: None is no URL"):
+        run(DownloadConfig(allow_file_urls=True, **FAST), folder, tmp_path / "out", IMAGE_SIZE)
+    assert not (tmp_path / "out").exists()
+
+    pq.write_table(pa.table({"url": ["file:///a.png"], "caption": ["a"], "licence": ["cc0"]}), last)
+    with pytest.raises(ValueError, match=r"part-00002.parquet: its columns \(url: string, caption: string, licence: "
+                                         r"string\) differ from those of .*part-00000.parquet"):
+        run(DownloadConfig(allow_file_urls=True, **FAST), folder, tmp_path / "out", IMAGE_SIZE)
+    (folder / "notes.md").write_text("where the list came from")
+    with pytest.raises(ValueError, match=r"notes.md: cannot tell the URL list's format"):
+        run(DownloadConfig(allow_file_urls=True, **FAST), folder, tmp_path / "out", IMAGE_SIZE)
+    assert not (tmp_path / "out").exists()
 
 
 def _fault_rows(server: FaultyServer, names: list[str]) -> list[tuple[str, bytes]]:
@@ -242,8 +321,6 @@ def test_bad_url_lists_fail_before_downloading(tmp_path, name, columns, message)
 
 def test_laions_column_names_are_read_and_the_choice_logged(tmp_path, caplog):
     """LAION's lists name their columns URL and TEXT; a user need not set data.url_col / caption_col."""
-    from dalle_pipeline.components.download.run import read_url_list
-
     url_list = _write_list(tmp_path / "laion.parquet", {"URL": ["https://e.com/a.png"], "TEXT": ["a red circle"],
                                                          "WIDTH": [256]})
     with caplog.at_level("WARNING", logger="dalle_pipeline.data"):
@@ -284,11 +361,16 @@ def _write_any(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.mark.parametrize("name", ["l.parquet", "l.csv", "l.tsv", "l.json", "l.jsonl", "l.csv.gz", "l.jsonl.gz"])
-def test_every_url_list_format_reads_the_same_rows(tmp_path, name):
-    table = read_url_list(_write_any(tmp_path / name, LIST_ROWS), "link", "text")
-    assert table.column("link").to_pylist() == ["https://e.com/a.png", "https://e.com/b.png"]
-    assert table.column("text").to_pylist() == ["a red circle", ""]  # a missing caption becomes empty
-    assert table.column("licence").to_pylist() == ["cc-by", "cc0"]  # extra columns are carried through
+@pytest.mark.parametrize("block", ["whole", "small"])
+def test_every_url_list_format_reads_the_same_rows(tmp_path, monkeypatch, name, block):
+    rows = [{**row, "text": None} for row in LIST_ROWS] * 3 + LIST_ROWS  # the first block may have no caption
+    if block == "small":  # read a few rows at a time: a block's types must not fix the next one's
+        monkeypatch.setattr(url_lists, "BLOCK_ROWS", 2)
+        monkeypatch.setattr(url_lists, "BLOCK_BYTES", 256)
+    table = read_url_list(_write_any(tmp_path / name, rows), "link", "text")
+    assert table.column("link").to_pylist() == ["https://e.com/a.png", "https://e.com/b.png"] * 4
+    assert table.column("text").to_pylist() == [""] * 6 + ["a red circle", ""]  # a missing caption becomes empty
+    assert table.column("licence").to_pylist() == ["cc-by", "cc0"] * 4  # extra columns are carried through
 
 
 def test_an_unreadable_url_list_is_named(tmp_path):

@@ -242,8 +242,8 @@ def test_coco_captions_with_their_image_folder_found_beside_them(tmp_path):
 
 
 @pytest.mark.parametrize(("files", "message"), [
-    ({"notes.md": b"x", "a/b.doc": b"y"}, r"a folder with no images, .tar shards or .parquet files \(2 files: a/b.doc, "
-                                          r"notes.md\)"),
+    ({"notes.md": b"x", "a/b.doc": b"y"}, r"a folder with no images, .tar shards, .parquet files or URL lists "
+                                          r"\(2 files: a/b.doc, notes.md\)"),
     ({}, r"a folder with no images.*\(0 files: nothing\)"),
 ])
 def test_a_folder_that_is_no_source_is_refused_with_what_was_found(tmp_path, files, message):
