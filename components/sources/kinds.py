@@ -24,11 +24,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import columns
@@ -43,6 +46,7 @@ CAPTION_FILES = ("captions.csv", "captions.jsonl")
 FILE_NAME_COLUMNS = ("file_name", "file", "image", "path", "filename")
 LOCAL_KINDS = ("folder", "webdataset", "parquet", "coco")
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini"})  # what file managers leave beside pictures
+FOLDER_BLOCK = 4096  # a folder source's names handled at a time
 
 
 @dataclass(frozen=True)
@@ -95,21 +99,24 @@ def _recognise(path: Path, data: DataConfig) -> str:
         raise ValueError(f"data.source {path}: cannot tell what this file is (a URL list is "
                          f"*.{{{','.join(INPUT_FORMATS)}}}[.gz], webdataset *.tar, Parquet with images *.parquet, "
                          "COCO captions *.json); set data.format")
-    files = [p for p in path.rglob("*") if p.is_file() and not _hidden(p, path)]
-    suffixes = {p.suffix.lower() for p in files}
-    if any(p.parent == path and p.suffix.lower() == ".tar" for p in files):
+    if any(p.is_file() and p.suffix.lower() == ".tar" and not _hidden(p, path) for p in path.glob("*")):
         return "webdataset"
-    if suffixes & IMAGE_SUFFIXES:
-        return "folder"
-    parquets = sorted(p for p in files if p.suffix.lower() == ".parquet")
-    if parquets:
-        return _parquet_kind(parquets[0], data)
-    listed = [p for p in files if not p.name.startswith("_")]  # a Spark export's _SUCCESS beside its lists
-    if listed and all(is_list_file(p) for p in listed):
+    files, first, parquet, listed = 0, [], None, True
+    for folder, names, image_stems in _walk(path):
+        if len(image_stems):
+            return "folder"  # at the first folder with an image: a source of millions is not listed to the end
+        for name in names.to_pylist():
+            files += 1
+            first += [folder / name][: 5 - len(first)]
+            parquet = parquet or (folder / name if name.lower().endswith(".parquet") else None)
+            listed = listed and (name.startswith("_") or is_list_file(folder / name))  # a Spark export's _SUCCESS
+    if parquet is not None:
+        return _parquet_kind(parquet, data)
+    if files and listed:
         return "url_list"
-    found = ", ".join(sorted(str(p.relative_to(path)) for p in files)[:5]) or "nothing"
+    found = ", ".join(str(p.relative_to(path)) for p in first) or "nothing"
     raise ValueError(f"data.source {path}: a folder with no images, .tar shards, .parquet files or URL lists "
-                     f"({len(files)} files: {found}{', ...' if len(files) > 5 else ''})")
+                     f"({files} files: {found}{', ...' if files > 5 else ''})")
 
 
 def _parquet_kind(path: Path, data: DataConfig) -> str:
@@ -163,28 +170,84 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
 
 
 def _folder_items(root: Path, data: DataConfig) -> Iterator[Item]:
-    files = sorted(p for p in root.rglob("*") if not p.is_dir() and not _hidden(p, root))
+    """The folder's files in path order, a folder at a time (`_walk`): the driver holds the names of one folder
+    (and of the folders above it), as Arrow strings, never a list of the source's paths."""
     mapped = _captions_file(root, data.caption_col)
-    images = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
-    for path in files:
-        relative = path.relative_to(root).as_posix()
-        suffix = path.suffix.lower()
-        if path.parent == root and path.name in CAPTION_FILES:
-            continue
-        if suffix in CAPTION_SUFFIXES:
-            if path.with_suffix("") not in images:
-                yield Item(relative, None, None, problem="missing_image")
-            continue
-        if suffix not in IMAGE_SUFFIXES:
-            yield Item(relative, None, None, problem="unknown_file")
-            continue
-        if path.is_symlink() and not path.resolve().is_relative_to(root):
-            yield Item(relative, None, None, problem="outside_source")
-            continue
-        caption = _sidecar_caption(path, data.caption_col)
-        if caption is None:
-            caption = mapped.get(relative, mapped.get(path.name))
-        yield Item(relative, caption, _file_reader(path), problem=None if caption is not None else "missing_caption")
+    for folder, names, image_stems in _walk(root):
+        for start in range(0, len(names), FOLDER_BLOCK):
+            chunk = names.slice(start, FOLDER_BLOCK)
+            has_image = pc.is_in(_stems(chunk), value_set=image_stems).to_pylist()
+            for name, caption_has_image in zip(chunk.to_pylist(), has_image):
+                yield from _folder_item(root, folder / name, mapped, data.caption_col, caption_has_image)
+
+
+def _folder_item(root: Path, path: Path, mapped: dict[str, str], caption_key: str,
+                 has_image: bool) -> Iterator[Item]:
+    """The item of one file of a folder source (none for the captions file); `has_image`: an image of the
+    file's stem lies beside it (what a caption file needs)."""
+    relative = path.relative_to(root).as_posix()
+    suffix = path.suffix.lower()
+    if path.parent == root and path.name in CAPTION_FILES:
+        return
+    if suffix in CAPTION_SUFFIXES:
+        if not has_image:
+            yield Item(relative, None, None, problem="missing_image")
+        return
+    if suffix not in IMAGE_SUFFIXES:
+        yield Item(relative, None, None, problem="unknown_file")
+        return
+    if path.is_symlink() and not path.resolve().is_relative_to(root):
+        yield Item(relative, None, None, problem="outside_source")
+        return
+    caption = _sidecar_caption(path, caption_key)
+    if caption is None:
+        caption = mapped.get(relative, mapped.get(path.name))
+    yield Item(relative, caption, _file_reader(path), problem=None if caption is not None else "missing_caption")
+
+
+def _walk(folder: Path) -> Iterator[tuple[Path, pa.Array, pa.Array]]:
+    """(folder, names of some of its files, the stems of all its images) for each folder below `folder`, itself
+    first, the files in the order that sorts their paths (as `sorted(rglob)` did: part by part, so a folder's
+    entries by name, a sub-folder's files between the files named before and after it). Hidden entries and what
+    file managers leave are skipped; symlinked folders are not entered (as `rglob`)."""
+    chunks, files, folders = [], [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name in IGNORED_NAMES:
+                continue
+            if not entry.is_dir():
+                files.append(entry.name)
+                if len(files) == FOLDER_BLOCK:  # a folder of millions: its names as Arrow strings, not Python's
+                    chunks.append(pa.array(files, pa.string()))
+                    files = []
+            elif not entry.is_symlink():
+                folders.append(entry.name)
+    names = pa.concat_arrays([*chunks, pa.array(files, pa.string())])
+    image_stems = pc.unique(_stems(pc.filter(names, _has_suffix(names, IMAGE_SUFFIXES))))
+    order = pc.sort_indices(pa.concat_arrays([names, pa.array(folders, pa.string())])).to_numpy()
+    start = 0
+    for position in np.flatnonzero(order >= len(names)):  # the sub-folders, in order
+        if position > start:
+            yield folder, pc.take(names, order[start:position]), image_stems
+        yield from _walk(folder / folders[order[position] - len(names)])
+        start = position + 1
+    if len(order) > start:
+        yield folder, pc.take(names, order[start:]), image_stems
+
+
+def _stems(names: pa.Array) -> pa.Array:
+    """Each name less its last suffix (`a.b.png` -> `a.b`), as `Path.with_suffix("")`."""
+    return pc.replace_substring_regex(names, pattern=r"(.)\.[^.]*$", replacement=r"\1")
+
+
+def _has_suffix(names: pa.Array, suffixes: frozenset[str]) -> pa.Array:
+    """Whether each name ends in one of `suffixes`, in any case (`x.PNG` is an image)."""
+    lowered = pc.utf8_lower(names)
+    first, *others = sorted(suffixes)
+    found = pc.ends_with(lowered, first)
+    for suffix in others:
+        found = pc.or_(found, pc.ends_with(lowered, suffix))
+    return found
 
 
 def _sidecar_caption(image: Path, caption_key: str) -> str | None:

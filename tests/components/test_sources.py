@@ -21,7 +21,7 @@ from dalle_pipeline.components.download.run import ATTEMPTED_SPILL
 from dalle_pipeline.components.filter.run import require_usable
 from dalle_pipeline.components.shards import iter_samples
 from dalle_pipeline.components.sources import run as ingest
-from dalle_pipeline.components.sources import source_kind
+from dalle_pipeline.components.sources import kinds, source_kind
 from dalle_pipeline.flows.cli import main
 
 SIZE = 32
@@ -134,6 +134,28 @@ def test_a_folder_that_grows_adds_only_its_new_files(folder, tmp_path, monkeypat
     assert ATTEMPTED_SPILL in spilled and not (tmp_path / "dl" / ATTEMPTED_SPILL).exists()
     curated = filter_run(FilterConfig(), tmp_path / "dl", tmp_path / "cur")
     assert curated.kept == 8 and curated.reused_shards >= 1
+
+
+def test_a_folder_source_is_listed_a_folder_at_a_time_in_the_order_of_its_sorted_paths(tmp_path, monkeypatch):
+    """No list of the source's paths on the driver: each folder's names are read, sorted and handed on (in blocks
+    of 3 here, of 4096 in use), giving the items in the order of their sorted paths, part by part (`a/x` before
+    `a-b/y` before `a.png`), each caption file without its image named (`x.PNG` counts, `c.d.txt` wants
+    `c.d.<image>`); the kind is told at the first image, without walking the rest."""
+    monkeypatch.setattr(kinds, "FOLDER_BLOCK", 3)
+    root = tmp_path / "pictures"
+    files = ["a/x.png", "a/x.txt", "a/b/q.txt", "a-b/y.png", "a-b/y.json", "a.png", "a.txt", "a0.jpg", "x.PNG",
+             "x.txt", "c.d.png", "c.d.txt", "c.txt", "B/k.webp", "z.txt", "é.png", ".hidden/h.png", "Thumbs.db"]
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    items = list(kinds.items("folder", DataConfig(source=str(root))))
+    assert [item.item_id for item in items] == ["B/k.webp", "a/b/q.txt", "a/x.png", "a-b/y.png", "a.png", "a0.jpg",
+                                                "c.d.png", "c.txt", "x.PNG", "z.txt", "é.png"]
+    assert [item.item_id for item in items if item.problem == "missing_image"] == ["a/b/q.txt", "c.txt", "z.txt"]
+
+    walked, walk = [], kinds._walk
+    monkeypatch.setattr(kinds, "_walk", lambda folder: (walked.append(folder) or piece for piece in walk(folder)))
+    assert source_kind(DataConfig(source=str(root))) == "folder" and set(walked) == {root, root / "B"}  # B/k.webp
 
 
 def test_webdataset_shards_such_as_an_img2dataset_output_are_read_as_they_are(tmp_path):

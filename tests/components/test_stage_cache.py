@@ -63,6 +63,33 @@ def test_a_file_outside_the_root_is_keyed_by_its_content(tmp_path):
     assert cache.stage_value(str(url_list)) != first and cache.stage_value(str(url_list), content=False) == str(url_list)
 
 
+def test_a_folder_outside_the_root_is_keyed_by_its_listing_whatever_order_it_is_walked_in(tmp_path, monkeypatch):
+    """A folder source's key changes when a file is added, removed, renamed or rewritten, and not otherwise; the
+    listing is walked, not sorted into a list, so the order the file system gives changes nothing."""
+    import os
+
+    cache = StageCache(tmp_path / "stages")
+    source = tmp_path / "pictures"
+    (source / "sub").mkdir(parents=True)
+    for name in ("a.png", "a.txt", "sub/b.png", ".hidden"):
+        (source / name).write_bytes(b"x")
+    os.symlink(tmp_path / "nowhere", source / "broken.png")  # no file there: not in the listing
+    first = cache.stage_value(str(source))
+    assert first.startswith(f"{source}#listing=") and cache.stage_value(str(source)) == first
+    walk = os.walk
+    monkeypatch.setattr(os, "walk", lambda top: ((d, s, sorted(n, reverse=True))
+                                                 for d, s, n in reversed(list(walk(top)))))
+    assert cache.stage_value(str(source)) == first
+    seen = {first}
+    for change in (lambda: (source / "c.png").write_bytes(b"y"), lambda: (source / "c.png").unlink(),
+                   lambda: (source / "a.txt").write_bytes(b"longer"),
+                   lambda: (source / "sub/b.png").rename(source / "b.png"),
+                   lambda: os.utime(source / "a.png", ns=(1, 1))):
+        change()
+        seen.add(cache.stage_value(str(source)))
+    assert len(seen) == 5  # c.png added then removed: the first listing again
+
+
 def test_an_argument_with_no_stage_key_is_refused_by_type(tmp_path):
     with pytest.raises(TypeError, match="of type object has no stage key"):
         StageCache(tmp_path).stage_value({"model": object()})

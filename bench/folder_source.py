@@ -1,0 +1,112 @@
+"""What the ingest driver costs to list a folder source (images with sidecar captions), as the folder grows.
+
+For each size N (default 40k and 160k images, 4x apart) the benchmark writes a flat folder of N tiny image
+files, each with its `.txt` caption (one folder is the worst case: its names are held at once), then, each in
+a fresh child process, goes through the source's items as ingest's driver does (ids, captions; the images
+are read by Ray tasks, not here):
+
+- `walked` (the source now): `sources.kinds.items`, a folder at a time, its names as Arrow strings;
+- `sorted` (the baseline, how the source was listed before): `sorted(root.rglob("*"))` and a set of every
+  image's stem, then the same items.
+
+    python bench/folder_source.py --images 40000 160000 --out bench/results/folder-source.json
+
+Prints one JSON object: per mode and size the seconds, items a second and the child's peak anonymous memory
+(RssAnon sampled, and VmHWM), and per mode the ratios of the largest size to the smallest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import source_tree  # noqa: E402,F401  (dalle_pipeline without an install)
+from url_list import AnonymousPeak, peak_rss_mb
+
+MODES = ("sorted", "walked")
+
+
+def write_folder(work: Path, images: int) -> Path:
+    """A flat folder of `images` image files with their captions; cached by size."""
+    target = work / f"folder-{images}"
+    if (target.parent / f".{target.name}.done").is_file():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    for index in range(images):
+        (target / f"photo-{index:08d}.jpg").write_bytes(b"\xff\xd8\xff")  # never decoded here
+        (target / f"photo-{index:08d}.txt").write_text(f"a photograph of thing number {index} on a table")
+    (target.parent / f".{target.name}.done").write_text("")
+    return target
+
+
+def sorted_items(root: Path, data):
+    """The baseline: the folder source's items as listed before it was walked a folder at a time."""
+    from dalle_pipeline.components.sources import kinds
+
+    files = sorted(p for p in root.rglob("*") if not p.is_dir() and not kinds._hidden(p, root))
+    images = {p.with_suffix("") for p in files if p.suffix.lower() in kinds.IMAGE_SUFFIXES}
+    for path in files:
+        yield from kinds._folder_item(root, path, {}, data.caption_col, path.with_suffix("") in images)
+
+
+def list_items(mode: str, root: Path) -> dict:
+    from dalle_pipeline.components.config import DataConfig
+    from dalle_pipeline.components.sources import kinds
+
+    sampler = AnonymousPeak()
+    started = time.perf_counter()
+    data = DataConfig(source=str(root))
+    items = kinds.items("folder", data) if mode == "walked" else sorted_items(root, data)
+    count = captioned = 0
+    for item in items:
+        count, captioned = count + 1, captioned + (item.caption is not None)
+    return {"seconds": time.perf_counter() - started, "items": count, "captioned": captioned,
+            "peak_anonymous_mb": sampler.stop(), "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, nargs="+", default=[40_000, 160_000])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dalle-bench-folder-source")
+    parser.add_argument("--out")
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(list_items(args.child[0], Path(args.child[1]))))
+        return
+
+    from common import device_name, emit
+
+    runs: dict[str, dict[int, dict]] = {mode: {} for mode in args.modes}
+    for images in args.images:
+        folder = write_folder(args.work, images)
+        for mode in args.modes:
+            done = subprocess.run([sys.executable, __file__, "--child", mode, str(folder)], capture_output=True,
+                                  text=True, check=True)
+            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            if measured["items"] != images or measured["captioned"] != images:
+                raise SystemExit(f"{mode} at {images}: {measured['items']} items, {measured['captioned']} captioned")
+            measured["items_per_s"] = images / measured["seconds"]
+            runs[mode][images] = measured
+            print(f"{mode} {images}: {measured}", file=sys.stderr)
+    small, large = min(args.images), max(args.images)
+    ratios = {mode: {"images": large / small,
+                     "seconds": by_size[large]["seconds"] / by_size[small]["seconds"],
+                     **{f"{peak}_growth_mb": by_size[large][f"{peak}_mb"] - by_size[small][f"{peak}_mb"]
+                        for peak in ("peak_rss", "peak_anonymous")}}
+              for mode, by_size in runs.items()}
+    emit({"benchmark": "folder_source", "cpu": device_name(__import__("torch").device("cpu")),
+          "machine": platform.machine(),
+          "runs": {mode: {str(size): run for size, run in by_size.items()} for mode, by_size in runs.items()},
+          "ratios_largest_to_smallest": ratios}, args.out)
+
+
+if __name__ == "__main__":
+    main()
