@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .shards import HOLDOUT_DIR, shard_paths
+from .storage import SummedDigest, walked_files
 
 DIGEST_CHARS = 16  # the filter stage's data_digest length; MLflow stores at most 36
 
@@ -107,7 +108,10 @@ def data_source(source: str) -> DatasetRef:
     path = Path(source.removeprefix("file://")).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"data source {path} does not exist")
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    return DatasetRef(DATA_SOURCE, path.as_uri(), listing_digest(files, path.parent if path.is_file() else path),
-                      {"files": len(files), "bytes": sum(p.stat().st_size for p in files),
-                       "digest_of": "file names and sizes"})
+    walked = [(path.name, path.stat())] if path.is_file() else walked_files(path)
+    digest, size = SummedDigest(), 0
+    for relative, stat in walked:  # a folder of millions walked, not listed
+        digest.add(f"{relative}\0{stat.st_size}\n".encode())
+        size += stat.st_size
+    return DatasetRef(DATA_SOURCE, path.as_uri(), digest.hexdigest()[:DIGEST_CHARS],
+                      {"files": digest.count, "bytes": size, "digest_of": "file names and sizes"})

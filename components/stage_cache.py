@@ -36,7 +36,6 @@ import hashlib
 import importlib.util
 import inspect
 import json
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from pydantic import BaseModel, TypeAdapter
 
-from .storage import atomic_path, file_sha256, object_store, write_json
+from .storage import SummedDigest, atomic_path, file_sha256, object_store, walked_files, write_json
 
 RECORD = "_stage.json"
 STAGES_PLACEHOLDER = "${DALLE_STAGES}"  # the stages root in a record published to an object store
@@ -121,20 +120,11 @@ def _file_digest(path: Path, size: int, mtime_ns: int) -> str:  # keyed by the f
 
 def folder_listing_digest(folder: Path) -> str:
     """A digest of every file below `folder` by relative path, size and modification time (a folder source that
-    gains, loses or changes a file gets another). The files are walked, not listed: each one's hash is summed
-    modulo 2^128 with their count, which no order changes, so a folder of millions costs no memory."""
-    total = count = 0
-    for directory, _, names in os.walk(folder):
-        for name in names:
-            path = Path(directory, name)
-            try:
-                stat = path.stat()
-            except FileNotFoundError:  # a broken link, or a file gone while walking: not there
-                continue
-            entry = f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode()
-            total = (total + int.from_bytes(hashlib.sha256(entry).digest()[:16], "big")) % 2**128
-            count += 1
-    return hashlib.sha256(f"{count}:{total:032x}".encode()).hexdigest()
+    gains, loses or changes a file gets another), summed as the folder is walked: no list, any order."""
+    digest = SummedDigest()
+    for relative, stat in walked_files(folder):
+        digest.add(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()
 
 
 def result_type(function: Callable) -> type:

@@ -163,6 +163,34 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def walked_files(folder: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """(path relative to `folder`, stat) of every file below it, as the file system lists them: walked, never
+    gathered, so a folder of millions costs no memory. Symlinked folders are not entered; a link to a file is
+    the file; a broken link, or a file gone while walking, is not there."""
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            path = Path(directory, name)
+            try:
+                yield path.relative_to(folder).as_posix(), path.stat()
+            except FileNotFoundError:
+                continue
+
+
+class SummedDigest:
+    """A digest of entries that no order changes: each entry's sha256 summed modulo 2^128, with their count
+    (what a walk's entries need, where the file system gives no order)."""
+
+    def __init__(self) -> None:
+        self.total = self.count = 0
+
+    def add(self, entry: bytes) -> None:
+        self.total = (self.total + int.from_bytes(hashlib.sha256(entry).digest()[:16], "big")) % 2**128
+        self.count += 1
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(f"{self.count}:{self.total:032x}".encode()).hexdigest()
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

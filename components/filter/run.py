@@ -33,7 +33,6 @@ and digest (one part in memory at a time).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections import Counter
@@ -51,7 +50,7 @@ from ..download.run import batch_shards, finished_batches
 from ..parallel import ordered_map, worker_node
 from ..shards import HOLDOUT_DIR, holdout_rank, read_shard, shard_paths, write_shard
 from ..sorted_runs import ExactIndex
-from ..storage import atomic_path, write_json
+from ..storage import SummedDigest, atomic_path, write_json
 from .checks import HELD_OUT, KEPT, REPORT_SCHEMA, Examined, ShardJob, examine_shard
 from .dedup import NearDuplicateIndex, ShardDeduplicator
 
@@ -267,22 +266,20 @@ def _remove_stale_outputs(out_dir: Path, wanted: set[str]) -> None:
 
 class CorpusDigest:
     """A digest of the training samples of a report, their URLs (ids) and image hashes, that does not
-    depend on their order: the sum modulo 2^128 of each pair's hash, and the count. Fed part by part,
-    so a report of any size is digested in the memory of one part."""
+    depend on their order (`storage.SummedDigest` of each pair). Fed part by part, so a report of any size
+    is digested in the memory of one part."""
 
     def __init__(self) -> None:
-        self.total, self.count = 0, 0
+        self.summed = SummedDigest()
 
     def add(self, report: pa.Table) -> CorpusDigest:
         kept = report.filter(pc.equal(report.column("reason"), KEPT))
         for url, sha256 in zip(kept.column("url").to_pylist(), kept.column("sha256").to_pylist()):
-            pair = hashlib.sha256(json.dumps([url, sha256]).encode()).digest()
-            self.total = (self.total + int.from_bytes(pair[:16], "big")) % 2**128
-        self.count += kept.num_rows
+            self.summed.add(json.dumps([url, sha256]).encode())
         return self
 
     def hexdigest(self) -> str:
-        return hashlib.sha256(f"{self.count}:{self.total:032x}".encode()).hexdigest()[:16]
+        return self.summed.hexdigest()[:16]
 
 
 def corpus_digest(report: pa.Table) -> str:
