@@ -201,6 +201,8 @@ class StageCache:
                                "code": code_version(function.__module__)}, sort_keys=True)
         if not content:  # paths under the root named relative to it: the same folder wherever the root is
             document = document.replace(str(self.root), "<stages>")
+            if self.remote:  # and a store's cache (a source mirrored into it), wherever a machine keeps it
+                document = document.replace(str(self.root.parent), "<cache>")
         return hashlib.sha256(document.encode()).hexdigest()[:24]
 
     def folder(self, stage: str, key: str) -> Path:
@@ -247,9 +249,9 @@ class StageCache:
         record = (folder / RECORD).read_text().replace(str(self.root), STAGES_PLACEHOLDER)
         fs.pipe_file(f"{target}/{RECORD}", record.encode())
 
-    def _fetch(self, folder: Path, key: str) -> bool:
-        """Fetch the stage finished on the store in `folder`'s place with this key into `folder` (replacing an
-        unfinished local one); False when the store has none."""
+    def _fetch(self, folder: Path, key: str | None) -> bool:
+        """Fetch the stage finished on the store in `folder`'s place with this key (any key: None) into `folder`
+        (replacing an unfinished local one); False when the store has none."""
         if not self.remote:
             return False
         fs, source = self._remote_folder(folder)
@@ -257,7 +259,7 @@ class StageCache:
             record = json.loads(fs.cat_file(f"{source}/{RECORD}"))
         except FileNotFoundError:
             return False
-        if record.get("key") != key:
+        if key is not None and record.get("key") != key:
             return False
         with atomic_path(folder) as tmp:
             for path in fs.find(source):
@@ -267,6 +269,15 @@ class StageCache:
                     fs.get_file(path, str(tmp / relative))
             (tmp / RECORD).write_text(json.dumps(record).replace(STAGES_PLACEHOLDER, str(self.root)))
         return True
+
+    def fetch_to_accumulate(self, folder: Path) -> bool:
+        """For a stage that accumulates (its folder named by where its inputs lie, not what they hold), about to
+        run where the cache has nothing of it: the build the store holds in its place, whatever key it finished
+        with (a shorter URL list's), fetched, so the stage adds to it rather than starting over (a longer list
+        downloads only its new rows on any machine). False when the cache has work there, or the store nothing."""
+        if folder.is_dir() and any(folder.iterdir()):
+            return False
+        return self._fetch(folder, None)
 
 
 def bind_call(function: Callable, args: tuple, kwargs: Mapping[str, Any]) -> inspect.BoundArguments:

@@ -88,6 +88,8 @@ class Stages:
             tracker.set_tags({"cache": "forced" if forced else "miss", "cache_key": key, "stage_dir": str(folder)})
             if forced:
                 shutil.rmtree(folder, ignore_errors=True)  # from scratch: no resuming from the last build's checkpoints
+            elif accumulates and self.cache.fetch_to_accumulate(folder):
+                print(f"{name}: adding to its last build, fetched from {self.cache.remote}")
             folder.mkdir(parents=True, exist_ok=True)  # an unfinished folder is kept: stages resume from it
             call = dict(bound.arguments, **{OUTPUT_DIR: folder})
             if TRACKER in inspect.signature(function).parameters:

@@ -109,6 +109,40 @@ def test_a_finished_stage_is_published_record_last_and_fetched_into_another_cach
     assert not (elsewhere.root / "filter" / "folder-a").exists()
 
 
+def test_a_stage_that_accumulates_adds_to_the_build_the_store_holds_under_an_older_key(tmp_path, s3):
+    """A longer URL list on another machine: its download stage's key is new, its folder the same; the build the
+    store holds there (a shorter list's) is fetched to add to, not started over. Local work is never replaced."""
+    url = f"s3://{s3.bucket}/accumulate/stages"
+    files = {"batch-00000/00000.tar": os.urandom(2000), "batch-00000/_SUCCESS": b"{}"}
+    finished_stage(StageCache(tmp_path / "here" / "stages", url), "list-of-40", files)
+
+    there = StageCache(tmp_path / "there" / "stages", url)
+    folder = there.root / "filter" / "folder-a"
+    assert there.lookup(folder, "list-of-50", Out) is None and not folder.exists()
+    assert there.fetch_to_accumulate(folder)
+    assert {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+            and p.name != RECORD} == files
+    assert json.loads((folder / RECORD).read_text())["key"] == "list-of-40"  # finished, but not with this key
+    assert there.lookup(folder, "list-of-50", Out) is None
+
+    crashed = StageCache(tmp_path / "crashed" / "stages", url)
+    partial = crashed.root / "filter" / "folder-a"
+    partial.mkdir(parents=True)
+    (partial / ".batch-00001.partial").mkdir()  # this machine's own unfinished work: resumed, not replaced
+    assert not crashed.fetch_to_accumulate(partial) and [p.name for p in partial.iterdir()] == [".batch-00001.partial"]
+    assert not StageCache(tmp_path / "local" / "stages").fetch_to_accumulate(tmp_path / "local" / "stages" / "x")
+
+    # the folder is named alike on every machine: a source mirrored into each one's cache, wherever it keeps it
+    from dalle_pipeline.components.config import FilterConfig
+    from dalle_pipeline.components.filter.run import run as filter_run
+
+    def folder_name(cache: StageCache) -> str:
+        source = cache.root.parent / "sources" / "s3-0123" / "pictures"
+        return cache.call_key("filter", filter_run, {"cfg": FilterConfig(), "shards_dir": str(source)}, content=False)
+
+    assert folder_name(there) == folder_name(crashed) != folder_name(StageCache(tmp_path / "local" / "stages"))
+
+
 def test_a_source_on_the_store_is_mirrored_into_the_cache_and_kept_in_step_with_it(tmp_path, s3):
     from dalle_pipeline.components.config import DataConfig
     from dalle_pipeline.components.sources.kinds import source_kind

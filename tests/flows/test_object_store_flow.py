@@ -56,6 +56,17 @@ def mlflow_server(tmp_path: Path, env: dict, bucket: str) -> tuple[subprocess.Po
             time.sleep(0.5)
 
 
+def shapes_png(index: int) -> bytes:
+    """A small picture of its own (a square at a place of its own), as PNG bytes."""
+    import io
+
+    image = Image.new("RGB", (32, 32), (255, 255, 255))
+    image.paste((200, 30, 30), (index * 4, index * 4, index * 4 + 10, index * 4 + 10))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def train(env: dict, cwd: Path, *args: str) -> tuple[subprocess.CompletedProcess, str]:
     proc = subprocess.run([*CLI, "train", "--preset", "micro", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=900)
@@ -120,6 +131,18 @@ def test_a_run_rooted_on_s3_writes_only_its_cache_reuses_stages_from_the_store_a
         assert f"data.source s3://{s3.bucket}/pictures: read from its copy in {tmp_path / 'cache'}" in own.stdout + own.stderr
         assert any(key.startswith("dalle/stages/ingest/") and key.endswith("/_stage.json") for key in s3.keys("dalle/"))
         assert list(work.iterdir()) == []
+
+        # the folder grows, and is trained on from a fresh cache: ingest and filter add to their builds on the store
+        for index in range(5):
+            s3.client().put_object(Bucket=s3.bucket, Key=f"pictures/grown-{index}.png", Body=shapes_png(index))
+            s3.client().put_object(Bucket=s3.bucket, Key=f"pictures/grown-{index}.txt", Body=b"a new picture")
+        shutil.rmtree(tmp_path / "cache")  # another machine's, elsewhere: its mirror of the source is elsewhere too
+        grown, _ = train({**env, "DALLE_CACHE": str(tmp_path / "cache-3")}, work, "--data",
+                         f"s3://{s3.bucket}/pictures", *FAST)
+        output = grown.stdout + grown.stderr
+        assert "ingest: adding to its last build, fetched from" in output, output[-3000:]
+        assert "filter: adding to its last build, fetched from" in output
+        assert "ingested 85 images (5 items new)" in output
     finally:
         server.terminate()
         server.wait(timeout=30)
