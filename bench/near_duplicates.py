@@ -25,7 +25,8 @@ import numpy as np
 from common import device_name, emit
 
 import torch  # noqa: F401  (device_name's import path; nothing runs on it)
-from dalle_pipeline.components.filter.dedup import NearDuplicateIndex, ShardDeduplicator, choose_bands, probes_per_query
+from dalle_pipeline.components.filter.dedup import (NearDuplicateIndex, ShardDeduplicator, band_threads, choose_bands,
+                                                    probes_per_query)
 from dalle_pipeline.components.sorted_runs import ExactIndex
 
 
@@ -97,7 +98,7 @@ def query_cost(index_sizes: list[int], band_counts: list[int], max_distance: int
                 index.add(stored[start : start + (1 << 20)])
             answers = []
             for threads in thread_counts:
-                index.threads = NearDuplicateIndex(max_distance, bands=bands, threads=threads).threads
+                index.threads = band_threads(bands, threads)
                 started = time.perf_counter()
                 answers.append(np.concatenate([index.contains_near(asked[start : start + shard])
                                                for start in range(0, queries, shard)]))

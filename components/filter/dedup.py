@@ -80,6 +80,12 @@ def choose_bands(max_distance: int, expected_items: int) -> int:
     return min(layouts, key=lambda bands: (cost(bands), -bands))
 
 
+def band_threads(bands: int, threads: int | None = None) -> int:
+    """Threads searching the band tables side by side (numpy's sorts and binary searches let go of the GIL): as
+    many as `threads` (None: the cores) and bands allow."""
+    return max(1, min(bands, threads or os.cpu_count() or 1))
+
+
 class NearDuplicateIndex:
     """64-bit pHashes kept so far; which queries lie within `max_distance` bits of one of them.
 
@@ -98,8 +104,7 @@ class NearDuplicateIndex:
         self.masks = [neighbour_masks(width, self.radius) for _, width in self.bands]
         self.tables = [SortedRuns(spill_dir / f"band-{number}" if spill_dir else None)
                        for number in range(len(self.bands))]
-        # the band tables are searched side by side: numpy's sorts and binary searches let go of the GIL
-        self.threads = max(1, min(self.band_count, threads or os.cpu_count() or 1))
+        self.threads = band_threads(self.band_count, threads)
 
     def __len__(self) -> int:
         return len(self.tables[0])

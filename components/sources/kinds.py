@@ -368,26 +368,44 @@ class ParquetImage:
 
 
 PARQUET_READ_ROWS = 256
-_cursor: dict = {}  # per process: the rows last read of one row group, and the reader after them
+
+
+class _RowCursor:
+    """Where a process last read a Parquet column: the row group, the reader after the rows read, and those
+    rows. A shard's items come in row order, so each batch of `PARQUET_READ_ROWS` rows is read once and memory
+    holds one batch of images, whatever the row groups' size."""
+
+    def __init__(self, where: tuple[str, int, str]) -> None:
+        path, row_group, column = self.where = where
+        self.batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_READ_ROWS, row_groups=[row_group],
+                                                         columns=[column])
+        self.start, self.rows = 0, None
+
+    def cell(self, row: int) -> object:
+        while self.rows is None or row >= self.start + len(self.rows):
+            if self.rows is not None:
+                self.start += len(self.rows)
+            batch = next(self.batches, None)
+            if batch is None:
+                raise OSError(f"{self.where[0]}: row group {self.where[1]} has no row {row} (the file changed)")
+            self.rows = batch.column(0)
+        return self.rows[row - self.start].as_py()
+
+
+_cursor: _RowCursor | None = None  # this process's
 
 
 def _parquet_cell(image: ParquetImage) -> object:
-    """The cell, read `PARQUET_READ_ROWS` rows at a time: a shard's items come in row order, so each
-    batch is read once and memory holds one batch of images, whatever the row groups' size."""
+    """The cell of `image`, through this process's cursor (a new one for another row group, or a row behind it)."""
+    global _cursor
     where = (image.path, image.row_group, image.column)
-    if _cursor.get("where") != where or image.row < _cursor["start"]:
-        batches = pq.ParquetFile(image.path).iter_batches(batch_size=PARQUET_READ_ROWS, row_groups=[image.row_group],
-                                                          columns=[image.column])
-        _cursor.update(where=where, batches=batches, start=0, rows=None)
-    while _cursor["rows"] is None or image.row >= _cursor["start"] + len(_cursor["rows"]):
-        if _cursor["rows"] is not None:
-            _cursor["start"] += len(_cursor["rows"])
-        batch = next(_cursor["batches"], None)
-        if batch is None:
-            _cursor.clear()
-            raise OSError(f"{image.path}: row group {image.row_group} has no row {image.row} (the file changed)")
-        _cursor["rows"] = batch.column(0)
-    return _cursor["rows"][image.row - _cursor["start"]].as_py()
+    if _cursor is None or _cursor.where != where or image.row < _cursor.start:
+        _cursor = _RowCursor(where)
+    try:
+        return _cursor.cell(image.row)
+    except OSError:
+        _cursor = None
+        raise
 
 
 def _coco_items(root: Path, data: DataConfig) -> Iterator[Item]:
