@@ -1,8 +1,9 @@
 """Download a URL list into webdataset shards with img2dataset: only new URLs, only finished batches.
 
 A download folder holds batches, `batch-00000/`, `batch-00001/`..., each one img2dataset run over
-the URLs that no earlier batch attempted (a re-run of the same list adds nothing; a longer list that
-overlaps the last one downloads only its new rows). A batch is built in a hidden staging folder
+at most `download.batch_urls` URLs that no earlier batch attempted, the list read a block at a time
+(`url_list.py`; a re-run of the same list adds nothing; a longer list that overlaps the last one
+downloads only its new rows). A batch is built in a hidden staging folder
 beside its final name (`.batch-00001.partial`), so a crashed run resumes where it stopped
 (img2dataset's incremental mode skips shards whose `*_stats.json` exists); when every shard has its
 stats, `_SUCCESS` is written last and the folder renamed into place. Later stages read finished

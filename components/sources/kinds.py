@@ -94,7 +94,7 @@ def _recognise(path: Path, data: DataConfig) -> str:
             return _parquet_kind(path, data)
         if name.endswith(".json") and _is_coco(path):
             return "coco"
-        if any(name.endswith(f".{kind}") or name.endswith(f".{kind}.gz") for kind in INPUT_FORMATS):
+        if is_list_file(path):
             return "url_list"
         raise ValueError(f"data.source {path}: cannot tell what this file is (a URL list is "
                          f"*.{{{','.join(INPUT_FORMATS)}}}[.gz], webdataset *.tar, Parquet with images *.parquet, "
