@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import source_tree  # noqa: E402,F401  (dalle_pipeline without an install)
-from url_list import AnonymousPeak, peak_rss_mb
+from child_memory import AnonymousPeak, growth, peak_rss_mb
 
 MODES = ("sorted", "walked")
 
@@ -96,16 +96,10 @@ def main() -> None:
             measured["items_per_s"] = images / measured["seconds"]
             runs[mode][images] = measured
             print(f"{mode} {images}: {measured}", file=sys.stderr)
-    small, large = min(args.images), max(args.images)
-    ratios = {mode: {"images": large / small,
-                     "seconds": by_size[large]["seconds"] / by_size[small]["seconds"],
-                     **{f"{peak}_growth_mb": by_size[large][f"{peak}_mb"] - by_size[small][f"{peak}_mb"]
-                        for peak in ("peak_rss", "peak_anonymous")}}
-              for mode, by_size in runs.items()}
     emit({"benchmark": "folder_source", "cpu": device_name(__import__("torch").device("cpu")),
           "machine": platform.machine(),
           "runs": {mode: {str(size): run for size, run in by_size.items()} for mode, by_size in runs.items()},
-          "ratios_largest_to_smallest": ratios}, args.out)
+          "ratios_largest_to_smallest": growth(runs, "images")}, args.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import source_tree  # noqa: E402,F401  (dalle_pipeline without an install)
+from child_memory import AnonymousPeak, growth, peak_rss_mb
 
 MODES = ("whole", "streamed")
 PART_ROWS = 1_000_000  # rows a part file of the list holds, as LAION's parts do (about 1M rows each)
@@ -107,35 +108,6 @@ def plan(mode: str, url_list: Path, out_dir: Path, batch_urls: int) -> dict:
             "peak_rss_mb": peak_rss_mb(), "peak_anonymous_mb": sampler.stop()}
 
 
-class AnonymousPeak:
-    """The largest RssAnon (memory the process owns, not file pages it maps: the attempted index's run files are
-    mapped while a lookup or merge reads them, and counted in RSS though the kernel can drop them), sampled."""
-
-    def __init__(self, every_s: float = 0.02) -> None:
-        import threading
-
-        self.peak, self.done = 0.0, threading.Event()
-        self.thread = threading.Thread(target=self._sample, args=(every_s,), daemon=True)
-        self.thread.start()
-
-    def _sample(self, every_s: float) -> None:
-        while not self.done.is_set():
-            self.peak = max(self.peak, _status_mb("RssAnon:"))
-            self.done.wait(every_s)
-
-    def stop(self) -> float:
-        self.done.set()
-        self.thread.join()
-        return max(self.peak, _status_mb("RssAnon:"))
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def whole_unattempted(table, attempted):
     """The baseline's new rows: the stage's code before lists were read in blocks (each URL's first row, then
     the attempted index asked 64k URLs at a time)."""
@@ -152,12 +124,6 @@ def whole_unattempted(table, attempted):
     seen = np.concatenate([attempted.contains(id_digests(urls.slice(start, ID_BLOCK).to_pylist()))
                            for start in range(0, len(urls), ID_BLOCK)])
     return table.filter(pa.array(~seen))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since it started (VmHWM: ru_maxrss would carry the parent's peak
-    over the exec that started it)."""
-    return _status_mb("VmHWM:")
 
 
 def main() -> None:
@@ -188,17 +154,10 @@ def main() -> None:
             measured["rows_per_s"] = rows / measured["seconds"]
             runs[mode][rows] = measured
             print(f"{mode} {rows}: {measured}", file=sys.stderr)
-    small, large = min(args.rows), max(args.rows)
-    ratios = {mode: {"rows": large / small,
-                     "seconds": by_size[large]["seconds"] / by_size[small]["seconds"],
-                     "peak_rss": by_size[large]["peak_rss_mb"] / by_size[small]["peak_rss_mb"],
-                     **{f"{peak}_growth_mb": by_size[large][f"{peak}_mb"] - by_size[small][f"{peak}_mb"]
-                        for peak in ("peak_rss", "peak_anonymous")}}
-              for mode, by_size in runs.items()}
     emit({"benchmark": "url_list", "cpu": device_name(__import__("torch").device("cpu")),
           "machine": platform.machine(), "attempted_fraction": args.attempted, "batch_urls": args.batch_urls,
           "runs": {mode: {str(rows): run for rows, run in by_size.items()} for mode, by_size in runs.items()},
-          "ratios_largest_to_smallest": ratios}, args.out)
+          "ratios_largest_to_smallest": growth(runs, "rows")}, args.out)
 
 
 if __name__ == "__main__":
