@@ -17,9 +17,12 @@ that many items), their verdicts checked equal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from common import device_name, emit
@@ -27,6 +30,7 @@ from common import device_name, emit
 import torch  # noqa: F401  (device_name's import path; nothing runs on it)
 from dalle_pipeline.components.filter.dedup import (NearDuplicateIndex, ShardDeduplicator, band_threads, choose_bands,
                                                     probes_per_query)
+from dalle_pipeline.components import sorted_runs
 from dalle_pipeline.components.sorted_runs import ExactIndex
 
 
@@ -46,8 +50,26 @@ def corpus(size: int, seed: int, near_share: float = 0.02, exact_share: float = 
 
 
 def ours(digests: list[str], hashes: list[int], max_distance: int, shard: int,
-         bands: int | None = None) -> list[str | None]:
-    exact, near, verdicts = ExactIndex(), NearDuplicateIndex(max_distance, len(hashes), bands), []
+         bands: int | None = None, growth: int | None = None) -> list[str | None]:
+    """The filter's path: its indexes spilled to files past 64k entries, runs merged by `growth`."""
+    with tempfile.TemporaryDirectory(prefix="near-duplicates-") as spill, _growth(growth):
+        return _ours(digests, hashes, max_distance, shard, bands, Path(spill))
+
+
+@contextlib.contextmanager
+def _growth(growth: int | None):
+    saved = sorted_runs.GROWTH
+    sorted_runs.GROWTH = saved if growth is None else growth
+    try:
+        yield
+    finally:
+        sorted_runs.GROWTH = saved
+
+
+def _ours(digests: list[str], hashes: list[int], max_distance: int, shard: int, bands: int | None,
+          spill: Path) -> list[str | None]:
+    exact = ExactIndex(spill / "exact")
+    near, verdicts = NearDuplicateIndex(max_distance, len(hashes), bands, spill_dir=spill / "near"), []
     for start in range(0, len(hashes), shard):
         shard_digests, shard_hashes = digests[start : start + shard], hashes[start : start + shard]
         dedup = ShardDeduplicator(exact, near, shard_digests, shard_hashes)
@@ -125,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", nargs="*", default=["auto"],
                         help="threads searching the band tables in --query-cost (auto: the index's choice, "
                              "as many as bands and cores allow)")
+    parser.add_argument("--growth", nargs="*", type=int, default=[],
+                        help="also time the filter's path with the index's runs merged by each of these growths "
+                             "(sorted_runs.GROWTH; 1 is a binary counter), verdicts checked equal")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     runs = []
@@ -143,6 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
                     verdicts = layout_verdicts
                 else:
                     row["layouts_agree"] = row.get("layouts_agree", True) and layout_verdicts == verdicts
+            for growth in args.growth:  # the first layout ran with the default growth
+                started = time.perf_counter()
+                same = growth == sorted_runs.GROWTH or ours(digests, hashes, args.max_distance, args.shard,
+                                                            layouts[str(args.bands[0])]["bands"], growth) == verdicts
+                row.setdefault("growth_seconds", {})[str(growth)] = layouts[str(args.bands[0])]["seconds"] \
+                    if growth == sorted_runs.GROWTH else time.perf_counter() - started
+                row["growths_agree"] = row.get("growths_agree", True) and same
             first = layouts[str(args.bands[0])]
             row["bands"], row["seconds"] = first["bands"], first["seconds"]
             row["items_per_s"] = size / row["seconds"]

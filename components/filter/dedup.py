@@ -2,9 +2,9 @@
 
 Both indexes take a shard's kept samples at once (`add`) and answer a shard's candidates at once
 (`contains`, `contains_near`), in numpy, so the filter's cost grows as N log N with the corpus
-rather than with N per item in Python. Each keeps its entries as sorted runs merged like a binary
-counter (`sorted_runs.SortedRuns`): adding k entries costs O(k log N) amortised, and a lookup searches each of
-the at most log2(N) runs. Entries are 16 bytes per kept sample for the digests and 16 per band for
+rather than with N per item in Python. Each keeps its entries as sorted runs merged in levels
+(`sorted_runs.SortedRuns`): adding k entries costs O(k log N) amortised, and a lookup searches each of
+the O(log N) runs. Entries are 16 bytes per kept sample for the digests and 16 per band for
 the hashes, in arrays, never a Python object per sample; given a spill folder (the filter gives one),
 runs past 64k entries live in files there, so the process holds about the same memory at any N.
 
