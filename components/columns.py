@@ -30,14 +30,17 @@ def string_columns(schema: pa.Schema) -> list[str]:
 
 
 def pick(names: Sequence[str], configured: str, role: str, where: object,
-         string_columns: Sequence[str] | None = None) -> str:
-    """The column of `names` holding the `role` ('caption' or 'url'); ValueError naming what there is."""
+         string_columns: Sequence[str] | None = None, log: bool = True) -> str:
+    """The column of `names` holding the `role` ('caption' or 'url'); ValueError naming what there is. A choice
+    of another name is logged unless `log` is False (the caller said it already)."""
     if configured in names:
         return configured
     if configured == role:  # the default name: the common exports' names count too
         found = next((alias for alias in ALIASES.get(role, ()) if alias in names), None)
         if found is not None:
-            LOG.warning("%s: no column %r; reading the %ss from %r (data.%s_col)", where, configured, role, found, role)
+            if log:
+                LOG.warning("%s: no column %r; reading the %ss from %r (data.%s_col)", where, configured, role, found,
+                            role)
             return found
     candidates = list(string_columns if string_columns is not None else names)
     raise ValueError(f"{where}: no {role} column {configured!r} (data.{role}_col); its "

@@ -151,15 +151,18 @@ def _header(path: Path, input_format: str, kind: str) -> list[str]:
 class _ListChecks:
     """What every block of a list must agree on: its file's column names, the first file's columns."""
 
-    def __init__(self, url_col: str, caption_col: str) -> None:
-        self.url_col, self.caption_col = url_col, caption_col
+    def __init__(self, url_col: str, caption_col: str, log: bool) -> None:
+        self.url_col, self.caption_col, self.log = url_col, caption_col, log
         self.renames: dict[str, str] = {}
         self.first: tuple[Path, pa.Schema] | None = None
+        self.logged: set[tuple[str, ...]] = set()  # the files' column names whose choice was logged
 
     def start_file(self, path: Path, schema: pa.Schema) -> None:
         self.renames = {}
+        log = self.log and tuple(schema.names) not in self.logged  # once for the parts of a list, not per part
+        self.logged.add(tuple(schema.names))
         for role, column in (("url", self.url_col), ("caption", self.caption_col)):
-            found = columns.pick(schema.names, column, role, path, columns.string_columns(schema))
+            found = columns.pick(schema.names, column, role, path, columns.string_columns(schema), log=log)
             if found != column:  # the rest of the pipeline reads it under the configured name
                 self.renames[found] = column
         names = [self.renames.get(name, name) for name in schema.names]
@@ -195,11 +198,13 @@ def _described(schema: pa.Schema) -> str:
     return "(" + ", ".join(f"{field.name}: {field.type}" for field in schema) + ")"
 
 
-def read_blocks(url_list: str | Path, url_col: str = "url", caption_col: str = "caption") -> Iterator[pa.Table]:
+def read_blocks(url_list: str | Path, url_col: str = "url", caption_col: str = "caption",
+                log: bool = False) -> Iterator[pa.Table]:
     """The rows of the list, checked, a block at a time, file after file (columns: url, caption, the rest).
-    A list that breaks a rule raises ValueError naming the file (and the column and row)."""
+    A list that breaks a rule raises ValueError naming the file (and the column and row). With `log`, a
+    column read under another name (LAION's `TEXT`) is logged, once; `check` does, so reading after it need not."""
     url_list = Path(url_list)
-    checks = _ListChecks(url_col, caption_col)
+    checks = _ListChecks(url_col, caption_col, log)
     for path in list_files(url_list):
         input_format, rows, started = input_format_of(path), 0, False
         try:
@@ -217,7 +222,7 @@ def read_blocks(url_list: str | Path, url_col: str = "url", caption_col: str = "
 def check(url_list: str | Path, url_col: str = "url", caption_col: str = "caption") -> int:
     """Read the whole list once, block by block, before anything is downloaded: its row count, or
     ValueError for the first rule it breaks (an empty list included)."""
-    total = sum(block.num_rows for block in read_blocks(url_list, url_col, caption_col))
+    total = sum(block.num_rows for block in read_blocks(url_list, url_col, caption_col, log=True))
     if total == 0:
         raise ValueError(f"{url_list}: the URL list is empty")
     return total

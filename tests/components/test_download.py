@@ -331,6 +331,16 @@ def test_laions_column_names_are_read_and_the_choice_logged(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"no caption column 'alt_text'"):
         read_url_list(url_list, url_col="URL", caption_col="alt_text")
 
+    # LAION's own shape, a folder of parts: the choice is said once, not for each part and pass
+    parts = tmp_path / "laion-parts"
+    parts.mkdir()
+    for number in range(3):
+        _write_list(parts / f"part-{number:05d}.parquet", {"URL": [f"https://e.com/{number}.png"], "TEXT": ["a"]})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dalle_pipeline.data"):
+        assert read_url_list(parts).column("url").to_pylist() == [f"https://e.com/{n}.png" for n in range(3)]
+    assert caplog.text.count("reading the captions from 'TEXT'") == 1
+
 
 def test_a_missing_url_list_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.parquet"):
