@@ -49,6 +49,7 @@ REASONS = {
     "missing_image": "a caption (sidecar file, row, annotation) whose image is not there",
     "outside_source": "a symlink that leads out of the source folder",
     "unknown_file": "a file in a source folder that is neither an image nor a caption",
+    "unreadable_name": "a file in a source folder whose name is not UTF-8, which no item id can hold (rename it)",
     "damaged_shard": "a webdataset .tar that cannot be read past this point",
     "decompression_bomb": "more pixels than max_image_pixels",
     "truncated_image": "the image file ends early",

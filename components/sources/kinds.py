@@ -24,14 +24,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import columns
@@ -39,14 +36,13 @@ from ..config import DataConfig
 from ..download.url_list import INPUT_FORMATS, is_list_file
 from ..shards import TarMember, tar_entries
 from ..storage import existing, is_object_store, local_path
+from .listing import IGNORED_NAMES, walk_folder
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 CAPTION_SUFFIXES = (".txt", ".json")
 CAPTION_FILES = ("captions.csv", "captions.jsonl")
 FILE_NAME_COLUMNS = ("file_name", "file", "image", "path", "filename")
 LOCAL_KINDS = ("folder", "webdataset", "parquet", "coco")
-IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini"})  # what file managers leave beside pictures
-FOLDER_BLOCK = 4096  # a folder source's names handled at a time
 
 
 @dataclass(frozen=True)
@@ -102,10 +98,11 @@ def _recognise(path: Path, data: DataConfig) -> str:
     if any(p.is_file() and p.suffix.lower() == ".tar" and not _hidden(p, path) for p in path.glob("*")):
         return "webdataset"
     files, first, parquet, listed = 0, [], None, True
-    for folder, names, image_stems in _walk(path):
-        if len(image_stems):
+    for piece in walk_folder(path, IMAGE_SUFFIXES):
+        if len(piece.image_stems):
             return "folder"  # at the first folder with an image: a source of millions is not listed to the end
-        for name in names.to_pylist():
+        folder = piece.folder
+        for name in piece.names.to_pylist():
             files += 1
             first += [folder / name][: 5 - len(first)]
             parquet = parquet or (folder / name if name.lower().endswith(".parquet") else None)
@@ -170,15 +167,14 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
 
 
 def _folder_items(root: Path, data: DataConfig) -> Iterator[Item]:
-    """The folder's files in path order, a folder at a time (`_walk`): the driver holds the names of one folder
-    (and of the folders above it), as Arrow strings, never a list of the source's paths."""
+    """The folder's files in path order, a folder at a time (`listing.walk_folder`): the driver holds the names
+    of one folder (and of the folders above it), as Arrow strings, never a list of the source's paths."""
     mapped = _captions_file(root, data.caption_col)
-    for folder, names, image_stems in _walk(root):
-        for start in range(0, len(names), FOLDER_BLOCK):
-            chunk = names.slice(start, FOLDER_BLOCK)
-            has_image = pc.is_in(_stems(chunk), value_set=image_stems).to_pylist()
-            for name, caption_has_image in zip(chunk.to_pylist(), has_image):
-                yield from _folder_item(root, folder / name, mapped, data.caption_col, caption_has_image)
+    for piece in walk_folder(root, IMAGE_SUFFIXES):
+        for name in piece.unreadable:  # not UTF-8: its id (U+FFFD for the bytes) says which file to rename
+            yield Item((piece.folder / name).relative_to(root).as_posix(), None, None, problem="unreadable_name")
+        for name, caption_has_image in zip(piece.names.to_pylist(), piece.has_image().to_pylist()):
+            yield from _folder_item(root, piece.folder / name, mapped, data.caption_col, caption_has_image)
 
 
 def _folder_item(root: Path, path: Path, mapped: dict[str, str], caption_key: str,
@@ -203,51 +199,6 @@ def _folder_item(root: Path, path: Path, mapped: dict[str, str], caption_key: st
     if caption is None:
         caption = mapped.get(relative, mapped.get(path.name))
     yield Item(relative, caption, _file_reader(path), problem=None if caption is not None else "missing_caption")
-
-
-def _walk(folder: Path) -> Iterator[tuple[Path, pa.Array, pa.Array]]:
-    """(folder, names of some of its files, the stems of all its images) for each folder below `folder`, itself
-    first, the files in the order that sorts their paths (as `sorted(rglob)` did: part by part, so a folder's
-    entries by name, a sub-folder's files between the files named before and after it). Hidden entries and what
-    file managers leave are skipped; symlinked folders are not entered (as `rglob`)."""
-    chunks, files, folders = [], [], []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name.startswith(".") or entry.name in IGNORED_NAMES:
-                continue
-            if not entry.is_dir():
-                files.append(entry.name)
-                if len(files) == FOLDER_BLOCK:  # a folder of millions: its names as Arrow strings, not Python's
-                    chunks.append(pa.array(files, pa.string()))
-                    files = []
-            elif not entry.is_symlink():
-                folders.append(entry.name)
-    names = pa.concat_arrays([*chunks, pa.array(files, pa.string())])
-    image_stems = pc.unique(_stems(pc.filter(names, _has_suffix(names, IMAGE_SUFFIXES))))
-    order = pc.sort_indices(pa.concat_arrays([names, pa.array(folders, pa.string())])).to_numpy()
-    start = 0
-    for position in np.flatnonzero(order >= len(names)):  # the sub-folders, in order
-        if position > start:
-            yield folder, pc.take(names, order[start:position]), image_stems
-        yield from _walk(folder / folders[order[position] - len(names)])
-        start = position + 1
-    if len(order) > start:
-        yield folder, pc.take(names, order[start:]), image_stems
-
-
-def _stems(names: pa.Array) -> pa.Array:
-    """Each name less its last suffix (`a.b.png` -> `a.b`), as `Path.with_suffix("")`."""
-    return pc.replace_substring_regex(names, pattern=r"(.)\.[^.]*$", replacement=r"\1")
-
-
-def _has_suffix(names: pa.Array, suffixes: frozenset[str]) -> pa.Array:
-    """Whether each name ends in one of `suffixes`, in any case (`x.PNG` is an image)."""
-    lowered = pc.utf8_lower(names)
-    first, *others = sorted(suffixes)
-    found = pc.ends_with(lowered, first)
-    for suffix in others:
-        found = pc.or_(found, pc.ends_with(lowered, suffix))
-    return found
 
 
 def _sidecar_caption(image: Path, caption_key: str) -> str | None:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ from dalle_pipeline.components.download.run import ATTEMPTED_SPILL
 from dalle_pipeline.components.filter.run import require_usable
 from dalle_pipeline.components.shards import iter_samples
 from dalle_pipeline.components.sources import run as ingest
-from dalle_pipeline.components.sources import kinds, source_kind
+from dalle_pipeline.components.sources import kinds, listing, source_kind
 from dalle_pipeline.flows.cli import main
 
 SIZE = 32
@@ -137,25 +138,29 @@ def test_a_folder_that_grows_adds_only_its_new_files(folder, tmp_path, monkeypat
 
 
 def test_a_folder_source_is_listed_a_folder_at_a_time_in_the_order_of_its_sorted_paths(tmp_path, monkeypatch):
-    """No list of the source's paths on the driver: each folder's names are read, sorted and handed on (in blocks
+    """No list of the source's paths on the driver: each folder's names are read, sorted and handed on (in pieces
     of 3 here, of 4096 in use), giving the items in the order of their sorted paths, part by part (`a/x` before
     `a-b/y` before `a.png`), each caption file without its image named (`x.PNG` counts, `c.d.txt` wants
-    `c.d.<image>`); the kind is told at the first image, without walking the rest."""
-    monkeypatch.setattr(kinds, "FOLDER_BLOCK", 3)
+    `c.d.<image>`), a file whose name is not UTF-8 named too (no id could hold it); the kind is told at the first
+    image, without walking the rest."""
+    monkeypatch.setattr(listing, "FOLDER_BLOCK", 3)
     root = tmp_path / "pictures"
     files = ["a/x.png", "a/x.txt", "a/b/q.txt", "a-b/y.png", "a-b/y.json", "a.png", "a.txt", "a0.jpg", "x.PNG",
              "x.txt", "c.d.png", "c.d.txt", "c.txt", "B/k.webp", "z.txt", "é.png", ".hidden/h.png", "Thumbs.db"]
     for name in files:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"x")
+    (root / "a").joinpath(os.fsdecode(b"caf\xe9.png")).write_bytes(b"x")  # Latin-1 bytes in a name
     items = list(kinds.items("folder", DataConfig(source=str(root))))
-    assert [item.item_id for item in items] == ["B/k.webp", "a/b/q.txt", "a/x.png", "a-b/y.png", "a.png", "a0.jpg",
-                                                "c.d.png", "c.txt", "x.PNG", "z.txt", "é.png"]
-    assert [item.item_id for item in items if item.problem == "missing_image"] == ["a/b/q.txt", "c.txt", "z.txt"]
+    assert [item.item_id for item in items] == ["B/k.webp", "a/caf\ufffd.png", "a/b/q.txt", "a/x.png", "a-b/y.png",
+                                                "a.png", "a0.jpg", "c.d.png", "c.txt", "x.PNG", "z.txt", "é.png"]
+    assert {item.item_id: item.problem for item in items if item.problem in ("unreadable_name", "missing_image")} == {
+        "a/caf\ufffd.png": "unreadable_name", "a/b/q.txt": "missing_image", "c.txt": "missing_image",
+        "z.txt": "missing_image"}
 
-    walked, walk = [], kinds._walk
-    monkeypatch.setattr(kinds, "_walk", lambda folder: (walked.append(folder) or piece for piece in walk(folder)))
-    assert source_kind(DataConfig(source=str(root))) == "folder" and set(walked) == {root, root / "B"}  # B/k.webp
+    scanned, scandir = [], os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: scanned.append(Path(path)) or scandir(path))
+    assert source_kind(DataConfig(source=str(root))) == "folder" and set(scanned) == {root, root / "B"}  # B/k.webp
 
 
 def test_webdataset_shards_such_as_an_img2dataset_output_are_read_as_they_are(tmp_path):
