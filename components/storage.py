@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,10 @@ def existing(url: str, what: str):
 
 def mirror(url: str, into: Path, what: str) -> Path:
     """A local copy of the file or folder at the object store `url`, kept under `into` in a folder named by the
-    URL; returns the copy's path. A file the copy lacks, or holds at another size, is fetched (through a
-    temporary name, so a copy cut short is never taken for whole); one gone from the store is removed from
-    the copy. FileNotFoundError naming `what` when nothing is at `url`."""
+    URL; returns the copy's path. A file the copy lacks, or holds at another size or modification time, is
+    fetched (through a temporary name, so a copy cut short is never taken for whole) and given the store's
+    modification time, so copies on any machine list alike (a stage keyed by the listing is reused); one gone
+    from the store is removed from the copy. FileNotFoundError naming `what` when nothing is at `url`."""
     fs, path = existing(url, what)
     name = path.rsplit("/", 1)[-1] or "source"
     target = into / url_folder(url) / name
@@ -124,15 +126,32 @@ def mirror(url: str, into: Path, what: str) -> Path:
     for relative, info in sorted(listing.items()):
         local = target / relative if relative else target
         wanted.add(local)
-        if local.is_file() and local.stat().st_size == info["size"]:
+        stored = modified_ns(info)
+        if local.is_file() and local.stat().st_size == info["size"] and stored in (None, local.stat().st_mtime_ns):
             continue
         local.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(local) as tmp:
             fs.get_file(info["name"], str(tmp))
+            if stored is not None:
+                os.utime(tmp, ns=(stored, stored))
     if not single:
         for stale in [p for p in target.rglob("*") if p.is_file() and p not in wanted]:
             stale.unlink()
     return target
+
+
+def modified_ns(info: dict[str, Any]) -> int | None:
+    """When the store last wrote an object, from its listing entry (S3's `LastModified`, a local or other file
+    system's `mtime`), in nanoseconds since the epoch; None where the entry says nothing of it."""
+    for key in ("LastModified", "mtime", "updated", "last_modified"):
+        value = info.get(key)
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if isinstance(value, datetime):
+            value = value.replace(tzinfo=value.tzinfo or timezone.utc).timestamp()
+        if isinstance(value, (int, float)):
+            return round(value * 1e6) * 1000  # to the microsecond: a float of seconds holds no more
+    return None
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,7 @@ def test_a_stage_that_accumulates_adds_to_the_build_the_store_holds_under_an_old
 def test_a_source_on_the_store_is_mirrored_into_the_cache_and_kept_in_step_with_it(tmp_path, s3):
     from dalle_pipeline.components.config import DataConfig
     from dalle_pipeline.components.sources.kinds import source_kind
+    from dalle_pipeline.components.stage_cache import folder_listing_digest
     from dalle_pipeline.components.storage import mirror
 
     client = s3.client()
@@ -159,16 +161,23 @@ def test_a_source_on_the_store_is_mirrored_into_the_cache_and_kept_in_step_with_
     assert {p.relative_to(copy.parent).as_posix(): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == files
     assert source_kind(DataConfig(source=str(copy))) == "folder"
 
-    # the store changes: a file rewritten at another size, one removed, one added; unchanged files are not fetched
-    kept = copy / "a.jpg"
-    os.utime(kept, ns=(1, 1))
+    # copies list alike on every machine (the store's modification times): the stage keyed by the listing is reused
+    elsewhere = mirror(url, tmp_path / "elsewhere", "data.source")
+    assert folder_listing_digest(elsewhere) == folder_listing_digest(copy)
+
+    # the store changes: a file rewritten at another size, one at the same size, one removed, one added;
+    # unchanged files are not fetched again (the same file, not a new one renamed in)
+    kept = (copy / "a.jpg").stat().st_ino
+    time.sleep(1.1)  # S3 keeps modification times to the second
     client.put_object(Bucket=s3.bucket, Key="src/photos/a.txt", Body=b"a large red square")
+    client.put_object(Bucket=s3.bucket, Key="src/photos/more/b.txt", Body=b"a blue square")
     client.delete_object(Bucket=s3.bucket, Key="src/photos/more/b.png")
     client.put_object(Bucket=s3.bucket, Key="src/photos/c.jpg", Body=b"c")
     assert mirror(url, tmp_path / "sources", "data.source") == copy
     assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()) == [
         "a.jpg", "a.txt", "c.jpg", "more/b.txt"]
-    assert (copy / "a.txt").read_bytes() == b"a large red square" and kept.stat().st_mtime_ns == 1
+    assert (copy / "a.txt").read_bytes() == b"a large red square" and (copy / "a.jpg").stat().st_ino == kept
+    assert (copy / "more/b.txt").read_bytes() == b"a blue square"  # as long as "a blue circle": still fetched
 
     single = mirror(f"s3://{s3.bucket}/src/photos/a.txt", tmp_path / "sources", "data.source")
     assert single.read_bytes() == b"a large red square"
