@@ -202,7 +202,7 @@ class StageCache:
         if not content:  # paths under the root named relative to it: the same folder wherever the root is
             document = document.replace(str(self.root), "<stages>")
             if self.remote:  # and a store's cache (a source mirrored into it), wherever a machine keeps it
-                document = document.replace(str(self.root.parent), "<cache>")
+                document = document.replace(f"{self.root.parent}/", "<cache>/")
         return hashlib.sha256(document.encode()).hexdigest()[:24]
 
     def folder(self, stage: str, key: str) -> Path:
