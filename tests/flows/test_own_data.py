@@ -35,7 +35,7 @@ def test_a_source_that_is_none_of_the_kinds_fails_before_any_work(tmp_path):
     (tmp_path / "data" / "readme.md").write_text("no pictures here")
     proc = _train(tmp_path, "--data", str(tmp_path / "data"))
     assert proc.returncode == 2
-    assert "a folder with no images, .tar shards or .parquet files (1 files: readme.md)" in proc.stderr
+    assert "a folder with no images, .tar shards, .parquet files or URL lists (1 files: readme.md)" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
