@@ -57,6 +57,12 @@ def is_list_file(path: Path) -> bool:
     return True
 
 
+def skipped(relative: Path) -> bool:
+    """Whether a file of a URL list folder (its path relative to the folder) is no part of the list: hidden, or
+    `_`-prefixed (`_SUCCESS`, the `.crc` files a Spark export leaves beside its parts)."""
+    return any(part.startswith((".", "_")) for part in relative.parts)
+
+
 def list_files(url_list: Path) -> list[Path]:
     """The files of a URL list: the file itself, or every list file below a folder in path order. A folder's
     hidden and `_`-prefixed files (`_SUCCESS`, `.crc` files a Spark export leaves) are skipped; any other file
@@ -65,8 +71,7 @@ def list_files(url_list: Path) -> list[Path]:
         raise FileNotFoundError(f"URL list {url_list} does not exist")
     if url_list.is_file():
         return [url_list]
-    files = [path for path in sorted(url_list.rglob("*")) if path.is_file() and not any(
-        part.startswith((".", "_")) for part in path.relative_to(url_list).parts)]
+    files = [path for path in sorted(url_list.rglob("*")) if path.is_file() and not skipped(path.relative_to(url_list))]
     others = [path for path in files if not is_list_file(path)]
     if others:
         input_format_of(others[0])  # raises, naming it
@@ -107,8 +112,7 @@ def _raw_blocks(path: Path, input_format: str) -> Iterator[pa.RecordBatch]:
         yield pa.RecordBatch.from_pylist([], schema=parquet.schema_arrow)  # its columns, however many rows
         yield from parquet.iter_batches(batch_size=BLOCK_ROWS)
         return
-    opened = gzip.open(path, "rb") if input_format.endswith(".gz") else open(path, "rb")
-    with _Utf8Replaced(opened) as text:
+    with _Utf8Replaced(_open(path, input_format)) as text:
         if kind == "json":
             rows = json.loads(text.read())
             if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
@@ -127,13 +131,22 @@ def _raw_blocks(path: Path, input_format: str) -> Iterator[pa.RecordBatch]:
                                            column_types={name: pa.string() for name in header}))
 
 
+def _open(path: Path, input_format: str) -> io.BufferedIOBase:
+    """The list file's bytes, ungzipped where its name says so."""
+    return gzip.open(path, "rb") if input_format.endswith(".gz") else open(path, "rb")
+
+
+def _delimiter(kind: str) -> str:
+    return "\t" if kind == "tsv" else ","
+
+
 def _csv_options(kind: str) -> pa_csv.ParseOptions:
-    return pa_csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True)
+    return pa_csv.ParseOptions(delimiter=_delimiter(kind), newlines_in_values=True)
 
 
 def _first_record(path: Path, input_format: str) -> list[str]:
     """The keys of a JSON-lines list's first record."""
-    with (gzip.open(path, "rb") if input_format.endswith(".gz") else open(path, "rb")) as handle:
+    with _open(path, input_format) as handle:
         for line in handle:
             if line.strip():
                 record = json.loads(line.decode("utf-8", errors="replace"))
@@ -143,9 +156,9 @@ def _first_record(path: Path, input_format: str) -> list[str]:
 
 def _header(path: Path, input_format: str, kind: str) -> list[str]:
     """The column names of a CSV/TSV list: its first record."""
-    with (gzip.open(path, "rb") if input_format.endswith(".gz") else open(path, "rb")) as handle:
+    with _open(path, input_format) as handle:
         lines = io.TextIOWrapper(handle, encoding="utf-8", errors="replace", newline="")
-        return next(csv.reader(lines, delimiter="\t" if kind == "tsv" else ","), [])
+        return next(csv.reader(lines, delimiter=_delimiter(kind)), [])
 
 
 class _ListChecks:
@@ -223,12 +236,18 @@ def check(url_list: str | Path, url_col: str = "url", caption_col: str = "captio
     """Read the whole list once, block by block, before anything is downloaded: its row count, or
     ValueError for the first rule it breaks (an empty list included)."""
     total = sum(block.num_rows for block in read_blocks(url_list, url_col, caption_col, log=True))
-    if total == 0:
-        raise ValueError(f"{url_list}: the URL list is empty")
-    return total
+    return _not_empty(url_list, total)
 
 
 def read_url_list(url_list: str | Path, url_col: str = "url", caption_col: str = "caption") -> pa.Table:
-    """The whole list as one table (a short list; the download stage reads it a block at a time)."""
-    check(url_list, url_col, caption_col)
-    return pa.concat_tables(read_blocks(url_list, url_col, caption_col))
+    """The whole list as one table, checked as `check` does (a short list; the download stage reads it a block
+    at a time)."""
+    blocks = list(read_blocks(url_list, url_col, caption_col, log=True))
+    _not_empty(url_list, sum(block.num_rows for block in blocks))
+    return pa.concat_tables(blocks)
+
+
+def _not_empty(url_list: str | Path, rows: int) -> int:
+    if rows == 0:
+        raise ValueError(f"{url_list}: the URL list is empty")
+    return rows

@@ -33,10 +33,10 @@ import pyarrow.parquet as pq
 
 from .. import columns
 from ..config import DataConfig
-from ..download.url_list import INPUT_FORMATS, is_list_file
+from ..download.url_list import INPUT_FORMATS, is_list_file, skipped
 from ..shards import TarMember, tar_entries
 from ..storage import existing, is_object_store, local_path
-from .listing import IGNORED_NAMES, walk_folder
+from .listing import hidden, walk_folder
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 CAPTION_SUFFIXES = (".txt", ".json")
@@ -106,7 +106,7 @@ def _recognise(path: Path, data: DataConfig) -> str:
             files += 1
             first += [folder / name][: 5 - len(first)]
             parquet = parquet or (folder / name if name.lower().endswith(".parquet") else None)
-            listed = listed and (name.startswith("_") or is_list_file(folder / name))  # a Spark export's _SUCCESS
+            listed = listed and (skipped((folder / name).relative_to(path)) or is_list_file(folder / name))
     if parquet is not None:
         return _parquet_kind(parquet, data)
     if files and listed:
@@ -145,7 +145,7 @@ def _is_coco(path: Path) -> bool:
 
 
 def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts) or path.name in IGNORED_NAMES
+    return any(hidden(part) for part in path.relative_to(root).parts)
 
 
 def items(kind: str, data: DataConfig) -> Iterator[Item]:

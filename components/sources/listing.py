@@ -44,7 +44,7 @@ def walk_folder(folder: Path, image_suffixes: frozenset[str]) -> Iterator[Piece]
     chunks, files, folders, unreadable = [], [], [], []
     with os.scandir(folder) as entries:
         for entry in entries:
-            if entry.name.startswith(".") or entry.name in IGNORED_NAMES:
+            if hidden(entry.name):
                 continue
             if not _is_utf8(entry.name):
                 if not entry.is_dir():
@@ -74,6 +74,11 @@ def walk_folder(folder: Path, image_suffixes: frozenset[str]) -> Iterator[Piece]
         yield from walk_folder(folder / folders[order[position] - len(names)], image_suffixes)
         start = position + 1
     yield from pieces(order[start:])
+
+
+def hidden(name: str) -> bool:
+    """Whether a file or folder of a source is no part of it: hidden, or what a file manager leaves."""
+    return name.startswith(".") or name in IGNORED_NAMES
 
 
 def _is_utf8(name: str) -> bool:
