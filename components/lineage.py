@@ -5,7 +5,8 @@ corpus a model was trained and evaluated on, and two runs that read the same dat
 digest. Every digest is cheap: the curated corpus's is the filter stage's `data_digest` (computed
 from its report, which lies in the curated folder), the same digest the registered model version
 is tagged with; the token dataset's comes from the part checksums its manifest lists; a folder
-without either gets one from its files' names and sizes.
+without either gets one from its files' names and sizes. A stage's folder is read where it lies: a local
+path, or the store's URL for a stage reused from an object store whose files this machine never fetched.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .shards import HOLDOUT_DIR, shard_paths
-from .storage import SummedDigest, walked_files
+from .shards import HOLDOUT_DIR
+from .storage import SummedDigest, is_object_store, local_path, object_store, walked_files
 
 DIGEST_CHARS = 16  # the filter stage's data_digest length; MLflow stores at most 36
 
@@ -38,17 +39,35 @@ class DatasetRef:
     profile: dict[str, Any] = field(default_factory=dict)
 
 
-def listing_digest(files: Iterable[Path], root: Path) -> str:
-    """A digest of files' paths relative to `root` and their sizes: another file, one fewer or one
-    rewritten to another size gives another digest, without reading any file."""
+def listing_digest(files: Iterable[tuple[str, int]]) -> str:
+    """A digest of files' (relative path, size): another file, one fewer or one rewritten to another size gives
+    another digest, without reading any file."""
     digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\n".encode())
+    for relative, size in sorted(files):
+        digest.update(f"{relative}\0{size}\n".encode())
     return digest.hexdigest()[:DIGEST_CHARS]
 
 
-def _shard_profile(shards: list[Path], digest_of: str) -> dict[str, Any]:
-    return {"shards": len(shards), "bytes": sum(path.stat().st_size for path in shards), "digest_of": digest_of}
+def _where(location: str | Path):
+    """The file system `location` (a local path, or a URL on an object store) lies in, that path in it, and its
+    URI: a finished stage the cache holds only the record of is read where it lies, on the store."""
+    if is_object_store(location):
+        fs, path = object_store(str(location), "dataset")
+        return fs, path.rstrip("/"), str(location).rstrip("/")
+    import fsspec
+
+    path = local_path(location, "dataset")
+    return fsspec.filesystem("file"), str(path), path.as_uri()
+
+
+def _shards(fs, folder: str) -> list[tuple[str, int]]:
+    """(name, size) of the `*.tar` shards directly in `folder`."""
+    found = fs.glob(f"{folder}/*.tar", detail=True)
+    return sorted((name.rsplit("/", 1)[-1], info["size"]) for name, info in found.items() if info["type"] == "file")
+
+
+def _shard_profile(shards: list[tuple[str, int]], digest_of: str) -> dict[str, Any]:
+    return {"shards": len(shards), "bytes": sum(size for _, size in shards), "digest_of": digest_of}
 
 
 def curated_corpus(curated_dir: str | Path) -> DatasetRef:
@@ -56,48 +75,51 @@ def curated_corpus(curated_dir: str | Path) -> DatasetRef:
     report is there (the URL and image hash of every training sample), else by the shards' names and sizes."""
     from .filter.run import REPORT_NAME, report_digest
 
-    curated_dir = Path(curated_dir).resolve()
-    shards = shard_paths(curated_dir)
+    fs, folder, uri = _where(curated_dir)
+    shards = _shards(fs, folder)
     if not shards:
         raise FileNotFoundError(f"no curated shards (*.tar) in {curated_dir}")
-    report = curated_dir / REPORT_NAME
-    if report.is_file():
-        digest, digest_of = report_digest(report), f"training samples in {REPORT_NAME}"
+    report = f"{folder}/{REPORT_NAME}"
+    if fs.isfile(report):
+        with fs.open(report, "rb") as opened:
+            digest, digest_of = report_digest(opened), f"training samples in {REPORT_NAME}"
     else:
-        digest, digest_of = listing_digest(shards, curated_dir), "shard names and sizes"
-    return DatasetRef(CURATED_CORPUS, curated_dir.as_uri(), digest, _shard_profile(shards, digest_of))
+        digest, digest_of = listing_digest(shards), "shard names and sizes"
+    return DatasetRef(CURATED_CORPUS, uri, digest, _shard_profile(shards, digest_of))
 
 
 def held_out_corpus(curated_dir: str | Path) -> DatasetRef | None:
     """The held-out shards the filter stage set apart in `curated_dir` (None when it set none apart):
     what stages evaluate on, never train on."""
-    held_out = Path(curated_dir).resolve() / HOLDOUT_DIR
-    shards = shard_paths(held_out)
+    fs, folder, uri = _where(f"{str(curated_dir).rstrip('/')}/{HOLDOUT_DIR}")
+    shards = _shards(fs, folder)
     if not shards:
         return None
-    return DatasetRef(HELD_OUT_CORPUS, held_out.as_uri(), listing_digest(shards, held_out),
-                      _shard_profile(shards, "shard names and sizes"))
+    return DatasetRef(HELD_OUT_CORPUS, uri, listing_digest(shards), _shard_profile(shards, "shard names and sizes"))
 
 
 def token_dataset(dataset_dir: str | Path) -> DatasetRef:
     """The token Parquet at `dataset_dir`, digested by its parts' sha256 as its manifest lists them (by the
     parts' names and sizes for a manifest without checksums); FileNotFoundError for an unfinished one."""
-    from .token_parquet import MANIFEST, read_manifest
+    from .token_parquet import MANIFEST
 
-    dataset_dir = Path(dataset_dir).resolve()
-    manifest = read_manifest(dataset_dir)
+    fs, folder, uri = _where(dataset_dir)
+    try:
+        manifest = json.loads(fs.cat_file(f"{folder}/{MANIFEST}"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{dataset_dir} has no {MANIFEST}: the tokenization did not finish") from None
     parts = manifest["parts"]
     if all("sha256" in part for part in parts):
         listed = json.dumps([[part["file"], part["sha256"]] for part in parts])
         digest, digest_of = hashlib.sha256(listed.encode()).hexdigest()[:DIGEST_CHARS], f"part sha256s in {MANIFEST}"
     else:
-        digest = listing_digest([dataset_dir / part["file"] for part in parts], dataset_dir)
+        digest = listing_digest((part["file"], fs.size(f"{folder}/{part['file']}")) for part in parts)
         digest_of = "part names and sizes"
     profile = {"rows": int(manifest.get("rows", sum(part["rows"] for part in parts))), "parts": len(parts),
                "digest_of": digest_of,
                **{key: manifest[key] for key in ("dvae_hash", "tokenizer_hash", "grid_size", "text_len")
                   if key in manifest}}
-    return DatasetRef(TOKEN_DATASET, dataset_dir.as_uri(), digest, profile)
+    return DatasetRef(TOKEN_DATASET, uri, digest, profile)
 
 
 def data_source(source: str) -> DatasetRef:

@@ -24,8 +24,11 @@ relative to it there too, so the folder is the same wherever the root is.
 Where the run's root is an object store (`storage.RunRoot`), `root` is its local cache and `remote` the
 store's stages folder: a committed stage is published there, its files first and its record last
 (the store has no atomic rename: a stage without its record is unfinished), with the local root in
-the record's paths written as `STAGES_PLACEHOLDER`; a stage finished on the store but not in the
-cache is fetched from it (into a temporary folder, renamed when whole) and taken as finished here.
+the record's paths written as `STAGES_PLACEHOLDER`. A stage finished on the store but not in the
+cache is taken as finished from its record alone (a copy kept in `<cache>/stage-records/`): its files are
+fetched (into a temporary folder, renamed when whole) only when a stage that runs is given a path into
+it (`fetch_inputs`), and the flow reads what it reads itself from copies of just those files (`readable`)
+or from the store (`location`). So a run on a fresh machine whose stages are all finished fetches no shards.
 """
 
 from __future__ import annotations
@@ -46,10 +49,14 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from pydantic import BaseModel, TypeAdapter
 
-from .storage import SummedDigest, atomic_path, file_sha256, object_store, walked_files, write_json
+from .storage import (SummedDigest, atomic_path, copy_from_store, file_sha256, object_store, walked_files,
+                      write_bytes, write_json)
 
 RECORD = "_stage.json"
 STAGES_PLACEHOLDER = "${DALLE_STAGES}"  # the stages root in a record published to an object store
+# beside the stages in a store's cache: the records of stages finished on the store whose files were not fetched,
+# and the copies of the files of theirs that the flow reads itself
+STORED_RECORDS, READ_COPIES = "stage-records", "read-copies"
 PACKAGE = __name__.rsplit(".", 1)[0]  # dalle_pipeline.components
 COMPONENTS = Path(__file__).resolve().parent
 # modules whose effect on a stage's output reaches its key through values, or that write none:
@@ -183,9 +190,8 @@ class StageCache:
 
         def finished(match: re.Match) -> str:
             stage, folder = match.group(1), match.group(2)
-            record = self.root / stage / folder / RECORD
-            key = json.loads(record.read_text())["key"] if record.is_file() else folder
-            return f"<{stage}@{key}>"
+            record = self._finished_record(self.root / stage / folder)
+            return f"<{stage}@{record['key'] if record else folder}>"
 
         replaced = re.sub(rf"{root}/([^/]+)/([^/]+)", finished, text)
         if replaced == text and text.startswith("/") and Path(text).is_file():
@@ -209,18 +215,75 @@ class StageCache:
         return self.root / stage / key
 
     def lookup(self, folder: Path, key: str, outputs_type: type[Outputs]) -> StageRecord[Outputs] | None:
-        """The record of the stage finished in `folder` with this key (fetched from the store if it finished
-        there), or None."""
-        path = folder / RECORD
-        if not path.is_file() and not self._fetch(folder, key):
-            return None
-        record = json.loads(path.read_text())
-        if record.get("key") != key:
+        """The record of the stage finished in `folder` with this key (in the cache, or else on the store: its
+        record alone, the files left there), or None."""
+        record = self._finished_record(folder, from_store=True)
+        if record is None or record.get("key") != key:
             return None
         outputs = TypeAdapter(outputs_type).validate_python(record["outputs"])
         return StageRecord(stage=record["stage"], key=key, folder=folder, outputs=outputs,
                            metrics=record["metrics"], mlflow_run_id=record["mlflow_run_id"],
                            build_seconds=record["build_seconds"])
+
+    def _finished_record(self, folder: Path, from_store: bool = False) -> dict | None:
+        """The record of the build finished in `folder`: the cache's, else (on a store) the store's, read afresh
+        `from_store`, else as last read from it; None where there is none."""
+        local = folder / RECORD
+        if local.is_file():
+            return json.loads(local.read_text())
+        if not self.remote:
+            return None
+        copy = self._record_copy(folder)
+        if from_store:
+            fs, source = self._remote_folder(folder)
+            try:
+                published = fs.cat_file(f"{source}/{RECORD}").decode()
+            except FileNotFoundError:
+                copy.unlink(missing_ok=True)
+                return None
+            write_bytes(copy, published.replace(STAGES_PLACEHOLDER, str(self.root)).encode())
+        return json.loads(copy.read_text()) if copy.is_file() else None
+
+    def _record_copy(self, folder: Path) -> Path:
+        return self.root.parent / STORED_RECORDS / f"{folder.relative_to(self.root).as_posix()}.json"
+
+    def _held_on_store_only(self, path: str | Path) -> Path | None:
+        """The stage folder `path` lies in, where that stage finished on the store and the cache holds its record
+        alone; else None (a path outside the stages, or a stage the cache holds)."""
+        if not self.remote:
+            return None
+        match = re.match(rf"{re.escape(str(self.root))}/([^/]+)/([^/]+)(/|$)", str(path))
+        if match is None:
+            return None
+        folder = self.root / match.group(1) / match.group(2)
+        return None if (folder / RECORD).is_file() or not self._record_copy(folder).is_file() else folder
+
+    def fetch_inputs(self, arguments: Any) -> None:
+        """Before a stage runs: every stage folder its arguments name (paths, a `local-dir:` CLIP, a config's
+        `init_from`) that finished on the store and that the cache holds the record of alone, fetched whole."""
+        document = json.dumps(self.stage_value(arguments, content=False))
+        for named in sorted(set(re.findall(rf"{re.escape(str(self.root))}/[^/\"]+/[^/\"]+", document))):
+            if (folder := self._held_on_store_only(named)) is not None:
+                self._fetch(folder, json.loads(self._record_copy(folder).read_text())["key"])
+
+    def readable(self, path: str | Path) -> Path:
+        """`path` where this process can read it: itself, or for a path into a stage finished on the store whose
+        folder the cache does not hold, a copy of that file or folder alone (under `<cache>/read-copies/`)."""
+        folder = self._held_on_store_only(path)
+        if folder is None:
+            return Path(path)
+        fs, source = self._remote_folder(folder)
+        relative = Path(path).relative_to(folder).as_posix()
+        return copy_from_store(fs, source if relative == "." else f"{source}/{relative}",
+                               self.root.parent / READ_COPIES / Path(path).relative_to(self.root))
+
+    def location(self, path: str | Path) -> str:
+        """Where the file or folder `path` is read from without fetching it: the store's URL for a path into a
+        stage finished there that the cache does not hold, else the local path."""
+        folder = self._held_on_store_only(path)
+        if folder is None:
+            return str(path)
+        return f"{self.remote}/{Path(path).relative_to(self.root).as_posix()}"
 
     def commit(self, record: StageRecord) -> None:
         outputs = TypeAdapter(type(record.outputs)).dump_python(record.outputs, mode="json")
@@ -268,6 +331,7 @@ class StageCache:
                     (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
                     fs.get_file(path, str(tmp / relative))
             (tmp / RECORD).write_text(json.dumps(record).replace(STAGES_PLACEHOLDER, str(self.root)))
+        self._record_copy(folder).unlink(missing_ok=True)
         return True
 
     def fetch_to_accumulate(self, folder: Path) -> bool:

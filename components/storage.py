@@ -112,13 +112,16 @@ def existing(url: str, what: str):
 
 def mirror(url: str, into: Path, what: str) -> Path:
     """A local copy of the file or folder at the object store `url`, kept under `into` in a folder named by the
-    URL; returns the copy's path. A file the copy lacks, or holds at another size or modification time, is
-    fetched (through a temporary name, so a copy cut short is never taken for whole) and given the store's
-    modification time, so copies on any machine list alike (a stage keyed by the listing is reused); one gone
-    from the store is removed from the copy. FileNotFoundError naming `what` when nothing is at `url`."""
+    URL (`copy_from_store`); returns the copy's path. FileNotFoundError naming `what` when nothing is at `url`."""
     fs, path = existing(url, what)
-    name = path.rsplit("/", 1)[-1] or "source"
-    target = into / url_folder(url) / name
+    return copy_from_store(fs, path, into / url_folder(url) / (path.rsplit("/", 1)[-1] or "source"))
+
+
+def copy_from_store(fs, path: str, target: Path) -> Path:
+    """`target` made a copy of the file or folder at `path` of the store `fs`, and returned. A file the copy
+    lacks, or holds at another size or modification time, is fetched (through a temporary name, so a copy cut
+    short is never taken for whole) and given the store's modification time, so copies on any machine list
+    alike (a stage keyed by the listing is reused); one gone from the store is removed from the copy."""
     single = fs.isfile(path)
     listing = {"": fs.info(path)} if single else \
         {found[len(path) + 1:]: info for found, info in fs.find(path, detail=True).items()}

@@ -91,6 +91,7 @@ class Stages:
             elif accumulates and self.cache.fetch_to_accumulate(folder):
                 print(f"{name}: adding to its last build, fetched from {self.cache.remote}")
             folder.mkdir(parents=True, exist_ok=True)  # an unfinished folder is kept: stages resume from it
+            self.cache.fetch_inputs(bound.arguments)  # the finished stages it reads that only the store holds
             call = dict(bound.arguments, **{OUTPUT_DIR: folder})
             if TRACKER in inspect.signature(function).parameters:
                 call[TRACKER] = tracker

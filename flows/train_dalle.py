@@ -24,6 +24,7 @@ from dalle_pipeline.components.evaluate import headline_metrics
 from dalle_pipeline.components.evaluate.evaluation_set import (EvaluationSet, holdout_evaluation_set,
                                                                shapes_evaluation_set)
 from dalle_pipeline.components.overrides import PipelineOverrides
+from dalle_pipeline.components.shards import HOLDOUT_DIR
 from dalle_pipeline.components.sources.kinds import check_source, source_kind
 from dalle_pipeline.components.stage_cache import StageCache, StageRecord
 from dalle_pipeline.components.storage import RunRoot, is_object_store, mirror, run_root
@@ -151,11 +152,14 @@ def train_from_scratch(run: PipelineRun) -> list[StageRecord]:
     return [*curation, tokenizer, dvae, clip, *train_prior_and_judge(run, curation[-1], tokenizer, dvae, clip)]
 
 
-def build_evaluation_set(cfg: PipelineConfig, curated: StageRecord, ids: list[str] | None = None) -> EvaluationSet:
-    """The shapes corpus's own set, or your corpus's held-out samples (`ids`: a champion's set)."""
+def build_evaluation_set(cfg: PipelineConfig, curated: StageRecord, cache: StageCache,
+                         ids: list[str] | None = None) -> EvaluationSet:
+    """The shapes corpus's own set, or your corpus's held-out samples (`ids`: a champion's set), read from the
+    curated folder, or where the store alone holds it, from a copy of its held-out shards alone."""
     if cfg.shapes_corpus:
         return shapes_evaluation_set(cfg.corpus, cfg.sample.num_prompts, cfg.sample.seed)
-    return holdout_evaluation_set(curated.outputs.curated_dir, cfg.corpus.image_size, cfg.sample.num_prompts,
+    curated_dir = cache.readable(curated.outputs.curated_dir / HOLDOUT_DIR).parent
+    return holdout_evaluation_set(curated_dir, cfg.corpus.image_size, cfg.sample.num_prompts,
                                   cfg.data.holdout_max, cfg.sample.prompts_file, ids)
 
 
@@ -168,6 +172,7 @@ def retrain(root: RunRoot, stages: Stages, preset: str, overrides: PipelineOverr
 
     base = fetch_base_model(retrain_from, stages)
     bundle = base.outputs.bundle_dir
+    stages.cache.fetch_inputs(bundle)  # read here, and its weights start the training
     inits = {"prior.init_from": str(bundle / "prior"),
              **({"dvae.init_from": str(bundle / "dvae")} if retrain_dvae else {})}
     cfg = config_module.resolve(preset, {**config_module.dotted_overrides(overrides), **inits},
@@ -188,7 +193,7 @@ def train_prior_and_judge(run: PipelineRun, curated: StageRecord, tokenizer: Sta
                           clip: StageRecord, judged_on: list[str] | None = None) -> list[StageRecord]:
     """tokenize-corpus -> prior -> sample -> evaluate -> register, on the evaluation set built once."""
     cfg, stages = run.cfg, run.stages
-    evaluation_set = build_evaluation_set(cfg, curated, judged_on)  # before training: a bad set fails early
+    evaluation_set = build_evaluation_set(cfg, curated, stages.cache, judged_on)  # before training: a bad set fails early
     dataset = tokenize_corpus(cfg, curated, dvae, tokenizer, stages)
     log_lineage(run, curated, dataset)
     prior = train_prior(cfg, dataset, dvae, stages)
@@ -203,12 +208,12 @@ def log_lineage(run: PipelineRun, curated: StageRecord, dataset: StageRecord) ->
     your source, the curated corpus and the token Parquet it trains on, the held-out corpus it is judged on."""
     from dalle_pipeline.components import lineage
 
-    parent = run.stages.parent
+    parent, where = run.stages.parent, run.stages.cache.location  # a stage only the store holds is read there
     if not run.cfg.shapes_corpus:
         parent.log_input_dataset(lineage.data_source(run.cfg.data.source), "source")
-    parent.log_input_dataset(lineage.curated_corpus(curated.outputs.curated_dir), "training")
-    parent.log_input_dataset(lineage.token_dataset(dataset.outputs.dataset_dir), "training")
-    held_out = lineage.held_out_corpus(curated.outputs.curated_dir)
+    parent.log_input_dataset(lineage.curated_corpus(where(curated.outputs.curated_dir)), "training")
+    parent.log_input_dataset(lineage.token_dataset(where(dataset.outputs.dataset_dir)), "training")
+    held_out = lineage.held_out_corpus(where(curated.outputs.curated_dir))
     if held_out is not None:
         parent.log_input_dataset(held_out, "evaluation")
 
@@ -220,7 +225,8 @@ def finish_run(run: PipelineRun, records: list[StageRecord], seconds: float) -> 
 
     parent = run.stages.parent
     by_stage = {record.stage: record for record in records}
-    metrics, grid = by_stage[evaluate.name].outputs.metrics, str(by_stage[sample.name].outputs.grid)
+    metrics = by_stage[evaluate.name].outputs.metrics
+    grid = str(run.stages.cache.readable(by_stage[sample.name].outputs.grid))
     registration = by_stage[register.name].outputs
     reused = [record.stage for record in records if record.reused]
     parent.log_metrics({**metrics, "pipeline_seconds": seconds, "stages_reused": len(reused)})

@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -311,13 +311,15 @@ def _write_report(report_path: Path, parts: list[Path]) -> dict[str, Any]:
             "download_failures_by_reason": dropped("download")}
 
 
-def report_digest(report_path: str | Path) -> str:
-    """The corpus digest the report was written with (its metadata), else computed from it."""
-    stored = (pq.read_metadata(report_path).metadata or {}).get(DIGEST_KEY)
+def report_digest(report: str | Path | BinaryIO) -> str:
+    """The corpus digest the report (a path or an open file) was written with (its metadata), else computed
+    from it."""
+    parquet = pq.ParquetFile(report)
+    stored = (parquet.metadata.metadata or {}).get(DIGEST_KEY)
     if stored:
         return stored.decode()
     digest = CorpusDigest()
-    for batch in pq.ParquetFile(report_path).iter_batches(columns=["url", "sha256", "reason"]):
+    for batch in parquet.iter_batches(columns=["url", "sha256", "reason"]):
         digest.add(pa.Table.from_batches([batch]))
     return digest.hexdigest()
 

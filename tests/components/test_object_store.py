@@ -87,15 +87,25 @@ def test_a_finished_stage_is_published_record_last_and_fetched_into_another_cach
     published = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=prefix + RECORD)["Body"].read())
     assert published["outputs"]["curated_dir"] == f"{STAGES_PLACEHOLDER}/filter/folder-a/curated"
 
-    # another machine's cache: fetched whole, its paths its own
+    # another machine's cache: a hit is its record alone, its paths its own; nothing else is fetched
     there = StageCache(tmp_path / "there" / "stages", url)
     folder = there.root / "filter" / "folder-a"
     assert there.lookup(folder, "another key", Out) is None and not folder.exists()
-    fetched = there.lookup(folder, "key-1", Out)
-    assert fetched.outputs == Out(str(folder / "curated")) and fetched.metrics == record.metrics
+    hit = there.lookup(folder, "key-1", Out)
+    assert hit.outputs == Out(str(folder / "curated")) and hit.metrics == record.metrics and not folder.exists()
+    assert there.stage_value(str(folder / "curated")) == "<filter@key-1>/curated"  # a downstream key names it alike
+    # what the flow reads itself is read where it lies, or from a copy of that one file
+    assert there.location(folder / "curated") == f"{url}/filter/folder-a/curated"
+    report = there.readable(folder / "curated" / "report.parquet")
+    assert report.read_bytes() == b"report" and report.is_relative_to(tmp_path / "there" / "read-copies")
+    assert not folder.exists()
+    # a stage that runs on it fetches it whole first (a path among its arguments names it)
+    there.fetch_inputs({"cfg": {"kept": 3}, "shards_dir": folder / "curated", "other": str(tmp_path / "x")})
     assert {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
             and p.name != RECORD} == files
     assert not [p for p in folder.parent.iterdir() if p.name != "folder-a"]  # no temporary folder left
+    assert there.location(folder / "curated") == str(folder / "curated") and there.readable(folder) == folder
+    assert there.lookup(folder, "key-1", Out).outputs == hit.outputs
 
     # a build published again (a forced rerun) leaves nothing of the last one on the store
     (here.root / "filter" / "folder-a" / "part.json").unlink()
@@ -192,3 +202,49 @@ def test_the_flow_refuses_a_source_missing_from_the_store_before_any_work(tmp_pa
     with pytest.raises(FileNotFoundError, match=rf"data.source s3://{s3.bucket}/nowhere does not exist"):
         train_dalle.fn(preset="micro", overrides={"data": {"source": f"s3://{s3.bucket}/nowhere"}})
     assert not (tmp_path / "runs").exists()
+
+
+def test_lineage_reads_a_stage_only_the_store_holds_where_it_lies(tmp_path, s3):
+    """The flow's own lineage of stages reused from the store: listed and read on the store (no shard fetched),
+    the same digests and counts as read from a cache holding them, the store's URL as their source."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dalle_pipeline.components import lineage
+    from dalle_pipeline.components.filter.run import REPORT_NAME, REPORT_SCHEMA
+    from dalle_pipeline.components.shards import HOLDOUT_DIR, Sample, write_shard
+
+    url = f"s3://{s3.bucket}/lineage/stages"
+    here = StageCache(tmp_path / "here" / "stages", url)
+    curated, dataset = here.root / "filter" / "k1", here.root / "tokenize-corpus" / "k2"
+    samples = [Sample(f"{i:05d}", os.urandom(100 + i), "png", f"caption {i}") for i in range(3)]
+    write_shard(curated / "00000.tar", samples[:2])
+    write_shard(curated / "00001.tar", samples[2:])
+    write_shard(curated / HOLDOUT_DIR / "00000.tar", samples[:1])
+    rows = [{"key": s.key, "url": f"https://example.com/{s.key}.png", "stage": "filter", "kept": True,
+             "reason": "kept", "sha256": f"{i:064x}"} for i, s in enumerate(samples)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=REPORT_SCHEMA), curated / REPORT_NAME)
+    dataset.mkdir(parents=True)
+    (dataset / "part-00000.parquet").write_bytes(b"tokens")
+    (dataset / "_manifest.json").write_text(json.dumps({"parts": [{"file": "part-00000.parquet", "rows": 3}]}))
+    local = {"curated": lineage.curated_corpus(curated), "held_out": lineage.held_out_corpus(curated),
+             "tokens": lineage.token_dataset(dataset)}
+    for folder, stage in ((curated, "filter"), (dataset, "tokenize-corpus")):
+        here.commit(StageRecord(stage, folder.name, folder, Out(str(folder)), {}, "run-1", 1.0))
+
+    there = StageCache(tmp_path / "there" / "stages", url)
+    curated, dataset = there.root / "filter" / "k1", there.root / "tokenize-corpus" / "k2"
+    assert there.lookup(curated, "k1", Out) and there.lookup(dataset, "k2", Out)
+    on_store = {"curated": lineage.curated_corpus(there.location(curated)),
+                "held_out": lineage.held_out_corpus(there.location(curated)),
+                "tokens": lineage.token_dataset(there.location(dataset))}
+    for name, ref in on_store.items():
+        assert (ref.name, ref.digest, ref.profile) == (local[name].name, local[name].digest, local[name].profile)
+    assert on_store["curated"].profile["digest_of"] == f"training samples in {REPORT_NAME}"
+    assert on_store["curated"].source_uri == f"{url}/filter/k1"
+    assert on_store["held_out"].source_uri == f"{url}/filter/k1/{HOLDOUT_DIR}"
+    assert not (tmp_path / "there" / "stages").exists() and not (tmp_path / "there" / "read-copies").exists()
+    # the evaluation set's read: the held-out shards alone are copied, not the curated corpus
+    held_out = there.readable(curated / HOLDOUT_DIR)
+    assert [p.relative_to(held_out.parent).as_posix() for p in held_out.parent.rglob("*") if p.is_file()] == \
+        [f"{HOLDOUT_DIR}/00000.tar"] and not curated.exists()

@@ -74,6 +74,13 @@ def train(env: dict, cwd: Path, *args: str) -> tuple[subprocess.CompletedProcess
     return proc, re.search(r"MLflow run id : ([0-9a-f]{32})", proc.stdout).group(1)
 
 
+def stage_dir(client: MlflowClient, run_id: str, stage: str) -> str:
+    """The folder name of `stage`'s build that the flow run `run_id` used."""
+    runs = client.search_runs([client.get_run(run_id).info.experiment_id],
+                              f"tags.`{PARENT_RUN_TAG}` = '{run_id}' and tags.stage = '{stage}'")
+    return Path(runs[0].data.tags["stage_dir"]).name
+
+
 def stage_cache_tags(client: MlflowClient, run_id: str) -> dict[str, str]:
     runs = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{run_id}'")
     return {run.data.tags["stage"]: run.data.tags["cache"] for run in runs}
@@ -105,10 +112,21 @@ def test_a_run_rooted_on_s3_writes_only_its_cache_reuses_stages_from_the_store_a
         logged = json.dumps([parent.data.params, parent.data.tags]) + first.stdout + first.stderr
         assert s3.env["AWS_SECRET_ACCESS_KEY"] not in logged  # credentials come from the environment, never logged
 
-        # another machine (a fresh cache): every stage is finished on the store, fetched, not run again
+        # another machine (a fresh cache): every stage is finished on the store, reused, not run again, and
+        # nothing of them fetched but their records and the sample grid: no shards, token parts or weights
         shutil.rmtree(tmp_path / "cache")
         again, again_id = train({**env, "DALLE_CACHE": str(tmp_path / "cache-2")}, work)
         assert stage_cache_tags(client, again_id) == {stage: "hit" for stage in STAGES}, again.stdout[-3000:]
+        fetched = sorted(p.relative_to(tmp_path / "cache-2").as_posix()
+                         for p in (tmp_path / "cache-2").rglob("*") if p.is_file())
+        assert {name.split("/")[0] for name in fetched} == {"stage-records", "read-copies"}, fetched
+        assert [name for name in fetched if name.startswith("read-copies/")] == \
+            [f"read-copies/sample/{stage_dir(client, again_id, 'sample')}/samples.png"], fetched
+        # (MLflow keeps one dataset per name and digest in an experiment: the second run's shows the first's source)
+        datasets = {run: {item.dataset.name: (item.dataset.digest, item.dataset.source)
+                          for item in client.get_run(run).inputs.dataset_inputs} for run in (run_id, again_id)}
+        assert {name: digest for name, (digest, _) in datasets[again_id].items()} == \
+            {name: digest for name, (digest, _) in datasets[run_id].items()}  # lineage read where the stages lie
 
         # the champion loads from the registry, its weights from the store (no cache at all now)
         shutil.rmtree(tmp_path / "cache-2")
