@@ -60,7 +60,8 @@ bench: install
 clean:
 	rm -rf runs
 
-ROOT ?= $(if $(DALLE_HOME),$(abspath $(DALLE_HOME)),$(CURDIR)/runs)
+# a root on an object store (s3://...) is passed on as it is: infra/env.sh keeps the services' files in its cache
+ROOT ?= $(if $(DALLE_HOME),$(if $(findstring ://,$(DALLE_HOME)),$(DALLE_HOME),$(abspath $(DALLE_HOME))),$(CURDIR)/runs)
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 PREFECT_POOL ?= dalle-pool
@@ -79,6 +80,8 @@ stop:
 # $(ROOT)/mlartifacts, which the UI reads in place; --default-artifact-root keeps experiments the UI
 # creates there too (not at mlflow-artifacts:/). No job runner: it is 8 processes for GenAI jobs.
 ui:
+	@case "$(ROOT)" in *://*) echo "make ui: the root $(ROOT) is an object store; make serve starts its MLflow UI" \
+		"(store and logs in the root's local cache)" >&2; exit 1;; esac
 	mkdir -p $(ROOT)/mlartifacts
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--workers 1 --backend-store-uri sqlite:///$(ROOT)/mlflow.db \

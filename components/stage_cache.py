@@ -22,8 +22,9 @@ same folder and only its new rows are downloaded, filtered and tokenized; paths 
 relative to it there too, so the folder is the same wherever the root is.
 
 Where the run's root is an object store (`storage.RunRoot`), `root` is its local cache and `remote` the
-store's stages folder: a committed stage is published there, its files first and its record last
-(the store has no atomic rename: a stage without its record is unfinished), with the local root in
+store's stages folder: a committed stage is published there, its files first (those the store holds as they
+are here not put again) and its record last (the store has no atomic rename: a stage without its record is
+unfinished), with the local root in
 the record's paths written as `STAGES_PLACEHOLDER`. A stage finished on the store but not in the
 cache is taken as finished from its record alone (a copy kept in `<cache>/stage-records/`): its files are
 fetched (into a temporary folder, renamed when whole) only when a stage that runs is given a path into
@@ -57,6 +58,7 @@ STAGES_PLACEHOLDER = "${DALLE_STAGES}"  # the stages root in a record published 
 # beside the stages in a store's cache: the records of stages finished on the store whose files were not fetched,
 # and the copies of the files of theirs that the flow reads itself
 STORED_RECORDS, READ_COPIES = "stage-records", "read-copies"
+PUBLISHED = "published"  # and what of each stage folder is on the store as this cache holds it
 PACKAGE = __name__.rsplit(".", 1)[0]  # dalle_pipeline.components
 COMPONENTS = Path(__file__).resolve().parent
 # modules whose effect on a stage's output reaches its key through values, or that write none:
@@ -299,18 +301,46 @@ class StageCache:
         return fs, f"{stages}/{folder.relative_to(self.root).as_posix()}"
 
     def _publish(self, folder: Path) -> None:
-        """Copy a finished stage folder to the store: what an earlier build left there goes first (its record
-        before anything), then the files, then the record, the local root in its paths made a placeholder."""
+        """Copy a finished stage folder to the store: the record of the build there goes first, then the files the
+        store lacks or holds otherwise, then those of the last build this one lacks are removed, then the record
+        goes last, the local root in its paths made a placeholder. A file this cache published or fetched, and
+        left as it was (size, modification time), is not put again while the store still holds that build: a
+        stage that accumulates (a URL list grown by a day) puts its new files alone."""
         fs, target = self._remote_folder(folder)
-        if fs.exists(f"{target}/{RECORD}"):
+        try:
+            stored_key = json.loads(fs.cat_file(f"{target}/{RECORD}")).get("key")
             fs.rm_file(f"{target}/{RECORD}")
-        if fs.exists(target):
-            fs.rm(target, recursive=True)
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and path.name != RECORD:
-                fs.put_file(str(path), f"{target}/{path.relative_to(folder).as_posix()}")
-        record = (folder / RECORD).read_text().replace(str(self.root), STAGES_PLACEHOLDER)
-        fs.pipe_file(f"{target}/{RECORD}", record.encode())
+        except FileNotFoundError:
+            stored_key = None
+        sent = self._published_files(folder, stored_key)
+        on_store = {found[len(target) + 1:] for found in fs.find(target)} - {RECORD}
+        files = self._folder_files(folder)
+        for relative, state in sorted(files.items()):
+            if sent.get(relative) != state or relative not in on_store:
+                fs.put_file(str(folder / relative), f"{target}/{relative}")
+        for relative in sorted(on_store - files.keys()):
+            fs.rm_file(f"{target}/{relative}")
+        document = json.loads((folder / RECORD).read_text())
+        fs.pipe_file(f"{target}/{RECORD}", json.dumps(document).replace(str(self.root), STAGES_PLACEHOLDER).encode())
+        write_json(self._published_path(folder), {"key": document["key"], "files": files})
+
+    @staticmethod
+    def _folder_files(folder: Path) -> dict[str, list[int]]:
+        """[size, modification time in ns] of each file of a stage folder but its record, by relative path."""
+        return {relative: [stat.st_size, stat.st_mtime_ns] for relative, stat in walked_files(folder)
+                if relative != RECORD}
+
+    def _published_path(self, folder: Path) -> Path:
+        return self.root.parent / PUBLISHED / f"{folder.relative_to(self.root).as_posix()}.json"
+
+    def _published_files(self, folder: Path, stored_key: str | None) -> dict[str, list[int]]:
+        """The files of `folder` as they were when this cache last published or fetched it, where the store still
+        holds that build (its record has `stored_key`), else nothing: another machine's build is put over whole."""
+        path = self._published_path(folder)
+        if stored_key is None or not path.is_file():
+            return {}
+        published = json.loads(path.read_text())
+        return published["files"] if published["key"] == stored_key else {}
 
     def _fetch(self, folder: Path, key: str | None) -> bool:
         """Fetch the stage finished on the store in `folder`'s place with this key (any key: None) into `folder`
@@ -332,6 +362,7 @@ class StageCache:
                     fs.get_file(path, str(tmp / relative))
             (tmp / RECORD).write_text(json.dumps(record).replace(STAGES_PLACEHOLDER, str(self.root)))
         self._record_copy(folder).unlink(missing_ok=True)
+        write_json(self._published_path(folder), {"key": record["key"], "files": self._folder_files(folder)})
         return True
 
     def fetch_to_accumulate(self, folder: Path) -> bool:

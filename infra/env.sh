@@ -3,8 +3,8 @@
 #     source infra/env.sh && "$PREFECT_BIN" deployment run train-dalle/full
 #
 # gives a shell that talks to the servers serve.sh started (same API URL, same PREFECT_HOME).
-# Everything lives under one root, ROOT = $DALLE_HOME or <repo>/runs, so the user's ~/.prefect
-# and ~/.mlflow are never touched:
+# Everything lives under one root, ROOT = $DALLE_HOME or <repo>/runs (for a DALLE_HOME on an object store,
+# its local cache, and the artifacts on the store), so the user's ~/.prefect and ~/.mlflow are never touched:
 #
 #     $ROOT/prefect/        PREFECT_HOME (Prefect's profiles and, by default, its server's sqlite
 #                           database prefect.db)
@@ -24,18 +24,34 @@
 DALLE_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export DALLE_REPO
 
-# A relative DALLE_HOME is taken from the caller's directory, before any script changes it.
-if [[ -n "${DALLE_HOME:-}" ]]; then
-    mkdir -p "$DALLE_HOME"
-    ROOT="$(cd "$DALLE_HOME" && pwd)"
-else
-    ROOT="$DALLE_REPO/runs"
-fi
-export DALLE_HOME="$ROOT"
-
 VENV="${VENV:-$DALLE_REPO/.venv}"
 PREFECT_BIN="$VENV/bin/prefect"
 MLFLOW_BIN="$VENV/bin/mlflow"
+
+# A relative DALLE_HOME is taken from the caller's directory, before any script changes it. A root on an
+# object store (DALLE_HOME=s3://bucket/dalle) stays the flows' root; the services' own files (databases,
+# logs, pids) go to its local cache (DALLE_CACHE, else ~/.cache/dalle-pipeline/<store>), MLflow's artifacts
+# to the store. An unknown protocol is refused here, naming it, before anything starts.
+STORE=""
+if [[ "${DALLE_HOME:-}" == *://* && "$DALLE_HOME" != file://* ]]; then
+    STORE="${DALLE_HOME%/}"
+    ROOT="$("$VENV/bin/python" -c 'import sys
+from dalle_pipeline.components.storage import run_root
+try:
+    print(run_root(sys.argv[1], "DALLE_HOME").local)
+except ValueError as error:
+    sys.exit(f"infra/env.sh: {error}")' "$STORE")" || return 1 2>/dev/null || exit 1
+    mkdir -p "$ROOT"
+    export DALLE_HOME="$STORE"
+elif [[ -n "${DALLE_HOME:-}" ]]; then
+    DALLE_HOME="${DALLE_HOME#file://}"
+    mkdir -p "$DALLE_HOME"
+    ROOT="$(cd "$DALLE_HOME" && pwd)"
+    export DALLE_HOME="$ROOT"
+else
+    ROOT="$DALLE_REPO/runs"
+    export DALLE_HOME="$ROOT"
+fi
 
 PREFECT_PORT="${PREFECT_PORT:-4200}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
@@ -53,7 +69,7 @@ DALLE_PREFECT_UI="http://127.0.0.1:$PREFECT_PORT"
 PREFECT_DATABASE_URL="${PREFECT_DATABASE_URL:-sqlite+aiosqlite:///$PREFECT_HOME/prefect.db}"
 
 MLFLOW_BACKEND_URI="sqlite:///$ROOT/mlflow.db"
-MLFLOW_ARTIFACTS="$ROOT/mlartifacts"
+MLFLOW_ARTIFACTS="${STORE:-$ROOT}/mlartifacts"   # where the flows put their runs' artifacts (storage.RunRoot)
 MLFLOW_URL="http://127.0.0.1:$MLFLOW_PORT"
 
 LOG_DIR="$ROOT/logs"

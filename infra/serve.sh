@@ -24,7 +24,8 @@ export -n PREFECT_DATABASE_URL
 for bin in "$PREFECT_BIN" "$MLFLOW_BIN"; do
     [[ -x "$bin" ]] || { echo "serve.sh: $bin not found; set VENV to the virtualenv to use" >&2; exit 1; }
 done
-mkdir -p "$LOG_DIR" "$PID_DIR" "$PREFECT_HOME" "$MLFLOW_ARTIFACTS"
+mkdir -p "$LOG_DIR" "$PID_DIR" "$PREFECT_HOME"
+[[ -n "$STORE" ]] || mkdir -p "$MLFLOW_ARTIFACTS"
 
 port_in_use() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null

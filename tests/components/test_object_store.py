@@ -248,3 +248,43 @@ def test_lineage_reads_a_stage_only_the_store_holds_where_it_lies(tmp_path, s3):
     held_out = there.readable(curated / HOLDOUT_DIR)
     assert [p.relative_to(held_out.parent).as_posix() for p in held_out.parent.rglob("*") if p.is_file()] == \
         [f"{HOLDOUT_DIR}/00000.tar"] and not curated.exists()
+
+
+def test_a_build_published_again_puts_only_what_changed_while_the_store_holds_the_last(tmp_path, s3):
+    """A stage folder grown and published again (a URL list grown by a day) puts its new and changed files, not
+    the whole folder; a file gone from it goes from the store; after another machine's build the whole is put."""
+    url = f"s3://{s3.bucket}/incremental/stages"
+    prefix = "incremental/stages/filter/folder-a/"
+    here = StageCache(tmp_path / "here" / "stages", url)
+    finished_stage(here, "k1", {"batch-0/00000.tar": b"a" * 500, "batch-0/stats.json": b"{}", "old.json": b"1"})
+
+    def modified() -> dict[str, object]:
+        listed = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=prefix)["Contents"]
+        return {item["Key"][len(prefix):]: item["LastModified"] for item in listed}
+
+    first = modified()
+    time.sleep(1.1)  # S3 keeps modification times to the second
+    folder = here.root / "filter" / "folder-a"
+    (folder / "old.json").unlink()
+    (folder / "batch-0" / "stats.json").write_bytes(b"[]")  # rewritten at the same size
+    finished_stage(here, "k2", {"batch-1/00000.tar": b"b" * 500})
+    second = modified()
+    assert sorted(second) == [RECORD, "batch-0/00000.tar", "batch-0/stats.json", "batch-1/00000.tar"]
+    assert second["batch-0/00000.tar"] == first["batch-0/00000.tar"]  # left as it was: not put again
+    assert second["batch-0/stats.json"] > first["batch-0/stats.json"] and second[RECORD] > first[RECORD]
+    assert s3.client().get_object(Bucket=s3.bucket, Key=prefix + "batch-0/stats.json")["Body"].read() == b"[]"
+
+    # fetched elsewhere to add to, grown and published there: the fetched files stay as the store holds them
+    there = StageCache(tmp_path / "there" / "stages", url)
+    assert there.fetch_to_accumulate(there.root / "filter" / "folder-a")
+    time.sleep(1.1)
+    finished_stage(there, "k3", {"batch-2/00000.tar": b"c" * 500})
+    third = modified()
+    assert [name for name in third if third[name] > second.get(name, second[RECORD])] == [RECORD, "batch-2/00000.tar"]
+
+    # back here: the store holds another machine's build, so this cache's memory of the last one is no guide
+    time.sleep(1.1)
+    finished_stage(here, "k4", {})
+    fourth = modified()
+    assert sorted(fourth) == [RECORD, "batch-0/00000.tar", "batch-0/stats.json", "batch-1/00000.tar"]
+    assert all(fourth[name] > third[name] for name in fourth)
