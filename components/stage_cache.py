@@ -308,11 +308,11 @@ class StageCache:
         stage that accumulates (a URL list grown by a day) puts its new files alone."""
         fs, target = self._remote_folder(folder)
         try:
-            stored_key = json.loads(fs.cat_file(f"{target}/{RECORD}")).get("key")
+            stored = _build_of(json.loads(fs.cat_file(f"{target}/{RECORD}")))
             fs.rm_file(f"{target}/{RECORD}")
         except FileNotFoundError:
-            stored_key = None
-        sent = self._published_files(folder, stored_key)
+            stored = None
+        sent = self._published_files(folder, stored)
         on_store = {found[len(target) + 1:] for found in fs.find(target)} - {RECORD}
         files = self._folder_files(folder)
         for relative, state in sorted(files.items()):
@@ -322,7 +322,7 @@ class StageCache:
             fs.rm_file(f"{target}/{relative}")
         document = json.loads((folder / RECORD).read_text())
         fs.pipe_file(f"{target}/{RECORD}", json.dumps(document).replace(str(self.root), STAGES_PLACEHOLDER).encode())
-        write_json(self._published_path(folder), {"key": document["key"], "files": files})
+        write_json(self._published_path(folder), {"build": _build_of(document), "files": files})
 
     @staticmethod
     def _folder_files(folder: Path) -> dict[str, list[int]]:
@@ -333,14 +333,14 @@ class StageCache:
     def _published_path(self, folder: Path) -> Path:
         return self.root.parent / PUBLISHED / f"{folder.relative_to(self.root).as_posix()}.json"
 
-    def _published_files(self, folder: Path, stored_key: str | None) -> dict[str, list[int]]:
+    def _published_files(self, folder: Path, stored: list[str] | None) -> dict[str, list[int]]:
         """The files of `folder` as they were when this cache last published or fetched it, where the store still
-        holds that build (its record has `stored_key`), else nothing: another machine's build is put over whole."""
+        holds that build (`stored`, `_build_of` its record), else nothing: another build is put over whole."""
         path = self._published_path(folder)
-        if stored_key is None or not path.is_file():
+        if stored is None or not path.is_file():
             return {}
         published = json.loads(path.read_text())
-        return published["files"] if published["key"] == stored_key else {}
+        return published["files"] if published.get("build") == stored else {}
 
     def _fetch(self, folder: Path, key: str | None) -> bool:
         """Fetch the stage finished on the store in `folder`'s place with this key (any key: None) into `folder`
@@ -362,7 +362,7 @@ class StageCache:
                     fs.get_file(path, str(tmp / relative))
             (tmp / RECORD).write_text(json.dumps(record).replace(STAGES_PLACEHOLDER, str(self.root)))
         self._record_copy(folder).unlink(missing_ok=True)
-        write_json(self._published_path(folder), {"key": record["key"], "files": self._folder_files(folder)})
+        write_json(self._published_path(folder), {"build": _build_of(record), "files": self._folder_files(folder)})
         return True
 
     def fetch_to_accumulate(self, folder: Path) -> bool:
@@ -373,6 +373,11 @@ class StageCache:
         if folder.is_dir() and any(folder.iterdir()):
             return False
         return self._fetch(folder, None)
+
+
+def _build_of(record: Mapping[str, Any]) -> list[str]:
+    """Which build a record is of: its key and the MLflow run that built it (two builds of one key differ by it)."""
+    return [record.get("key"), record.get("mlflow_run_id")]
 
 
 def bind_call(function: Callable, args: tuple, kwargs: Mapping[str, Any]) -> inspect.BoundArguments:

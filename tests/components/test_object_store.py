@@ -67,12 +67,12 @@ def test_a_root_is_a_local_folder_or_an_object_store_with_a_local_cache(tmp_path
     assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:") and not os.path.exists("nosuch:")
 
 
-def finished_stage(cache: StageCache, key: str, files: dict[str, bytes]) -> StageRecord:
+def finished_stage(cache: StageCache, key: str, files: dict[str, bytes], run: str = "run-1") -> StageRecord:
     folder = cache.root / "filter" / "folder-a"
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
-    record = StageRecord("filter", key, folder, Out(str(folder / "curated")), {"kept": 3.0}, "run-1", 2.0)
+    record = StageRecord("filter", key, folder, Out(str(folder / "curated")), {"kept": 3.0}, run, 2.0)
     cache.commit(record)
     return record
 
@@ -288,3 +288,12 @@ def test_a_build_published_again_puts_only_what_changed_while_the_store_holds_th
     fourth = modified()
     assert sorted(fourth) == [RECORD, "batch-0/00000.tar", "batch-0/stats.json", "batch-1/00000.tar"]
     assert all(fourth[name] > third[name] for name in fourth)
+
+    # another build of the same key (another run built it elsewhere) is another build too: put over whole
+    third_cache = StageCache(tmp_path / "third" / "stages", url)
+    assert third_cache.fetch_to_accumulate(third_cache.root / "filter" / "folder-a")
+    finished_stage(third_cache, "k4", {}, run="run-2")
+    time.sleep(1.1)
+    before = modified()
+    finished_stage(here, "k5", {})
+    assert all(modified()[name] > before[name] for name in before)
