@@ -262,7 +262,8 @@ class StageCache:
 
     def fetch_inputs(self, arguments: Any) -> None:
         """Before a stage runs: every stage folder its arguments name (paths, a `local-dir:` CLIP, a config's
-        `init_from`) that finished on the store and that the cache holds the record of alone, fetched whole."""
+        `init_from`; as given, or as `stage_value(content=False)` made them) that finished on the store and that
+        the cache holds the record of alone, fetched whole."""
         document = json.dumps(self.stage_value(arguments, content=False))
         for named in sorted(set(re.findall(rf"{re.escape(str(self.root))}/[^/\"]+/[^/\"]+", document))):
             if (folder := self._held_on_store_only(named)) is not None:
@@ -355,11 +356,7 @@ class StageCache:
         if key is not None and record.get("key") != key:
             return False
         with atomic_path(folder) as tmp:
-            for path in fs.find(source):
-                relative = path[len(source) + 1:]
-                if relative != RECORD:
-                    (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
-                    fs.get_file(path, str(tmp / relative))
+            copy_from_store(fs, source, tmp)
             (tmp / RECORD).write_text(json.dumps(record).replace(STAGES_PLACEHOLDER, str(self.root)))
         self._record_copy(folder).unlink(missing_ok=True)
         write_json(self._published_path(folder), {"build": _build_of(record), "files": self._folder_files(folder)})

@@ -76,7 +76,8 @@ class Stages:
         # the call goes in as an artifact, not as params: the parent run holds the config as params, and MLflow's
         # image charts print every param of a run above its image (the prior's 37 hid its preview)
         with stage_run(self.parent, name) as tracker:
-            tracker.log_dict(self.cache.stage_value(bound.arguments, content=False), STAGE_CALL_FILE)
+            call_document = self.cache.stage_value(bound.arguments, content=False)
+            tracker.log_dict(call_document, STAGE_CALL_FILE)
             forced = name in self.rerun or EVERY_STAGE in self.rerun
             record = None if forced else self.cache.lookup(folder, key, result_type(function))
             if record is not None:
@@ -91,7 +92,7 @@ class Stages:
             elif accumulates and self.cache.fetch_to_accumulate(folder):
                 print(f"{name}: adding to its last build, fetched from {self.cache.remote}")
             folder.mkdir(parents=True, exist_ok=True)  # an unfinished folder is kept: stages resume from it
-            self.cache.fetch_inputs(bound.arguments)  # the finished stages it reads that only the store holds
+            self.cache.fetch_inputs(call_document)  # the finished stages it reads that only the store holds
             call = dict(bound.arguments, **{OUTPUT_DIR: folder})
             if TRACKER in inspect.signature(function).parameters:
                 call[TRACKER] = tracker

@@ -193,7 +193,8 @@ def train_prior_and_judge(run: PipelineRun, curated: StageRecord, tokenizer: Sta
                           clip: StageRecord, judged_on: list[str] | None = None) -> list[StageRecord]:
     """tokenize-corpus -> prior -> sample -> evaluate -> register, on the evaluation set built once."""
     cfg, stages = run.cfg, run.stages
-    evaluation_set = build_evaluation_set(cfg, curated, stages.cache, judged_on)  # before training: a bad set fails early
+    # before training: a bad set fails early
+    evaluation_set = build_evaluation_set(cfg, curated, stages.cache, judged_on)
     dataset = tokenize_corpus(cfg, curated, dvae, tokenizer, stages)
     log_lineage(run, curated, dataset)
     prior = train_prior(cfg, dataset, dvae, stages)

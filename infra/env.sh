@@ -42,16 +42,14 @@ try:
 except ValueError as error:
     sys.exit(f"infra/env.sh: {error}")' "$STORE")" || return 1 2>/dev/null || exit 1
     mkdir -p "$ROOT"
-    export DALLE_HOME="$STORE"
 elif [[ -n "${DALLE_HOME:-}" ]]; then
     DALLE_HOME="${DALLE_HOME#file://}"
     mkdir -p "$DALLE_HOME"
     ROOT="$(cd "$DALLE_HOME" && pwd)"
-    export DALLE_HOME="$ROOT"
 else
     ROOT="$DALLE_REPO/runs"
-    export DALLE_HOME="$ROOT"
 fi
+export DALLE_HOME="${STORE:-$ROOT}"
 
 PREFECT_PORT="${PREFECT_PORT:-4200}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
