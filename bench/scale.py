@@ -70,7 +70,8 @@ EXTRAPOLATION = (
     "linear scaling: each stage's core-seconds per item at the largest N (its wall seconds x the cores the run "
     "had, as if it kept every one busy) stay the same at 100M images, spread evenly over 16 nodes of as many "
     "cores of this kind; no per-item cost growth with N (see items_per_s_ratio), no network or shared-storage "
-    "cost, and no serial part (the filter's duplicate verdicts and the tokenize-corpus driver run on one node)")
+    "cost, and no serial part (the filter's driver gives the duplicate verdicts in corpus order, its index split "
+    "over the nodes: bench/near_duplicates.py --partitions; the tokenize-corpus driver runs on one node)")
 
 
 # the corpus ---------------------------------------------------------------------------------------

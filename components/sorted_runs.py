@@ -154,13 +154,19 @@ class ExactIndex:
 
     def add(self, digests: list[str]) -> None:
         if digests:
-            self.runs.add(*digest_keys(digests))
+            self.add_keys(*digest_keys(digests))
+
+    def add_keys(self, high: np.ndarray, low: np.ndarray) -> None:
+        """Digests as `digest_keys` gives them."""
+        self.runs.add(high, low)
 
     def contains(self, digests: list[str]) -> np.ndarray:
         """For each digest, whether it was added before."""
-        found = np.zeros(len(digests), bool)
-        if digests and len(self.runs):
-            high, low = digest_keys(digests)
+        return self.contains_keys(*digest_keys(digests)) if digests else np.zeros(0, bool)
+
+    def contains_keys(self, high: np.ndarray, low: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(high), bool)
+        if len(high) and len(self.runs):
             owners, stored_low = self.runs.matches(high)
             found[owners[stored_low == low[owners]]] = True
         return found

@@ -24,7 +24,8 @@ Work is per download shard: curated shard `<batch>-<shard>.tar`, then its report
 hashes, CLIP) runs as a task on the Ray cluster when the flow connected one (`checks.examine_shard`,
 `parallel.ordered_map`), as does writing the curated shards; only the duplicate verdicts are
 given here, in corpus order, against sorted hash runs (`dedup.py`), so the answers are those of
-one sequential pass. A re-run with the same config reuses every part whose source shard is
+one sequential pass; on a cluster of several nodes the runs are split by key over the nodes, each
+partition an actor answering for its share (`partitioned.py`), so the lookups use every node too. A re-run with the same config reuses every part whose source shard is
 unchanged, reading the kept hashes back from the parts so duplicates are still caught across
 runs; new batches (a longer URL list) are filtered against everything kept before. A changed
 config redoes everything. The report is written last, streamed from the parts with its counts
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -49,10 +51,11 @@ from ..config import FilterConfig
 from ..download.run import batch_shards, finished_batches
 from ..parallel import ordered_map, worker_node
 from ..shards import HOLDOUT_DIR, holdout_rank, read_shard, shard_paths, write_shard
-from ..sorted_runs import ExactIndex
+from ..sorted_runs import digest_keys
 from ..storage import SummedDigest, atomic_path, write_json
 from .checks import HELD_OUT, KEPT, REPORT_SCHEMA, Examined, ShardJob, examine_shard
-from .dedup import NearDuplicateIndex, ShardDeduplicator
+from .dedup import shard_verdicts
+from .partitioned import open_index
 
 REPORT_NAME = "filter_report.parquet"
 PARTS_DIR = "_parts"
@@ -60,6 +63,9 @@ SPILL_DIR = "_dedup_spill"  # the duplicate indexes' runs on disk while the stag
 SETTINGS_NAME = "_filter_settings.json"
 FILTER_VERSION = 3  # bump when a change to this module changes verdicts: old parts are then redone
 DIGEST_KEY = b"data_digest"  # the report's metadata holds its corpus digest
+# rows of consecutive shards decided with one lookup of the kept index: 1000 a lookup took 2.2x as long as 16k
+# over 250k hashes in this process, 2.6x on four partitions (bench/near_duplicates.py --shard)
+LOOKUP_ROWS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class FilterResult:
     download_failures_by_reason: dict[str, int] = field(default_factory=dict)
     reused_shards: int = 0
     shards_by_node: dict[str, int] = field(default_factory=dict)  # shards examined on each Ray node this call
+    index_partitions_by_node: dict[str, int] = field(default_factory=dict)  # the kept index's (partitioned.py)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -98,45 +105,59 @@ class FilterResult:
 
 
 class _Deduplicator:
-    """What was kept so far, by sha256 and perceptual hash, across shards, batches and runs (dedup.py)."""
+    """What was kept so far, by sha256 and perceptual hash, across shards, batches and runs (dedup.py), in this
+    process or over the cluster's nodes (partitioned.py)."""
 
-    def __init__(self, cfg: FilterConfig, spill_dir: Path, expected_items: int) -> None:
+    def __init__(self, cfg: FilterConfig, spill_dir: Path, expected_items: int, partitions: int | None) -> None:
         exact = cfg.drop_exact_duplicates is not False  # None: on (the pipeline passes the source's default)
-        self.exact = ExactIndex(spill_dir / "exact") if exact else None
-        self.near = None if cfg.near_duplicate_distance is None else \
-            NearDuplicateIndex(cfg.near_duplicate_distance, expected_items, spill_dir=spill_dir / "near")
+        self.index = open_index(exact, cfg.near_duplicate_distance, expected_items, spill_dir, partitions)
+        try:
+            self.placed = self.index.nodes()  # where its partitions are, if on the cluster
+        except Exception:
+            self.index.close()
+            raise
 
     def remember(self, part: pa.Table) -> None:
         """Register a finished shard's kept samples (which may come from an earlier run)."""
         kept = part.filter(part.column("kept"))
-        if self.exact is not None:
-            self.exact.add(kept.column("sha256").to_pylist())
-        if self.near is not None:
-            self.near.add(kept.column("phash").drop_null().to_numpy())
+        digests = kept.column("sha256").to_pylist() if self.index.exact_duplicates else []
+        hashes = kept.column("phash").drop_null().to_numpy() if self.index.max_distance is not None else []
+        self.index.add(*digest_keys(digests), np.asarray(hashes, np.uint64))
 
-    def decide(self, examined: Examined, holdout_fraction: float) -> pa.Table:
-        """The shard's rows with every candidate's verdict, in order: a duplicate of one kept before (in an
-        earlier shard or earlier in this one), else kept or held out."""
-        rows = examined.rows
-        reasons = rows.column("reason").to_pylist()
-        candidates = [i for i, (reason, stage) in enumerate(zip(reasons, rows.column("stage").to_pylist()))
+    def decide(self, shards: list[Examined], holdout_fraction: float) -> list[pa.Table]:
+        """Consecutive shards' rows with every candidate's verdict, in order: a duplicate of one kept before (in
+        an earlier shard or earlier in these), else kept or held out. One lookup for them all: the verdicts
+        are those of one shard after another, at a fraction of the index's (and a cluster's) per-call costs."""
+        rows = [shard.rows for shard in shards]
+        reasons = [table.column("reason").to_pylist() for table in rows]
+        candidates = [(number, i) for number, (table, shard_reasons) in enumerate(zip(rows, reasons))
+                      for i, (reason, stage) in enumerate(zip(shard_reasons, table.column("stage").to_pylist()))
                       if reason is None and stage == "filter"]
-        all_digests, all_hashes = rows.column("sha256").to_pylist(), rows.column("phash").to_pylist()
-        digests, hashes = [all_digests[i] for i in candidates], [all_hashes[i] for i in candidates]
-        urls = rows.column("url").to_pylist()
-        keys = rows.column("key").to_pylist()
-        shard = ShardDeduplicator(self.exact, self.near, digests, hashes)
-        for position, (row, digest, phash) in enumerate(zip(candidates, digests, hashes)):
-            verdict = shard.verdict(position, digest, phash)
-            if verdict is None:
-                verdict = HELD_OUT if holdout_rank(urls[row] or keys[row]) < holdout_fraction else KEPT
-                shard.keep(digest, phash)
-            reasons[row] = verdict
-        shard.finish()
-        reason_column = pa.array(reasons, pa.string())
-        kept = pc.is_in(reason_column, pa.array([KEPT, HELD_OUT]))
-        return rows.set_column(rows.schema.get_field_index("reason"), "reason", reason_column) \
-            .set_column(rows.schema.get_field_index("kept"), "kept", kept)
+        column = {name: [table.column(name).to_pylist() for table in rows] for name in ("sha256", "phash", "url", "key")}
+        verdicts = shard_verdicts(self.index, [column["sha256"][number][i] for number, i in candidates],
+                                  [column["phash"][number][i] for number, i in candidates])
+        for (number, i), verdict in zip(candidates, verdicts):
+            held_out = holdout_rank(column["url"][number][i] or column["key"][number][i]) < holdout_fraction
+            reasons[number][i] = verdict or (HELD_OUT if held_out else KEPT)
+        decided = []
+        for table, shard_reasons in zip(rows, reasons):
+            reason_column = pa.array(shard_reasons, pa.string())
+            kept = pc.is_in(reason_column, pa.array([KEPT, HELD_OUT]))
+            decided.append(table.set_column(table.schema.get_field_index("reason"), "reason", reason_column)
+                           .set_column(table.schema.get_field_index("kept"), "kept", kept))
+        return decided
+
+
+def lookup_groups(examined: Iterator[Examined], candidates: int) -> Iterator[list[Examined]]:
+    """Consecutive examined shards, grouped until they hold `candidates` rows (or the shards end)."""
+    group: list[Examined] = []
+    for shard in examined:
+        group.append(shard)
+        if sum(len(member.rows) for member in group) >= candidates:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 @dataclass(frozen=True)
@@ -166,9 +187,11 @@ def write_shard_outputs(job: OutputsJob) -> str:
     return worker_node()
 
 
-def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path, holdout_fraction: float = 0.0) -> FilterResult:
+def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path, holdout_fraction: float = 0.0,
+        index_partitions: int | None = None) -> FilterResult:
     """Filter every finished batch of the download folder `shards_dir` into `out_dir` (held-out samples into
-    `out_dir/holdout/`); report last."""
+    `out_dir/holdout/`); report last. The kept index is split into `index_partitions` on the Ray cluster's
+    nodes (None: one a node on a cluster of several; 0: in this process; the verdicts are the same)."""
     shards_dir, out_dir = Path(shards_dir), Path(out_dir)
     sources = [(batch, tar, parquet) for batch in finished_batches(shards_dir) for tar, parquet in batch_shards(batch)]
     if not sources:
@@ -188,10 +211,11 @@ def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path, holdout_
 
     spill_dir = out_dir / SPILL_DIR  # the indexes' runs past 64k entries: scratch, gone when the stage ends
     shutil.rmtree(spill_dir, ignore_errors=True)
+    dedupe = _Deduplicator(cfg, spill_dir, _expected_items(sources), index_partitions)
     try:
-        return _filter(cfg, sources, out_dir, report_path, holdout_fraction,
-                       _Deduplicator(cfg, spill_dir, _expected_items(sources)))
+        return _filter(cfg, sources, out_dir, report_path, holdout_fraction, dedupe)
     finally:
+        dedupe.index.close()
         shutil.rmtree(spill_dir, ignore_errors=True)
 
 
@@ -212,21 +236,25 @@ def _filter(cfg: FilterConfig, sources: list[tuple[Path, Path, Path | None]], ou
             break  # verdicts depend on what was kept before: redo everything after
         dedupe.remember(part)
         reused += 1
-    jobs = (ShardJob(tar, parquet, batch.name.removeprefix("batch-"), cfg, dedupe.near is not None)
+    jobs = (ShardJob(tar, parquet, batch.name.removeprefix("batch-"), cfg, dedupe.index.max_distance is not None)
             for batch, tar, parquet in sources[reused:])
     nodes: Counter[str] = Counter()
 
     def decided(examined: Iterator[Examined]) -> Iterator[OutputsJob]:
-        for shard, (part_path, curated, held_out) in zip(examined, outputs[reused:]):
-            nodes[shard.node] += 1
-            yield OutputsJob(shard.job.tar, shard.job.prefix, dedupe.decide(shard, holdout_fraction), part_path,
-                             curated, held_out, _signature(shard.job.tar, shard.job.parquet))
+        shard_outputs = iter(outputs[reused:])
+        for group in lookup_groups(examined, LOOKUP_ROWS):
+            for shard, part, (part_path, curated, held_out) in zip(group, dedupe.decide(group, holdout_fraction),
+                                                                    shard_outputs):
+                nodes[shard.node] += 1
+                yield OutputsJob(shard.job.tar, shard.job.prefix, part, part_path, curated, held_out,
+                                 _signature(shard.job.tar, shard.job.parquet))
 
     for node in ordered_map(write_shard_outputs, decided(ordered_map(examine_shard, jobs))):
         nodes[node] += 0  # a node that only wrote is named too
     summary = _write_report(report_path, [part_path for part_path, _, _ in outputs])
     return FilterResult(curated_dir=out_dir, report_path=report_path, reused_shards=reused,
-                        shards_by_node=dict(sorted(nodes.items())), **summary)
+                        shards_by_node=dict(sorted(nodes.items())), index_partitions_by_node=dedupe.placed,
+                        **summary)
 
 
 def _outputs_of(out_dir: Path, batch: Path, tar: Path) -> tuple[Path, Path, Path]:

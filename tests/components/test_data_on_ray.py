@@ -55,6 +55,17 @@ def test_on_ray_the_data_stages_curate_what_one_process_curates(tmp_path, local_
     source = captioned_folder(tmp_path / "source", 40)
     downloaded, on_ray = curate(source, tmp_path / "ray")
     assert set(downloaded.shards_by_node) - {"local"} and set(on_ray.shards_by_node) - {"local"}  # Ray tasks did it
+    assert on_ray.index_partitions_by_node == {}  # one node: the kept index in the driver
+    # the kept index split into three actors: the same verdicts, by digest; with exact dedup off, the copies
+    # found by their pHashes (distance 0) through the actors' band tables
+    split = filter_run(FILTER, tmp_path / "ray" / "dl", tmp_path / "split", holdout_fraction=0.2, index_partitions=3)
+    assert list(split.index_partitions_by_node.values()) == [3]
+    assert read_report(split.report_path).equals(read_report(on_ray.report_path))
+    by_hash = FILTER.model_copy(update={"drop_exact_duplicates": False})
+    near = [filter_run(by_hash, tmp_path / "ray" / "dl", tmp_path / f"near-{count}", 0.2, index_partitions=count)
+            for count in (0, 2)]
+    assert near[0].dropped_by_reason == near[1].dropped_by_reason == {"near_duplicate": 4}
+    assert read_report(near[0].report_path).equals(read_report(near[1].report_path))
     import ray
 
     ray.shutdown()  # the same calls without a Ray session: in this process
@@ -80,6 +91,7 @@ from dalle_pipeline.components.download.run import distributor_of, run as downlo
 cfg = DownloadConfig(allow_file_urls=True, samples_per_shard=8, timeout=5)
 fetched = download(cfg, Path(sys.argv[3]) / "urls.parquet", Path(sys.argv[3]) / "fetched", 32)
 print("RESULT " + json.dumps({"ingest": downloaded.shards_by_node, "filter": curated.shards_by_node,
+                              "index": curated.index_partitions_by_node,
                               "nodes": [node["NodeID"] for node in ray.nodes() if node["Alive"]],
                               "distributor": distributor_of(cfg), "downloaded": fetched.successes}))
 """
@@ -102,6 +114,8 @@ def test_both_nodes_of_a_cluster_ingest_and_filter(tmp_path, monkeypatch):
         # 16 shards, four tasks in flight on two nodes of one CPU: each node takes some
         assert sorted(result["ingest"]) == sorted(result["nodes"]) == sorted(result["filter"])
         assert sum(result["ingest"].values()) == sum(result["filter"].values()) == 16
+        # two nodes: the kept index in two partitions, one on each
+        assert sorted(result["index"]) == sorted(result["nodes"]) and set(result["index"].values()) == {1}
         # a URL list on a cluster of two nodes: img2dataset's shards are Ray tasks (download.distributor auto)
         assert result["distributor"] == "ray" and result["downloaded"] == 64
     _, here = curate(source, tmp_path / "here", per_shard=4)
@@ -143,6 +157,43 @@ def test_a_data_worker_killed_mid_filter_changes_nothing(tmp_path, local_ray):
     unbroken = filter_run(FILTER, tmp_path / "dl", tmp_path / "unbroken", holdout_fraction=0.2)
     assert read_report(result.report_path).equals(read_report(unbroken.report_path))
     assert corpus_of(result.curated_dir) == corpus_of(unbroken.curated_dir)
+
+
+@pytest.mark.slow  # an index partition's actor killed mid-filter
+def test_a_lost_index_partition_fails_the_filter_by_name_and_a_rerun_curates_the_same(tmp_path, local_ray,
+                                                                                      monkeypatch):
+    import importlib
+
+    from dalle_pipeline.components.download.run import batch_shards, finished_batches
+    from dalle_pipeline.components.filter.partitioned import PartitionLost
+
+    monkeypatch.setattr(importlib.import_module("dalle_pipeline.components.filter.run"), "LOOKUP_ROWS", 8)  # a lookup a shard
+
+    source = captioned_folder(tmp_path / "source", 96, side=192)
+    ingest(DataConfig(source=str(source)), DownloadConfig(samples_per_shard=8), tmp_path / "dl", 192)
+    batch = finished_batches(tmp_path / "dl")[0]
+    first_part = tmp_path / "curated" / "_parts" / f"{batch.name}-{batch_shards(batch)[0][0].stem}.parquet"
+    killed: list[int] = []
+
+    def kill_once_a_shard_is_written() -> None:
+        while not first_part.exists():
+            time.sleep(0.005)
+        kill_first("ray::IndexPartition", killed, threading.Event())
+
+    killer = threading.Thread(target=kill_once_a_shard_is_written, daemon=True)
+    killer.start()
+    with pytest.raises(PartitionLost, match="partition of the filter's duplicate index was lost.*run the stage again"):
+        filter_run(FILTER, tmp_path / "dl", tmp_path / "curated", holdout_fraction=0.2, index_partitions=2)
+    killer.join(10)
+    assert killed, "no index partition was seen running"
+    again = filter_run(FILTER, tmp_path / "dl", tmp_path / "curated", holdout_fraction=0.2, index_partitions=2)
+    assert 0 < again.reused_shards < 12  # it resumed from the shards written before the loss
+    import ray
+
+    ray.shutdown()
+    unbroken = filter_run(FILTER, tmp_path / "dl", tmp_path / "unbroken", holdout_fraction=0.2)
+    assert read_report(again.report_path).equals(read_report(unbroken.report_path))
+    assert corpus_of(again.curated_dir) == corpus_of(unbroken.curated_dir)
 
 
 INGEST = """

@@ -240,17 +240,15 @@ def test_the_band_count_suits_the_corpus_size():
         NearDuplicateIndex(64)
 
 
-def test_shard_verdicts_equal_a_sequential_scan_of_everything_kept_before():
-    """What the filter decided item by item against every kept hash and digest, shard by shard."""
-    from dalle_pipeline.components.filter.dedup import ShardDeduplicator
-    from dalle_pipeline.components.sorted_runs import ExactIndex
+def _planted_items(seed: int, count: int = 120) -> list[tuple[str, int]]:
+    """(sha256, pHash) items: exact copies, near copies (1-3 bits flipped), fresh ones, in a shuffled order."""
+    rng = np.random.default_rng(seed)
+    base = [int(v) for v in rng.integers(0, 2**64, count, dtype=np.uint64)]
 
-    rng = np.random.default_rng(1)
-    base = [int(v) for v in rng.integers(0, 2**64, 120, dtype=np.uint64)]
     def digest(value: int) -> str:
         return hashlib.sha256(str(value).encode()).hexdigest()
 
-    items = []  # (digest, phash): exact copies, near copies (1-3 bits), fresh ones, in a shuffled order
+    items = []
     for value in base:
         items.append((digest(value), value))
         for _ in range(int(rng.integers(0, 3))):
@@ -261,11 +259,14 @@ def test_shard_verdicts_equal_a_sequential_scan_of_everything_kept_before():
             items.append((digest(near), near))
         if rng.random() < 0.3:
             items.append((digest(value), value))
-    items = [items[i] for i in rng.permutation(len(items))]
-    max_distance = 2
+    return [items[i] for i in rng.permutation(len(items))]
+
+
+def sequential_verdicts(items: list[tuple[str, int]], max_distance: int, exact: bool = True) -> list[str | None]:
+    """What the filter decided item by item against every kept hash and digest."""
     kept_digests, kept_hashes, expected = set(), [], []
     for sha, phash in items:
-        if sha in kept_digests:
+        if exact and sha in kept_digests:
             expected.append("duplicate")
         elif any((phash ^ other).bit_count() <= max_distance for other in kept_hashes):
             expected.append("near_duplicate")
@@ -273,18 +274,98 @@ def test_shard_verdicts_equal_a_sequential_scan_of_everything_kept_before():
             expected.append(None)
             kept_digests.add(sha)
             kept_hashes.append(phash)
-    exact, near, verdicts = ExactIndex(), NearDuplicateIndex(max_distance), []
-    for start in range(0, len(items), 25):
-        shard_items = items[start : start + 25]
-        shard = ShardDeduplicator(exact, near, [d for d, _ in shard_items], [h for _, h in shard_items])
-        for position, (sha, phash) in enumerate(shard_items):
-            verdicts.append(shard.verdict(position, sha, phash))
-            if verdicts[-1] is None:
-                shard.keep(sha, phash)
-        shard.finish()
-    assert verdicts == expected
-    assert {"duplicate", "near_duplicate", None} == set(verdicts)
-    assert len(exact) == len(near) == expected.count(None)
+    return expected
+
+
+def shard_by_shard(index, items: list[tuple[str, int]], per_shard: int = 25) -> list[str | None]:
+    """The filter's path: shard by shard through `dedup.shard_verdicts` against `index`."""
+    from dalle_pipeline.components.filter.dedup import shard_verdicts
+
+    return [verdict for start in range(0, len(items), per_shard)
+            for verdict in shard_verdicts(index, *map(list, zip(*items[start : start + per_shard])))]
+
+
+def test_shard_verdicts_equal_a_sequential_scan_of_everything_kept_before():
+    from dalle_pipeline.components.filter.dedup import KeptIndex
+
+    items, max_distance = _planted_items(1), 2
+    expected = sequential_verdicts(items, max_distance)
+    index = KeptIndex(exact=True, max_distance=max_distance)
+    assert shard_by_shard(index, items) == expected
+    assert {"duplicate", "near_duplicate", None} == set(expected)
+    assert len(index.exact) == len(index.near) == expected.count(None)
+
+
+def test_a_shards_own_near_pairs_are_every_pair_within_the_distance():
+    """Pairs sharing a band's value, checked by popcount, are all the pairs a full comparison finds: near
+    copies, runs of identical hashes (blank images), and past 7 bits every pair compared."""
+    from dalle_pipeline.components.filter.dedup import earlier_neighbours
+
+    rng = np.random.default_rng(4)
+    hashes = rng.integers(0, 2**64, 400, dtype=np.uint64)
+    hashes[200:260] = hashes[3]  # a run of 60 equal hashes
+    flips = np.uint64(1) << rng.integers(0, 64, (100, 3)).astype(np.uint64)
+    hashes[300:400] = hashes[rng.integers(0, 300, 100)] ^ flips[:, 0] ^ flips[:, 1] ^ flips[:, 2]
+    hashes = hashes[rng.permutation(len(hashes))]
+    for max_distance in (0, 2, 4, 9):
+        expected = {later: sorted(earlier for earlier in range(later)
+                                  if int(hashes[later] ^ hashes[earlier]).bit_count() <= max_distance)
+                    for later in range(len(hashes))}
+        found = earlier_neighbours(hashes, max_distance)
+        assert {later: sorted(earliers) for later, earliers in found.items()} == \
+            {later: earliers for later, earliers in expected.items() if earliers}, max_distance
+        assert len(found) >= 59
+
+
+def test_verdicts_of_one_large_shard_equal_the_sequential_scan():
+    """Large lookups (the filter groups shards) and small ones; one pHash recurring 300 times under other
+    digests (a placeholder image re-encoded), its copies near others, by digest and by hash alone."""
+    from dalle_pipeline.components.filter.dedup import KeptIndex
+
+    rng = np.random.default_rng(6)
+    items = _planted_items(5, 300)
+    placeholder = items[0][1]
+    items += [(hashlib.sha256(f"placeholder {i}".encode()).hexdigest(), placeholder ^ (1 << int(i % 3 == 0)))
+              for i in range(300)]
+    items = [items[i] for i in rng.permutation(len(items))]
+    for max_distance, exact in ((2, True), (9, True), (2, False)):
+        expected = sequential_verdicts(items, max_distance, exact)
+        for per_shard in (len(items), 7):
+            assert shard_by_shard(KeptIndex(exact, max_distance), items, per_shard) == expected, (max_distance, exact)
+        assert expected.count("near_duplicate") >= 299
+
+
+class Partitions:
+    """Shares of one index answering together, as the cluster's partitions do (partitioned.py), in-process."""
+
+    def __init__(self, partitions: int, max_distance: int, bands: int) -> None:
+        from dalle_pipeline.components.filter.dedup import KeptIndex
+
+        self.parts = [KeptIndex(True, max_distance, bands=bands, share=(part, partitions)) for part in range(partitions)]
+        self.exact_duplicates, self.max_distance = True, max_distance
+
+    def lookup(self, *keys):
+        answers = [part.lookup(*keys) for part in self.parts]
+        return tuple(np.logical_or.reduce([answer[i] for answer in answers]) for i in range(2))
+
+    def add(self, *keys):
+        for part in self.parts:
+            part.add(*keys)
+
+
+def test_an_index_split_by_key_answers_as_one_index_of_everything():
+    """Each partition holds its share of every band table and of the digests (each entry in exactly one); their
+    answers together are the whole index's, with exact bands and with wider bands probed by their neighbours."""
+    items, max_distance = _planted_items(3, 200), 3
+    expected = sequential_verdicts(items, max_distance)
+    for bands in (4, 2):
+        split = Partitions(3, max_distance, bands)
+        assert shard_by_shard(split, items) == expected, bands
+        kept = expected.count(None)
+        assert sum(len(part.exact) for part in split.parts) == kept
+        for number in range(bands):  # every kept hash in one partition's table of each band, none in two
+            assert sum(len(part.near.tables[number]) for part in split.parts) == kept
+        assert all(0 < len(part.exact) < kept for part in split.parts)
 
 
 def test_clip_score_threshold_drops_the_worst_matches_and_records_every_score(tmp_path, monkeypatch):
