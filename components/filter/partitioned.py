@@ -2,15 +2,15 @@
 
 On one machine the index of what was kept lives in the filter's driver (`dedup.KeptIndex`); its lookups
 are the one part of the filter that runs in corpus order, so on a cluster they would bound the whole
-stage by one core (about 110 us an item at 100M items: 3 h). With more than one node, the index is
+stage by one core (89 us a query against 100M hashes: 2.5 h). With more than one node, the index is
 split by key (`dedup.partition_of` of each band value and digest) into one `IndexPartition` actor per
 node, each holding its share of every table in its own node's temporary space. A lookup's candidates
 (the filter asks for about 16k at a time, `filter.run.LOOKUP_ROWS`) go to every partition in one call,
 with the samples kept since the last lookup to add first; each probes only its share and answers which
 candidates it found near or seen; the driver takes the union. The verdicts are those of one index
 holding everything: equal keys always fall in one partition, and a partition answers the calls in the
-order the driver made them. The driver's part is then a few microseconds an item, most of it Ray's own
-cost of a call to each partition (bench/RESULTS.md).
+order the driver made them. The lookup's arrays are put in the object store once for all partitions:
+the driver's part is about 2 us an item whatever their number (bench/RESULTS.md).
 
 A partition lost (its node gone, its process killed) takes its share with it: the stage fails naming
 that, and run again it resumes from the shards it wrote, rebuilding the index from their report parts.
@@ -108,12 +108,13 @@ class PartitionedIndex:
 
     def lookup(self, high: np.ndarray, low: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The partitions' answers together, each partition first adding the samples kept since the last lookup
-        (one call a partition for both: a call's cost, not the index's, is most of the driver's share)."""
+        (one call a partition for both)."""
         import ray
 
-        kept, asked = ray.put(self._pending()), ray.put((high, low, hashes))  # serialised once for every partition
+        kept, asked = ray.put(self._pending()), ray.put((high, low, hashes))  # serialised once for all partitions
         answers = self._get([part.lookup.remote(kept, asked) for part in self.partitions])
-        return (np.logical_or.reduce([seen for seen, _ in answers]), np.logical_or.reduce([near for _, near in answers]))
+        seen, near = zip(*answers)
+        return np.logical_or.reduce(seen), np.logical_or.reduce(near)
 
     def add(self, high: np.ndarray, low: np.ndarray, hashes: np.ndarray) -> None:
         """Kept samples, added by every partition before it answers the next lookup (a stage ends with its

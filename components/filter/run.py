@@ -25,11 +25,11 @@ hashes, CLIP) runs as a task on the Ray cluster when the flow connected one (`ch
 `parallel.ordered_map`), as does writing the curated shards; only the duplicate verdicts are
 given here, in corpus order, against sorted hash runs (`dedup.py`), so the answers are those of
 one sequential pass; on a cluster of several nodes the runs are split by key over the nodes, each
-partition an actor answering for its share (`partitioned.py`), so the lookups use every node too. A re-run with the same config reuses every part whose source shard is
-unchanged, reading the kept hashes back from the parts so duplicates are still caught across
-runs; new batches (a longer URL list) are filtered against everything kept before. A changed
-config redoes everything. The report is written last, streamed from the parts with its counts
-and digest (one part in memory at a time).
+partition an actor answering for its share (`partitioned.py`), so the lookups use every node too.
+A re-run with the same config reuses every part whose source shard is unchanged, reading the kept
+hashes back from the parts so duplicates are still caught across runs; new batches (a longer URL
+list) are filtered against everything kept before. A changed config redoes everything. The report
+is written last, streamed from the parts with its counts and digest (one part in memory at a time).
 """
 
 from __future__ import annotations
@@ -133,12 +133,15 @@ class _Deduplicator:
         candidates = [(number, i) for number, (table, shard_reasons) in enumerate(zip(rows, reasons))
                       for i, (reason, stage) in enumerate(zip(shard_reasons, table.column("stage").to_pylist()))
                       if reason is None and stage == "filter"]
-        column = {name: [table.column(name).to_pylist() for table in rows] for name in ("sha256", "phash", "url", "key")}
+        column = {name: [table.column(name).to_pylist() for table in rows]
+                  for name in ("sha256", "phash", "url", "key")}
         verdicts = shard_verdicts(self.index, [column["sha256"][number][i] for number, i in candidates],
                                   [column["phash"][number][i] for number, i in candidates])
         for (number, i), verdict in zip(candidates, verdicts):
-            held_out = holdout_rank(column["url"][number][i] or column["key"][number][i]) < holdout_fraction
-            reasons[number][i] = verdict or (HELD_OUT if held_out else KEPT)
+            if verdict is None:
+                item = column["url"][number][i] or column["key"][number][i]
+                verdict = HELD_OUT if holdout_rank(item) < holdout_fraction else KEPT
+            reasons[number][i] = verdict
         decided = []
         for table, shard_reasons in zip(rows, reasons):
             reason_column = pa.array(shard_reasons, pa.string())

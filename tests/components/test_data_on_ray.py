@@ -167,7 +167,8 @@ def test_a_lost_index_partition_fails_the_filter_by_name_and_a_rerun_curates_the
     from dalle_pipeline.components.download.run import batch_shards, finished_batches
     from dalle_pipeline.components.filter.partitioned import PartitionLost
 
-    monkeypatch.setattr(importlib.import_module("dalle_pipeline.components.filter.run"), "LOOKUP_ROWS", 8)  # a lookup a shard
+    run_module = importlib.import_module("dalle_pipeline.components.filter.run")
+    monkeypatch.setattr(run_module, "LOOKUP_ROWS", 8)  # a lookup a shard: lookups go on after the first part
 
     source = captioned_folder(tmp_path / "source", 96, side=192)
     ingest(DataConfig(source=str(source)), DownloadConfig(samples_per_shard=8), tmp_path / "dl", 192)

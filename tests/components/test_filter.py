@@ -341,7 +341,8 @@ class Partitions:
     def __init__(self, partitions: int, max_distance: int, bands: int) -> None:
         from dalle_pipeline.components.filter.dedup import KeptIndex
 
-        self.parts = [KeptIndex(True, max_distance, bands=bands, share=(part, partitions)) for part in range(partitions)]
+        self.parts = [KeptIndex(True, max_distance, bands=bands, share=(part, partitions))
+                      for part in range(partitions)]
         self.exact_duplicates, self.max_distance = True, max_distance
 
     def lookup(self, *keys):
