@@ -155,10 +155,11 @@ class NearDuplicateIndex:
             probes = (self._band(hashes, self.bands[number])[:, None] ^ masks[None, :]).ravel()  # query-major
             asking = np.arange(len(probes)) // len(masks)  # the query each probe is for
             mine = _mine(probes, self.share)
-            found, stored = self.tables[number].matches(probes[mine])
-            owners = asking[mine][found]
-            close = np.bitwise_count(hashes[owners] ^ stored) <= self.max_distance
-            return np.unique(owners[close])
+            asking, near = asking[mine], []
+            for found, stored in self.tables[number].matches_in_chunks(probes[mine]):  # bounded, however many met
+                owners = asking[found]
+                near.append(owners[np.bitwise_count(hashes[owners] ^ stored) <= self.max_distance])
+            return np.unique(np.concatenate(near)) if near else np.zeros(0, np.int64)
 
         near = np.zeros(len(hashes), bool)
         for owners in self._each_band(near_on_band):

@@ -217,6 +217,10 @@ def test_runs_spilled_to_files_answer_as_runs_in_memory_and_leave_log_n_files(tm
         queries = rng.integers(0, 70, 25).astype(np.uint64)
         expected, got = in_memory.matches(queries), spilled.matches(queries)
         assert sorted(zip(*map(np.ndarray.tolist, expected))) == sorted(zip(*map(np.ndarray.tolist, got)))
+        pieces = list(spilled.matches_in_chunks(queries, chunk=4))  # a few entries at a time: the same matches
+        assert all(len(owners) <= 4 or len(set(owners.tolist())) == 1 for owners, _ in pieces)
+        assert sorted(pair for owners, found in pieces for pair in zip(owners.tolist(), found.tolist())) == \
+            sorted(zip(*map(np.ndarray.tolist, expected)))
     files = sorted(path.name for path in (tmp_path / "runs").iterdir())
     on_disk = [path for path in spilled.runs if isinstance(path, Path)]
     assert on_disk and len(files) == 2 * len(on_disk)  # merged runs' files removed
