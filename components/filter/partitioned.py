@@ -65,7 +65,7 @@ class IndexPartition:
     def lookup(self, kept: Keys | None, asked: Keys) -> tuple[np.ndarray, np.ndarray]:
         """Add the samples the previous shard kept (if any), then answer for this shard's candidates."""
         if kept is not None:
-            self.index.add(*kept)
+            self.add(kept)
         return self.index.lookup(*asked)
 
     def add(self, kept: Keys) -> None:
