@@ -40,10 +40,27 @@ def processes_with_env(name: str, value: str) -> list[int]:
 CLUSTER_MARK = "DALLE_TEST_RAY_CLUSTER"  # in the environment of every process of a test's own Ray cluster
 
 
-def ray_cli(*args: str, cluster: str | None = None) -> subprocess.CompletedProcess:
-    """The `ray` command of this environment, without token auth; `cluster` marks what it starts."""
+def ray_cli(*args: str, cluster: str | None = None, wrapper: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """The `ray` command of this environment (run by `wrapper`, a command that takes one), without token auth;
+    `cluster` marks what it starts."""
     env = {**os.environ, **NO_AUTH, **({CLUSTER_MARK: cluster} if cluster else {})}
-    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run([*wrapper, RAY, *args], env=env, capture_output=True, text=True, timeout=180)
+
+
+def without_folder(folder: Path) -> tuple[str, ...]:
+    """A wrapper command (`ray_cli`'s) that runs its command where `folder` is an empty one: in mount and user
+    namespaces of its own (`unshare`), an empty tmpfs mounted over it, as on a machine without that disk."""
+    return ("unshare", "--user", "--map-root-user", "--mount", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"',
+            str(folder))
+
+
+def namespaces_allowed() -> bool:
+    """Whether this machine lets a user mount a tmpfs in namespaces of its own (`without_folder`)."""
+    try:
+        probe = subprocess.run([*without_folder(Path("/mnt")), "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
 
 
 def start_ray_head(cluster: str, num_cpus: int = 1) -> str:

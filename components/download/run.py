@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import DownloadConfig
-from ..parallel import ray_session
+from ..parallel import ray_session, require_shared
 from ..sorted_runs import ExactIndex
 from .fetch import FetchPolicy, reason_code
 from .url_list import check as check_url_list
@@ -91,6 +91,8 @@ def run(cfg: DownloadConfig, url_list: str | Path, out_dir: str | Path, image_si
     check_url_list(url_list, url_col, caption_col)
     settings = {"url_col": url_col, "caption_col": caption_col, **batch_settings(cfg, image_size)}
     out_dir.mkdir(parents=True, exist_ok=True)
+    if distributor_of(cfg) == "ray":  # img2dataset's shards are written by tasks on every node
+        require_shared({"the URL list": url_list}, writes=out_dir)
     new_urls = 0
     with exclusive(out_dir, "download"):
         batches = finished_batches(out_dir)

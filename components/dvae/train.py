@@ -309,7 +309,8 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     log_inputs(curated_dir, tracker)
     with monitor_system(tracker):
         state, train_metrics = ray_train.train_on_ray("dvae", train_worker, loop_config, cfg, out_dir,
-                                                      ray_address=ray_address, tracker=tracker)
+                                                      ray_address=ray_address, tracker=tracker,
+                                                      reads={"the curated shards": Path(curated_dir)})
     final_model = build(model_cfg)
     final_model.load_state_dict(tokenizer_weights(state["ema"] if state.get("ema") is not None else state["model"]))
     result = measure_and_save(final_model.eval(), cfg, curated_dir, out_dir, image_size, shapes, tracker,

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from ..config import FilterConfig
 from ..download.run import batch_shards, finished_batches
-from ..parallel import ordered_map, worker_node
+from ..parallel import ordered_map, require_shared, worker_node
 from ..shards import HOLDOUT_DIR, holdout_rank, read_shard, shard_paths, write_shard
 from ..sorted_runs import digest_keys
 from ..storage import SummedDigest, atomic_path, write_json
@@ -201,6 +201,7 @@ def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path, holdout_
         raise FileNotFoundError(f"no finished download batch with *.tar shards in {shards_dir}")
     if out_dir.resolve() == shards_dir.resolve():
         raise ValueError(f"out_dir must differ from shards_dir ({shards_dir})")
+    require_shared({"the download folder": shards_dir}, writes=out_dir)  # every node's tasks read and write them
     report_path = out_dir / REPORT_NAME
     report_path.unlink(missing_ok=True)  # a crash must never leave a report describing other shards
     parts_dir = out_dir / PARTS_DIR

@@ -337,6 +337,7 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
             "prior", train_worker, loop_config, cfg, out_dir,
             score_attribute="val_loss" if cfg.val_fraction > 0 else None, ray_address=ray_address, tracker=tracker,
             cpu_worker_env=SHARDED_CPU_WORKER_ENV if cfg.parallel == "fsdp" else None,
+            reads={"the token dataset": Path(dataset_dir)},
         )
     checkpoint_dir = export(state, out_dir / "checkpoint", model_cfg,
                             meta={**metrics, "step": state["step"], "dvae_hash": manifest["dvae_hash"],

@@ -38,7 +38,7 @@ from ..download.fetch import damaged_image_reason
 from ..download.run import (BATCH_PREFIX, SUCCESS_MARKER, DownloadResult, attempted_index, batch_settings,
                             check_same_settings, encode_quality, exclusive, finished_batches, id_digests,
                             next_batch_number, summarise)
-from ..parallel import ordered_map, worker_node
+from ..parallel import ordered_map, require_shared, worker_node
 from ..shards import Sample, write_shard
 from ..sorted_runs import ExactIndex
 from ..storage import atomic_path, write_json
@@ -62,6 +62,7 @@ def run(data: DataConfig, cfg: DownloadConfig, out_dir: str | Path, image_size: 
     out_dir = Path(out_dir).resolve()
     settings = {"source_kind": kind, **batch_settings(cfg, image_size)}
     out_dir.mkdir(parents=True, exist_ok=True)
+    require_shared({"data.source": Path(data.source)}, writes=out_dir)  # every node's tasks read and write them
     with exclusive(out_dir, "ingest"):
         batches = finished_batches(out_dir)
         check_same_settings(batches, settings)

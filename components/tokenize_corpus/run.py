@@ -31,6 +31,7 @@ import torch
 
 from .. import checkpoint
 from ..cluster import connect
+from ..parallel import require_shared
 from ..corpus import oracle
 from ..corpus.shapes import specs_from_json
 from ..dvae.model import load as load_dvae
@@ -209,6 +210,9 @@ def _tokenize(pending: list[Path], out_dir: Path, metadata: dict[str, str], dvae
     import ray.data
 
     resources = connect(ray_address)
+    # the shards are read, the tokenizers loaded, by tasks and actors on any node
+    require_shared({"the curated shards": pending[0].parent, "the image tokenizer": Path(dvae_dir),
+                    "the text tokenizer": Path(tokenizer_path)})
     quiet_ray_data()
     gpus = int(resources.get("GPU", 0))
     cpus = max(1, int(resources.get("CPU", 1)))

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..cluster import connect
+from ..parallel import require_shared
 from ..config import RayTrainConfig
 from ..tracking import Tracker
 from . import sharded
@@ -52,6 +53,7 @@ def train_on_ray(
     ray_address: str | None = None,
     tracker: Tracker | None = None,
     cpu_worker_env: dict[str, str] | None = None,
+    reads: dict[str, Path] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Run `worker_fn(loop_config)` on `cfg.num_workers` workers; (training state kept, its metrics).
 
@@ -67,6 +69,7 @@ def train_on_ray(
     import ray
 
     connect(ray_address)
+    require_shared(reads or {}, writes=Path(out_dir))  # the workers read `reads`, keep checkpoints under out_dir
     use_gpu, threads_per_worker = worker_shares([node["Resources"] for node in ray.nodes() if node.get("Alive")],
                                                 cfg.num_workers, cfg.device)
     trainer = TorchTrainer(

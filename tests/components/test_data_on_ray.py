@@ -16,7 +16,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from local_processes import NO_AUTH
+from local_processes import NO_AUTH, namespaces_allowed
 from test_filter import _encode, _picture
 from test_ray_cluster import local_cluster
 
@@ -120,6 +120,64 @@ def test_both_nodes_of_a_cluster_ingest_and_filter(tmp_path, monkeypatch):
         assert result["distributor"] == "ray" and result["downloaded"] == 64
     _, here = curate(source, tmp_path / "here", per_shard=4)
     assert read_report(tmp_path / "out" / "curated" / "filter_report.parquet").equals(read_report(here.report_path))
+
+
+UNSHARED = """
+import json, sys
+import ray
+from pathlib import Path
+from dalle_pipeline.components.config import DataConfig, DownloadConfig, FilterConfig
+from dalle_pipeline.components.download.run import run as download
+from dalle_pipeline.components.filter import run as filter_run
+from dalle_pipeline.components.parallel import NotShared
+from dalle_pipeline.components.sources import run as ingest
+
+source, out = Path(sys.argv[2]), Path(sys.argv[3])
+ray.init(address=sys.argv[1], include_dashboard=False, configure_logging=False)
+refusals = {}
+for stage, call in {
+    "ingest": lambda: ingest(DataConfig(source=str(source)), DownloadConfig(samples_per_shard=4), out / "dl", 32),
+    "filter": lambda: filter_run(FilterConfig(), out / "here", out / "curated"),
+    "download": lambda: download(DownloadConfig(allow_file_urls=True, samples_per_shard=4), out / "urls.parquet",
+                                 out / "fetched", 32),
+}.items():
+    try:
+        call()
+    except NotShared as refusal:
+        refusals[stage] = str(refusal)
+print("RESULT " + json.dumps({"refusals": refusals, "here": ray.get_runtime_context().get_node_id(),
+                              "nodes": [node["NodeID"] for node in ray.nodes() if node["Alive"]]}))
+"""
+
+
+@pytest.mark.slow  # two-node Ray
+def test_a_node_that_does_not_see_the_stage_folders_is_refused_before_any_work(tmp_path, monkeypatch):
+    if not namespaces_allowed():
+        pytest.skip("this machine lets no user mount a folder in namespaces of its own (unshare)")
+    source = captioned_folder(tmp_path / "source", 8)
+    curate(source, tmp_path / "out" / "local", per_shard=4)  # a download folder for the filter, made here
+    (tmp_path / "out" / "local" / "dl").rename(tmp_path / "out" / "here")
+    pictures = sorted(source.glob("*.png"))
+    pq.write_table(pa.table({"url": [path.as_uri() for path in pictures], "caption": ["a picture"] * len(pictures)}),
+                   tmp_path / "out" / "urls.parquet")
+    # the second node runs where tmp_path is an empty folder: a node without the driver's disk
+    for address in local_cluster(monkeypatch, "unshared-nodes", 1, [1], hidden=tmp_path):
+        proc = subprocess.run([sys.executable, "-c", UNSHARED, address, str(source), str(tmp_path / "out")],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, **NO_AUTH})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    (other,) = set(result["nodes"]) - {result["here"]}
+    refusals = result["refusals"]
+    assert sorted(refusals) == ["download", "filter", "ingest"]
+    for stage, what, read, written in [("ingest", "data.source", source, "dl"),
+                                       ("filter", "the download folder", tmp_path / "out" / "here", "curated"),
+                                       ("download", "the URL list", tmp_path / "out" / "urls.parquet", "fetched")]:
+        assert f"{what} ({read}) on node {other[:8]}" in refusals[stage]
+        assert f"the folder {tmp_path / 'out' / written}, which the stage writes, on node {other[:8]}" \
+            in refusals[stage]
+        assert result["here"][:8] not in refusals[stage] and "DALLE_CACHE" in refusals[stage]
+        # refused before any work: no batch, no curated shard, no report, no probe left behind
+        assert sorted(path.name for path in (tmp_path / "out" / written).iterdir()) == []
 
 
 def kill_first(name: str, killed: list[int], stop: threading.Event) -> None:

@@ -7,15 +7,17 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from local_processes import NO_AUTH, ray_cli, start_ray_head, stop_ray_cluster
+from local_processes import NO_AUTH, ray_cli, start_ray_head, stop_ray_cluster, without_folder
 from test_prior_train import write_learnable_dataset
 
 
-def local_cluster(monkeypatch, name: str, head_cpus: int, node_cpus: list[int]):
-    """`ray start --head` and a `ray start --address` per node, all on this machine with logical CPUs;
-    yields the head's address and stops every node after."""
+def local_cluster(monkeypatch, name: str, head_cpus: int, node_cpus: list[int], hidden: Path | None = None):
+    """`ray start --head` and a `ray start --address` per node, all on this machine with logical CPUs (the nodes
+    but the head without the folder `hidden`: `without_folder`); yields the head's address and stops every node
+    after."""
     for variable, value in NO_AUTH.items():
         monkeypatch.setenv(variable, value)
     cluster, address = f"{name}-{os.getpid()}", None
@@ -23,7 +25,7 @@ def local_cluster(monkeypatch, name: str, head_cpus: int, node_cpus: list[int]):
         address = start_ray_head(cluster, num_cpus=head_cpus)
         for cpus in node_cpus:
             worker = ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
-                             cluster=cluster)
+                             cluster=cluster, wrapper=without_folder(hidden) if hidden else ())
             assert worker.returncode == 0, worker.stdout + worker.stderr
         yield address
     finally:
