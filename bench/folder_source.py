@@ -7,7 +7,10 @@ are read by Ray tasks, not here):
 
 - `walked` (the source now): `sources.kinds.items`, a folder at a time, its names as Arrow strings;
 - `sorted` (the baseline, how the source was listed before): `sorted(root.rglob("*"))` and a set of every
-  image's stem, then the same items.
+  image's stem, then the same items;
+- `listing` (the walk alone, `listing.walk_folder`, no items: what grows with one folder's size) and its baseline
+  `listing-per-piece`, the walk as it was before 2026-12-06: each piece of FOLDER_BLOCK names probed against a
+  set of the whole folder's image stems built anew for that piece (N / FOLDER_BLOCK sets of N: the square of N).
 
     python bench/folder_source.py --images 40000 160000 --out bench/results/folder-source.json
 
@@ -29,7 +32,7 @@ from pathlib import Path
 import source_tree  # noqa: E402,F401  (dalle_pipeline without an install)
 from child_memory import AnonymousPeak, growth, peak_rss_mb
 
-MODES = ("sorted", "walked")
+MODES = ("sorted", "walked", "listing", "listing-per-piece")
 
 
 def write_folder(work: Path, images: int) -> Path:
@@ -52,7 +55,30 @@ def sorted_items(root: Path, data):
     files = sorted(p for p in root.rglob("*") if not p.is_dir() and not kinds._hidden(p, root))
     images = {p.with_suffix("") for p in files if p.suffix.lower() in kinds.IMAGE_SUFFIXES}
     for path in files:
-        yield from kinds._folder_item(root, path, {}, data.caption_col, path.with_suffix("") in images)
+        yield from kinds._folder_item(root, path, None, data.caption_col, path.with_suffix("") in images)
+
+
+def walked_names(root: Path, per_piece: bool):
+    """(name, an image of its stem beside it) of every file, as `listing.walk_folder` gives them; `per_piece`: the
+    second found as before, a set of the folder's image stems (taken once a folder) probed by each piece."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from dalle_pipeline.components.sources import kinds, listing
+
+    stems_of: dict[Path, pa.Array] = {}
+    for piece in listing.walk_folder(root, kinds.IMAGE_SUFFIXES):
+        beside = piece.has_image
+        if per_piece:
+            if piece.folder not in stems_of:
+                with os.scandir(piece.folder) as entries:
+                    names = pa.array([entry.name for entry in entries if not entry.is_dir()], pa.string())
+                stems_of[piece.folder] = pc.unique(listing.stems(pc.filter(names, listing.has_suffix(
+                    names, kinds.IMAGE_SUFFIXES))))
+            beside = pc.is_in(listing.stems(piece.names), value_set=stems_of[piece.folder])
+        yield from zip(piece.names.to_pylist(), beside.to_pylist())
 
 
 def list_items(mode: str, root: Path) -> dict:
@@ -62,8 +88,15 @@ def list_items(mode: str, root: Path) -> dict:
     sampler = AnonymousPeak()
     started = time.perf_counter()
     data = DataConfig(source=str(root))
-    items = kinds.items("folder", data) if mode == "walked" else sorted_items(root, data)
     count = captioned = 0
+    if mode.startswith("listing"):  # files, and caption files with their image: every file here
+        for _, beside_image in walked_names(root, per_piece=mode == "listing-per-piece"):
+            count, captioned = count + 1, captioned + beside_image
+        count //= 2
+        captioned //= 2
+        return {"seconds": time.perf_counter() - started, "items": count, "captioned": captioned,
+                "peak_anonymous_mb": sampler.stop(), "peak_rss_mb": peak_rss_mb()}
+    items = kinds.items("folder", data) if mode == "walked" else sorted_items(root, data)
     for item in items:
         count, captioned = count + 1, captioned + (item.caption is not None)
     return {"seconds": time.perf_counter() - started, "items": count, "captioned": captioned,

@@ -21,8 +21,6 @@ Kinds (`data.format`, or recognised by `source_kind`):
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,12 +34,11 @@ from ..config import DataConfig
 from ..download.url_list import INPUT_FORMATS, is_list_file, skipped
 from ..shards import TarMember, tar_entries
 from ..storage import existing, is_object_store, local_path
+from .captions_file import CAPTION_FILES, CaptionsFile, read_captions_file
 from .listing import hidden, walk_folder
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 CAPTION_SUFFIXES = (".txt", ".json")
-CAPTION_FILES = ("captions.csv", "captions.jsonl")
-FILE_NAME_COLUMNS = ("file_name", "file", "image", "path", "filename")
 LOCAL_KINDS = ("folder", "webdataset", "parquet", "coco")
 
 
@@ -99,7 +96,7 @@ def _recognise(path: Path, data: DataConfig) -> str:
         return "webdataset"
     files, first, parquet, listed = 0, [], None, True
     for piece in walk_folder(path, IMAGE_SUFFIXES):
-        if len(piece.image_stems):
+        if piece.folder_has_images:
             return "folder"  # at the first folder with an image: a source of millions is not listed to the end
         folder = piece.folder
         for name in piece.names.to_pylist():
@@ -169,15 +166,15 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
 def _folder_items(root: Path, data: DataConfig) -> Iterator[Item]:
     """The folder's files in path order, a folder at a time (`listing.walk_folder`): the driver holds the names
     of one folder (and of the folders above it), as Arrow strings, never a list of the source's paths."""
-    mapped = _captions_file(root, data.caption_col)
+    mapped = read_captions_file(root, data.caption_col)
     for piece in walk_folder(root, IMAGE_SUFFIXES):
         for name in piece.unreadable:  # not UTF-8: its id (U+FFFD for the bytes) says which file to rename
             yield Item((piece.folder / name).relative_to(root).as_posix(), None, None, problem="unreadable_name")
-        for name, caption_has_image in zip(piece.names.to_pylist(), piece.has_image().to_pylist()):
+        for name, caption_has_image in zip(piece.names.to_pylist(), piece.has_image.to_pylist()):
             yield from _folder_item(root, piece.folder / name, mapped, data.caption_col, caption_has_image)
 
 
-def _folder_item(root: Path, path: Path, mapped: dict[str, str], caption_key: str,
+def _folder_item(root: Path, path: Path, mapped: CaptionsFile | None, caption_key: str,
                  has_image: bool) -> Iterator[Item]:
     """The item of one file of a folder source (none for the captions file); `has_image`: an image of the
     file's stem lies beside it (what a caption file needs)."""
@@ -196,8 +193,8 @@ def _folder_item(root: Path, path: Path, mapped: dict[str, str], caption_key: st
         yield Item(relative, None, None, problem="outside_source")
         return
     caption = _sidecar_caption(path, caption_key)
-    if caption is None:
-        caption = mapped.get(relative, mapped.get(path.name))
+    if caption is None and mapped is not None:
+        caption = mapped.get(relative, path.name)
     yield Item(relative, caption, _file_reader(path), problem=None if caption is not None else "missing_caption")
 
 
@@ -213,24 +210,6 @@ def _sidecar_caption(image: Path, caption_key: str) -> str | None:
         value = document.get(caption_key) if isinstance(document, dict) else None
         return value if isinstance(value, str) else None
     return None
-
-
-def _captions_file(root: Path, caption_col: str) -> dict[str, str]:
-    """file name -> caption from `captions.csv` / `captions.jsonl` at the top of a folder, if there."""
-    rows: list[dict] = []
-    if (root / "captions.csv").is_file():
-        rows = list(csv.DictReader(io.StringIO(_decode_caption((root / "captions.csv").read_bytes()))))
-    elif (root / "captions.jsonl").is_file():
-        lines = _decode_caption((root / "captions.jsonl").read_bytes()).splitlines()
-        rows = [json.loads(line) for line in lines if line.strip()]
-    if not rows:
-        return {}
-    name_col = next((col for col in FILE_NAME_COLUMNS if col in rows[0]), None)
-    if name_col is None:
-        raise ValueError(f"{root}: the captions file needs a file name column (one of {list(FILE_NAME_COLUMNS)}); "
-                         f"it has {sorted(rows[0])}")
-    caption_col = columns.pick(list(rows[0]), caption_col, "caption", root / "captions file")
-    return {str(row[name_col]): str(row[caption_col]) for row in rows if row.get(caption_col) is not None}
 
 
 def _webdataset_items(root: Path, data: DataConfig) -> Iterator[Item]:

@@ -23,19 +23,17 @@ FOLDER_BLOCK = 4096  # names read into Arrow, and handed on, at a time
 
 @dataclass(frozen=True)
 class Piece:
-    """Up to FOLDER_BLOCK files of one folder, in order: their `names`; the stems of every image of the folder
-    (`image_stems`, to tell a caption file from one whose image is missing); the folder's files whose names are
-    not UTF-8 (`unreadable`, U+FFFD for their bytes, given with its first piece: no Arrow string or item id
-    holds them)."""
+    """Up to FOLDER_BLOCK files of one folder, in order: their `names`; for each, whether an image of its stem
+    lies in the folder (`has_image`: `x.txt` beside `x.png` or `x.JPG`, which tells a caption file from one
+    whose image is missing); whether the folder holds any image (`folder_has_images`); the folder's files
+    whose names are not UTF-8 (`unreadable`, U+FFFD for their bytes, given with its first piece: no Arrow
+    string or item id holds them)."""
 
     folder: Path
     names: pa.Array
-    image_stems: pa.Array
+    has_image: pa.Array
+    folder_has_images: bool
     unreadable: list[str] = field(default_factory=list)
-
-    def has_image(self) -> pa.Array:
-        """For each name, whether an image of its stem lies in the folder (`x.txt` beside `x.png` or `x.JPG`)."""
-        return pc.is_in(stems(self.names), value_set=self.image_stems)
 
 
 def walk_folder(folder: Path, image_suffixes: frozenset[str]) -> Iterator[Piece]:
@@ -58,14 +56,20 @@ def walk_folder(folder: Path, image_suffixes: frozenset[str]) -> Iterator[Piece]
             elif not entry.is_symlink():
                 folders.append(entry.name)
     names = pa.concat_arrays([*chunks, pa.array(files, pa.string())])
-    image_stems = pc.unique(stems(pc.filter(names, has_suffix(names, image_suffixes))))
+    # once a folder, not a piece: a set of the folder's image stems probed by every piece of a flat folder of
+    # N files was built N / FOLDER_BLOCK times, a cost that grew as the square of N
+    name_stems = stems(names)
+    image_stems = pc.unique(pc.filter(name_stems, has_suffix(names, image_suffixes)))
+    beside_image, has_images = pc.is_in(name_stems, value_set=image_stems), len(image_stems) > 0
+    del name_stems, image_stems
     order = pc.sort_indices(pa.concat_arrays([names, pa.array(folders, pa.string())])).to_numpy()
     unreadable.sort()
 
     def pieces(indices: np.ndarray) -> Iterator[Piece]:
         nonlocal unreadable
         for start in range(0, max(len(indices), 1 if unreadable else 0), FOLDER_BLOCK):
-            yield Piece(folder, pc.take(names, indices[start : start + FOLDER_BLOCK]), image_stems, unreadable)
+            chosen = indices[start : start + FOLDER_BLOCK]
+            yield Piece(folder, pc.take(names, chosen), pc.take(beside_image, chosen), has_images, unreadable)
             unreadable = []
 
     start = 0

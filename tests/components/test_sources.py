@@ -163,6 +163,36 @@ def test_a_folder_source_is_listed_a_folder_at_a_time_in_the_order_of_its_sorted
     assert source_kind(DataConfig(source=str(root))) == "folder" and set(scanned) == {root, root / "B"}  # B/k.webp
 
 
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_a_captions_file_gives_what_a_dict_of_its_rows_gives(tmp_path, monkeypatch, kind):
+    """Read as a stream into sorted arrays a few rows a block: the caption of a relative path, else of the bare
+    name, the last row of a repeated name, U+FFFD for bytes that are not UTF-8; rows without a caption skipped."""
+    from dalle_pipeline.components.sources import captions_file
+
+    monkeypatch.setattr(captions_file, "ROWS_BLOCK", 3)
+    rows = [("b.png", "bee"), ("sub/a.png", "a in sub"), ("a.png", "bare a"), ("c.png", "first c"), ("z.png", None),
+            ("sub/b.png", "b in sub, quoted"), ("c.png", "second c"), ("é.png", "accent"), ("d.png", "")]
+    if kind == "csv":
+        lines = [b"file_name,caption"] + [f'{name},"{text}"'.encode() if text is not None else f"{name}".encode()
+                                          for name, text in rows]
+        data = b"\n".join(lines + [b"bad.png,caf\xe9"]) + b"\n"
+    else:
+        lines = [json.dumps({"file_name": name, **({"caption": text} if text is not None else {})}).encode()
+                 for name, text in rows]
+        data = b"\n".join(lines + [b'{"file_name": "bad.png", "caption": "caf\xe9"}', b""])
+    (tmp_path / f"captions.{kind}").write_bytes(data)
+    expected = {name: text for name, text in rows if text is not None} | {"bad.png": "caf\ufffd"}
+    found = captions_file.read_captions_file(tmp_path, "caption")
+    assert len(found) == 9 and len(found.captions) == 9
+    for relative in ["b.png", "sub/a.png", "sub/b.png", "sub/c.png", "deep/er/a.png", "c.png", "z.png", "é.png",
+                     "d.png", "bad.png", "sub/missing.png", "missing.png"]:
+        name = relative.rsplit("/", 1)[-1]
+        assert found.get(relative, name) == expected.get(relative, expected.get(name)), relative
+    (tmp_path / f"captions.{kind}").write_bytes(b"name,text\nx.png,x\n" if kind == "csv" else b'{"name": "x"}\n')
+    with pytest.raises(ValueError, match=f"captions.{kind}: the captions file needs a file name column"):
+        captions_file.read_captions_file(tmp_path, "caption")
+
+
 def test_webdataset_shards_such_as_an_img2dataset_output_are_read_as_they_are(tmp_path):
     shards = tmp_path / "wds"
     shards.mkdir()
