@@ -182,8 +182,12 @@ class TreeMemory:
         self.stage: str | None = None
         self.peaks: dict[str, dict[str, float]] = {}
         self.overall = {"pss": 0.0, "rss": 0.0, "processes": 0}
-        self.overall_roles: dict[str, int] = {}  # PSS by process role at the overall peak
+        # PSS by process role at the overall peak, and of it the part mapped from files (page cache: spilled index
+        # runs read through mmap, shared libraries), which the kernel takes back under pressure
+        self.overall_roles: dict[str, int] = {}
+        self.overall_file_roles: dict[str, int] = {}
         self.peak_roles: dict[str, dict[str, int]] = {}  # the same at each stage's peak
+        self.peak_file_roles: dict[str, dict[str, int]] = {}
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tree-memory", daemon=True)
@@ -201,38 +205,42 @@ class TreeMemory:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def measure(self) -> tuple[int, int, int, dict[str, int]]:
-        """(PSS, RSS, processes, PSS by role) now; a process that ends or refuses while being read is left out."""
+    def measure(self) -> tuple[int, int, int, dict[str, int], dict[str, int]]:
+        """(PSS, RSS, processes, PSS by role, file-backed PSS by role) now; a process that ends or refuses while
+        being read is left out."""
         try:
             processes = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
             processes = [self.root]
         pss = rss = counted = 0
         by_role: dict[str, int] = {}
+        file_by_role: dict[str, int] = {}
         for process in processes:
             try:
                 info = process.memory_full_info()
                 role = "driver" if process is self.root else process_role(process)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                file_backed = pss_file(process.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
                 continue
             pss += info.pss
             rss += info.rss
             counted += 1
             by_role[role] = by_role.get(role, 0) + info.pss
-        return pss, rss, counted, by_role
+            file_by_role[role] = file_by_role.get(role, 0) + file_backed
+        return pss, rss, counted, by_role, file_by_role
 
     def sample(self) -> None:
-        pss, rss, counted, by_role = self.measure()
+        pss, rss, counted, by_role, file_by_role = self.measure()
         with self.lock:
             self.samples += 1
             if pss > self.overall["pss"]:
-                self.overall_roles = by_role
+                self.overall_roles, self.overall_file_roles = by_role, file_by_role
             self.overall = {"pss": max(self.overall["pss"], pss), "rss": max(self.overall["rss"], rss),
                             "processes": max(self.overall["processes"], counted)}
             if self.stage is not None:
                 peak = self.peaks.setdefault(self.stage, {"pss": 0.0, "rss": 0.0, "processes": 0})
                 if pss > peak["pss"]:
-                    self.peak_roles[self.stage] = by_role
+                    self.peak_roles[self.stage], self.peak_file_roles[self.stage] = by_role, file_by_role
                 peak.update(pss=max(peak["pss"], pss), rss=max(peak["rss"], rss),
                             processes=max(peak["processes"], counted))
 
@@ -248,10 +256,20 @@ class TreeMemory:
             with self.lock:
                 self.stage = None
 
-    def report(self, peak: dict[str, float], roles: dict[str, int]) -> dict:
+    def report(self, peak: dict[str, float], roles: dict[str, int], file_roles: dict[str, int]) -> dict:
         return {"peak_pss_mb": peak["pss"] / MB, "peak_rss_sum_mb": peak["rss"] / MB,
                 "peak_processes": peak["processes"],
-                "peak_pss_mb_by_role": {role: pss / MB for role, pss in sorted(roles.items())}}
+                "peak_pss_mb_by_role": {role: pss / MB for role, pss in sorted(roles.items())},
+                "peak_pss_file_mb_by_role": {role: pss / MB for role, pss in sorted(file_roles.items())}}
+
+
+def pss_file(pid: int) -> int:
+    """The file-backed part of a process's PSS in bytes (smaps_rollup's Pss_File; 0 where the kernel has none)."""
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss_File:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def process_role(process: psutil.Process) -> str:
@@ -276,10 +294,11 @@ def run_stages(job: dict) -> dict:
     """The child's work: the stages in order on the corpus at `job['source']`, each timed and its memory sampled."""
     with TreeMemory(job["interval"]) as memory:
         result = _run_stages(job, memory)
-        result["peak"] = memory.report(memory.overall, memory.overall_roles)
+        result["peak"] = memory.report(memory.overall, memory.overall_roles, memory.overall_file_roles)
         result["memory_samples"] = memory.samples
         for stage, row in result["stages"].items():
-            row.update(memory.report(memory.peaks[stage], memory.peak_roles.get(stage, {})))
+            row.update(memory.report(memory.peaks[stage], memory.peak_roles.get(stage, {}),
+                                     memory.peak_file_roles.get(stage, {})))
     return result
 
 
@@ -301,7 +320,7 @@ def _run_stages(job: dict, memory: TreeMemory) -> dict:
     started = time.perf_counter()
     result["cluster"] = {"cpus": connect()["CPU"]} if job["ray"] else None
     result["ray_start_seconds"] = time.perf_counter() - started if job["ray"] else None
-    pss, rss, processes, roles = memory.measure()  # before the first stage (Ray started, modules imported)
+    pss, rss, processes, roles, _ = memory.measure()  # before the first stage (Ray started, modules imported)
     result["before_stages"] = {"pss_mb": pss / MB, "rss_sum_mb": rss / MB, "processes": processes,
                                "pss_mb_by_role": {role: value / MB for role, value in sorted(roles.items())}}
     data = DataConfig(source=job["source"], holdout_fraction=job["holdout_fraction"])
@@ -436,7 +455,10 @@ def scaling(runs: list[dict], stages: list[str]) -> dict:
             out["stages"][stage] = {"items_per_s_ratio": after["items_per_s"] / before["items_per_s"],
                                     **growth(before["peak_pss_mb"], after["peak_pss_mb"]),
                                     "peak_pss_diff_mb_by_role": by_role(before.get("peak_pss_mb_by_role", {}),
-                                                                        after.get("peak_pss_mb_by_role", {}))}
+                                                                        after.get("peak_pss_mb_by_role", {})),
+                                    "peak_pss_file_diff_mb_by_role": by_role(
+                                        before.get("peak_pss_file_mb_by_role", {}),
+                                        after.get("peak_pss_file_mb_by_role", {}))}
     return out
 
 

@@ -72,6 +72,7 @@ class IndexPartition:
         self.index.add(*kept)
 
     def close(self) -> None:
+        self.index.close()
         shutil.rmtree(self.spill, ignore_errors=True)
 
 
