@@ -1,14 +1,17 @@
 """A folder source's `captions.csv` / `captions.jsonl`: each file's caption, held as arrays, read as a stream.
 
 The file is read a row at a time (text decoded as UTF-8, undecodable bytes as U+FFFD, which the filter reports
-as `caption_not_utf8`), its rows gathered a block at a time into a numpy array of names (StringDType: a short
-name is 16 bytes, no Python object each) and an Arrow array of captions, then sorted by name once; a
-caption is found by binary search. A file of millions of rows is no dict of millions of Python strings.
+as `caption_not_utf8`), its rows gathered a block at a time into Arrow arrays of names and captions and a numpy
+array of a 64-bit hash of each name, then sorted by hash once; a caption is found by binary search on the
+hash, the name compared to tell the rare equal hashes apart. A file of millions of rows is no dict of millions
+of Python strings. (numpy's own variable-width strings, StringDType, were tried first: a binary search for a
+Python string in them crashed the process, numpy 2.4.6.)
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from numpy.dtypes import StringDType
 
 from .. import columns
 
@@ -27,23 +29,35 @@ ROWS_BLOCK = 1 << 16  # rows gathered as Python values at a time
 
 @dataclass(frozen=True)
 class CaptionsFile:
-    """Captions by file name (a path relative to the folder, or a bare name for a file anywhere in it): `names`
-    sorted, `captions` in their order. Where a name has several rows the last one counts, as a dict built from
-    the file top to bottom would have it."""
+    """Captions by file name (a path relative to the folder, or a bare name for a file anywhere in it): `keys`
+    (`name_key` of each name) sorted, `names` and `captions` in their order. Where a name has several rows the
+    last one counts, as a dict built from the file top to bottom would have it."""
 
-    names: np.ndarray
+    keys: np.ndarray
+    names: pa.Array
     captions: pa.Array
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.keys)
 
     def get(self, relative: str, name: str) -> str | None:
         """The caption of the file at `relative` (its path in the folder), else of its bare `name`, else None."""
-        for key in (relative, name):
-            position = int(np.searchsorted(self.names, key, side="right")) - 1  # the last row of an equal name
-            if position >= 0 and self.names[position] == key:
-                return self.captions[position].as_py()
+        for wanted in (relative, name) if relative != name else (name,):
+            key = np.uint64(name_key(wanted))  # a Python int below 2^63 made numpy search a converted copy: O(N)
+            first = end = int(np.searchsorted(self.keys, key))
+            while end < len(self.keys) and self.keys[end] == key:
+                end += 1
+            # rows of one hash keep the file's order: the last row of the name is the last of them that matches
+            for position in range(end - 1, first - 1, -1):
+                if self.names[position].as_py() == wanted:
+                    return self.captions[position].as_py()
         return None
+
+
+def name_key(name: str) -> int:
+    """A 64-bit hash of a file name (blake2b: the same on every machine and run)."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8", errors="surrogatepass"), digest_size=8).digest(),
+                          "little")
 
 
 def read_captions_file(root: Path, caption_col: str) -> CaptionsFile | None:
@@ -61,10 +75,11 @@ def read_captions_file(root: Path, caption_col: str) -> CaptionsFile | None:
         raise ValueError(f"{path}: the captions file needs a file name column (one of {list(FILE_NAME_COLUMNS)}); "
                          f"it has {sorted(first)}")
     caption_col = columns.pick(list(first), caption_col, "caption", path)
-    names, captions, block_names, block_captions = [], [], [], []
+    keys, names, captions, block_names, block_captions = [], [], [], [], []
 
     def flush() -> None:
-        names.append(np.array(block_names, dtype=StringDType()))
+        keys.append(np.fromiter((name_key(name) for name in block_names), np.uint64, len(block_names)))
+        names.append(pa.array(block_names, pa.string()))
         captions.append(pa.array(block_captions, pa.string()))
         block_names.clear()
         block_captions.clear()
@@ -77,9 +92,10 @@ def read_captions_file(root: Path, caption_col: str) -> CaptionsFile | None:
         if len(block_names) == ROWS_BLOCK:
             flush()
     flush()
-    all_names = np.concatenate(names)
-    order = np.argsort(all_names, kind="stable")  # equal names keep the file's order: the last row is last
-    return CaptionsFile(all_names[order], pa.chunked_array(captions, pa.string()).combine_chunks().take(order))
+    all_keys = np.concatenate(keys)
+    order = np.argsort(all_keys, kind="stable")  # equal names keep the file's order: the last row is last
+    return CaptionsFile(all_keys[order], pa.chunked_array(names, pa.string()).combine_chunks().take(order),
+                        pa.chunked_array(captions, pa.string()).combine_chunks().take(order))
 
 
 def _with_first(first: dict, rows: Iterator[dict]) -> Iterator[dict]:
