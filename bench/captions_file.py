@@ -22,15 +22,13 @@ import argparse
 import csv
 import io
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import source_tree  # noqa: F401  (dalle_pipeline without an install)
-from child_memory import AnonymousPeak, growth, peak_rss_mb
+from child_memory import AnonymousPeak, child_result, emit_runs, peak_rss_mb
 
 MODES = ("dict", "arrays")
 
@@ -89,23 +87,16 @@ def main() -> None:
         print(json.dumps(measure(args.child[0], Path(args.child[1]), int(args.child[2]))))
         return
 
-    from common import device_name, emit
-
     runs: dict[str, dict[int, dict]] = {mode: {} for mode in args.modes}
     for rows in args.rows:
         folder = write_captions(args.work, rows)
         for mode in args.modes:
-            done = subprocess.run([sys.executable, __file__, "--child", mode, str(folder), str(rows)],
-                                  capture_output=True, text=True, check=True)
-            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            measured = child_result(__file__, mode, str(folder), str(rows))
             if measured["found"] != rows:
                 raise SystemExit(f"{mode} at {rows}: {measured['found']} of {rows} captions found")
             runs[mode][rows] = measured
             print(f"{mode} {rows}: {measured}", file=sys.stderr)
-    emit({"benchmark": "captions_file", "cpu": device_name(__import__("torch").device("cpu")),
-          "machine": platform.machine(),
-          "runs": {mode: {str(size): run for size, run in by_size.items()} for mode, by_size in runs.items()},
-          "ratios_largest_to_smallest": growth(runs, "rows")}, args.out)
+    emit_runs("captions_file", runs, "rows", args.out)
 
 
 if __name__ == "__main__":

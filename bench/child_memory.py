@@ -54,3 +54,27 @@ def growth(runs: dict[str, dict[int, dict]], unit: str) -> dict[str, dict[str, f
                         **{f"{peak}_growth_mb": large[f"{peak}_mb"] - small[f"{peak}_mb"]
                            for peak in ("peak_rss", "peak_anonymous")}}
     return ratios
+
+
+def child_result(script: str, *arguments: str) -> dict:
+    """`python script --child ARGUMENTS` in a fresh process, whose memory is then its own; the JSON object its
+    last line printed."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, script, "--child", *arguments], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def emit_runs(benchmark: str, runs: dict[str, dict[int, dict]], unit: str, out: str | None) -> dict:
+    """A benchmark's JSON (printed, and written to `out`): the CPU, every run by mode and size, and per mode
+    the growth from the smallest size to the largest (`growth`)."""
+    import platform
+
+    import torch
+    from common import device_name, emit
+
+    return emit({"benchmark": benchmark, "cpu": device_name(torch.device("cpu")), "machine": platform.machine(),
+                 "runs": {mode: {str(size): run for size, run in by_size.items()} for mode, by_size in runs.items()},
+                 "ratios_largest_to_smallest": growth(runs, unit)}, out)

@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import source_tree  # noqa: E402,F401  (dalle_pipeline without an install)
-from child_memory import AnonymousPeak, growth, peak_rss_mb
+from child_memory import AnonymousPeak, child_result, emit_runs, peak_rss_mb
 
 MODES = ("sorted", "walked", "listing", "listing-per-piece")
 
@@ -115,24 +113,17 @@ def main() -> None:
         print(json.dumps(list_items(args.child[0], Path(args.child[1]))))
         return
 
-    from common import device_name, emit
-
     runs: dict[str, dict[int, dict]] = {mode: {} for mode in args.modes}
     for images in args.images:
         folder = write_folder(args.work, images)
         for mode in args.modes:
-            done = subprocess.run([sys.executable, __file__, "--child", mode, str(folder)], capture_output=True,
-                                  text=True, check=True)
-            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            measured = child_result(__file__, mode, str(folder))
             if measured["items"] != images or measured["captioned"] != images:
                 raise SystemExit(f"{mode} at {images}: {measured['items']} items, {measured['captioned']} captioned")
             measured["items_per_s"] = images / measured["seconds"]
             runs[mode][images] = measured
             print(f"{mode} {images}: {measured}", file=sys.stderr)
-    emit({"benchmark": "folder_source", "cpu": device_name(__import__("torch").device("cpu")),
-          "machine": platform.machine(),
-          "runs": {mode: {str(size): run for size, run in by_size.items()} for mode, by_size in runs.items()},
-          "ratios_largest_to_smallest": growth(runs, "images")}, args.out)
+    emit_runs("folder_source", runs, "images", args.out)
 
 
 if __name__ == "__main__":
