@@ -102,6 +102,8 @@ def require_shared(paths: dict[str, Path], writes: Path | None = None) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    paths = {what: Path(path).expanduser().resolve() for what, path in paths.items()}  # as a task elsewhere sees it
+    writes = None if writes is None else Path(writes).expanduser().resolve()
     here = ray.get_runtime_context().get_node_id()
     nodes = {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in ray.nodes()
              if node.get("Alive") and node["NodeID"] != here
