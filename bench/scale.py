@@ -220,7 +220,7 @@ class TreeMemory:
                 info = process.memory_full_info()
                 role = "driver" if process is self.root else process_role(process)
                 file_backed = pss_file(process.pid)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             pss += info.pss
             rss += info.rss
@@ -264,11 +264,16 @@ class TreeMemory:
 
 
 def pss_file(pid: int) -> int:
-    """The file-backed part of a process's PSS in bytes (smaps_rollup's Pss_File; 0 where the kernel has none)."""
-    with open(f"/proc/{pid}/smaps_rollup") as rollup:
-        for line in rollup:
-            if line.startswith("Pss_File:"):
-                return int(line.split()[1]) * 1024
+    """The file-backed part of a process's PSS in bytes (smaps_rollup's Pss_File); 0 where the kernel has none or
+    will not give it (smaps_rollup refuses some live processes, which psutil then measures from smaps: such a
+    process is still counted in the PSS, its file-backed part not)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss_File:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 
