@@ -109,19 +109,19 @@ def require_shared(paths: dict[str, Path], writes: Path | None = None) -> None:
              if node.get("Alive") and node["NodeID"] != here
              and (node["Resources"].get("CPU", 0) or node["Resources"].get("GPU", 0))}
     expected = {str(path): _path_state(path) for path in paths.values()}
-    probe = token = None
+    probe = None
     if writes is not None:
         writes.mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(16)
         probe = writes / f".shared-probe-{token}"
         probe.write_text(token)
-        expected[str(probe)] = _path_state(probe)
+        expected[str(probe)] = ("probe", token)
     try:
         asked = {node: [path for path in expected if (path, node) not in _seen_shared] for node in nodes}
         remote = ray.remote(_path_states)
         calls = {node: remote.options(num_cpus=0, max_retries=0,
                                       scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-                 .remote(wanted) for node, wanted in asked.items() if wanted}
+                 .remote(wanted, probe and str(probe)) for node, wanted in asked.items() if wanted}
         unseen: dict[str, list[str]] = {}
         for node, call in calls.items():
             try:
@@ -153,13 +153,7 @@ def require_shared(paths: dict[str, Path], writes: Path | None = None) -> None:
 
 
 def _path_state(path: Path) -> tuple[str, int | None] | None:
-    """What a node sees at `path`: a folder, a file and its size, or nothing; a probe file, its content."""
-    path = Path(path)
-    if path.name.startswith(".shared-probe-"):
-        try:
-            return ("probe", path.read_text())  # type: ignore[return-value]
-        except OSError:
-            return None
+    """What a node sees at `path`: a folder, a file and its size, or nothing."""
     if path.is_dir():
         return ("folder", None)
     if path.is_file():
@@ -167,5 +161,13 @@ def _path_state(path: Path) -> tuple[str, int | None] | None:
     return None
 
 
-def _path_states(paths: list[str]) -> list:
-    return [_path_state(Path(path)) for path in paths]
+def _path_states(paths: list[str], probe: str | None) -> list:
+    """What a node sees at each path (`_path_state`); at the probe file, what it holds."""
+    return [_probe_state(Path(path)) if path == probe else _path_state(Path(path)) for path in paths]
+
+
+def _probe_state(probe: Path) -> tuple[str, str] | None:
+    try:
+        return ("probe", probe.read_text())
+    except OSError:
+        return None

@@ -69,6 +69,8 @@ class SortedRuns:
         """`matches` a piece at a time, each of about `chunk` entries (more only for one query matching more):
         a caller that keeps few of them holds a bounded amount however many a lookup meets (16k queries of 67
         probes against 100M hashes meet about 50M)."""
+        if not len(keys):
+            return
         order = np.argsort(keys, kind="stable")  # searched in key order: each search starts near the last
         keys = keys[order]
         for run in self.runs:
@@ -76,17 +78,16 @@ class SortedRuns:
             left = np.searchsorted(stored_keys, keys, side="left")
             counts = np.searchsorted(stored_keys, keys, side="right") - left
             ends = np.cumsum(counts)
-            start = 0
-            while start < len(keys) and ends[-1] > (ends[start - 1] if start else 0):
-                before = ends[start - 1] if start else 0
+            start = before = 0  # the queries before `start` have their `before` matches given
+            while before < ends[-1]:
                 end = max(int(np.searchsorted(ends, before + chunk, side="right")), start + 1)
                 piece = counts[start:end]
-                total = int(piece.sum())
+                total = int(ends[end - 1] - before)
                 if total:
                     # positions left[q], left[q] + 1, ... for each query q, without a Python loop
                     starts = np.repeat(left[start:end] - np.cumsum(piece) + piece, piece)
                     yield np.repeat(order[start:end], piece), np.asarray(stored_values[starts + np.arange(total)])
-                start = end
+                start, before = end, ends[end - 1]
 
     def _merge(self, first: Run | Path, second: Run | Path) -> Run | Path:
         if self.spill_dir is None or not (isinstance(first, Path) or isinstance(second, Path)):

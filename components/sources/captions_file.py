@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def read_captions_file(root: Path, caption_col: str) -> CaptionsFile | None:
         block_names.clear()
         block_captions.clear()
 
-    for row in _with_first(first, rows):
+    for row in itertools.chain((first,), rows):
         if row.get(caption_col) is None or row.get(name_col) is None:
             continue
         block_names.append(str(row[name_col]))
@@ -96,11 +97,6 @@ def read_captions_file(root: Path, caption_col: str) -> CaptionsFile | None:
     order = np.argsort(all_keys, kind="stable")  # equal names keep the file's order: the last row is last
     return CaptionsFile(all_keys[order], pa.chunked_array(names, pa.string()).combine_chunks().take(order),
                         pa.chunked_array(captions, pa.string()).combine_chunks().take(order))
-
-
-def _with_first(first: dict, rows: Iterator[dict]) -> Iterator[dict]:
-    yield first
-    yield from rows
 
 
 def _rows(path: Path) -> Iterator[dict]:

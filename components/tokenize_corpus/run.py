@@ -31,12 +31,12 @@ import torch
 
 from .. import checkpoint
 from ..cluster import connect
-from ..parallel import require_shared
 from ..corpus import oracle
 from ..corpus.shapes import specs_from_json
 from ..dvae.model import load as load_dvae
 from ..images import psnr, to_float, to_uint8
 from ..lineage import curated_corpus
+from ..parallel import require_shared
 from ..shards import read_shard, shard_paths
 from ..storage import file_sha256, write_json
 from ..text.tokenizer import TextTokenizer

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from ..cluster import connect
-from ..parallel import require_shared
 from ..config import RayTrainConfig
+from ..parallel import require_shared
 from ..tracking import Tracker
 from . import sharded
 from .loop import SHARDED_KEY, LogHook, progress_logger, rng_state, seed_everything, set_threads
