@@ -207,10 +207,10 @@ def test_the_band_threads_last_as_long_as_the_index():
     threads, whose malloc arenas kept what the searches freed (the filter's driver crept 30-40 MB over 160k)."""
     import threading
 
-    def band_threads() -> set[int]:
-        return {thread.ident for thread in threading.enumerate() if thread.name.startswith("near-duplicate-band")}
+    def band_threads() -> set[threading.Thread]:  # the threads themselves: an ended thread's ident is reused
+        return {thread for thread in threading.enumerate() if thread.name.startswith("near-duplicate-band")}
 
-    before = band_threads()
+    before = band_threads()  # other tests' indexes, not closed, may still hold theirs
     index = NearDuplicateIndex(4, bands=5, threads=2)
     rng = np.random.default_rng(3)
     seen = []
@@ -218,9 +218,11 @@ def test_the_band_threads_last_as_long_as_the_index():
         index.add(rng.integers(0, 2**64, 50, dtype=np.uint64))
         index.contains_near(rng.integers(0, 2**64, 50, dtype=np.uint64))
         seen.append(band_threads() - before)
-    assert len(seen[0]) == 2 and all(threads == seen[0] for threads in seen)
+    # a pool starts a second thread only when no thread is idle at a submit: one or two, and those kept
+    assert 1 <= len(seen[0]) and all(earlier <= later for earlier, later in zip(seen, seen[1:]))
+    assert len(seen[-1]) <= 2
     index.close()
-    assert not band_threads() - before
+    assert not any(thread.is_alive() for thread in seen[-1])
 
 
 def test_runs_spilled_to_files_answer_as_runs_in_memory_and_leave_log_n_files(tmp_path):
