@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .storage import StorePath
+
 Job = TypeVar("Job")
 Result = TypeVar("Result")
 
@@ -88,13 +90,14 @@ _seen_shared: set[tuple[str, str]] = set()  # (path, node id) found shared: chec
 SHARED_CHECK_TIMEOUT_S = 120.0
 
 
-def require_shared(paths: dict[str, Path], writes: Path | None = None) -> None:
+def require_shared(paths: dict[str, Path | StorePath], writes: Path | None = None) -> None:
     """Refuse, before any work, paths that a node of the Ray cluster other than this one cannot see: `paths`
     (by what they are, e.g. "the source") must exist there as here (a file of the same size, or a folder), and
     `writes`, a folder the stage's tasks write, must show them a file this process just wrote into it. Without
     this, a task on a node with a disk of its own wrote its shard there, where this process never saw it (a
-    batch missing its shards). Nothing without a Ray session, or on one node; a node that does not answer in
-    SHARED_CHECK_TIMEOUT_S is named in a warning and trusted."""
+    batch missing its shards). A path on an object store (`StorePath`) is every node's, not asked. Nothing
+    without a Ray session, or on one node; a node that does not answer in SHARED_CHECK_TIMEOUT_S is named in a
+    warning and trusted."""
     if not ray_session():
         return
     import secrets
@@ -102,7 +105,8 @@ def require_shared(paths: dict[str, Path], writes: Path | None = None) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    paths = {what: Path(path).expanduser().resolve() for what, path in paths.items()}  # as a task elsewhere sees it
+    paths = {what: Path(path).expanduser().resolve() for what, path in paths.items()  # as a task elsewhere sees it
+             if not isinstance(path, StorePath)}  # an object store is every node's: read where it lies
     writes = None if writes is None else Path(writes).expanduser().resolve()
     here = ray.get_runtime_context().get_node_id()
     nodes = {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in ray.nodes()

@@ -4,7 +4,8 @@ A shard is a plain tar whose members are `<key>.<ext>`; the members sharing a ke
 sample (`png`/`jpg`/`webp` image, `txt` caption, `json` metadata), as img2dataset writes them.
 A curated corpus is a folder of shards, its held-out samples (your corpus's evaluation set) in
 the shards of its `holdout/` subfolder, which no training stage reads. Shards are streamed member
-by member; `read_captions` gives a shard's samples without reading their images.
+by member; `read_captions` gives a shard's samples without reading their images. The readers take a
+local path or an object store's (`storage.StorePath`, or its URL): a shard on the store is read where it lies.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from .storage import StorePath, open_binary, readable_path
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 TEXT_EXTENSIONS = ("txt", "json")
@@ -69,8 +72,8 @@ def holdout_rank(url: str) -> float:
     return int.from_bytes(hashlib.sha256(url.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
-def shard_paths(shards_dir: str | Path) -> list[Path]:
-    return sorted(Path(shards_dir).glob("*.tar"))
+def shard_paths(shards_dir: str | Path | StorePath) -> list[Path | StorePath]:
+    return sorted(readable_path(shards_dir).glob("*.tar"))
 
 
 def read_shard(path: str | Path) -> Iterator[Sample]:
@@ -165,14 +168,14 @@ def tar_members(path: str | Path, wanted: Callable[[str], bool] | None = None) -
 @dataclass(frozen=True)
 class TarMember:
     """Where one member's content lies in a tar, to read later wherever the file can be read (a Ray task
-    on another node, when the tar is on shared storage)."""
+    on another node, when the tar is on shared storage or an object store)."""
 
     path: str
     offset: int
     size: int
 
     def read(self) -> bytes:
-        with open(self.path, "rb") as file:
+        with open_binary(self.path) as file:
             file.seek(self.offset)
             content = file.read(self.size)
         if len(content) != self.size:
@@ -184,8 +187,8 @@ def tar_entries(path: str | Path, wanted: Callable[[str], bool] | None = None
                 ) -> Iterator[tuple[str, bytes | None, TarMember]]:
     """(name, content, where) of each regular file of a tar, in file order (see `tar_members`): the content
     only where `wanted(name)` (None: every member), else None and the member left on disk, at `where`."""
-    with open(path, "rb") as file:
-        end = os.fstat(file.fileno()).st_size
+    with open_binary(path) as file:
+        end = file.seek(0, os.SEEK_END)
         offset, extended = 0, {}
         while offset + _BLOCK <= end:
             file.seek(offset)

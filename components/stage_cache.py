@@ -28,7 +28,8 @@ unfinished), with the local root in
 the record's paths written as `STAGES_PLACEHOLDER`. A stage finished on the store but not in the
 cache is taken as finished from its record alone (a copy kept in `<cache>/stage-records/`): its files are
 fetched (into a temporary folder, renamed when whole) only when a stage that runs is given a path into
-it (`fetch_inputs`), and the flow reads what it reads itself from copies of just those files (`readable`)
+it (`fetch_inputs`), unless that stage reads in place (`in_place`: it is given the store's URL; the filter and
+the text tokenizer), and the flow reads what it reads itself from copies of just those files (`readable`)
 or from the store (`location`). So a run on a fresh machine whose stages are all finished fetches no shards.
 """
 
@@ -268,6 +269,13 @@ class StageCache:
         for named in sorted(set(re.findall(rf"{re.escape(str(self.root))}/[^/\"]+/[^/\"]+", document))):
             if (folder := self._held_on_store_only(named)) is not None:
                 self._fetch(folder, json.loads(self._record_copy(folder).read_text())["key"])
+
+    def in_place(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """A stage's arguments with each path (an argument of its own, str or Path) into a stage finished on the
+        store whose folder the cache does not hold made that path's URL on the store (`location`): for a
+        component that reads from the store where its input lies instead of having it fetched whole."""
+        return {name: self.location(value) if isinstance(value, (str, Path)) and self._held_on_store_only(value)
+                else value for name, value in arguments.items()}
 
     def readable(self, path: str | Path) -> Path:
         """`path` where this process can read it: itself, or for a path into a stage finished on the store whose

@@ -4,7 +4,9 @@ A run's root (`DALLE_HOME`, `--root`) is a local folder or an object store (`s3:
 protocol fsspec knows and has installed). On an object store the stages work in a local cache of
 it (`RunRoot.local`: `DALLE_CACHE`, else a folder under ~/.cache named by the URL) and a finished
 stage is published to the store, its record last (`components/stage_cache.py`): an object store
-has no atomic rename, so a reader takes a stage as finished only when its record is there.
+has no atomic rename, so a reader takes a stage as finished only when its record is there. A stage
+that reads in place is given the store's URL of a finished stage the cache does not hold, and reads
+it as a `StorePath` (`readable_path`): from the store, range by range, nothing fetched to disk.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
+from typing import IO, Any
 
 CACHE_ENV = "DALLE_CACHE"
+READ_BLOCK = 16 << 20  # bytes a read from an object store asks for at once (and keeps, read ahead)
 
 
 def url_protocol(value: str | Path) -> str | None:
@@ -141,6 +145,110 @@ def copy_from_store(fs, path: str, target: Path) -> Path:
         for stale in [p for p in target.rglob("*") if p.is_file() and p not in wanted]:
             stale.unlink()
     return target
+
+
+class StorePath:
+    """A file or folder on an object store, named by its URL, with the reading side of `pathlib.Path` that the
+    stages' readers use (`/`, name, stem, suffix, parent, with_suffix, glob, is_file, is_dir, stat, open,
+    read_bytes): code written for local paths reads from the store where the objects lie. A path found by
+    `glob` keeps the listing's size and modification time, so `stat` asks the store nothing. It holds no file
+    system: a Ray task on any node opens the store where it runs, with that node's configuration."""
+
+    def __init__(self, url: str, info: dict[str, Any] | None = None) -> None:
+        self.url = str(url).rstrip("/")
+        self._info = info
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"StorePath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StorePath) and other.url == self.url
+
+    def __lt__(self, other: StorePath) -> bool:
+        return self.url < other.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __truediv__(self, relative: str) -> StorePath:
+        return StorePath(f"{self.url}/{relative}")
+
+    @property
+    def _store(self) -> tuple[Any, str]:
+        return object_store(self.url, "a path on the store")
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.name).stem
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.name).suffix
+
+    @property
+    def parent(self) -> StorePath:
+        return StorePath(self.url.rsplit("/", 1)[0])
+
+    def with_suffix(self, suffix: str) -> StorePath:
+        return self.parent / f"{self.stem}{suffix}"
+
+    def glob(self, pattern: str) -> list[StorePath]:
+        """The objects below this folder that `pattern` matches (one listing), sorted."""
+        fs, path = self._store
+        found = fs.glob(f"{path}/{pattern}", detail=True)
+        protocol = self.url.partition("://")[0]
+        return sorted(StorePath(f"{protocol}://{name}", info) for name, info in found.items())
+
+    def is_file(self) -> bool:
+        fs, path = self._store
+        return fs.isfile(path)
+
+    def is_dir(self) -> bool:
+        fs, path = self._store
+        return fs.isdir(path)
+
+    def stat(self) -> SimpleNamespace:
+        """st_size and st_mtime_ns (the store's modification time: a copy fetched by `copy_from_store` has the
+        same), from the listing that found this path, else asked of the store."""
+        if self._info is None:
+            fs, path = self._store
+            self._info = fs.info(path)
+        return SimpleNamespace(st_size=self._info["size"], st_mtime_ns=modified_ns(self._info) or 0)
+
+    def open(self, mode: str = "rb") -> IO[bytes]:
+        if mode != "rb":
+            raise ValueError(f"{self.url}: a StorePath is read, not written (mode {mode!r})")
+        fs, path = self._store
+        return fs.open(path, "rb", block_size=READ_BLOCK)
+
+    def read_bytes(self) -> bytes:
+        fs, path = self._store
+        return fs.cat_file(path)
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+
+def readable_path(value: str | Path | StorePath) -> Path | StorePath:
+    """A path to read from: a `StorePath` for an object store's URL, else a local `Path` (of a file:// URL too)."""
+    if isinstance(value, (Path, StorePath)):
+        return value
+    if is_object_store(value):
+        return StorePath(value)
+    return local_path(value, "a path") if url_protocol(value) == "file" else Path(value)
+
+
+def open_binary(path: str | Path | StorePath) -> IO[bytes]:
+    """A local file, or an object on a store (`StorePath`, or its URL), opened to read, seekable."""
+    path = readable_path(path)
+    return path.open("rb")
 
 
 def modified_ns(info: dict[str, Any]) -> int | None:

@@ -60,13 +60,16 @@ class Stages:
     rerun: frozenset[str] = frozenset()  # stage names to run even when cached; EVERY_STAGE for every stage
 
     def run(self, function: Callable[..., Result], *args: Any, accumulates: bool = False, on_ray: bool = False,
-            **kwargs: Any) -> StageRecord[Result]:
+            reads_in_place: bool = False, **kwargs: Any) -> StageRecord[Result]:
         """In the task of a stage (`stage_task`): `function(*args, **kwargs, out_dir=<stage folder>[,
         tracker=<stage run>])` in a nested MLflow run, unless a stage finished with the same key: then log
         that it was reused (tags `cache`, `built_by_run`) and return its record. The result is shown on the
         stage's run either way (`show_result`). `accumulates`: the folder is named by the call's settings and
         input locations (a growing URL list keeps its folder), not by its key. `on_ray`: the function spreads its
-        work over the Ray session open in this process (`components/parallel.py`): join the cluster first."""
+        work over the Ray session open in this process (`components/parallel.py`): join the cluster first.
+        `reads_in_place`: the function reads a folder given as an object store's URL (`storage.StorePath`), so an
+        input finished on the store that the cache does not hold is given as its URL, not fetched (the key is the
+        call's as it was made: where an input is read from changes nothing)."""
         name = current_stage()
         bound = bind_call(function, args, kwargs)
         key = self.cache.call_key(name, function, bound.arguments)
@@ -92,8 +95,12 @@ class Stages:
             elif accumulates and self.cache.fetch_to_accumulate(folder):
                 print(f"{name}: adding to its last build, fetched from {self.cache.remote}")
             folder.mkdir(parents=True, exist_ok=True)  # an unfinished folder is kept: stages resume from it
-            self.cache.fetch_inputs(call_document)  # the finished stages it reads that only the store holds
-            call = dict(bound.arguments, **{OUTPUT_DIR: folder})
+            arguments = self.cache.in_place(bound.arguments) if reads_in_place else bound.arguments
+            for argument, value in arguments.items():
+                if value is not bound.arguments[argument]:
+                    print(f"{name}: reads {argument} where it lies on the store, {value}")
+            self.cache.fetch_inputs(self.cache.stage_value(arguments, content=False))  # the rest only the store holds
+            call = dict(arguments, **{OUTPUT_DIR: folder})
             if TRACKER in inspect.signature(function).parameters:
                 call[TRACKER] = tracker
             if on_ray:
@@ -242,7 +249,7 @@ def filter_corpus(cfg: PipelineConfig, downloaded: StageRecord[DownloadResult],
     from dalle_pipeline.components.filter.run import require_usable, run
 
     record = stages.run(run, cfg.filter_settings(), downloaded.outputs.shards_dir,
-                        holdout_fraction=cfg.holdout_fraction, accumulates=True, on_ray=True)
+                        holdout_fraction=cfg.holdout_fraction, accumulates=True, on_ray=True, reads_in_place=True)
     print(record.outputs.describe())
     create_table_artifact(record.outputs.report_rows(), key="filter-report",
                           description="Samples kept and dropped, by reason")
@@ -255,7 +262,7 @@ def train_text_tokenizer(cfg: PipelineConfig, curated: StageRecord[FilterResult]
                          stages: Stages) -> StageRecord[TextTokenizerResult]:
     from dalle_pipeline.components.text.tokenizer import run
 
-    return stages.run(run, cfg.tokenizer, curated.outputs.curated_dir)
+    return stages.run(run, cfg.tokenizer, curated.outputs.curated_dir, reads_in_place=True)
 
 
 @stage_task("dvae")

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from ..config import DownloadConfig
 from ..parallel import ray_session, require_shared
 from ..sorted_runs import ExactIndex
+from ..storage import StorePath, readable_path
 from .fetch import FetchPolicy, reason_code
 from .url_list import check as check_url_list
 from .url_list import read_blocks
@@ -125,15 +126,16 @@ def new_batches(blocks: Iterable[pa.Table], url_col: str, attempted: ExactIndex,
         yield pa.concat_tables(pending)
 
 
-def finished_batches(out_dir: str | Path) -> list[Path]:
-    """The batches of a download folder that finished, oldest first."""
-    return sorted(path for path in Path(out_dir).glob(f"{BATCH_PREFIX}*") if (path / SUCCESS_MARKER).is_file())
+def finished_batches(out_dir: str | Path | StorePath) -> list[Path | StorePath]:
+    """The batches of a download folder (local, or on an object store) that finished, oldest first."""
+    return sorted(path for path in readable_path(out_dir).glob(f"{BATCH_PREFIX}*")
+                  if (path / SUCCESS_MARKER).is_file())
 
 
-def batch_shards(batch: Path) -> list[tuple[Path, Path | None]]:
-    """(shard tar, img2dataset's per-URL parquet of that shard) for each shard of a batch."""
-    return [(tar, tar.with_suffix(".parquet") if tar.with_suffix(".parquet").is_file() else None)
-            for tar in sorted(batch.glob("[0-9]*.tar"))]
+def batch_shards(batch: Path | StorePath) -> list[tuple[Path | StorePath, Path | StorePath | None]]:
+    """(shard tar, img2dataset's per-URL parquet of that shard) for each shard of a batch: the batch listed once."""
+    listed = {path.name: path for path in batch.glob("[0-9]*")}
+    return [(tar, listed.get(f"{tar.stem}.parquet")) for name, tar in sorted(listed.items()) if name.endswith(".tar")]
 
 
 def _download_batch(cfg: DownloadConfig, rows: pa.Table, batch: Path, image_size: int, settings: dict, url_col: str,

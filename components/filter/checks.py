@@ -26,6 +26,7 @@ from ..config import FilterConfig
 from ..download.fetch import reason_code
 from ..parallel import worker_node
 from ..shards import Sample, read_shard
+from ..storage import StorePath, open_binary
 
 KEPT = "kept"
 HELD_OUT = "held_out"
@@ -114,8 +115,8 @@ def perceptual_hash(image: Image.Image) -> int:
 class ShardJob:
     """One download shard to examine: `prefix` (its batch's number) goes before each key."""
 
-    tar: Path
-    parquet: Path | None
+    tar: Path | StorePath  # read where it lies: a local path, or on an object store
+    parquet: Path | StorePath | None
     prefix: str
     cfg: FilterConfig
     near_duplicates: bool  # compute the pHash
@@ -189,9 +190,10 @@ def _score_with_clip(candidates: list[tuple[dict, str, Image.Image]], cfg: Filte
                 row["reason"] = "low_clip_score"
 
 
-def _download_failures(parquet: Path, prefix: str) -> list[dict]:
+def _download_failures(parquet: Path | StorePath, prefix: str) -> list[dict]:
     """Report rows for the URLs img2dataset could not turn into a sample."""
-    table = pq.ParquetFile(parquet).read(columns=["key", "url", "status", "error_message"])
+    with open_binary(parquet) as file:
+        table = pq.ParquetFile(file).read(columns=["key", "url", "status", "error_message"])
     return [
         {"key": prefix + row["key"], "url": row["url"], "stage": "download", "reason": reason_code(row["error_message"])}
         for row in table.to_pylist()

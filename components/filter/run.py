@@ -52,7 +52,7 @@ from ..download.run import batch_shards, finished_batches
 from ..parallel import ordered_map, require_shared, worker_node
 from ..shards import HOLDOUT_DIR, holdout_rank, read_shard, shard_paths, write_shard
 from ..sorted_runs import digest_keys
-from ..storage import SummedDigest, atomic_path, write_json
+from ..storage import StorePath, SummedDigest, atomic_path, open_binary, readable_path, write_json
 from .checks import HELD_OUT, KEPT, REPORT_SCHEMA, Examined, ShardJob, examine_shard
 from .dedup import shard_verdicts
 from .partitioned import open_index
@@ -167,7 +167,7 @@ def lookup_groups(examined: Iterator[Examined], candidates: int) -> Iterator[lis
 class OutputsJob:
     """Write one shard's curated outputs from its download shard, then its report part (last: done)."""
 
-    tar: Path
+    tar: Path | StorePath
     prefix: str
     part: pa.Table
     part_path: Path
@@ -195,11 +195,11 @@ def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path, holdout_
     """Filter every finished batch of the download folder `shards_dir` into `out_dir` (held-out samples into
     `out_dir/holdout/`); report last. The kept index is split into `index_partitions` on the Ray cluster's
     nodes (None: one a node on a cluster of several; 0: in this process; the verdicts are the same)."""
-    shards_dir, out_dir = Path(shards_dir), Path(out_dir)
+    shards_dir, out_dir = readable_path(shards_dir), Path(out_dir)
     sources = [(batch, tar, parquet) for batch in finished_batches(shards_dir) for tar, parquet in batch_shards(batch)]
     if not sources:
         raise FileNotFoundError(f"no finished download batch with *.tar shards in {shards_dir}")
-    if out_dir.resolve() == shards_dir.resolve():
+    if isinstance(shards_dir, Path) and out_dir.resolve() == shards_dir.resolve():
         raise ValueError(f"out_dir must differ from shards_dir ({shards_dir})")
     require_shared({"the download folder": shards_dir}, writes=out_dir)  # every node's tasks read and write them
     report_path = out_dir / REPORT_NAME
@@ -227,7 +227,10 @@ def _expected_items(sources: list[tuple[Path, Path, Path | None]]) -> int:
     """About how many samples the shards hold, the first shard's rows (its Parquet's; 1000 without one) times
     the shards: the near-duplicate index's band count is chosen for it (any count gives the same verdicts)."""
     first = sources[0][2]
-    return len(sources) * (pq.read_metadata(first).num_rows if first is not None and first.is_file() else 1000)
+    if first is None:
+        return len(sources) * 1000
+    with open_binary(first) as file:
+        return len(sources) * pq.read_metadata(file).num_rows
 
 
 def _filter(cfg: FilterConfig, sources: list[tuple[Path, Path, Path | None]], out_dir: Path, report_path: Path,
@@ -270,8 +273,9 @@ def _curated_name(batch: Path, tar: Path) -> str:
     return f"{batch.name}-{tar.stem}"
 
 
-def _signature(tar: Path, parquet: Path | None) -> str:
-    """What identifies a source shard's content cheaply: its files' sizes and modification times."""
+def _signature(tar: Path | StorePath, parquet: Path | StorePath | None) -> str:
+    """What identifies a source shard's content cheaply: its files' sizes and modification times (a store's, or
+    a copy's fetched from it, which has the store's: the same signature, read in place or from the copy)."""
     stats = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in (tar, parquet) if path is not None]
     return json.dumps(stats)
 

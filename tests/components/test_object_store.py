@@ -3,13 +3,16 @@ boto3 and s3fs talk to as to AWS); the stage cache publishes finished stages the
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from dalle_pipeline.components.stage_cache import RECORD, STAGES_PLACEHOLDER, StageCache, StageRecord
 from dalle_pipeline.components.storage import RunRoot, run_root
@@ -297,3 +300,78 @@ def test_a_build_published_again_puts_only_what_changed_while_the_store_holds_th
     before = modified()
     finished_stage(here, "k5", {})
     assert all(modified()[name] > before[name] for name in before)
+
+
+def test_the_filter_and_the_text_tokenizer_read_a_stage_on_the_store_where_it_lies(tmp_path, s3):
+    """A download folder on the store, filtered from its URL (nothing fetched to disk: its shards and Parquet read
+    range by range), gives the report and curated shards its local copy gives, and a build from a fetched copy is
+    reused when filtered from the store (the same signatures); the text tokenizer trains alike on curated shards
+    on the store. The stage cache hands such a stage the store's URL of an input the cache does not hold."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dalle_pipeline.components.config import FilterConfig, TokenizerConfig
+    from dalle_pipeline.components.filter import read_report, run as filter_run
+    from dalle_pipeline.components.shards import Sample, shard_paths, write_shard
+    from dalle_pipeline.components.storage import copy_from_store
+    from dalle_pipeline.components.text.tokenizer import run as tokenizer_run
+
+    def picture(seed: int) -> bytes:  # 32 px of noise a seed: two seeds are far apart, one seed twice a duplicate
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    local = tmp_path / "download"
+    for number, shard in ((0, "00000"), (0, "00001"), (1, "00000")):
+        batch = local / f"batch-{number:05d}"
+        samples = [Sample(f"{shard}{i:04d}", picture(7 * number + i % 5), "png",
+                          ["a red circle", "a blue square on the left", "", "x"][i % 4],
+                          {"url": f"https://e.com/{number}/{shard}/{i}"}) for i in range(12)]
+        write_shard(batch / f"{shard}.tar", samples)
+        rows = [{"key": s.key, "url": s.meta["url"], "status": "success", "error_message": None} for s in samples]
+        rows.append({"key": f"{shard}9999", "url": f"https://e.com/gone/{number}/{shard}",
+                     "status": "failed_to_download", "error_message": "http_404"})
+        pq.write_table(pa.Table.from_pylist(rows), batch / f"{shard}.parquet")
+        (batch / "_SUCCESS").write_text("{}")
+    fs, _ = fsspec.core.url_to_fs(f"s3://{s3.bucket}")
+    fs.put(str(local), f"{s3.bucket}/in-place/download", recursive=True)
+    url = f"s3://{s3.bucket}/in-place/download"
+    cfg = FilterConfig(min_image_size=16, min_caption_chars=3, near_duplicate_distance=4)
+
+    from_copy = filter_run(cfg, local, tmp_path / "from-copy", holdout_fraction=0.2)
+    in_place = filter_run(cfg, url, tmp_path / "in-place", holdout_fraction=0.2)
+    assert read_report(in_place.report_path).equals(read_report(from_copy.report_path))
+    assert (in_place.kept, in_place.held_out, in_place.dropped_by_reason) == \
+        (from_copy.kept, from_copy.held_out, from_copy.dropped_by_reason)
+    assert 0 < in_place.kept < 36 and in_place.dropped_by_reason.get("duplicate", 0) > 0
+    a, b = tmp_path / "in-place", tmp_path / "from-copy"
+    tars = [p.relative_to(a).as_posix() for p in sorted(a.rglob("*.tar"))]
+    assert tars == [p.relative_to(b).as_posix() for p in sorted(b.rglob("*.tar"))] and len(tars) >= 3
+    assert all((a / name).read_bytes() == (b / name).read_bytes() for name in tars)
+    # a build from a copy fetched from the store is reused shard by shard when filtered from the store itself
+    fetched = copy_from_store(fs, f"{s3.bucket}/in-place/download", tmp_path / "fetched")
+    filter_run(cfg, fetched, tmp_path / "resumed", holdout_fraction=0.2)
+    assert filter_run(cfg, url, tmp_path / "resumed", holdout_fraction=0.2).reused_shards == 3
+    with pytest.raises(FileNotFoundError, match=r"no finished download batch .* s3://"):
+        filter_run(cfg, f"s3://{s3.bucket}/in-place/nothing", tmp_path / "none")
+
+    fs.put(str(tmp_path / "from-copy"), f"{s3.bucket}/in-place/curated", recursive=True)
+    tokenizer_cfg = TokenizerConfig(vocab_size=300, text_len=8)
+    on_store = tokenizer_run(tokenizer_cfg, f"s3://{s3.bucket}/in-place/curated", tmp_path / "tokenizer-store")
+    here = tokenizer_run(tokenizer_cfg, tmp_path / "from-copy", tmp_path / "tokenizer-here")
+    assert (on_store.tokenizer_hash, on_store.metrics) == (here.tokenizer_hash, here.metrics)
+    assert [p.name for p in shard_paths(f"s3://{s3.bucket}/in-place/curated")] == \
+        [p.name for p in shard_paths(tmp_path / "from-copy")]
+
+    # the stage cache: an input only the store holds is handed over as its URL; once the cache holds it, its path
+    stages_url = f"s3://{s3.bucket}/in-place/stages"
+    finished_stage(StageCache(tmp_path / "built" / "stages", stages_url), "key-1", {"curated/00000.tar": b"t"})
+    there = StageCache(tmp_path / "there" / "stages", stages_url)
+    folder = there.root / "filter" / "folder-a"
+    assert there.lookup(folder, "key-1", Out) is not None
+    arguments = {"cfg": cfg, "curated_dir": str(folder / "curated"), "other": tmp_path / "x", "steps": 3}
+    assert there.in_place(arguments) == {**arguments, "curated_dir": f"{stages_url}/filter/folder-a/curated"}
+    assert not folder.exists()
+    there.fetch_inputs(there.stage_value(arguments, content=False))
+    assert there.in_place(arguments) == arguments

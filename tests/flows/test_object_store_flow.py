@@ -1,7 +1,8 @@
 """The micro flow with its root on an object store (`DALLE_HOME=s3://...`): S3 is moto's standalone server on
 loopback, MLflow a tracking server whose artifacts go to the same bucket. The run writes nothing outside its
-temporary cache; a fresh cache reuses every stage from the store; `generate` loads the champion from there; a
-folder source on the store is ingested from its copy in the cache."""
+temporary cache; a fresh cache reuses every stage from the store, and a filter forced to run there reads the
+download folder on the store where it lies; `generate` loads the champion from there; a folder source on the store
+is ingested from its copy in the cache."""
 
 from __future__ import annotations
 
@@ -113,13 +114,20 @@ def test_a_run_rooted_on_s3_writes_only_its_cache_reuses_stages_from_the_store_a
         assert s3.env["AWS_SECRET_ACCESS_KEY"] not in logged  # credentials come from the environment, never logged
 
         # another machine (a fresh cache): every stage is finished on the store, reused, not run again, and
-        # nothing of them fetched but their records and the sample grid: no shards, token parts or weights
+        # nothing of them fetched but their records and the sample grid: no shards, token parts or weights; the
+        # filter, forced to run, reads the download folder on the store where it lies (never fetched) and builds
+        # the same curated corpus (its lineage digest below), in the cache, published
         shutil.rmtree(tmp_path / "cache")
-        again, again_id = train({**env, "DALLE_CACHE": str(tmp_path / "cache-2")}, work)
-        assert stage_cache_tags(client, again_id) == {stage: "hit" for stage in STAGES}, again.stdout[-3000:]
+        again, again_id = train({**env, "DALLE_CACHE": str(tmp_path / "cache-2")}, work, "--rerun", "filter")
+        assert stage_cache_tags(client, again_id) == {stage: "forced" if stage == "filter" else "hit"
+                                                      for stage in STAGES}, again.stdout[-3000:]
+        assert f"filter: reads shards_dir where it lies on the store, s3://{s3.bucket}/dalle/stages/download/" in \
+            again.stdout + again.stderr
         fetched = sorted(p.relative_to(tmp_path / "cache-2").as_posix()
                          for p in (tmp_path / "cache-2").rglob("*") if p.is_file())
-        assert {name.split("/")[0] for name in fetched} == {"stage-records", "read-copies"}, fetched
+        assert {name.split("/")[0] for name in fetched} == {"stage-records", "read-copies", "stages", "published"}
+        assert {name.split("/")[1] for name in fetched if name.split("/")[0] in ("stages", "published")} == \
+            {"filter"}, fetched
         assert [name for name in fetched if name.startswith("read-copies/")] == \
             [f"read-copies/sample/{stage_dir(client, again_id, 'sample')}/samples.png"], fetched
         # (MLflow keeps one dataset per name and digest in an experiment: the second run's shows the first's source)
