@@ -90,14 +90,14 @@ _seen_shared: set[tuple[str, str]] = set()  # (path, node id) found shared: chec
 SHARED_CHECK_TIMEOUT_S = 120.0
 
 
-def require_shared(paths: dict[str, Path | StorePath], writes: Path | None = None) -> None:
+def require_shared(paths: dict[str, Path | StorePath], writes: Path | StorePath | None = None) -> None:
     """Refuse, before any work, paths that a node of the Ray cluster other than this one cannot see: `paths`
     (by what they are, e.g. "the source") must exist there as here (a file of the same size, or a folder), and
     `writes`, a folder the stage's tasks write, must show them a file this process just wrote into it. Without
     this, a task on a node with a disk of its own wrote its shard there, where this process never saw it (a
-    batch missing its shards). A path on an object store (`StorePath`) is every node's, not asked. Nothing
-    without a Ray session, or on one node; a node that does not answer in SHARED_CHECK_TIMEOUT_S is named in a
-    warning and trusted."""
+    batch missing its shards). A path on an object store (`StorePath`), read or written, is every node's: not
+    asked. Nothing without a Ray session, or on one node; a node that does not answer in SHARED_CHECK_TIMEOUT_S
+    is named in a warning and trusted."""
     if not ray_session():
         return
     import secrets
@@ -107,7 +107,7 @@ def require_shared(paths: dict[str, Path | StorePath], writes: Path | None = Non
 
     paths = {what: Path(path).expanduser().resolve() for what, path in paths.items()  # as a task elsewhere sees it
              if not isinstance(path, StorePath)}  # an object store is every node's: read where it lies
-    writes = None if writes is None else Path(writes).expanduser().resolve()
+    writes = None if writes is None or isinstance(writes, StorePath) else Path(writes).expanduser().resolve()
     here = ray.get_runtime_context().get_node_id()
     nodes = {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in ray.nodes()
              if node.get("Alive") and node["NodeID"] != here

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 from PIL import Image
 
-from .storage import StorePath, open_binary, readable_path
+from .storage import StorePath, as_path, atomic_output, open_binary
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 TEXT_EXTENSIONS = ("txt", "json")
@@ -73,7 +72,7 @@ def holdout_rank(url: str) -> float:
 
 
 def shard_paths(shards_dir: str | Path | StorePath) -> list[Path | StorePath]:
-    return sorted(readable_path(shards_dir).glob("*.tar"))
+    return sorted(as_path(shards_dir).glob("*.tar"))
 
 
 def read_shard(path: str | Path) -> Iterator[Sample]:
@@ -261,30 +260,23 @@ def iter_samples(shards_dir: str | Path) -> Iterator[Sample]:
         yield from read_shard(path)
 
 
-def write_shard(path: str | Path, samples: Iterable[Sample]) -> int:
-    """Write samples to `path` atomically (temp file in the same folder, then rename). Returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def write_shard(path: str | Path | StorePath, samples: Iterable[Sample]) -> int:
+    """Write samples to `path` atomically (`storage.atomic_output`: a local file renamed into place, or an object
+    put whole on a store). Returns the count."""
     count = 0
-    try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
-            for sample in samples:
-                check_key(sample.key, path)
-                members = {
-                    sample.image_ext: sample.image_bytes,
-                    "txt": sample.caption.encode("utf-8"),
-                    "json": json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
-                }
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"{sample.key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                count += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
+        for sample in samples:
+            check_key(sample.key, path)
+            members = {
+                sample.image_ext: sample.image_bytes,
+                "txt": sample.caption.encode("utf-8"),
+                "json": json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
+            }
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
     return count
 
 

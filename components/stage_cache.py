@@ -31,6 +31,8 @@ fetched (into a temporary folder, renamed when whole) only when a stage that run
 it (`fetch_inputs`), unless that stage reads in place (`in_place`: it is given the store's URL; the filter and
 the text tokenizer), and the flow reads what it reads itself from copies of just those files (`readable`)
 or from the store (`location`). So a run on a fresh machine whose stages are all finished fetches no shards.
+A stage that writes in place (the filter) is built on the store itself (`open_on_store`), its record written
+there last (`commit(on_store=True)`), the cache keeping the record's copy alone (`in_cache`: its paths the cache's).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import importlib.util
 import inspect
 import json
 import re
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -51,8 +54,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from pydantic import BaseModel, TypeAdapter
 
-from .storage import (SummedDigest, atomic_path, copy_from_store, file_sha256, object_store, walked_files,
-                      write_bytes, write_json)
+from .storage import (StorePath, SummedDigest, atomic_path, copy_from_store, file_sha256, object_store,
+                      remove_tree, walked_files, write_bytes, write_json)
 
 RECORD = "_stage.json"
 STAGES_PLACEHOLDER = "${DALLE_STAGES}"  # the stages root in a record published to an object store
@@ -296,14 +299,50 @@ class StageCache:
             return str(path)
         return f"{self.remote}/{Path(path).relative_to(self.root).as_posix()}"
 
-    def commit(self, record: StageRecord) -> None:
+    def commit(self, record: StageRecord, on_store: bool = False) -> None:
+        """A finished stage's record written last: in its folder (published to the store, where the root is one),
+        or, for a stage built `on_store` (`open_on_store`), on the store, the cache keeping a copy alone."""
         outputs = TypeAdapter(type(record.outputs)).dump_python(record.outputs, mode="json")
         document = {"stage": record.stage, "key": record.key, "outputs": outputs,
                     "metrics": record.metrics, "mlflow_run_id": record.mlflow_run_id,
                     "build_seconds": record.build_seconds}
+        if on_store:
+            fs, target = self._remote_folder(record.folder)
+            text = json.dumps(document)
+            fs.pipe_file(f"{target}/{RECORD}", text.replace(str(self.root), STAGES_PLACEHOLDER).encode())
+            write_bytes(self._record_copy(record.folder), text.encode())
+            return
         write_json(record.folder / RECORD, document)
         if self.remote:
             self._publish(record.folder)
+
+    def open_on_store(self, folder: Path, clear: bool = False) -> StorePath:
+        """`folder`'s place on the store, for a stage to build there: the record of the build there removed first
+        (until its new one is written, every reader takes the folder as unfinished; `clear`: all of it), and
+        what the cache held of that folder dropped (a build of its own, its copy of the record)."""
+        fs, target = self._remote_folder(folder)
+        if clear:
+            remove_tree(StorePath(f"{self.remote}/{folder.relative_to(self.root).as_posix()}"))
+        try:
+            fs.rm_file(f"{target}/{RECORD}")
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(folder, ignore_errors=True)
+        for path in (self._record_copy(folder), self._published_path(folder)):
+            path.unlink(missing_ok=True)
+        return StorePath(f"{self.remote}/{folder.relative_to(self.root).as_posix()}")
+
+    def in_cache(self, outputs: Outputs) -> Outputs:
+        """A result of a stage built on the store with each path there (a field of its own: a `StorePath`, or its
+        URL) made the cache's path for it, as every record names its files: held on the store alone."""
+        def cached(value: Any) -> Any:
+            text = str(value)
+            if isinstance(value, (str, StorePath)) and (text + "/").startswith(f"{self.remote}/"):
+                return self.root / text[len(self.remote) + 1:]
+            return value
+
+        return dataclasses.replace(outputs, **{field.name: cached(getattr(outputs, field.name))
+                                               for field in dataclasses.fields(outputs) if field.init})
 
     def _remote_folder(self, folder: Path) -> tuple[Any, str]:
         fs, stages = object_store(self.remote, "the stage store")

@@ -6,7 +6,7 @@ it (`RunRoot.local`: `DALLE_CACHE`, else a folder under ~/.cache named by the UR
 stage is published to the store, its record last (`components/stage_cache.py`): an object store
 has no atomic rename, so a reader takes a stage as finished only when its record is there. A stage
 that reads in place is given the store's URL of a finished stage the cache does not hold, and reads
-it as a `StorePath` (`readable_path`): from the store, range by range, nothing fetched to disk.
+it as a `StorePath` (`as_path`): from the store, range by range, nothing fetched to disk.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def local_path(value: str | Path, what: str) -> Path:
 
 def object_store(url: str, what: str):
     """The fsspec file system of `url` and the path in it. An unknown protocol, or one whose package is not
-    installed (gcsfs for gs://), is refused naming it and `what` the URL was given as, before any work."""
+    installed (gcsfs for gs://), is refused naming it and `what` the URL was given as, before any work. Its
+    listings are not cached: tasks elsewhere write the folders this process lists (s3fs opened a report part
+    by a listing's ETag after a task had put it again, and failed: FileExpired)."""
     import fsspec
 
     protocol = url_protocol(url)
@@ -57,7 +59,7 @@ def object_store(url: str, what: str):
         raise ValueError(f"{what} {url!r}: unknown protocol {protocol}://; give a local path or an object store "
                          "URL fsspec knows (s3://, gs://, ...)")
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, use_listings_cache=False)
     except ImportError as error:  # fsspec names the package to install
         raise ValueError(f"{what} {url!r}: {error}") from None
 
@@ -148,11 +150,12 @@ def copy_from_store(fs, path: str, target: Path) -> Path:
 
 
 class StorePath:
-    """A file or folder on an object store, named by its URL, with the reading side of `pathlib.Path` that the
-    stages' readers use (`/`, name, stem, suffix, parent, with_suffix, glob, is_file, is_dir, stat, open,
-    read_bytes): code written for local paths reads from the store where the objects lie. A path found by
-    `glob` keeps the listing's size and modification time, so `stat` asks the store nothing. It holds no file
-    system: a Ray task on any node opens the store where it runs, with that node's configuration."""
+    """A file or folder on an object store, named by its URL, with the part of `pathlib.Path` that the stages
+    use (`/`, name, stem, suffix, parent, with_suffix, glob, is_file, is_dir, stat, open, read_bytes, unlink,
+    mkdir): code written for local paths reads from the store where the objects lie, and writes there through
+    `atomic_output` (an object put whole). A path found by `glob` keeps the listing's size and modification
+    time, so `stat` asks the store nothing. It holds no file system: a Ray task on any node opens the store
+    where it runs, with that node's configuration. In a pydantic model or a stage's record it is its URL."""
 
     def __init__(self, url: str, info: dict[str, Any] | None = None) -> None:
         self.url = str(url).rstrip("/")
@@ -235,9 +238,37 @@ class StorePath:
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
+    def unlink(self, missing_ok: bool = False) -> None:
+        fs, path = self._store
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
 
-def readable_path(value: str | Path | StorePath) -> Path | StorePath:
-    """A path to read from: a `StorePath` for an object store's URL, else a local `Path` (of a file:// URL too)."""
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        """Nothing: a store has no folders, the objects in one name it."""
+
+    def resolve(self) -> StorePath:
+        return self
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        def validate(value: Any) -> StorePath:
+            if isinstance(value, StorePath):
+                return value
+            if isinstance(value, str) and is_object_store(value):
+                return StorePath(value)
+            raise ValueError(f"{value!r} is no object store URL")
+
+        return core_schema.no_info_plain_validator_function(validate,
+                                                            serialization=core_schema.to_string_ser_schema())
+
+
+def as_path(value: str | Path | StorePath) -> Path | StorePath:
+    """`value` as a path: a `StorePath` for an object store's URL, else a local `Path` (of a file:// URL too)."""
     if isinstance(value, (Path, StorePath)):
         return value
     if is_object_store(value):
@@ -247,7 +278,7 @@ def readable_path(value: str | Path | StorePath) -> Path | StorePath:
 
 def open_binary(path: str | Path | StorePath) -> IO[bytes]:
     """A local file, or an object on a store (`StorePath`, or its URL), opened to read, seekable."""
-    path = readable_path(path)
+    path = as_path(path)
     return path.open("rb")
 
 
@@ -283,13 +314,40 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+@contextmanager
+def atomic_output(path: str | Path | StorePath) -> Iterator[Path]:
+    """Yield a local temporary path; on success what was written there becomes `path`: renamed into place
+    (`atomic_path`), or on an object store put whole (a PUT is atomic per object: a reader sees the old
+    object or the new, never part of one). On error nothing is written."""
+    path = as_path(path)
+    if isinstance(path, Path):
+        with atomic_path(path) as tmp:
+            yield tmp
+        return
+    with tempfile.TemporaryDirectory(prefix="dalle-put-") as folder:
+        yield Path(folder) / path.name
+        fs, key = path._store
+        fs.put_file(str(Path(folder) / path.name), key)
+
+
+def remove_tree(path: str | Path | StorePath) -> None:
+    """A folder and everything below it gone, local or on a store; nothing there is no error."""
+    path = as_path(path)
+    if isinstance(path, Path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, key = path._store
+    if fs.exists(key):
+        fs.rm(key, recursive=True)
+
+
+def write_bytes(path: str | Path | StorePath, data: bytes) -> Path | StorePath:
+    with atomic_output(path) as tmp:
         tmp.write_bytes(data)
-    return Path(path)
+    return as_path(path)
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
+def write_json(path: str | Path | StorePath, obj: Any) -> Path | StorePath:
     return write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 

@@ -60,7 +60,7 @@ class Stages:
     rerun: frozenset[str] = frozenset()  # stage names to run even when cached; EVERY_STAGE for every stage
 
     def run(self, function: Callable[..., Result], *args: Any, accumulates: bool = False, on_ray: bool = False,
-            reads_in_place: bool = False, **kwargs: Any) -> StageRecord[Result]:
+            reads_in_place: bool = False, writes_in_place: bool = False, **kwargs: Any) -> StageRecord[Result]:
         """In the task of a stage (`stage_task`): `function(*args, **kwargs, out_dir=<stage folder>[,
         tracker=<stage run>])` in a nested MLflow run, unless a stage finished with the same key: then log
         that it was reused (tags `cache`, `built_by_run`) and return its record. The result is shown on the
@@ -69,7 +69,10 @@ class Stages:
         work over the Ray session open in this process (`components/parallel.py`): join the cluster first.
         `reads_in_place`: the function reads a folder given as an object store's URL (`storage.StorePath`), so an
         input finished on the store that the cache does not hold is given as its URL, not fetched (the key is the
-        call's as it was made: where an input is read from changes nothing)."""
+        call's as it was made: where an input is read from changes nothing). `writes_in_place`: the function
+        writes to an `out_dir` given as a URL, so where the root is an object store the stage builds its folder
+        there (its tasks on any node write their objects whole), nothing in the cache but its record
+        (`StageCache.open_on_store`, `commit(on_store=True)`): a stage after it reads it as one finished there."""
         name = current_stage()
         bound = bind_call(function, args, kwargs)
         key = self.cache.call_key(name, function, bound.arguments)
@@ -90,17 +93,23 @@ class Stages:
                 print(f"{name}: inputs unchanged, reusing {folder} (built by MLflow run {record.mlflow_run_id})")
                 return replace(record, reused=True, seconds=time.perf_counter() - started)
             tracker.set_tags({"cache": "forced" if forced else "miss", "cache_key": key, "stage_dir": str(folder)})
+            on_store = writes_in_place and self.cache.remote is not None
             if forced:
                 shutil.rmtree(folder, ignore_errors=True)  # from scratch: no resuming from the last build's checkpoints
-            elif accumulates and self.cache.fetch_to_accumulate(folder):
-                print(f"{name}: adding to its last build, fetched from {self.cache.remote}")
-            folder.mkdir(parents=True, exist_ok=True)  # an unfinished folder is kept: stages resume from it
+            if on_store:  # an unfinished (or accumulating) build there is kept: the stage resumes from it
+                out_dir = self.cache.open_on_store(folder, clear=forced)
+                print(f"{name}: building in place on the store, {out_dir}")
+            else:
+                if not forced and accumulates and self.cache.fetch_to_accumulate(folder):
+                    print(f"{name}: adding to its last build, fetched from {self.cache.remote}")
+                folder.mkdir(parents=True, exist_ok=True)  # an unfinished folder is kept: stages resume from it
+                out_dir = folder
             arguments = self.cache.in_place(bound.arguments) if reads_in_place else bound.arguments
             for argument, value in arguments.items():
                 if value is not bound.arguments[argument]:
                     print(f"{name}: reads {argument} where it lies on the store, {value}")
             self.cache.fetch_inputs(self.cache.stage_value(arguments, content=False))  # the rest only the store holds
-            call = dict(arguments, **{OUTPUT_DIR: folder})
+            call = dict(arguments, **{OUTPUT_DIR: out_dir})
             if TRACKER in inspect.signature(function).parameters:
                 call[TRACKER] = tracker
             if on_ray:
@@ -109,11 +118,13 @@ class Stages:
                 connect()
             with self._slot(name, tracker), stage_progress(name, tracker):
                 result = function(**call)
-            show_result(result, tracker)
+            if on_store:
+                result = self.cache.in_cache(result)  # its paths the cache's, as every record's are
             seconds = time.perf_counter() - started
             record = StageRecord(stage=name, key=key, folder=folder, outputs=result, metrics=result.metrics,
                                  mlflow_run_id=tracker.run_id, build_seconds=seconds)
-            self.cache.commit(record)
+            self.cache.commit(record, on_store=on_store)
+            show_result(result, tracker, readable=self.cache.readable)
             return replace(record, seconds=seconds)
 
     @contextlib.contextmanager
@@ -182,12 +193,14 @@ def current_stage() -> str:
     return context.task.name
 
 
-def show_result(result: Any, tracker: Tracker, artifacts: bool = True) -> None:
+def show_result(result: Any, tracker: Tracker, artifacts: bool = True,
+                readable: Callable[[Any], Path] = Path) -> None:
     """A stage's result on its MLflow run, the same way for every stage: its summary `metrics` (at its
     `step`, where a training stage's result says which update its weights are from), the fields its
     class names in `TAGS` as tags (a dict field's items each), and, unless it is a reused result
-    (already logged in the run that built it), the files of the fields named in `ARTIFACTS`. A metric the
-    run already holds is left as it is: a training stage logged it on its curve, window by window."""
+    (already logged in the run that built it), the files of the fields named in `ARTIFACTS` (where `readable`
+    gives them: a stage built on the store, a copy). A metric the run already holds is left as it is: a
+    training stage logged it on its curve, window by window."""
     logged = tracker.client.get_run(tracker.run_id).data.metrics
     tracker.log_metrics({name: value for name, value in result.metrics.items() if name not in logged},
                         step=getattr(result, "step", None))
@@ -199,7 +212,7 @@ def show_result(result: Any, tracker: Tracker, artifacts: bool = True) -> None:
         tracker.set_tags(tags)
     for name in getattr(result, "ARTIFACTS", ()) if artifacts else ():
         if (path := getattr(result, name)) is not None:
-            tracker.log_artifact(path)
+            tracker.log_artifact(readable(path))
 
 
 def derived(stage: str, outputs: Any, base: StageRecord) -> StageRecord:
@@ -249,7 +262,8 @@ def filter_corpus(cfg: PipelineConfig, downloaded: StageRecord[DownloadResult],
     from dalle_pipeline.components.filter.run import require_usable, run
 
     record = stages.run(run, cfg.filter_settings(), downloaded.outputs.shards_dir,
-                        holdout_fraction=cfg.holdout_fraction, accumulates=True, on_ray=True, reads_in_place=True)
+                        holdout_fraction=cfg.holdout_fraction, accumulates=True, on_ray=True, reads_in_place=True,
+                        writes_in_place=True)
     print(record.outputs.describe())
     create_table_artifact(record.outputs.report_rows(), key="filter-report",
                           description="Samples kept and dropped, by reason")

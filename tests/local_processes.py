@@ -95,6 +95,14 @@ def stop_ray_cluster(cluster: str, address: str, grace: float = 10.0) -> None:
         Path(get_ray_address_file(None)).unlink(missing_ok=True)
 
 
+def forget_s3_clients() -> None:
+    """fsspec keeps one S3 file system per set of options, made with the endpoint of the environment of that
+    time: a test's endpoint must not reach the next test's (another port)."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 class S3Endpoint:
     """moto's standalone S3 server on a loopback port (as s3fs's own tests run it), with a bucket; `env` is what
     a process needs to reach it through the usual boto/s3fs configuration."""
@@ -122,6 +130,7 @@ class S3Endpoint:
                     raise RuntimeError(f"moto_server did not answer on {self.url}")
                 time.sleep(0.2)
         self.client().create_bucket(Bucket=bucket)
+        forget_s3_clients()
 
     def client(self):
         import boto3
@@ -134,6 +143,7 @@ class S3Endpoint:
         return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
     def stop(self) -> None:
+        forget_s3_clients()
         self.process.terminate()
         try:
             self.process.wait(timeout=10)

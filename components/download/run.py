@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from ..config import DownloadConfig
 from ..parallel import ray_session, require_shared
 from ..sorted_runs import ExactIndex
-from ..storage import StorePath, readable_path
+from ..storage import StorePath, as_path
 from .fetch import FetchPolicy, reason_code
 from .url_list import check as check_url_list
 from .url_list import read_blocks
@@ -128,7 +128,7 @@ def new_batches(blocks: Iterable[pa.Table], url_col: str, attempted: ExactIndex,
 
 def finished_batches(out_dir: str | Path | StorePath) -> list[Path | StorePath]:
     """The batches of a download folder (local, or on an object store) that finished, oldest first."""
-    return sorted(path for path in readable_path(out_dir).glob(f"{BATCH_PREFIX}*")
+    return sorted(path for path in as_path(out_dir).glob(f"{BATCH_PREFIX}*")
                   if (path / SUCCESS_MARKER).is_file())
 
 

@@ -30,12 +30,15 @@ A re-run with the same config reuses every part whose source shard is unchanged,
 hashes back from the parts so duplicates are still caught across runs; new batches (a longer URL
 list) are filtered against everything kept before. A changed config redoes everything. The report
 is written last, streamed from the parts with its counts and digest (one part in memory at a time).
+Either folder may be on an object store (`storage.StorePath`): the tasks read the download shards there and put
+each output whole; a part is put after its shards, the report last, as on a disk.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,7 +55,7 @@ from ..download.run import batch_shards, finished_batches
 from ..parallel import ordered_map, require_shared, worker_node
 from ..shards import HOLDOUT_DIR, holdout_rank, read_shard, shard_paths, write_shard
 from ..sorted_runs import digest_keys
-from ..storage import StorePath, SummedDigest, atomic_path, open_binary, readable_path, write_json
+from ..storage import StorePath, SummedDigest, as_path, atomic_output, open_binary, remove_tree, write_json
 from .checks import HELD_OUT, KEPT, REPORT_SCHEMA, Examined, ShardJob, examine_shard
 from .dedup import shard_verdicts
 from .partitioned import open_index
@@ -72,8 +75,8 @@ LOOKUP_ROWS = 1 << 14
 class FilterResult:
     """Where the curated shards and the per-sample report are, and how many samples went where."""
 
-    curated_dir: Path
-    report_path: Path
+    curated_dir: Path | StorePath  # on the store where the stage wrote there
+    report_path: Path | StorePath
     kept: int
     dropped_by_reason: dict[str, int] = field(default_factory=dict)
     held_out: int = 0  # samples that passed and went to `holdout/`, for evaluation only
@@ -185,21 +188,22 @@ def write_shard_outputs(job: OutputsJob) -> str:
     write_shard(job.curated, (sample for sample in samples if verdicts.get(sample.key) == KEPT))
     if HELD_OUT in verdicts.values():  # a held-out shard only where there are held-out samples
         write_shard(job.held_out, (sample for sample in samples if verdicts.get(sample.key) == HELD_OUT))
-    with atomic_path(job.part_path) as staging:
+    with atomic_output(job.part_path) as staging:
         pq.write_table(job.part.replace_schema_metadata({"source": job.signature}), staging)
     return worker_node()
 
 
-def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path, holdout_fraction: float = 0.0,
-        index_partitions: int | None = None) -> FilterResult:
+def run(cfg: FilterConfig, shards_dir: str | Path | StorePath, out_dir: str | Path | StorePath,
+        holdout_fraction: float = 0.0, index_partitions: int | None = None) -> FilterResult:
     """Filter every finished batch of the download folder `shards_dir` into `out_dir` (held-out samples into
     `out_dir/holdout/`); report last. The kept index is split into `index_partitions` on the Ray cluster's
-    nodes (None: one a node on a cluster of several; 0: in this process; the verdicts are the same)."""
-    shards_dir, out_dir = readable_path(shards_dir), Path(out_dir)
+    nodes (None: one a node on a cluster of several; 0: in this process; the verdicts are the same). Either
+    folder may be on an object store (a URL, `storage.StorePath`): read and written there, by every task."""
+    shards_dir, out_dir = as_path(shards_dir), as_path(out_dir)
     sources = [(batch, tar, parquet) for batch in finished_batches(shards_dir) for tar, parquet in batch_shards(batch)]
     if not sources:
         raise FileNotFoundError(f"no finished download batch with *.tar shards in {shards_dir}")
-    if isinstance(shards_dir, Path) and out_dir.resolve() == shards_dir.resolve():
+    if out_dir.resolve() == shards_dir.resolve():
         raise ValueError(f"out_dir must differ from shards_dir ({shards_dir})")
     require_shared({"the download folder": shards_dir}, writes=out_dir)  # every node's tasks read and write them
     report_path = out_dir / REPORT_NAME
@@ -209,15 +213,16 @@ def run(cfg: FilterConfig, shards_dir: str | Path, out_dir: str | Path, holdout_
         raise ValueError(f"holdout_fraction must be in [0, 1), not {holdout_fraction}")
     settings = {"version": FILTER_VERSION, "holdout_fraction": holdout_fraction, **cfg.model_dump(mode="json")}
     if (out_dir / SETTINGS_NAME).is_file() and json.loads((out_dir / SETTINGS_NAME).read_text()) != settings:
-        shutil.rmtree(parts_dir, ignore_errors=True)  # other thresholds: every verdict may change
+        remove_tree(parts_dir)  # other thresholds: every verdict may change
     write_json(out_dir / SETTINGS_NAME, settings)
-    _remove_stale_outputs(out_dir, {_curated_name(batch, tar) for batch, tar, _ in sources})
+    present = _remove_stale_outputs(out_dir, {_curated_name(batch, tar) for batch, tar, _ in sources})
 
-    spill_dir = out_dir / SPILL_DIR  # the indexes' runs past 64k entries: scratch, gone when the stage ends
+    # the indexes' runs past 64k entries: scratch, gone when the stage ends (on this disk, whatever out_dir is)
+    spill_dir = out_dir / SPILL_DIR if isinstance(out_dir, Path) else Path(tempfile.mkdtemp(prefix="dalle-filter-"))
     shutil.rmtree(spill_dir, ignore_errors=True)
     dedupe = _Deduplicator(cfg, spill_dir, _expected_items(sources), index_partitions)
     try:
-        return _filter(cfg, sources, out_dir, report_path, holdout_fraction, dedupe)
+        return _filter(cfg, sources, out_dir, report_path, holdout_fraction, dedupe, present)
     finally:
         dedupe.index.close()
         shutil.rmtree(spill_dir, ignore_errors=True)
@@ -234,11 +239,11 @@ def _expected_items(sources: list[tuple[Path, Path, Path | None]]) -> int:
 
 
 def _filter(cfg: FilterConfig, sources: list[tuple[Path, Path, Path | None]], out_dir: Path, report_path: Path,
-            holdout_fraction: float, dedupe: _Deduplicator) -> FilterResult:
+            holdout_fraction: float, dedupe: _Deduplicator, present: set[str]) -> FilterResult:
     outputs = [_outputs_of(out_dir, batch, tar) for batch, tar, _ in sources]
     reused = 0
     for (_, tar, parquet), (part_path, curated, held_out) in zip(sources, outputs):
-        part = _reusable_part(part_path, (curated, held_out), _signature(tar, parquet))
+        part = _reusable_part(part_path, (curated, held_out), _signature(tar, parquet), present)
         if part is None:
             break  # verdicts depend on what was kept before: redo everything after
         dedupe.remember(part)
@@ -280,24 +285,31 @@ def _signature(tar: Path | StorePath, parquet: Path | StorePath | None) -> str:
     return json.dumps(stats)
 
 
-def _reusable_part(part_path: Path, outputs: tuple[Path, Path], signature: str) -> pa.Table | None:
+def _reusable_part(part_path: Path, outputs: tuple[Path, Path], signature: str, present: set[str]) -> pa.Table | None:
+    """A finished shard's part, where its outputs are all `present` and its source is as it was."""
     curated, held_out = outputs
-    if not (part_path.is_file() and curated.is_file()):
+    if not (str(part_path) in present and str(curated) in present):
         return None
-    part = pq.read_table(part_path)
-    if HELD_OUT in part.column("reason").to_pylist() and not held_out.is_file():
+    with open_binary(part_path) as file:
+        part = pq.read_table(file)
+    if HELD_OUT in part.column("reason").to_pylist() and str(held_out) not in present:
         return None
     if (part.schema.metadata or {}).get(b"source") != signature.encode():
         return None
     return part.replace_schema_metadata(None).cast(REPORT_SCHEMA)
 
 
-def _remove_stale_outputs(out_dir: Path, wanted: set[str]) -> None:
-    """Curated shards and parts whose download shard is gone (a download folder started anew)."""
+def _remove_stale_outputs(out_dir: Path, wanted: set[str]) -> set[str]:
+    """Curated shards and parts whose download shard is gone (a download folder started anew) removed; the paths
+    of the others, listed once (a store is not asked of each)."""
+    present = set()
     for path in [*shard_paths(out_dir), *shard_paths(out_dir / HOLDOUT_DIR),
                  *sorted((out_dir / PARTS_DIR).glob("*.parquet"))]:
         if path.stem not in wanted:
             path.unlink()
+        else:
+            present.add(str(path))
+    return present
 
 
 class CorpusDigest:
@@ -327,10 +339,11 @@ def _write_report(report_path: Path, parts: list[Path]) -> dict[str, Any]:
     """The parts, in order, into one report (written last, atomically); its counts and digest, streamed."""
     by_stage: dict[str, Counter[str]] = {"filter": Counter(), "download": Counter()}
     digest = CorpusDigest()
-    with atomic_path(report_path) as staging:
+    with atomic_output(report_path) as staging:
         with pq.ParquetWriter(staging, REPORT_SCHEMA, compression="zstd") as writer:
             for path in parts:
-                part = pq.read_table(path).replace_schema_metadata(None).cast(REPORT_SCHEMA)
+                with open_binary(path) as file:
+                    part = pq.read_table(file).replace_schema_metadata(None).cast(REPORT_SCHEMA)
                 writer.write_table(part)
                 digest.add(part)
                 counted = part.group_by(["stage", "reason"]).aggregate([("key", "count")]).to_pylist()

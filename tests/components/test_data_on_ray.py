@@ -1,5 +1,6 @@
 """The data stages on Ray: the same corpus and report as in one process, on both nodes of a cluster,
-after a data worker is killed, and after an ingest is killed."""
+after a data worker is killed, and after an ingest is killed; a node without the driver's disk refused, or
+filtering on an object store."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import threading
 import time
 from pathlib import Path
 
+import fsspec
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from local_processes import NO_AUTH, namespaces_allowed
+from local_processes import NO_AUTH, S3Endpoint, namespaces_allowed
 from test_filter import _encode, _picture
 from test_ray_cluster import local_cluster
 
@@ -24,8 +26,10 @@ from dalle_pipeline.components.config import DataConfig, DownloadConfig, FilterC
 from dalle_pipeline.components.download.run import distributor_of
 from dalle_pipeline.components.filter import read_report
 from dalle_pipeline.components.filter import run as filter_run
+from dalle_pipeline.components.filter.run import REPORT_SCHEMA
 from dalle_pipeline.components.shards import iter_samples, shard_paths
 from dalle_pipeline.components.sources import run as ingest
+from dalle_pipeline.components.storage import StorePath
 
 FILTER = FilterConfig(near_duplicate_distance=4, min_image_size=16)
 
@@ -145,27 +149,42 @@ for stage, call in {
         call()
     except NotShared as refusal:
         refusals[stage] = str(refusal)
+# both folders on the object store instead: every node reads and writes there, nothing to share
+on_store = filter_run(FilterConfig(near_duplicate_distance=4, min_image_size=16), sys.argv[4] + "/here",
+                     sys.argv[4] + "/curated", holdout_fraction=0.2)  # as `curate` filtered it here
 print("RESULT " + json.dumps({"refusals": refusals, "here": ray.get_runtime_context().get_node_id(),
-                              "nodes": [node["NodeID"] for node in ray.nodes() if node["Alive"]]}))
+                              "nodes": [node["NodeID"] for node in ray.nodes() if node["Alive"]],
+                              "on_store": on_store.shards_by_node}))
 """
 
 
 @pytest.mark.slow  # two-node Ray
-def test_a_node_that_does_not_see_the_stage_folders_is_refused_before_any_work(tmp_path, monkeypatch):
+def test_a_node_without_the_stage_folders_is_refused_and_filters_on_an_object_store(tmp_path, monkeypatch):
     if not namespaces_allowed():
         pytest.skip("this machine lets no user mount a folder in namespaces of its own (unshare)")
-    source = captioned_folder(tmp_path / "source", 8)
-    curate(source, tmp_path / "out" / "local", per_shard=4)  # a download folder for the filter, made here
+    source = captioned_folder(tmp_path / "source", 24)
+    _, local = curate(source, tmp_path / "out" / "local", per_shard=4)  # a download folder for the filter, made here
     (tmp_path / "out" / "local" / "dl").rename(tmp_path / "out" / "here")
+    s3 = S3Endpoint()  # and a copy of it on an object store, which every node reaches
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    fs, _ = fsspec.core.url_to_fs(f"s3://{s3.bucket}")
+    fs.put(str(tmp_path / "out" / "here"), f"{s3.bucket}/unshared/here", recursive=True)
     pictures = sorted(source.glob("*.png"))
     pq.write_table(pa.table({"url": [path.as_uri() for path in pictures], "caption": ["a picture"] * len(pictures)}),
                    tmp_path / "out" / "urls.parquet")
     # the second node runs where tmp_path is an empty folder: a node without the driver's disk
-    for address in local_cluster(monkeypatch, "unshared-nodes", 1, [1], hidden=tmp_path):
-        proc = subprocess.run([sys.executable, "-c", UNSHARED, address, str(source), str(tmp_path / "out")],
-                              capture_output=True, text=True, timeout=300, env={**os.environ, **NO_AUTH})
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    try:
+        for address in local_cluster(monkeypatch, "unshared-nodes", 1, [1], hidden=tmp_path):
+            proc = subprocess.run([sys.executable, "-c", UNSHARED, address, str(source), str(tmp_path / "out"),
+                                   f"s3://{s3.bucket}/unshared"],
+                                  capture_output=True, text=True, timeout=300, env={**os.environ, **NO_AUTH})
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+        with StorePath(f"s3://{s3.bucket}/unshared/curated/filter_report.parquet").open() as report:
+            on_store = pq.read_table(report, schema=REPORT_SCHEMA)
+    finally:
+        s3.stop()
     (other,) = set(result["nodes"]) - {result["here"]}
     refusals = result["refusals"]
     assert sorted(refusals) == ["download", "filter", "ingest"]
@@ -178,6 +197,9 @@ def test_a_node_that_does_not_see_the_stage_folders_is_refused_before_any_work(t
         assert result["here"][:8] not in refusals[stage] and "DALLE_CACHE" in refusals[stage]
         # refused before any work: no batch, no curated shard, no report, no probe left behind
         assert sorted(path.name for path in (tmp_path / "out" / written).iterdir()) == []
+    # on the store, the node without the disk filtered shards too, and the report is the one made here
+    assert sorted(result["on_store"]) == sorted(result["nodes"]) and sum(result["on_store"].values()) == 6
+    assert on_store.equals(read_report(local.report_path))
 
 
 def kill_first(name: str, killed: list[int], stop: threading.Event) -> None:

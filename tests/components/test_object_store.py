@@ -313,6 +313,7 @@ def test_the_filter_and_the_text_tokenizer_read_a_stage_on_the_store_where_it_li
 
     from dalle_pipeline.components.config import FilterConfig, TokenizerConfig
     from dalle_pipeline.components.filter import read_report, run as filter_run
+    from dalle_pipeline.components.filter.run import REPORT_NAME, REPORT_SCHEMA
     from dalle_pipeline.components.shards import Sample, shard_paths, write_shard
     from dalle_pipeline.components.storage import copy_from_store
     from dalle_pipeline.components.text.tokenizer import run as tokenizer_run
@@ -355,6 +356,23 @@ def test_the_filter_and_the_text_tokenizer_read_a_stage_on_the_store_where_it_li
     assert filter_run(cfg, url, tmp_path / "resumed", holdout_fraction=0.2).reused_shards == 3
     with pytest.raises(FileNotFoundError, match=r"no finished download batch .* s3://"):
         filter_run(cfg, f"s3://{s3.bucket}/in-place/nothing", tmp_path / "none")
+    # written on the store too: the same objects, the report last; filtered again, every shard reused there
+    written = f"s3://{s3.bucket}/in-place/filtered"
+    on_store = filter_run(cfg, url, written, holdout_fraction=0.2)
+    assert (str(on_store.curated_dir), str(on_store.report_path)) == (written, f"{written}/{REPORT_NAME}")
+    stored = {key.removeprefix("in-place/filtered/"): key for key in s3.keys("in-place/filtered/")}
+    assert {name for name in stored if name.endswith(".tar")} == set(tars)
+    assert all(s3.client().get_object(Bucket=s3.bucket, Key=stored[name])["Body"].read() == (b / name).read_bytes()
+               for name in tars)
+    with on_store.report_path.open() as report:
+        assert pq.read_table(report, schema=REPORT_SCHEMA).equals(read_report(from_copy.report_path))
+    assert filter_run(cfg, url, written, holdout_fraction=0.2).reused_shards == 3
+    # a source shard put again: it and those after it are filtered again, their parts read back as written now
+    time.sleep(1.1)  # the store's modification times are to the second
+    fs.put_file(str(local / "batch-00000" / "00000.tar"), f"{s3.bucket}/in-place/download/batch-00000/00000.tar")
+    again = filter_run(cfg, url, written, holdout_fraction=0.2)
+    assert again.reused_shards == 0 and again.data_digest == from_copy.data_digest
+    assert not any(tmp_path.glob("**/_dedup_spill")) and not any(name.startswith("_dedup") for name in stored)
 
     fs.put(str(tmp_path / "from-copy"), f"{s3.bucket}/in-place/curated", recursive=True)
     tokenizer_cfg = TokenizerConfig(vocab_size=300, text_len=8)
@@ -375,3 +393,18 @@ def test_the_filter_and_the_text_tokenizer_read_a_stage_on_the_store_where_it_li
     assert not folder.exists()
     there.fetch_inputs(there.stage_value(arguments, content=False))
     assert there.in_place(arguments) == arguments
+
+
+def test_a_store_path_reads_an_object_another_process_put_again_after_this_one_listed_it(s3):
+    """The filter's driver lists its report parts, its tasks (other processes) put some again, the driver reads
+    them: the listing must not be trusted over the store (s3fs opened by the listed ETag: FileExpired)."""
+    from dalle_pipeline.components.storage import StorePath, open_binary
+
+    s3.client().put_object(Bucket=s3.bucket, Key="relisted/part.bin", Body=b"old")
+    folder = StorePath(f"s3://{s3.bucket}/relisted")
+    (part,) = folder.glob("*.bin")
+    assert part.stat().st_size == 3 and [p.name for p in folder.glob("*")] == ["part.bin"]
+    s3.client().put_object(Bucket=s3.bucket, Key="relisted/part.bin", Body=b"newer")  # as a task elsewhere would
+    with open_binary(folder / "part.bin") as file:
+        assert file.read() == b"newer"
+    assert [p.stat().st_size for p in folder.glob("*.bin")] == [5]

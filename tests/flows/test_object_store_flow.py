@@ -1,8 +1,8 @@
 """The micro flow with its root on an object store (`DALLE_HOME=s3://...`): S3 is moto's standalone server on
 loopback, MLflow a tracking server whose artifacts go to the same bucket. The run writes nothing outside its
-temporary cache; a fresh cache reuses every stage from the store, and a filter forced to run there reads the
-download folder on the store where it lies; `generate` loads the champion from there; a folder source on the store
-is ingested from its copy in the cache."""
+temporary cache but the filter's, which is built on the store; a fresh cache reuses every stage from the store,
+and a filter forced to run there reads the download folder on the store where it lies; `generate` loads the
+champion from there; a folder source on the store is ingested from its copy in the cache."""
 
 from __future__ import annotations
 
@@ -115,8 +115,9 @@ def test_a_run_rooted_on_s3_writes_only_its_cache_reuses_stages_from_the_store_a
 
         # another machine (a fresh cache): every stage is finished on the store, reused, not run again, and
         # nothing of them fetched but their records and the sample grid: no shards, token parts or weights; the
-        # filter, forced to run, reads the download folder on the store where it lies (never fetched) and builds
-        # the same curated corpus (its lineage digest below), in the cache, published
+        # filter, forced to run, reads the download folder on the store where it lies and writes on the store
+        # (nothing of either in the cache but a copy of its report, logged to MLflow) the same curated corpus (its
+        # lineage digest below)
         shutil.rmtree(tmp_path / "cache")
         again, again_id = train({**env, "DALLE_CACHE": str(tmp_path / "cache-2")}, work, "--rerun", "filter")
         assert stage_cache_tags(client, again_id) == {stage: "forced" if stage == "filter" else "hit"
@@ -125,11 +126,10 @@ def test_a_run_rooted_on_s3_writes_only_its_cache_reuses_stages_from_the_store_a
             again.stdout + again.stderr
         fetched = sorted(p.relative_to(tmp_path / "cache-2").as_posix()
                          for p in (tmp_path / "cache-2").rglob("*") if p.is_file())
-        assert {name.split("/")[0] for name in fetched} == {"stage-records", "read-copies", "stages", "published"}
-        assert {name.split("/")[1] for name in fetched if name.split("/")[0] in ("stages", "published")} == \
-            {"filter"}, fetched
+        assert {name.split("/")[0] for name in fetched} == {"stage-records", "read-copies"}, fetched
         assert [name for name in fetched if name.startswith("read-copies/")] == \
-            [f"read-copies/sample/{stage_dir(client, again_id, 'sample')}/samples.png"], fetched
+            [f"read-copies/filter/{stage_dir(client, again_id, 'filter')}/filter_report.parquet",
+             f"read-copies/sample/{stage_dir(client, again_id, 'sample')}/samples.png"], fetched
         # (MLflow keeps one dataset per name and digest in an experiment: the second run's shows the first's source)
         datasets = {run: {item.dataset.name: (item.dataset.digest, item.dataset.source)
                           for item in client.get_run(run).inputs.dataset_inputs} for run in (run_id, again_id)}
@@ -167,7 +167,7 @@ def test_a_run_rooted_on_s3_writes_only_its_cache_reuses_stages_from_the_store_a
                          f"s3://{s3.bucket}/pictures", *FAST)
         output = grown.stdout + grown.stderr
         assert "ingest: adding to its last build, fetched from" in output, output[-3000:]
-        assert "filter: adding to its last build, fetched from" in output
+        assert "filter: building in place on the store, s3://" in output  # its last build there, added to
         assert "ingested 85 images (5 items new)" in output
     finally:
         server.terminate()
