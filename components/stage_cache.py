@@ -43,6 +43,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable, Mapping
@@ -54,7 +55,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from pydantic import BaseModel, TypeAdapter
 
-from .storage import (StorePath, SummedDigest, atomic_path, copy_from_store, file_sha256, object_store,
+from .storage import (StorePath, SummedDigest, atomic_path, copy_from_store, file_sha256, modified_ns, object_store,
                       remove_tree, walked_files, write_bytes, write_json)
 
 RECORD = "_stage.json"
@@ -353,7 +354,10 @@ class StageCache:
         store lacks or holds otherwise, then those of the last build this one lacks are removed, then the record
         goes last, the local root in its paths made a placeholder. A file this cache published or fetched, and
         left as it was (size, modification time), is not put again while the store still holds that build: a
-        stage that accumulates (a URL list grown by a day) puts its new files alone."""
+        stage that accumulates (a URL list grown by a day) puts its new files alone. Each file here is given the
+        store's modification time, as a copy fetched from it has (`copy_from_store`): a stage after it that
+        signs its inputs by size and time (the filter's parts) reads them alike here, on the store, and from a
+        copy elsewhere (with its own times, a grown corpus filtered on another machine was filtered anew)."""
         fs, target = self._remote_folder(folder)
         try:
             stored = _build_of(json.loads(fs.cat_file(f"{target}/{RECORD}")))
@@ -368,6 +372,12 @@ class StageCache:
                 fs.put_file(str(folder / relative), f"{target}/{relative}")
         for relative in sorted(on_store - files.keys()):
             fs.rm_file(f"{target}/{relative}")
+        for found, info in fs.find(target, detail=True).items():
+            local = folder / found[len(target) + 1:]
+            if (stored_ns := modified_ns(info)) is not None and local.is_file() and \
+                    local.stat().st_mtime_ns != stored_ns and found[len(target) + 1:] != RECORD:
+                os.utime(local, ns=(stored_ns, stored_ns))
+        files = self._folder_files(folder)
         document = json.loads((folder / RECORD).read_text())
         fs.pipe_file(f"{target}/{RECORD}", json.dumps(document).replace(str(self.root), STAGES_PLACEHOLDER).encode())
         write_json(self._published_path(folder), {"build": _build_of(document), "files": files})

@@ -10,12 +10,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 from PIL import Image
 
+from dalle_pipeline.components.config import FilterConfig
 from dalle_pipeline.components.stage_cache import RECORD, STAGES_PLACEHOLDER, StageCache, StageRecord
-from dalle_pipeline.components.storage import RunRoot, run_root
+from dalle_pipeline.components.storage import RunRoot, run_root, walked_files
 from local_processes import S3Endpoint
 
 
@@ -302,28 +304,22 @@ def test_a_build_published_again_puts_only_what_changed_while_the_store_holds_th
     assert all(modified()[name] > before[name] for name in before)
 
 
-def test_the_filter_and_the_text_tokenizer_read_a_stage_on_the_store_where_it_lies(tmp_path, s3):
-    """A download folder on the store, filtered from its URL (nothing fetched to disk: its shards and Parquet read
-    range by range), gives the report and curated shards its local copy gives, and a build from a fetched copy is
-    reused when filtered from the store (the same signatures); the text tokenizer trains alike on curated shards
-    on the store. The stage cache hands such a stage the store's URL of an input the cache does not hold."""
-    import fsspec
+FILTER = FilterConfig(min_image_size=16, min_caption_chars=3, near_duplicate_distance=4)
+
+
+def download_folder(local: Path) -> Path:
+    """Three download shards in two batches, as the download stage leaves them: duplicates, captions too short,
+    a failed download each."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dalle_pipeline.components.config import FilterConfig, TokenizerConfig
-    from dalle_pipeline.components.filter import read_report, run as filter_run
-    from dalle_pipeline.components.filter.run import REPORT_NAME, REPORT_SCHEMA
-    from dalle_pipeline.components.shards import Sample, shard_paths, write_shard
-    from dalle_pipeline.components.storage import copy_from_store
-    from dalle_pipeline.components.text.tokenizer import run as tokenizer_run
+    from dalle_pipeline.components.shards import Sample, write_shard
 
     def picture(seed: int) -> bytes:  # 32 px of noise a seed: two seeds are far apart, one seed twice a duplicate
         buffer = io.BytesIO()
         Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
         return buffer.getvalue()
 
-    local = tmp_path / "download"
     for number, shard in ((0, "00000"), (0, "00001"), (1, "00000")):
         batch = local / f"batch-{number:05d}"
         samples = [Sample(f"{shard}{i:04d}", picture(7 * number + i % 5), "png",
@@ -335,10 +331,28 @@ def test_the_filter_and_the_text_tokenizer_read_a_stage_on_the_store_where_it_li
                      "status": "failed_to_download", "error_message": "http_404"})
         pq.write_table(pa.Table.from_pylist(rows), batch / f"{shard}.parquet")
         (batch / "_SUCCESS").write_text("{}")
+    return local
+
+
+def test_the_filter_and_the_text_tokenizer_read_a_stage_on_the_store_where_it_lies(tmp_path, s3):
+    """A download folder on the store, filtered from its URL (nothing fetched to disk: its shards and Parquet read
+    range by range), gives the report and curated shards its local copy gives, and a build from a fetched copy is
+    reused when filtered from the store (the same signatures); the text tokenizer trains alike on curated shards
+    on the store. The stage cache hands such a stage the store's URL of an input the cache does not hold."""
+    import pyarrow.parquet as pq
+
+    from dalle_pipeline.components.config import TokenizerConfig
+    from dalle_pipeline.components.filter import read_report, run as filter_run
+    from dalle_pipeline.components.filter.run import REPORT_NAME, REPORT_SCHEMA
+    from dalle_pipeline.components.shards import shard_paths
+    from dalle_pipeline.components.storage import copy_from_store
+    from dalle_pipeline.components.text.tokenizer import run as tokenizer_run
+
+    local = download_folder(tmp_path / "download")
     fs, _ = fsspec.core.url_to_fs(f"s3://{s3.bucket}")
     fs.put(str(local), f"{s3.bucket}/in-place/download", recursive=True)
     url = f"s3://{s3.bucket}/in-place/download"
-    cfg = FilterConfig(min_image_size=16, min_caption_chars=3, near_duplicate_distance=4)
+    cfg = FILTER
 
     from_copy = filter_run(cfg, local, tmp_path / "from-copy", holdout_fraction=0.2)
     in_place = filter_run(cfg, url, tmp_path / "in-place", holdout_fraction=0.2)
@@ -408,3 +422,23 @@ def test_a_store_path_reads_an_object_another_process_put_again_after_this_one_l
     with open_binary(folder / "part.bin") as file:
         assert file.read() == b"newer"
     assert [p.stat().st_size for p in folder.glob("*.bin")] == [5]
+
+
+def test_a_published_stage_takes_the_stores_times_so_a_filter_of_it_resumes_on_the_store(tmp_path, s3):
+    """A download folder built in a cache and published: its files take the store's modification times, so the
+    filter's parts signed from it here are reused by a filter reading it on the store (from any machine); with
+    the cache's own times every shard was filtered anew."""
+    from dalle_pipeline.components.filter import run as filter_run
+    from dalle_pipeline.components.storage import modified_ns
+
+    url = f"s3://{s3.bucket}/times/stages"
+    cache = StageCache(tmp_path / "cache" / "stages", url)
+    folder = download_folder(cache.root / "download" / "f")
+    cache.commit(StageRecord("download", "k", folder, Out(str(folder)), {}, "run-1", 1.0))
+    fs, _ = fsspec.core.url_to_fs(url)
+    stored = {name.split("/download/f/", 1)[1]: modified_ns(info)
+              for name, info in fs.find(f"{s3.bucket}/times/stages/download/f", detail=True).items()}
+    assert {relative: stat.st_mtime_ns for relative, stat in walked_files(folder) if relative != RECORD} == \
+        {relative: ns for relative, ns in stored.items() if relative != RECORD}
+    filter_run(FILTER, folder, tmp_path / "filtered")
+    assert filter_run(FILTER, f"{url}/download/f", tmp_path / "filtered").reused_shards == 3
