@@ -28,8 +28,8 @@ unfinished), with the local root in
 the record's paths written as `STAGES_PLACEHOLDER`. A stage finished on the store but not in the
 cache is taken as finished from its record alone (a copy kept in `<cache>/stage-records/`): its files are
 fetched (into a temporary folder, renamed when whole) only when a stage that runs is given a path into
-it (`fetch_inputs`), unless that stage reads in place (`in_place`: it is given the store's URL; the filter and
-the text tokenizer), and the flow reads what it reads itself from copies of just those files (`readable`)
+it (`fetch_inputs`), unless that stage reads it in place (`in_place`: it is given the store's URL; the filter,
+the text tokenizer and tokenization), and the flow reads what it reads itself from copies of just those files (`readable`)
 or from the store (`location`). So a run on a fresh machine whose stages are all finished fetches no shards.
 A stage that writes in place (the filter) is built on the store itself (`open_on_store`), its record written
 there last (`commit(on_store=True)`), the cache keeping the record's copy alone (`in_cache`: its paths the cache's).
@@ -46,7 +46,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -274,12 +274,12 @@ class StageCache:
             if (folder := self._held_on_store_only(named)) is not None:
                 self._fetch(folder, json.loads(self._record_copy(folder).read_text())["key"])
 
-    def in_place(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
-        """A stage's arguments with each path (an argument of its own, str or Path) into a stage finished on the
+    def in_place(self, arguments: Mapping[str, Any], names: Collection[str]) -> dict[str, Any]:
+        """A stage's arguments with each path among those `names` (str or Path) into a stage finished on the
         store whose folder the cache does not hold made that path's URL on the store (`location`): for a
-        component that reads from the store where its input lies instead of having it fetched whole."""
-        return {name: self.location(value) if isinstance(value, (str, Path)) and self._held_on_store_only(value)
-                else value for name, value in arguments.items()}
+        component that reads them from the store where they lie instead of having them fetched whole."""
+        return {name: self.location(value) if name in names and isinstance(value, (str, Path))
+                and self._held_on_store_only(value) else value for name, value in arguments.items()}
 
     def readable(self, path: str | Path) -> Path:
         """`path` where this process can read it: itself, or for a path into a stage finished on the store whose

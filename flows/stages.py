@@ -60,16 +60,16 @@ class Stages:
     rerun: frozenset[str] = frozenset()  # stage names to run even when cached; EVERY_STAGE for every stage
 
     def run(self, function: Callable[..., Result], *args: Any, accumulates: bool = False, on_ray: bool = False,
-            reads_in_place: bool = False, writes_in_place: bool = False, **kwargs: Any) -> StageRecord[Result]:
+            reads_in_place: tuple[str, ...] = (), writes_in_place: bool = False, **kwargs: Any) -> StageRecord[Result]:
         """In the task of a stage (`stage_task`): `function(*args, **kwargs, out_dir=<stage folder>[,
         tracker=<stage run>])` in a nested MLflow run, unless a stage finished with the same key: then log
         that it was reused (tags `cache`, `built_by_run`) and return its record. The result is shown on the
         stage's run either way (`show_result`). `accumulates`: the folder is named by the call's settings and
         input locations (a growing URL list keeps its folder), not by its key. `on_ray`: the function spreads its
         work over the Ray session open in this process (`components/parallel.py`): join the cluster first.
-        `reads_in_place`: the function reads a folder given as an object store's URL (`storage.StorePath`), so an
-        input finished on the store that the cache does not hold is given as its URL, not fetched (the key is the
-        call's as it was made: where an input is read from changes nothing). `writes_in_place`: the function
+        `reads_in_place`: the arguments (by name) the function reads as an object store's URL too
+        (`storage.StorePath`): one into a stage finished on the store that the cache does not hold is given as its
+        URL, not fetched (the key is the call's as it was made: where an input is read from changes nothing). `writes_in_place`: the function
         writes to an `out_dir` given as a URL, so where the root is an object store the stage builds its folder
         there (its tasks on any node write their objects whole), nothing in the cache but its record
         (`StageCache.open_on_store`, `commit(on_store=True)`): a stage after it reads it as one finished there."""
@@ -104,7 +104,7 @@ class Stages:
                     print(f"{name}: adding to its last build, fetched from {self.cache.remote}")
                 folder.mkdir(parents=True, exist_ok=True)  # an unfinished folder is kept: stages resume from it
                 out_dir = folder
-            arguments = self.cache.in_place(bound.arguments) if reads_in_place else bound.arguments
+            arguments = self.cache.in_place(bound.arguments, reads_in_place)
             for argument, value in arguments.items():
                 if value is not bound.arguments[argument]:
                     print(f"{name}: reads {argument} where it lies on the store, {value}")
@@ -262,8 +262,8 @@ def filter_corpus(cfg: PipelineConfig, downloaded: StageRecord[DownloadResult],
     from dalle_pipeline.components.filter.run import require_usable, run
 
     record = stages.run(run, cfg.filter_settings(), downloaded.outputs.shards_dir,
-                        holdout_fraction=cfg.holdout_fraction, accumulates=True, on_ray=True, reads_in_place=True,
-                        writes_in_place=True)
+                        holdout_fraction=cfg.holdout_fraction, accumulates=True, on_ray=True,
+                        reads_in_place=("shards_dir",), writes_in_place=True)
     print(record.outputs.describe())
     create_table_artifact(record.outputs.report_rows(), key="filter-report",
                           description="Samples kept and dropped, by reason")
@@ -276,7 +276,7 @@ def train_text_tokenizer(cfg: PipelineConfig, curated: StageRecord[FilterResult]
                          stages: Stages) -> StageRecord[TextTokenizerResult]:
     from dalle_pipeline.components.text.tokenizer import run
 
-    return stages.run(run, cfg.tokenizer, curated.outputs.curated_dir, reads_in_place=True)
+    return stages.run(run, cfg.tokenizer, curated.outputs.curated_dir, reads_in_place=("curated_dir",))
 
 
 @stage_task("dvae")
@@ -295,7 +295,7 @@ def tokenize_corpus(cfg: PipelineConfig, curated: StageRecord[FilterResult], dva
     # new curated shards add parts; another dVAE or tokenizer (another folder in their paths) starts another folder
     return stages.run(run, curated.outputs.curated_dir, dvae.outputs.checkpoint_dir,
                       tokenizer.outputs.tokenizer_path, text_len=cfg.tokenizer.text_len,
-                      bpe_dropout=cfg.tokenizer.bpe_dropout, accumulates=True)
+                      bpe_dropout=cfg.tokenizer.bpe_dropout, accumulates=True, reads_in_place=("curated_dir",))
 
 
 @stage_task("prior")

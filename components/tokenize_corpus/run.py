@@ -38,7 +38,7 @@ from ..images import psnr, to_float, to_uint8
 from ..lineage import curated_corpus
 from ..parallel import require_shared
 from ..shards import read_shard, shard_paths
-from ..storage import file_sha256, write_json
+from ..storage import StorePath, as_path, file_sha256, write_json
 from ..text.tokenizer import TextTokenizer
 from ..token_parquet import MANIFEST, part_metadata, write_part
 from ..tracking import Tracker
@@ -192,7 +192,7 @@ def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, 
         total += rows
     if total == 0:
         raise ValueError(f"no samples to tokenize in {curated_dir}")
-    check = decode_check(model, out_dir, parts, Path(curated_dir), checkpoint.read_config(dvae_dir, "dvae")[1])
+    check = decode_check(model, out_dir, parts, as_path(curated_dir), checkpoint.read_config(dvae_dir, "dvae")[1])
     manifest = {**metadata, "rows": total, "skipped": sum(p["skipped"] for p in parts), "parts": parts,
                 "text_len": text_len, "decode_check": check}
     write_json(out_dir / MANIFEST, manifest)
@@ -297,7 +297,7 @@ def _write_shard_part(chunks: list[dict[str, np.ndarray]], part: Path, metadata:
 
 
 @torch.no_grad()
-def decode_check(model, dataset_dir: Path, parts: list[dict[str, Any]], curated_dir: Path,
+def decode_check(model, dataset_dir: Path, parts: list[dict[str, Any]], curated_dir: Path | StorePath,
                  reported: dict[str, Any], rows: int = DECODE_CHECK_ROWS, seed: int = 0) -> dict[str, Any]:
     """Decode the stored tokens of a seeded sample of rows and compare them with their original images.
 

@@ -403,10 +403,12 @@ def test_the_filter_and_the_text_tokenizer_read_a_stage_on_the_store_where_it_li
     folder = there.root / "filter" / "folder-a"
     assert there.lookup(folder, "key-1", Out) is not None
     arguments = {"cfg": cfg, "curated_dir": str(folder / "curated"), "other": tmp_path / "x", "steps": 3}
-    assert there.in_place(arguments) == {**arguments, "curated_dir": f"{stages_url}/filter/folder-a/curated"}
+    assert there.in_place(arguments, ["curated_dir", "other"]) == \
+        {**arguments, "curated_dir": f"{stages_url}/filter/folder-a/curated"}
+    assert there.in_place(arguments, ["other"]) == arguments  # an argument not read in place: fetched
     assert not folder.exists()
     there.fetch_inputs(there.stage_value(arguments, content=False))
-    assert there.in_place(arguments) == arguments
+    assert there.in_place(arguments, ["curated_dir"]) == arguments
 
 
 def test_a_store_path_reads_an_object_another_process_put_again_after_this_one_listed_it(s3):

@@ -140,3 +140,29 @@ def test_the_decode_check_reads_the_shapes_back_as_the_dvae_stage_did(inputs, tm
     with pytest.raises(ValueError, match="decode check failed.*colour the oracle reads right"):
         run(curated, boasting, tokenizer_path, tmp_path / "refused", text_len=24)
     assert not (tmp_path / "refused" / MANIFEST).exists()
+
+
+def test_curated_shards_on_an_object_store_are_tokenized_where_they_lie(inputs, tmp_path, monkeypatch):
+    """The curated shards on S3 (moto's server), given as their URL: read by the Ray Data tasks there, the decode
+    check's shards too; the same parts, byte for byte, as from the local shards."""
+    import fsspec
+    import ray
+    from local_processes import S3Endpoint
+
+    curated, dvae_dir, tokenizer_path, _ = inputs
+    here = run(curated, dvae_dir, tokenizer_path, tmp_path / "here", text_len=24)
+    ray.shutdown()  # the workers of a Ray started before the endpoint would not know it
+    s3 = S3Endpoint()
+    try:
+        for name, value in s3.env.items():
+            monkeypatch.setenv(name, value)
+        fs, _ = fsspec.core.url_to_fs(f"s3://{s3.bucket}")
+        fs.put(str(curated), f"{s3.bucket}/curated", recursive=True)
+        there = run(f"s3://{s3.bucket}/curated", dvae_dir, tokenizer_path, tmp_path / "there", text_len=24)
+    finally:
+        ray.shutdown()
+        s3.stop()
+    assert there.rows == here.rows == 96
+    assert [(part["file"], part["rows"], part["sha256"], part["source_shard"]) for part in there.manifest["parts"]] \
+        == [(part["file"], part["rows"], part["sha256"], part["source_shard"]) for part in here.manifest["parts"]]
+    assert there.manifest["decode_check"] == here.manifest["decode_check"]
