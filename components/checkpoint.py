@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
-from .storage import atomic_path, file_sha256
+from .storage import StorePath, as_path, atomic_path, file_sha256
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -78,11 +79,12 @@ def _write_config(directory: Path, kind: str, config: dict[str, Any], meta: dict
     (directory / CONFIG).write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_config(directory: str | Path, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config, meta) without the weights; refuses a checkpoint of another kind."""
-    directory = Path(directory)
+def read_config(directory: str | Path | StorePath, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config, meta) without the weights; refuses a checkpoint of another kind. The folder may be on an object
+    store (a URL), as `load` and `weights_hash` read it too."""
+    directory = as_path(directory)
     config_path = directory / CONFIG
-    if not config_path.exists():
+    if not config_path.is_file():
         raise FileNotFoundError(f"{directory} is not a checkpoint: {CONFIG} is missing")
     document = json.loads(config_path.read_text())
     if document.get("kind") != kind:
@@ -90,11 +92,14 @@ def read_config(directory: str | Path, kind: str) -> tuple[dict[str, Any], dict[
     return document["config"], document.get("meta", {})
 
 
-def load(directory: str | Path, kind: str,
+def load(directory: str | Path | StorePath, kind: str,
          device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Returns (state_dict on `device`, config, meta); refuses a checkpoint of another kind."""
     config, meta = read_config(directory, kind)
-    return load_file(str(Path(directory) / WEIGHTS), device=str(device)), config, meta
+    weights = as_path(directory) / WEIGHTS
+    if isinstance(weights, StorePath):  # read whole into memory, as load_file maps the local file
+        return {name: tensor.to(device) for name, tensor in load_bytes(weights.read_bytes()).items()}, config, meta
+    return load_file(str(weights), device=str(device)), config, meta
 
 
 def check_same_model(directory: str | Path, kind: str, config: dict[str, Any], setting: str,
@@ -110,5 +115,5 @@ def check_same_model(directory: str | Path, kind: str, config: dict[str, Any], s
                          "architecture and vocabularies")
 
 
-def weights_hash(directory: str | Path) -> str:
-    return file_sha256(Path(directory) / WEIGHTS)
+def weights_hash(directory: str | Path | StorePath) -> str:
+    return file_sha256(as_path(directory) / WEIGHTS)

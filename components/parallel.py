@@ -72,6 +72,16 @@ def ordered_map(function: Callable[[Job], Result], jobs: Iterable[Job], in_fligh
         yield ray.get(pending.popleft())
 
 
+def cluster_nodes() -> int:
+    """How many alive nodes with CPUs or GPUs the Ray session's cluster has (1 without a session)."""
+    if not ray_session():
+        return 1
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive")
+               and (node["Resources"].get("CPU", 0) or node["Resources"].get("GPU", 0))) or 1
+
+
 def worker_node() -> str:
     """The Ray node this code runs on ("local" outside Ray): data tasks record it, so a test can see
     that every node worked."""

@@ -29,8 +29,8 @@ the record's paths written as `STAGES_PLACEHOLDER`. A stage finished on the stor
 cache is taken as finished from its record alone (a copy kept in `<cache>/stage-records/`): its files are
 fetched (into a temporary folder, renamed when whole) only when a stage that runs is given a path into
 it (`fetch_inputs`), unless that stage reads it in place (`in_place`: it is given the store's URL; the filter,
-the text tokenizer and tokenization), and the flow reads what it reads itself from copies of just those files (`readable`)
-or from the store (`location`). So a run on a fresh machine whose stages are all finished fetches no shards.
+the text tokenizer and tokenization; on a cluster of several nodes, even where the cache holds it), and the
+flow reads what it reads itself from copies of just those files (`readable`) or from the store (`location`). So a run on a fresh machine whose stages are all finished fetches no shards.
 A stage that writes in place (the filter) is built on the store itself (`open_on_store`), its record written
 there last (`commit(on_store=True)`), the cache keeping the record's copy alone (`in_cache`: its paths the cache's).
 """
@@ -274,12 +274,30 @@ class StageCache:
             if (folder := self._held_on_store_only(named)) is not None:
                 self._fetch(folder, json.loads(self._record_copy(folder).read_text())["key"])
 
-    def in_place(self, arguments: Mapping[str, Any], names: Collection[str]) -> dict[str, Any]:
+    def in_place(self, arguments: Mapping[str, Any], names: Collection[str], prefer_store: bool = False
+                 ) -> dict[str, Any]:
         """A stage's arguments with each path among those `names` (str or Path) into a stage finished on the
         store whose folder the cache does not hold made that path's URL on the store (`location`): for a
-        component that reads them from the store where they lie instead of having them fetched whole."""
-        return {name: self.location(value) if name in names and isinstance(value, (str, Path))
-                and self._held_on_store_only(value) else value for name, value in arguments.items()}
+        component that reads them from the store where they lie instead of having them fetched whole.
+        `prefer_store` (a cluster of several nodes, whose tasks need not see this cache): a path into any stage
+        finished on the store, held here too or not."""
+        def in_place(value: Any) -> Any:
+            if not isinstance(value, (str, Path)):
+                return value
+            if self._held_on_store_only(value) or (prefer_store and self._published_folder(value) is not None):
+                return f"{self.remote}/{Path(value).relative_to(self.root).as_posix()}"
+            return value
+
+        return {name: in_place(value) if name in names else value for name, value in arguments.items()}
+
+    def _published_folder(self, path: str | Path) -> Path | None:
+        """The folder of the finished stage `path` lies in, where the root is an object store (which every
+        finished stage is published to), else None."""
+        match = re.match(rf"{re.escape(str(self.root))}/([^/]+)/([^/]+)(/|$)", str(path)) if self.remote else None
+        if match is None:
+            return None
+        folder = self.root / match.group(1) / match.group(2)
+        return folder if self._finished_record(folder) is not None else None
 
     def readable(self, path: str | Path) -> Path:
         """`path` where this process can read it: itself, or for a path into a stage finished on the store whose

@@ -379,9 +379,9 @@ class SummedDigest:
         return hashlib.sha256(f"{self.count}:{self.total:032x}".encode()).hexdigest()
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: str | Path | StorePath, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_binary(path) as handle:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()

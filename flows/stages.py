@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dalle_pipeline.components.config import PipelineConfig
 from dalle_pipeline.components.evaluate.evaluation_set import EvaluationSet
+from dalle_pipeline.components.parallel import cluster_nodes
 from dalle_pipeline.components.stage_cache import OUTPUT_DIR, TRACKER, StageCache, StageRecord, bind_call, result_type
 from dalle_pipeline.components.tracking import Tracker, stage_run
 from dalle_pipeline.flows.concurrency import training_slot
@@ -69,10 +70,12 @@ class Stages:
         work over the Ray session open in this process (`components/parallel.py`): join the cluster first.
         `reads_in_place`: the arguments (by name) the function reads as an object store's URL too
         (`storage.StorePath`): one into a stage finished on the store that the cache does not hold is given as its
-        URL, not fetched (the key is the call's as it was made: where an input is read from changes nothing). `writes_in_place`: the function
-        writes to an `out_dir` given as a URL, so where the root is an object store the stage builds its folder
-        there (its tasks on any node write their objects whole), nothing in the cache but its record
-        (`StageCache.open_on_store`, `commit(on_store=True)`): a stage after it reads it as one finished there."""
+        URL, not fetched (the key is the call's as it was made: where an input is read from changes nothing);
+        on a Ray cluster of several nodes, one into any stage finished on the store, so no node needs this cache.
+        `writes_in_place`: the function writes to an `out_dir` given as a URL, so where the root is an object
+        store the stage builds its folder there (its tasks on any node write their objects whole), nothing in the
+        cache but its record (`StageCache.open_on_store`, `commit(on_store=True)`): a stage after it reads it as
+        one finished there."""
         name = current_stage()
         bound = bind_call(function, args, kwargs)
         key = self.cache.call_key(name, function, bound.arguments)
@@ -104,7 +107,13 @@ class Stages:
                     print(f"{name}: adding to its last build, fetched from {self.cache.remote}")
                 folder.mkdir(parents=True, exist_ok=True)  # an unfinished folder is kept: stages resume from it
                 out_dir = folder
-            arguments = self.cache.in_place(bound.arguments, reads_in_place)
+            if on_ray:
+                from dalle_pipeline.components.cluster import connect
+
+                connect()
+            # a cluster of several nodes reads its inputs from the store, where every node finds them
+            several = bool(reads_in_place) and self.cache.remote is not None and cluster_nodes() > 1
+            arguments = self.cache.in_place(bound.arguments, reads_in_place, prefer_store=several)
             for argument, value in arguments.items():
                 if value is not bound.arguments[argument]:
                     print(f"{name}: reads {argument} where it lies on the store, {value}")
@@ -112,10 +121,6 @@ class Stages:
             call = dict(arguments, **{OUTPUT_DIR: out_dir})
             if TRACKER in inspect.signature(function).parameters:
                 call[TRACKER] = tracker
-            if on_ray:
-                from dalle_pipeline.components.cluster import connect
-
-                connect()
             with self._slot(name, tracker), stage_progress(name, tracker):
                 result = function(**call)
             if on_store:
@@ -295,7 +300,8 @@ def tokenize_corpus(cfg: PipelineConfig, curated: StageRecord[FilterResult], dva
     # new curated shards add parts; another dVAE or tokenizer (another folder in their paths) starts another folder
     return stages.run(run, curated.outputs.curated_dir, dvae.outputs.checkpoint_dir,
                       tokenizer.outputs.tokenizer_path, text_len=cfg.tokenizer.text_len,
-                      bpe_dropout=cfg.tokenizer.bpe_dropout, accumulates=True, reads_in_place=("curated_dir",))
+                      bpe_dropout=cfg.tokenizer.bpe_dropout, accumulates=True,
+                      reads_in_place=("curated_dir", "dvae_dir", "tokenizer_path"))
 
 
 @stage_task("prior")

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from ..config import TokenizerConfig
 from ..shards import iter_captions
-from ..storage import atomic_path, file_sha256
+from ..storage import StorePath, as_path, atomic_path, file_sha256
 
 FILENAME = "tokenizer.json"
 ENCODE_BATCH = 4096  # captions per `encode_batch` call when measuring lengths
@@ -74,7 +74,11 @@ class TextTokenizer:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, text_len: int) -> TextTokenizer:
+    def load(cls, path: str | Path | StorePath, text_len: int) -> TextTokenizer:
+        """The tokenizer saved at `path`: a local file, or one on an object store (its URL)."""
+        path = as_path(path)
+        if isinstance(path, StorePath):
+            return cls(Tokenizer.from_str(path.read_text()), text_len)
         return cls(Tokenizer.from_file(str(path)), text_len)
 
 

@@ -181,7 +181,7 @@ def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, 
         tracker.log_input_dataset(curated_corpus(curated_dir), "training")
     pending = [shard for shard in shards if not _reusable(out_dir / f"{shard.stem}.parquet", metadata)]
     if pending:
-        _tokenize(pending, out_dir, metadata, Path(dvae_dir), Path(tokenizer_path), text_len,
+        _tokenize(pending, out_dir, metadata, as_path(dvae_dir), as_path(tokenizer_path), text_len,
                   model.cfg.image_size, batch_size, bpe_dropout, ray_address)
     parts, total = [], 0
     for shard in shards:
@@ -203,16 +203,14 @@ def _reusable(part: Path, metadata: dict[str, str]) -> bool:
     return part.exists() and all(part_metadata(part).get(k) == metadata[k] for k in REUSE_KEYS)
 
 
-def _tokenize(pending: list[Path], out_dir: Path, metadata: dict[str, str], dvae_dir: Path, tokenizer_path: Path,
-              text_len: int, image_size: int, batch_size: int, bpe_dropout: float,
+def _tokenize(pending: list[Path | StorePath], out_dir: Path, metadata: dict[str, str], dvae_dir: Path | StorePath,
+              tokenizer_path: Path | StorePath, text_len: int, image_size: int, batch_size: int, bpe_dropout: float,
               ray_address: str | None) -> None:
     """Run the Ray Data pipeline over `pending` shards, writing each part as it completes."""
-    import ray.data
-
     resources = connect(ray_address)
     # the shards are read, the tokenizers loaded, by tasks and actors on any node
-    require_shared({"the curated shards": pending[0].parent, "the image tokenizer": Path(dvae_dir),
-                    "the text tokenizer": Path(tokenizer_path)})
+    require_shared({"the curated shards": pending[0].parent, "the image tokenizer": dvae_dir,
+                    "the text tokenizer": tokenizer_path})
     quiet_ray_data()
     gpus = int(resources.get("GPU", 0))
     cpus = max(1, int(resources.get("CPU", 1)))

@@ -22,14 +22,17 @@ from local_processes import NO_AUTH, S3Endpoint, namespaces_allowed
 from test_filter import _encode, _picture
 from test_ray_cluster import local_cluster
 
-from dalle_pipeline.components.config import DataConfig, DownloadConfig, FilterConfig
+from dalle_pipeline.components import checkpoint
+from dalle_pipeline.components.config import DataConfig, DownloadConfig, FilterConfig, TokenizerConfig
 from dalle_pipeline.components.download.run import distributor_of
+from dalle_pipeline.components.dvae.model import KIND, DiscreteVAE, DVAEModelConfig
 from dalle_pipeline.components.filter import read_report
 from dalle_pipeline.components.filter import run as filter_run
 from dalle_pipeline.components.filter.run import REPORT_SCHEMA
 from dalle_pipeline.components.shards import iter_samples, shard_paths
 from dalle_pipeline.components.sources import run as ingest
 from dalle_pipeline.components.storage import StorePath
+from dalle_pipeline.components.text.tokenizer import train_and_save as train_tokenizer
 
 FILTER = FilterConfig(near_duplicate_distance=4, min_image_size=16)
 
@@ -152,9 +155,13 @@ for stage, call in {
 # both folders on the object store instead: every node reads and writes there, nothing to share
 on_store = filter_run(FilterConfig(near_duplicate_distance=4, min_image_size=16), sys.argv[4] + "/here",
                      sys.argv[4] + "/curated", holdout_fraction=0.2)  # as `curate` filtered it here
+from dalle_pipeline.components.tokenize_corpus.run import run as tokenize
+tokens = tokenize(sys.argv[4] + "/curated", sys.argv[4] + "/dvae", sys.argv[4] + "/tokenizer.json", out / "tokens",
+                  text_len=16)
 print("RESULT " + json.dumps({"refusals": refusals, "here": ray.get_runtime_context().get_node_id(),
                               "nodes": [node["NodeID"] for node in ray.nodes() if node["Alive"]],
-                              "on_store": on_store.shards_by_node}))
+                              "on_store": on_store.shards_by_node, "tokens": tokens.rows,
+                              "token_parts": [part["source_shard"] for part in tokens.manifest["parts"]]}))
 """
 
 
@@ -170,6 +177,12 @@ def test_a_node_without_the_stage_folders_is_refused_and_filters_on_an_object_st
         monkeypatch.setenv(name, value)
     fs, _ = fsspec.core.url_to_fs(f"s3://{s3.bucket}")
     fs.put(str(tmp_path / "out" / "here"), f"{s3.bucket}/unshared/here", recursive=True)
+    model = DVAEModelConfig(image_size=32, codebook_size=64, n_hid=8, num_groups=3)  # and what tokenization reads
+    checkpoint.save(tmp_path / "dvae", KIND, DiscreteVAE(model).state_dict(), model.to_dict())
+    fs.put(str(tmp_path / "dvae"), f"{s3.bucket}/unshared/dvae", recursive=True)
+    tokenizer, _ = train_tokenizer(TokenizerConfig(vocab_size=300), [f"picture number {i}" for i in range(24)],
+                                   tmp_path / "tokenizer")
+    fs.put_file(str(tokenizer), f"{s3.bucket}/unshared/tokenizer.json")
     pictures = sorted(source.glob("*.png"))
     pq.write_table(pa.table({"url": [path.as_uri() for path in pictures], "caption": ["a picture"] * len(pictures)}),
                    tmp_path / "out" / "urls.parquet")
@@ -197,9 +210,11 @@ def test_a_node_without_the_stage_folders_is_refused_and_filters_on_an_object_st
         assert result["here"][:8] not in refusals[stage] and "DALLE_CACHE" in refusals[stage]
         # refused before any work: no batch, no curated shard, no report, no probe left behind
         assert sorted(path.name for path in (tmp_path / "out" / written).iterdir()) == []
-    # on the store, the node without the disk filtered shards too, and the report is the one made here
+    # on the store, the node without the disk filtered shards too, and the report is the one made here; the
+    # curated shards on the store, the dVAE and the text tokenizer tokenized from there on the cluster
     assert sorted(result["on_store"]) == sorted(result["nodes"]) and sum(result["on_store"].values()) == 6
     assert on_store.equals(read_report(local.report_path))
+    assert result["tokens"] == local.kept and result["token_parts"] == [p.name for p in shard_paths(local.curated_dir)]
 
 
 def kill_first(name: str, killed: list[int], stop: threading.Event) -> None:

@@ -409,6 +409,10 @@ def test_the_filter_and_the_text_tokenizer_read_a_stage_on_the_store_where_it_li
     assert not folder.exists()
     there.fetch_inputs(there.stage_value(arguments, content=False))
     assert there.in_place(arguments, ["curated_dir"]) == arguments
+    # on a cluster of several nodes, whose other nodes do not see this cache: the store's, held here or not
+    assert there.in_place(arguments, ["curated_dir", "other"], prefer_store=True) == \
+        {**arguments, "curated_dir": f"{stages_url}/filter/folder-a/curated"}
+    assert StageCache(there.root).in_place(arguments, ["curated_dir"], prefer_store=True) == arguments  # no store
 
 
 def test_a_store_path_reads_an_object_another_process_put_again_after_this_one_listed_it(s3):

@@ -143,8 +143,9 @@ def test_the_decode_check_reads_the_shapes_back_as_the_dvae_stage_did(inputs, tm
 
 
 def test_curated_shards_on_an_object_store_are_tokenized_where_they_lie(inputs, tmp_path, monkeypatch):
-    """The curated shards on S3 (moto's server), given as their URL: read by the Ray Data tasks there, the decode
-    check's shards too; the same parts, byte for byte, as from the local shards."""
+    """The curated shards, the dVAE and the text tokenizer on S3 (moto's server), given as their URLs: read by the
+    Ray Data tasks and the encoder there, the decode check's shards too; the same parts, byte for byte (the same
+    hashes of the dVAE's weights and the tokenizer in their metadata), as from local files."""
     import fsspec
     import ray
     from local_processes import S3Endpoint
@@ -158,7 +159,10 @@ def test_curated_shards_on_an_object_store_are_tokenized_where_they_lie(inputs, 
             monkeypatch.setenv(name, value)
         fs, _ = fsspec.core.url_to_fs(f"s3://{s3.bucket}")
         fs.put(str(curated), f"{s3.bucket}/curated", recursive=True)
-        there = run(f"s3://{s3.bucket}/curated", dvae_dir, tokenizer_path, tmp_path / "there", text_len=24)
+        fs.put(str(dvae_dir), f"{s3.bucket}/dvae", recursive=True)
+        fs.put_file(str(tokenizer_path), f"{s3.bucket}/tokenizer.json")
+        there = run(f"s3://{s3.bucket}/curated", f"s3://{s3.bucket}/dvae", f"s3://{s3.bucket}/tokenizer.json",
+                    tmp_path / "there", text_len=24)
     finally:
         ray.shutdown()
         s3.stop()
