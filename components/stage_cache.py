@@ -30,9 +30,10 @@ cache is taken as finished from its record alone (a copy kept in `<cache>/stage-
 fetched (into a temporary folder, renamed when whole) only when a stage that runs is given a path into
 it (`fetch_inputs`), unless that stage reads it in place (`in_place`: it is given the store's URL; the filter,
 the text tokenizer and tokenization; on a cluster of several nodes, even where the cache holds it), and the
-flow reads what it reads itself from copies of just those files (`readable`) or from the store (`location`). So a run on a fresh machine whose stages are all finished fetches no shards.
-A stage that writes in place (the filter) is built on the store itself (`open_on_store`), its record written
-there last (`commit(on_store=True)`), the cache keeping the record's copy alone (`in_cache`: its paths the cache's).
+flow reads what it reads itself from copies of just those files (`readable`) or from the store (`location`).
+So a run on a fresh machine whose stages are all finished fetches no shards. A stage that writes in place (the
+filter) is built on the store itself (`open_on_store`), its record written there last (`commit(on_store=True)`),
+the cache keeping the record's copy alone (`in_cache`: its paths the cache's).
 """
 
 from __future__ import annotations
@@ -254,15 +255,22 @@ class StageCache:
     def _record_copy(self, folder: Path) -> Path:
         return self.root.parent / STORED_RECORDS / f"{folder.relative_to(self.root).as_posix()}.json"
 
+    def _stage_folder(self, path: str | Path) -> Path | None:
+        """The stage folder (`<root>/<stage>/<folder>`) `path` lies in, where the root is an object store; else
+        None (no store, or a path outside the stages)."""
+        match = re.match(rf"{re.escape(str(self.root))}/([^/]+)/([^/]+)(/|$)", str(path)) if self.remote else None
+        return None if match is None else self.root / match.group(1) / match.group(2)
+
+    def _url(self, path: str | Path) -> str:
+        """The store's URL of a path under the cache's stages."""
+        return f"{self.remote}/{Path(path).relative_to(self.root).as_posix()}"
+
     def _held_on_store_only(self, path: str | Path) -> Path | None:
         """The stage folder `path` lies in, where that stage finished on the store and the cache holds its record
         alone; else None (a path outside the stages, or a stage the cache holds)."""
-        if not self.remote:
+        folder = self._stage_folder(path)
+        if folder is None:
             return None
-        match = re.match(rf"{re.escape(str(self.root))}/([^/]+)/([^/]+)(/|$)", str(path))
-        if match is None:
-            return None
-        folder = self.root / match.group(1) / match.group(2)
         return None if (folder / RECORD).is_file() or not self._record_copy(folder).is_file() else folder
 
     def fetch_inputs(self, arguments: Any) -> None:
@@ -277,27 +285,20 @@ class StageCache:
     def in_place(self, arguments: Mapping[str, Any], names: Collection[str], prefer_store: bool = False
                  ) -> dict[str, Any]:
         """A stage's arguments with each path among those `names` (str or Path) into a stage finished on the
-        store whose folder the cache does not hold made that path's URL on the store (`location`): for a
-        component that reads them from the store where they lie instead of having them fetched whole.
-        `prefer_store` (a cluster of several nodes, whose tasks need not see this cache): a path into any stage
-        finished on the store, held here too or not."""
+        store whose folder the cache does not hold made that path's URL on the store: for a component that reads
+        them from the store where they lie instead of having them fetched whole. `prefer_store` (a cluster of
+        several nodes, whose tasks need not see this cache): a path into any stage finished on the store (every
+        finished stage is published there), held here too or not."""
         def in_place(value: Any) -> Any:
             if not isinstance(value, (str, Path)):
                 return value
-            if self._held_on_store_only(value) or (prefer_store and self._published_folder(value) is not None):
-                return f"{self.remote}/{Path(value).relative_to(self.root).as_posix()}"
+            folder = self._stage_folder(value)
+            if folder is not None and (self._held_on_store_only(value) or
+                                       (prefer_store and self._finished_record(folder) is not None)):
+                return self._url(value)
             return value
 
         return {name: in_place(value) if name in names else value for name, value in arguments.items()}
-
-    def _published_folder(self, path: str | Path) -> Path | None:
-        """The folder of the finished stage `path` lies in, where the root is an object store (which every
-        finished stage is published to), else None."""
-        match = re.match(rf"{re.escape(str(self.root))}/([^/]+)/([^/]+)(/|$)", str(path)) if self.remote else None
-        if match is None:
-            return None
-        folder = self.root / match.group(1) / match.group(2)
-        return folder if self._finished_record(folder) is not None else None
 
     def readable(self, path: str | Path) -> Path:
         """`path` where this process can read it: itself, or for a path into a stage finished on the store whose
@@ -316,7 +317,7 @@ class StageCache:
         folder = self._held_on_store_only(path)
         if folder is None:
             return str(path)
-        return f"{self.remote}/{Path(path).relative_to(self.root).as_posix()}"
+        return self._url(path)
 
     def commit(self, record: StageRecord, on_store: bool = False) -> None:
         """A finished stage's record written last: in its folder (published to the store, where the root is one),
@@ -341,7 +342,7 @@ class StageCache:
         what the cache held of that folder dropped (a build of its own, its copy of the record)."""
         fs, target = self._remote_folder(folder)
         if clear:
-            remove_tree(StorePath(f"{self.remote}/{folder.relative_to(self.root).as_posix()}"))
+            remove_tree(StorePath(self._url(folder)))
         try:
             fs.rm_file(f"{target}/{RECORD}")
         except FileNotFoundError:
@@ -349,7 +350,7 @@ class StageCache:
         shutil.rmtree(folder, ignore_errors=True)
         for path in (self._record_copy(folder), self._published_path(folder)):
             path.unlink(missing_ok=True)
-        return StorePath(f"{self.remote}/{folder.relative_to(self.root).as_posix()}")
+        return StorePath(self._url(folder))
 
     def in_cache(self, outputs: Outputs) -> Outputs:
         """A result of a stage built on the store with each path there (a field of its own: a `StorePath`, or its
@@ -390,10 +391,10 @@ class StageCache:
                 fs.put_file(str(folder / relative), f"{target}/{relative}")
         for relative in sorted(on_store - files.keys()):
             fs.rm_file(f"{target}/{relative}")
-        for found, info in fs.find(target, detail=True).items():
+        for found, info in fs.find(target, detail=True).items():  # the record is not there yet
             local = folder / found[len(target) + 1:]
-            if (stored_ns := modified_ns(info)) is not None and local.is_file() and \
-                    local.stat().st_mtime_ns != stored_ns and found[len(target) + 1:] != RECORD:
+            stored_ns = modified_ns(info)
+            if stored_ns is not None and local.is_file() and local.stat().st_mtime_ns != stored_ns:
                 os.utime(local, ns=(stored_ns, stored_ns))
         files = self._folder_files(folder)
         document = json.loads((folder / RECORD).read_text())

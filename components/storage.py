@@ -6,7 +6,8 @@ it (`RunRoot.local`: `DALLE_CACHE`, else a folder under ~/.cache named by the UR
 stage is published to the store, its record last (`components/stage_cache.py`): an object store
 has no atomic rename, so a reader takes a stage as finished only when its record is there. A stage
 that reads in place is given the store's URL of a finished stage the cache does not hold, and reads
-it as a `StorePath` (`as_path`): from the store, range by range, nothing fetched to disk.
+it as a `StorePath` (`as_path`): from the store, range by range, nothing fetched to disk; one that
+writes in place (the filter) puts each of its files whole (`atomic_output`), its record last.
 """
 
 from __future__ import annotations
