@@ -31,8 +31,8 @@ fetched (into a temporary folder, renamed when whole) only when a stage that run
 it (`fetch_inputs`), unless that stage reads it in place (`in_place`: it is given the store's URL; the filter,
 the text tokenizer and tokenization; on a cluster of several nodes, even where the cache holds it), and the
 flow reads what it reads itself from copies of just those files (`readable`) or from the store (`location`).
-So a run on a fresh machine whose stages are all finished fetches no shards. A stage that writes in place (the
-filter) is built on the store itself (`open_on_store`), its record written there last (`commit(on_store=True)`),
+So a run on a fresh machine whose stages are all finished fetches no shards. A stage that writes in place (ingest,
+the filter) is built on the store itself (`open_on_store`), its record written there last (`commit(on_store=True)`),
 the cache keeping the record's copy alone (`in_cache`: its paths the cache's).
 """
 
@@ -353,9 +353,12 @@ class StageCache:
         return StorePath(self._url(folder))
 
     def in_cache(self, outputs: Outputs) -> Outputs:
-        """A result of a stage built on the store with each path there (a field of its own: a `StorePath`, or its
-        URL) made the cache's path for it, as every record names its files: held on the store alone."""
+        """A result of a stage built on the store with each path there (a field of its own, or in a list of one: a
+        `StorePath`, or its URL) made the cache's path for it, as every record names its files: held on the store
+        alone."""
         def cached(value: Any) -> Any:
+            if isinstance(value, list):
+                return [cached(item) for item in value]
             text = str(value)
             if isinstance(value, (str, StorePath)) and (text + "/").startswith(f"{self.remote}/"):
                 return self.root / text[len(self.remote) + 1:]

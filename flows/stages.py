@@ -254,7 +254,7 @@ def ingest(cfg: PipelineConfig, stages: Stages) -> StageRecord[DownloadResult]:
     data = cfg.data.model_copy(update={"source": str(Path(cfg.data.source).expanduser().resolve())})
     # one folder per source location and settings: a folder that grows ingests only its new files
     record = stages.run(run, data, cfg.download_settings(), image_size=cfg.corpus.image_size, accumulates=True,
-                        on_ray=True)
+                        on_ray=True, writes_in_place=True)
     print(record.outputs.describe("ingested"))
     return record
 

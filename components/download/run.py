@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 from ..config import DownloadConfig
 from ..parallel import ray_session, require_shared
 from ..sorted_runs import ExactIndex
-from ..storage import StorePath, as_path
+from ..storage import StorePath, as_path, open_binary, url_folder
 from .fetch import FetchPolicy, reason_code
 from .url_list import check as check_url_list
 from .url_list import read_blocks
@@ -57,12 +58,12 @@ TRANSIENT_SETTINGS = {"processes_count", "thread_count", "timeout", "retries", "
 class DownloadResult:
     """What the download folder holds: finished batches, img2dataset's per-shard stats summed up."""
 
-    shards_dir: Path
+    shards_dir: Path | StorePath  # on an object store where the stage wrote there (ingest)
     successes: int
     failures: int
     failures_by_reason: dict[str, int]
-    stats_files: list[Path]
-    batches: list[Path]
+    stats_files: list[Path | StorePath]
+    batches: list[Path | StorePath]
     new_urls: int = 0  # URLs this call attempted (0 when the list held nothing new)
     shards_by_node: dict[str, int] = field(default_factory=dict)  # shards each Ray node wrote in this call (ingest)
 
@@ -181,18 +182,21 @@ def _unattempted(table: pa.Table, url_col: str, attempted: ExactIndex) -> pa.Tab
 
 
 @contextmanager
-def attempted_index(out_dir: Path, batches: list[Path]) -> Iterator[ExactIndex]:
+def attempted_index(out_dir: Path | StorePath, batches: list[Path | StorePath]) -> Iterator[ExactIndex]:
     """What the finished `batches` attempted (their per-item parquets' `url`: a URL, or a local source's item id),
-    as sorted 128-bit hashes: 16 bytes an id, in files under `out_dir` past 64k of them, removed on the way out.
-    A download or ingest that adds to a large folder never holds the ids it already has."""
-    spill_dir = out_dir / ATTEMPTED_SPILL
+    as sorted 128-bit hashes: 16 bytes an id, in files under `out_dir` (a local temporary folder where it is on
+    an object store) past 64k of them, removed on the way out. A download or ingest that adds to a large folder
+    never holds the ids it already has."""
+    spill_dir = out_dir / ATTEMPTED_SPILL if isinstance(out_dir, Path) else \
+        Path(tempfile.mkdtemp(prefix="dalle-attempted-"))
     shutil.rmtree(spill_dir, ignore_errors=True)  # a killed run's leftovers
     try:
         index = ExactIndex(spill_dir)
         for batch in batches:
             for path in sorted(batch.glob("[0-9]*.parquet")):
-                for block in pq.ParquetFile(path).iter_batches(batch_size=ID_BLOCK, columns=["url"]):
-                    index.add(id_digests(block.column(0).to_pylist()))
+                with open_binary(path) as file:
+                    for block in pq.ParquetFile(file).iter_batches(batch_size=ID_BLOCK, columns=["url"]):
+                        index.add(id_digests(block.column(0).to_pylist()))
         yield index
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)
@@ -221,7 +225,7 @@ def encode_quality(cfg: DownloadConfig, image_size: int) -> int:
     return ENCODE_QUALITY[cfg.image_format(image_size)] if cfg.encode_quality is None else cfg.encode_quality
 
 
-def check_same_settings(batches: list[Path], settings: dict[str, Any]) -> None:
+def check_same_settings(batches: list[Path | StorePath], settings: dict[str, Any]) -> None:
     for batch in batches:
         recorded = json.loads((batch / SUCCESS_MARKER).read_text())["settings"]
         differing = sorted(key for key in settings.keys() | recorded.keys() if settings.get(key) != recorded.get(key))
@@ -233,18 +237,21 @@ def check_same_settings(batches: list[Path], settings: dict[str, Any]) -> None:
             )
 
 
-def next_batch_number(batches: list[Path]) -> int:
+def next_batch_number(batches: list[Path | StorePath]) -> int:
     return 1 + max((int(batch.name.removeprefix(BATCH_PREFIX)) for batch in batches), default=-1)
 
 
 @contextmanager
-def exclusive(out_dir: Path, what: str) -> Iterator[None]:
-    """Hold `out_dir`'s lock (its holder's pid inside) while adding a batch; a second writer is refused.
+def exclusive(out_dir: Path | StorePath, what: str) -> Iterator[None]:
+    """Hold `out_dir`'s lock (its holder's pid inside) while adding a batch; a second writer is refused. A
+    folder on an object store, which has no locks, is locked on this machine alone (a file in the temporary
+    folder named by its URL): two machines must not add to one such folder at once.
 
     A worker process that img2dataset spawned and that re-ran the caller's script (a script without
     an `if __name__ == "__main__":` guard) finds the lock held by its own parent: it is told so.
     """
-    lock = out_dir / ".lock"
+    lock = out_dir / ".lock" if isinstance(out_dir, Path) else \
+        Path(tempfile.gettempdir()) / f"dalle-lock-{url_folder(str(out_dir))}"
     with open(lock, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -275,9 +282,10 @@ def _read_marker(folder: Path, marker: str) -> str | None:
     return path.read_text() if path.is_file() else None
 
 
-def summarise(shards_dir: str | Path, new_urls: int = 0) -> DownloadResult:
-    """Sum the `*_stats.json` of every finished batch; failure reasons are reason codes."""
-    shards_dir = Path(shards_dir)
+def summarise(shards_dir: str | Path | StorePath, new_urls: int = 0) -> DownloadResult:
+    """Sum the `*_stats.json` of every finished batch (local, or on an object store); failure reasons are reason
+    codes."""
+    shards_dir = as_path(shards_dir)
     batches = finished_batches(shards_dir)
     stats_files = [path for batch in batches for path in sorted(batch.glob("*_stats.json"))]
     successes = failures = 0

@@ -8,7 +8,9 @@ finished batch attempted are read (a folder that grows adds its new files), a cr
 resumes at its first unfinished shard, and a lock keeps two writers out of one folder. The source
 is streamed (a shard's items at a time), and each shard is read, fitted and written by a task on
 the Ray cluster when the flow connected one (`parallel.ordered_map`): every core of every node.
-A folder source must then lie where every node can read it (shared storage).
+A folder source must then lie where every node can read it (shared storage). The download folder may
+be on an object store: each task puts its files there whole, into the batch's own folder, whose
+`_SUCCESS` (written last) finishes it, as the rename of a staging folder does on a disk.
 
 Each image is read, checked as a download is (`fetch.damaged_image_reason`), turned upright by
 its EXIF orientation, made RGB (transparency over white, 16-bit scaled to 8), fitted to the
@@ -22,7 +24,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -41,7 +42,7 @@ from ..download.run import (BATCH_PREFIX, SUCCESS_MARKER, DownloadResult, attemp
 from ..parallel import ordered_map, require_shared, worker_node
 from ..shards import Sample, write_shard
 from ..sorted_runs import ExactIndex
-from ..storage import atomic_path, write_json
+from ..storage import StorePath, as_path, atomic_output, open_binary, remove_tree, write_bytes, write_json
 from .kinds import Item, items, source_kind
 
 ITEM_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("status", pa.string()),
@@ -56,10 +57,11 @@ class Fitted:
     sha256: str  # of the source file, as img2dataset hashes a download
 
 
-def run(data: DataConfig, cfg: DownloadConfig, out_dir: str | Path, image_size: int) -> DownloadResult:
-    """Add the items of the local source `data.source` that no batch of `out_dir` holds, as a new batch."""
+def run(data: DataConfig, cfg: DownloadConfig, out_dir: str | Path | StorePath, image_size: int) -> DownloadResult:
+    """Add the items of the local source `data.source` that no batch of `out_dir` holds, as a new batch.
+    `out_dir` may be on an object store (a URL): every task puts its shard's files there."""
     kind = source_kind(data)
-    out_dir = Path(out_dir).resolve()
+    out_dir = as_path(out_dir).resolve()
     settings = {"source_kind": kind, **batch_settings(cfg, image_size)}
     out_dir.mkdir(parents=True, exist_ok=True)
     require_shared({"data.source": Path(data.source)}, writes=out_dir)  # every node's tasks read and write them
@@ -96,18 +98,20 @@ class _Ingested:
     shards_by_node: dict[str, int]
 
 
-def _ingest_batch(new_items: Iterable[Item], batch: Path, cfg: DownloadConfig, image_size: int,
+def _ingest_batch(new_items: Iterable[Item], batch: Path | StorePath, cfg: DownloadConfig, image_size: int,
                   settings: dict) -> _Ingested:
     """The new items as shards of a staging folder, each a task on the Ray cluster when one is connected;
-    renamed into `batch` when all are done. A shard finished before a crash is kept when it holds the
+    renamed into `batch` when all are done (on an object store, which cannot rename, the batch's own folder,
+    finished when its `_SUCCESS` is written, last). A shard finished before a crash is kept when it holds the
     same items (its parquet's ids), so an ingest resumes where it stopped."""
-    staging = batch.with_name(f".{batch.name}.partial")
+    staging = batch if isinstance(batch, StorePath) else batch.with_name(f".{batch.name}.partial")
     recorded = staging / "_SETTINGS"
     wanted = json.dumps(settings, sort_keys=True)
     if not recorded.is_file() or recorded.read_text() != wanted:
-        shutil.rmtree(staging, ignore_errors=True)  # another request's leftovers: start afresh
+        remove_tree(staging)  # another request's leftovers: start afresh
     staging.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(wanted)
+    write_bytes(recorded, wanted.encode())
+    finished = {path.name for path in staging.glob("[0-9]*_stats.json")}  # listed once, not asked shard by shard
     per_shard = cfg.samples_per_shard
     digits = max(4, len(str(per_shard - 1)))
     counted = {"items": 0, "shards": 0}
@@ -116,26 +120,28 @@ def _ingest_batch(new_items: Iterable[Item], batch: Path, cfg: DownloadConfig, i
         for shard, chunk in enumerate(_chunks(new_items, per_shard)):
             counted["items"] += len(chunk)
             counted["shards"] = shard + 1
-            if not _finished(staging, shard, [item.item_id for item in chunk]):
+            if not _finished(staging, finished, shard, [item.item_id for item in chunk]):
                 yield ShardOfItems(chunk, staging, shard, digits, cfg, image_size)
 
     nodes = Counter(ordered_map(ingest_shard, jobs()))
     if not counted["items"]:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         return _Ingested(0, {})
     for path in staging.glob("[0-9]*"):  # shards of an earlier, longer request
         if int(path.name[:5]) >= counted["shards"]:
             path.unlink()
     recorded.unlink()
     write_json(staging / SUCCESS_MARKER, {"settings": settings, "urls": counted["items"]})
-    os.replace(staging, batch)
+    if staging != batch:
+        os.replace(staging, batch)
     return _Ingested(counted["items"], dict(sorted(nodes.items())))
 
 
-def _finished(staging: Path, shard: int, ids: list[str]) -> bool:
-    if not (staging / f"{shard:05d}_stats.json").is_file():
+def _finished(staging: Path | StorePath, finished: set[str], shard: int, ids: list[str]) -> bool:
+    if f"{shard:05d}_stats.json" not in finished:
         return False
-    return pq.read_table(staging / f"{shard:05d}.parquet", columns=["url"]).column("url").to_pylist() == ids
+    with open_binary(staging / f"{shard:05d}.parquet") as file:
+        return pq.read_table(file, columns=["url"]).column("url").to_pylist() == ids
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,7 @@ class ShardOfItems:
     """One shard's items to read, fit and write (a Ray task's job: `ingest_shard`)."""
 
     items: list[Item]
-    staging: Path
+    staging: Path | StorePath
     shard: int
     digits: int
     cfg: DownloadConfig
@@ -167,7 +173,7 @@ def ingest_shard(job: ShardOfItems) -> str:
     status = Counter(row["error_message"] or "success" for row in rows)
     name = f"{job.shard:05d}"
     write_shard(job.staging / f"{name}.tar", samples)
-    with atomic_path(job.staging / f"{name}.parquet") as path:
+    with atomic_output(job.staging / f"{name}.parquet") as path:
         pq.write_table(pa.Table.from_pylist(rows, schema=ITEM_SCHEMA), path)
     write_json(job.staging / f"{name}_stats.json", {  # last: its presence means the shard is done
         "count": len(rows), "successes": len(samples), "failed_to_download": len(rows) - len(samples),

@@ -448,3 +448,48 @@ def test_a_published_stage_takes_the_stores_times_so_a_filter_of_it_resumes_on_t
         {relative: ns for relative, ns in stored.items() if relative != RECORD}
     filter_run(FILTER, folder, tmp_path / "filtered")
     assert filter_run(FILTER, f"{url}/download/f", tmp_path / "filtered").reused_shards == 3
+
+
+def test_ingest_writes_its_batches_on_the_store_marker_last(tmp_path, s3):
+    """A folder source ingested into a URL: each shard's tar, Parquet and stats put by its task, the batch's
+    `_SUCCESS` last, in the batch's own folder (a store cannot rename a staging one); the same shards as a local
+    ingest; a grown folder adds a batch of its new items; an unfinished batch of another request is cleared."""
+    from dalle_pipeline.components.config import DataConfig, DownloadConfig
+    from dalle_pipeline.components.download.run import finished_batches
+    from dalle_pipeline.components.sources import run as ingest
+    from dalle_pipeline.components.storage import StorePath
+
+    source = tmp_path / "pictures"
+    source.mkdir()
+
+    def add(index: int) -> None:
+        pixels = np.random.default_rng(index).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(source / f"{index:03d}.png")
+        (source / f"{index:03d}.txt").write_text(f"picture number {index}")
+
+    for index in range(10):
+        add(index)
+    data, cfg, url = DataConfig(source=str(source)), DownloadConfig(samples_per_shard=4), f"s3://{s3.bucket}/ingested"
+    here = ingest(data, cfg, tmp_path / "here", 32)
+    there = ingest(data, cfg, url, 32)
+    assert (there.successes, there.new_urls, str(there.shards_dir)) == (here.successes, here.new_urls, url) == \
+        (10, 10, url)
+    stored = s3.keys("ingested/")
+    assert [key.removeprefix("ingested/") for key in stored if key.endswith(".tar")] == \
+        [f"batch-00000/{shard:05d}.tar" for shard in range(3)]
+    for shard in range(3):
+        name = f"batch-00000/{shard:05d}.tar"
+        assert StorePath(f"{url}/{name}").read_bytes() == (tmp_path / "here" / name).read_bytes()
+    assert not any(".partial" in key or key.endswith("_SETTINGS") for key in stored)
+
+    # an unfinished batch of another request (a crash, other settings): cleared, then the new items' batch
+    s3.client().put_object(Bucket=s3.bucket, Key="ingested/batch-00001/_SETTINGS", Body=b"{}")
+    s3.client().put_object(Bucket=s3.bucket, Key="ingested/batch-00001/00007.tar", Body=b"stale")
+    assert [batch.name for batch in finished_batches(url)] == ["batch-00000"]
+    for index in (10, 11):
+        add(index)
+    grown = ingest(data, cfg, url, 32)
+    assert (grown.new_urls, grown.successes, [batch.name for batch in finished_batches(url)]) == \
+        (2, 12, ["batch-00000", "batch-00001"])
+    assert [key for key in s3.keys("ingested/batch-00001/")] == \
+        [f"ingested/batch-00001/{name}" for name in ("00000.parquet", "00000.tar", "00000_stats.json", "_SUCCESS")]
