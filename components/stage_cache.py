@@ -32,7 +32,7 @@ it (`fetch_inputs`), unless that stage reads it in place (`in_place`: it is give
 the text tokenizer and tokenization; on a cluster of several nodes, even where the cache holds it), and the
 flow reads what it reads itself from copies of just those files (`readable`) or from the store (`location`).
 So a run on a fresh machine whose stages are all finished fetches no shards. A stage that writes in place (ingest,
-the filter) is built on the store itself (`open_on_store`), its record written there last (`commit(on_store=True)`),
+the filter, the text tokenizer) is built on the store itself (`open_on_store`), its record written there last (`commit(on_store=True)`),
 the cache keeping the record's copy alone (`in_cache`: its paths the cache's).
 """
 

@@ -281,7 +281,8 @@ def train_text_tokenizer(cfg: PipelineConfig, curated: StageRecord[FilterResult]
                          stages: Stages) -> StageRecord[TextTokenizerResult]:
     from dalle_pipeline.components.text.tokenizer import run
 
-    return stages.run(run, cfg.tokenizer, curated.outputs.curated_dir, reads_in_place=("curated_dir",))
+    return stages.run(run, cfg.tokenizer, curated.outputs.curated_dir, reads_in_place=("curated_dir",),
+                      writes_in_place=True)
 
 
 @stage_task("dvae")

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from ..config import TokenizerConfig
 from ..shards import iter_captions
-from ..storage import StorePath, as_path, atomic_path, file_sha256
+from ..storage import StorePath, as_path, atomic_output, file_sha256
 
 FILENAME = "tokenizer.json"
 ENCODE_BATCH = 4096  # captions per `encode_batch` call when measuring lengths
@@ -67,9 +67,10 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids)).strip()
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / FILENAME
-        with atomic_path(path) as tmp:
+    def save(self, directory: str | Path | StorePath) -> Path | StorePath:
+        """`tokenizer.json` in `directory`, written whole (a local folder, or one on an object store)."""
+        path = as_path(directory) / FILENAME
+        with atomic_output(path) as tmp:
             self.tokenizer.save(str(tmp))
         return path
 
@@ -82,7 +83,8 @@ class TextTokenizer:
         return cls(Tokenizer.from_file(str(path)), text_len)
 
 
-def train_and_save(cfg: TokenizerConfig, captions: Iterable[str], out_dir: str | Path) -> tuple[Path, str]:
+def train_and_save(cfg: TokenizerConfig, captions: Iterable[str], out_dir: str | Path | StorePath
+                   ) -> tuple[Path | StorePath, str]:
     """Train on `captions` (a list or a stream read once), save `tokenizer.json`; returns its path and sha256."""
     stream = iter(captions)
     first = next(stream, None)
@@ -93,13 +95,13 @@ def train_and_save(cfg: TokenizerConfig, captions: Iterable[str], out_dir: str |
     return path, file_sha256(path)
 
 
-def caption_lengths(path: str | Path, captions: Iterable[str], text_len: int) -> dict[str, float]:
+def caption_lengths(path: str | Path | StorePath, captions: Iterable[str], text_len: int) -> dict[str, float]:
     """The captions' lengths in the saved tokenizer's tokens, and the share of them longer than
     `text_len` (`captions_cut`: the prior sees only their first `text_len` tokens).
 
     Streams: captions are encoded `ENCODE_BATCH` at a time into a histogram of lengths, whose mean,
     95th percentile and maximum are exactly those numpy gives for the list of lengths."""
-    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer = TextTokenizer.load(path, text_len).tokenizer
     histogram = np.zeros(0, dtype=np.int64)
     for batch in _batches(captions, ENCODE_BATCH):
         lengths = np.array([len(encoding.ids) for encoding in tokenizer.encode_batch(batch)])
@@ -142,7 +144,7 @@ def _percentile(histogram: np.ndarray, percent: float) -> float:
 
 @dataclass(frozen=True)
 class TextTokenizerResult:
-    tokenizer_path: Path
+    tokenizer_path: Path | StorePath  # on an object store where the stage wrote there
     tokenizer_hash: str  # sha256 of tokenizer.json
     metrics: dict[str, float]  # the captions' `caption_lengths`
 
@@ -150,7 +152,8 @@ class TextTokenizerResult:
     ARTIFACTS: ClassVar = ("tokenizer_path",)
 
 
-def run(cfg: TokenizerConfig, curated_dir: str | Path, out_dir: str | Path) -> TextTokenizerResult:
+def run(cfg: TokenizerConfig, curated_dir: str | Path | StorePath, out_dir: str | Path | StorePath
+        ) -> TextTokenizerResult:
     """The stage's entry point: a tokenizer trained on the captions of the curated shards in `curated_dir`,
     and the captions' `caption_lengths`; says so when text_len cuts more than 1% of them."""
     path, digest = train_and_save(cfg, _captions(curated_dir), out_dir)

@@ -346,7 +346,7 @@ def test_the_filter_and_the_text_tokenizer_read_a_stage_on_the_store_where_it_li
     from dalle_pipeline.components.filter.run import REPORT_NAME, REPORT_SCHEMA
     from dalle_pipeline.components.shards import shard_paths
     from dalle_pipeline.components.storage import copy_from_store
-    from dalle_pipeline.components.text.tokenizer import run as tokenizer_run
+    from dalle_pipeline.components.text.tokenizer import TextTokenizer, run as tokenizer_run
 
     local = download_folder(tmp_path / "download")
     fs, _ = fsspec.core.url_to_fs(f"s3://{s3.bucket}")
@@ -390,9 +390,12 @@ def test_the_filter_and_the_text_tokenizer_read_a_stage_on_the_store_where_it_li
 
     fs.put(str(tmp_path / "from-copy"), f"{s3.bucket}/in-place/curated", recursive=True)
     tokenizer_cfg = TokenizerConfig(vocab_size=300, text_len=8)
-    on_store = tokenizer_run(tokenizer_cfg, f"s3://{s3.bucket}/in-place/curated", tmp_path / "tokenizer-store")
+    on_store = tokenizer_run(tokenizer_cfg, f"s3://{s3.bucket}/in-place/curated", f"s3://{s3.bucket}/in-place/bpe")
     here = tokenizer_run(tokenizer_cfg, tmp_path / "from-copy", tmp_path / "tokenizer-here")
     assert (on_store.tokenizer_hash, on_store.metrics) == (here.tokenizer_hash, here.metrics)
+    assert str(on_store.tokenizer_path) == f"s3://{s3.bucket}/in-place/bpe/tokenizer.json"  # written there, whole
+    assert TextTokenizer.load(on_store.tokenizer_path, 8).encode(["a red circle"]) == \
+        TextTokenizer.load(here.tokenizer_path, 8).encode(["a red circle"])
     assert [p.name for p in shard_paths(f"s3://{s3.bucket}/in-place/curated")] == \
         [p.name for p in shard_paths(tmp_path / "from-copy")]
 
