@@ -3,7 +3,7 @@
 A stage is one call of a component function, and its key is derived from that call: the
 arguments it is actually given (bound to the function's signature, defaults included), and the
 source of the component's module and of every module of `dalle_pipeline.components` it imports,
-directly or not, at the top or inside a function. So a value passed to a component always reaches
+directly or not, at the top or inside a function (`stage_code.py`). So a value passed to a component always reaches
 its key, and a change to any code it runs re-runs it. Arguments are reduced to plain data
 (`stage_value`): pydantic configs to their values; a path inside the stage root (or a string
 holding one, such as `local-dir:/...`) to the stage and key of the finished stage it lies in, so a
@@ -38,10 +38,8 @@ the cache keeping the record's copy alone (`in_cache`: its paths the cache's).
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
-import importlib.util
 import inspect
 import json
 import os
@@ -56,6 +54,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from pydantic import BaseModel, TypeAdapter
 
+from .stage_code import code_version
 from .storage import (StorePath, SummedDigest, atomic_path, copy_from_store, file_sha256, modified_ns, object_store,
                       remove_tree, walked_files, write_bytes, write_json)
 
@@ -65,67 +64,9 @@ STAGES_PLACEHOLDER = "${DALLE_STAGES}"  # the stages root in a record published 
 # and the copies of the files of theirs that the flow reads itself
 STORED_RECORDS, READ_COPIES = "stage-records", "read-copies"
 PUBLISHED = "published"  # and what of each stage folder is on the store as this cache holds it
-PACKAGE = __name__.rsplit(".", 1)[0]  # dalle_pipeline.components
-COMPONENTS = Path(__file__).resolve().parent
-# modules whose effect on a stage's output reaches its key through values, or that write none:
-# the configs (their values are arguments), the override models, the MLflow seam and this module
-NOT_STAGE_CODE = frozenset(f"{PACKAGE}.{name}" for name in ("config", "overrides", "tracking", "stage_cache"))
 OUTPUT_DIR, TRACKER = "out_dir", "tracker"  # the parameters a stage's runner fills in
 
 Outputs = TypeVar("Outputs")
-
-
-@cache
-def _module_file(module: str) -> Path | None:
-    """The source file of a module of this package (found in its folder, nothing imported), or None."""
-    if module != PACKAGE and not module.startswith(PACKAGE + "."):
-        return None
-    path = COMPONENTS.joinpath(*module.split(".")[len(PACKAGE.split(".")):])
-    for candidate in (path / "__init__.py", path.with_suffix(".py")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-@cache
-def direct_imports(module: str) -> frozenset[str]:
-    """The modules of this package that `module` imports anywhere in its source (`from .x import y`
-    counts `.x` and, where it is a module, `.x.y`)."""
-    path = _module_file(module)
-    if path is None:
-        raise ModuleNotFoundError(f"no module {module!r} in {COMPONENTS}")
-    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-    named = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom):
-            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level \
-                else node.module or ""
-            named.add(base)
-            named.update(f"{base}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.Import):
-            named.update(alias.name for alias in node.names)
-    return frozenset(name for name in named if name != module and _module_file(name) is not None)
-
-
-@cache
-def stage_code(module: str) -> tuple[str, ...]:
-    """`module` and every package module it imports, transitively, less NOT_STAGE_CODE; sorted."""
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen or name in NOT_STAGE_CODE:
-            continue
-        seen.add(name)
-        todo.extend(direct_imports(name))
-    return tuple(sorted(seen))
-
-
-def code_version(module: str) -> str:
-    """A hash of the source of `stage_code(module)`."""
-    digest = hashlib.sha256()
-    for name in stage_code(module):
-        digest.update(name.encode() + b"\0" + _module_file(name).read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 @cache

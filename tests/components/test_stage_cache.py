@@ -9,7 +9,8 @@ import pytest
 
 from dalle_pipeline.components.config import FilterConfig
 from dalle_pipeline.components.filter.run import run as filter_run
-from dalle_pipeline.components.stage_cache import RECORD, StageCache, StageRecord, bind_call, stage_code
+from dalle_pipeline.components.stage_cache import RECORD, StageCache, StageRecord, bind_call
+from dalle_pipeline.components.stage_code import stage_code
 
 P = "dalle_pipeline.components."
 
