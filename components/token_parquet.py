@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .storage import atomic_path
+from .storage import StorePath, as_path, atomic_output, open_binary
 
 MANIFEST = "_manifest.json"
 ROW_GROUP_SIZE = 4096
@@ -39,14 +39,15 @@ def schema(grid_size: int, metadata: dict[str, str] | None = None) -> pa.Schema:
     )
 
 
-def part_metadata(path: Path) -> dict[str, str]:
+def part_metadata(path: Path | StorePath) -> dict[str, str]:
     """A part's file metadata as strings (dvae_hash, tokenizer_hash, grid_size, ..., skipped)."""
-    return {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
+    with open_binary(path) as file:
+        return {k.decode(): v.decode() for k, v in (pq.read_schema(file).metadata or {}).items()}
 
 
-def write_part(path: Path, keys: list[str], captions: list[str], text: np.ndarray, lengths: np.ndarray,
+def write_part(path: Path | StorePath, keys: list[str], captions: list[str], text: np.ndarray, lengths: np.ndarray,
                image_tokens: np.ndarray, grid: int, metadata: dict[str, str]) -> None:
-    """Write one part atomically: `text` [n, >= max length] padded ids cut to `lengths`, `image_tokens` [n, grid²]."""
+    """Write one part atomically (on a store, put whole): `text` [n, >= max length] padded ids cut to `lengths`, `image_tokens` [n, grid²]."""
     lengths = lengths.astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     flat_text = text[np.arange(text.shape[1]) < lengths[:, None]]
@@ -60,13 +61,13 @@ def write_part(path: Path, keys: list[str], captions: list[str], text: np.ndarra
         },
         schema=schema(grid, metadata),
     )
-    with atomic_path(path) as tmp:
+    with atomic_output(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
 
 
-def read_manifest(dataset_dir: Path) -> dict:
-    path = Path(dataset_dir) / MANIFEST
-    if not path.exists():
+def read_manifest(dataset_dir: str | Path | StorePath) -> dict:
+    path = as_path(dataset_dir) / MANIFEST
+    if not path.is_file():
         raise FileNotFoundError(f"{dataset_dir} has no {MANIFEST}: the tokenization did not finish")
     return json.loads(path.read_text())
 
@@ -74,19 +75,20 @@ def read_manifest(dataset_dir: Path) -> dict:
 class TokenParquet:
     """The token dataset's row groups, checked against its manifest; reads rows by global index."""
 
-    def __init__(self, dataset_dir: str | Path, text_len: int | None = None) -> None:
-        self.dataset_dir = Path(dataset_dir)
+    def __init__(self, dataset_dir: str | Path | StorePath, text_len: int | None = None) -> None:
+        self.dataset_dir = as_path(dataset_dir)
         self.manifest = read_manifest(self.dataset_dir)
         self.text_len = int(text_len if text_len is not None else self.manifest["text_len"])
         self.image_len = int(self.manifest["grid_size"]) ** 2
-        self.paths: list[Path] = []
+        self.paths: list[Path | StorePath] = []
         self.metadata: list[pq.FileMetaData] = []
         group_part, group_index, group_rows = [], [], []
         for part_number, part in enumerate(self.manifest["parts"]):
             path = self.dataset_dir / part["file"]
-            if not path.exists():
+            if not path.is_file():
                 raise FileNotFoundError(f"{path} is listed in {MANIFEST} but missing")
-            metadata = pq.read_metadata(path)
+            with open_binary(path) as file:
+                metadata = pq.read_metadata(file)
             if metadata.num_rows != part["rows"]:
                 raise ValueError(f"{path} has {metadata.num_rows} rows, {MANIFEST} says {part['rows']}")
             image_type = metadata.schema.to_arrow_schema().field("image_tokens").type
@@ -121,12 +123,15 @@ class TokenParquet:
     def to_batch(self, arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return to_int64(*arrays)
 
+    def group_table(self, group: int, columns: list[str]) -> pa.Table:
+        """Some columns of row group `group` (a part's row group: its file opened where it lies, on a store too)."""
+        part = int(self.group_part[group])
+        with open_binary(self.paths[part]) as file, pq.ParquetFile(file, metadata=self.metadata[part]) as parquet:
+            return parquet.read_row_group(int(self.group_index[group]), columns=columns)
+
     def read_group(self, group: int, local_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(text uint16 [n, text_len] padded with 0, lengths int64 [n], image uint16 [n, grid²]) of some rows of a group."""
-        part = int(self.group_part[group])
-        with pq.ParquetFile(self.paths[part], metadata=self.metadata[part]) as parquet:
-            table = parquet.read_row_group(int(self.group_index[group]), columns=COLUMNS)
-        text, lengths, image = decode(table, self.text_len)
+        text, lengths, image = decode(self.group_table(group, COLUMNS), self.text_len)
         return text[local_rows], lengths[local_rows], image[local_rows]
 
     def read_rows(self, rows: Iterable[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,11 +178,14 @@ def as_row_indices(rows: Iterable[int] | np.ndarray | torch.Tensor, num_rows: in
     return rows
 
 
-def read(dataset_dir: str | Path) -> tuple[pa.Table, dict]:
+def read(dataset_dir: str | Path | StorePath) -> tuple[pa.Table, dict]:
     """The whole token dataset and its manifest; refuses a dataset whose manifest is missing."""
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = as_path(dataset_dir)
     manifest = read_manifest(dataset_dir)
-    tables = [pq.read_table(dataset_dir / part["file"]) for part in manifest["parts"]]
+    tables = []
+    for part in manifest["parts"]:
+        with open_binary(dataset_dir / part["file"]) as file:
+            tables.append(pq.read_table(file))
     return pa.concat_tables(tables), manifest
 
 

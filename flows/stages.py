@@ -290,7 +290,7 @@ def train_dvae(cfg: PipelineConfig, curated: StageRecord[FilterResult], stages: 
     from dalle_pipeline.components.dvae.train import run
 
     return stages.run(run, cfg.dvae, curated.outputs.curated_dir, image_size=cfg.corpus.image_size,
-                      seed=cfg.seed, shapes=cfg.corpus if cfg.shapes_corpus else None)
+                      seed=cfg.seed, shapes=cfg.corpus if cfg.shapes_corpus else None, reads_in_place=("curated_dir",))
 
 
 @stage_task("tokenize-corpus")
@@ -302,7 +302,7 @@ def tokenize_corpus(cfg: PipelineConfig, curated: StageRecord[FilterResult], dva
     return stages.run(run, curated.outputs.curated_dir, dvae.outputs.checkpoint_dir,
                       tokenizer.outputs.tokenizer_path, text_len=cfg.tokenizer.text_len,
                       bpe_dropout=cfg.tokenizer.bpe_dropout, accumulates=True,
-                      reads_in_place=("curated_dir", "dvae_dir", "tokenizer_path"))
+                      reads_in_place=("curated_dir", "dvae_dir", "tokenizer_path"), writes_in_place=True)
 
 
 @stage_task("prior")
@@ -312,14 +312,15 @@ def train_prior(cfg: PipelineConfig, dataset: StageRecord[TokenizedCorpus], dvae
     from dalle_pipeline.components.prior.train import run
 
     return stages.run(run, cfg.prior, dataset.outputs.dataset_dir, seed=cfg.seed,
-                      dvae_dir=dvae.outputs.checkpoint_dir)
+                      dvae_dir=dvae.outputs.checkpoint_dir, reads_in_place=("dataset_dir", "dvae_dir"))
 
 
 @stage_task("clip")
 def train_clip(cfg: PipelineConfig, curated: StageRecord[FilterResult], stages: Stages) -> StageRecord[ClipResult]:
     from dalle_pipeline.components.clip.train import run
 
-    return stages.run(run, cfg.clip, curated.outputs.curated_dir, image_size=cfg.corpus.image_size, seed=cfg.seed)
+    return stages.run(run, cfg.clip, curated.outputs.curated_dir, image_size=cfg.corpus.image_size, seed=cfg.seed,
+                      reads_in_place=("curated_dir",))
 
 
 @stage_task("base-model", **IO_RETRIES)

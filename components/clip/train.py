@@ -14,6 +14,7 @@ from ..config import ClipConfig
 from ..images import to_float
 from ..lineage import curated_corpus
 from ..shards import load_corpus
+from ..storage import StorePath
 from ..tracking import Tracker, monitor_system
 from ..training import TensorBatches, fit, seed_everything
 from ..training.image_shards import IMAGE_BUFFER_ROWS, ImageShards, streams
@@ -47,7 +48,7 @@ class ClipResult:
     TAGS: ClassVar = ("clip_source",)  # what a stage's run shows of its result (flows/stages.py: show_result)
 
 
-def run(cfg: ClipConfig, curated_dir: Path, out_dir: Path, image_size: int, seed: int,
+def run(cfg: ClipConfig, curated_dir: Path | StorePath, out_dir: Path, image_size: int, seed: int,
         tracker: Tracker | None = None) -> ClipResult:
     if cfg.pretrained is not None or cfg.model_name.startswith(LOCAL_DIR):
         scorer = ClipScorer.build(cfg.model_name, cfg.pretrained)  # fails here if the weights are absent

@@ -28,6 +28,7 @@ from ..corpus.shapes import eval_set
 from ..images import psnr, save_grid, to_float
 from ..lineage import curated_corpus, held_out_corpus
 from ..shards import HOLDOUT_DIR, load_corpus, shard_paths
+from ..storage import StorePath, as_path
 from ..tracking import Tracker, monitor_system
 from ..training import TensorBatches, fit, ray_train
 from ..training.image_shards import IMAGE_BUFFER_ROWS, ImageShards, streams
@@ -261,7 +262,7 @@ def train_worker(config: dict[str, Any]) -> None:
         checkpoint_every=cfg.checkpoint_every, resume_state=worker.resume_state, clip_separately=(DISCRIMINATOR,))
 
 
-def log_inputs(curated_dir: Path, tracker: Tracker | None) -> None:
+def log_inputs(curated_dir: Path | StorePath, tracker: Tracker | None) -> None:
     """The curated corpus the dVAE trains on and, where the filter set one apart, the held-out corpus its
     reconstructions are measured on, as the stage run's datasets."""
     if tracker is None:
@@ -271,7 +272,7 @@ def log_inputs(curated_dir: Path, tracker: Tracker | None) -> None:
         tracker.log_input_dataset(held_out, "evaluation")
 
 
-def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed: int,
+def run(cfg: DVAEConfig, curated_dir: Path | StorePath, out_dir: Path, image_size: int, seed: int,
         shapes: CorpusConfig | None = None, tracker: Tracker | None = None,
         ray_address: str | None = None) -> DVAEResult:
     """Train on Ray Train (resuming a run killed earlier in `out_dir`), then save its weights (the EMA's, where kept).
@@ -301,7 +302,7 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
                                     defaults={**DVAEModelConfig().to_dict(), **BEFORE_FIELDS})
     loop_config = {
         "dvae": cfg.model_dump(mode="json"),
-        "curated_dir": str(Path(curated_dir).resolve()),
+        "curated_dir": str(as_path(curated_dir).resolve()),  # a folder every worker sees, or a store's URL
         "image_size": image_size,
         "seed": seed,
         "out_dir": str(out_dir),
@@ -310,7 +311,7 @@ def run(cfg: DVAEConfig, curated_dir: Path, out_dir: Path, image_size: int, seed
     with monitor_system(tracker):
         state, train_metrics = ray_train.train_on_ray("dvae", train_worker, loop_config, cfg, out_dir,
                                                       ray_address=ray_address, tracker=tracker,
-                                                      reads={"the curated shards": Path(curated_dir)})
+                                                      reads={"the curated shards": as_path(curated_dir)})
     final_model = build(model_cfg)
     final_model.load_state_dict(tokenizer_weights(state["ema"] if state.get("ema") is not None else state["model"]))
     result = measure_and_save(final_model.eval(), cfg, curated_dir, out_dir, image_size, shapes, tracker,
@@ -329,7 +330,7 @@ def fine_tuning_settings(cfg: DVAEConfig, tokenizer: ImageTokenizer, out_dir: Pa
     return cfg.model_copy(update={**shape, "init_from": str(start), "pretrained": None})
 
 
-def measure_and_save(model: ImageTokenizer, cfg: DVAEConfig, curated_dir: Path, out_dir: Path,
+def measure_and_save(model: ImageTokenizer, cfg: DVAEConfig, curated_dir: Path | StorePath, out_dir: Path,
                      image_size: int, shapes: CorpusConfig | None, tracker: Tracker | None, step: int,
                      meta: dict[str, Any]) -> DVAEResult:
     """The tokenizer the stage keeps, measured (hard-code PSNR and codes used on the corpus and the
@@ -340,7 +341,7 @@ def measure_and_save(model: ImageTokenizer, cfg: DVAEConfig, curated_dir: Path, 
         corpus = load_corpus(curated_dir, image_size, limit=1024)
         # in training batches: at 256 px a decoder's activations for 256 images doubled the stage's peak
         eval_metrics, _ = reconstruction_quality(model, corpus.images, cfg.optim.batch_size)
-        held_out = Path(curated_dir) / HOLDOUT_DIR
+        held_out = as_path(curated_dir) / HOLDOUT_DIR
         if shard_paths(held_out):  # your corpus: what the tokenizer makes of images no stage trained on
             held_out_images = load_corpus(held_out, image_size, limit=1024).images
             holdout_metrics, _ = reconstruction_quality(model, held_out_images, cfg.optim.batch_size)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -33,6 +32,7 @@ from ..dvae.model import load as load_dvae
 from ..images import to_uint8
 from ..lineage import token_dataset
 from ..sample.generate import sample_image_tokens
+from ..storage import StorePath, as_path
 from ..tracking import Tracker, monitor_system
 from ..training import ParquetBatches, TokenParquet, fit, ray_train, sharded
 from ..training.flops import measured_matmul_peak, transformer_flops_per_token
@@ -164,9 +164,7 @@ def captions_of(dataset: TokenParquet, rows: np.ndarray) -> list[str]:
     groups = np.searchsorted(dataset.group_start, rows, side="right") - 1
     captions = []
     for row, group in zip(rows.tolist(), groups.tolist()):
-        part = int(dataset.group_part[group])
-        with pq.ParquetFile(dataset.paths[part], metadata=dataset.metadata[part]) as parquet:
-            column = parquet.read_row_group(int(dataset.group_index[group]), columns=["caption"]).column("caption")
+        column = dataset.group_table(group, ["caption"]).column("caption")
         captions.append(column[row - int(dataset.group_start[group])].as_py())
     return captions
 
@@ -310,8 +308,8 @@ def export(state: dict[str, Any], directory: Path, model_cfg: PriorModelConfig, 
                                     model_cfg.to_dict(), meta=meta)
 
 
-def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: Tracker | None = None,
-        ray_address: str | None = None, dvae_dir: Path | None = None) -> PriorResult:
+def run(cfg: PriorConfig, dataset_dir: Path | StorePath, out_dir: Path, seed: int, tracker: Tracker | None = None,
+        ray_address: str | None = None, dvae_dir: Path | StorePath | None = None) -> PriorResult:
     """Train on Ray Train (resuming a run killed earlier in `out_dir`), then save the kept weights.
 
     `dvae_dir`: the dVAE that tokenized the dataset; with it (and a `tracker`), rank 0 draws
@@ -326,9 +324,9 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
         check_preview_dvae(dvae_dir, manifest)
     loop_config = {
         "prior": cfg.model_dump(mode="json"),
-        "dataset_dir": str(Path(dataset_dir).resolve()),
+        "dataset_dir": str(as_path(dataset_dir).resolve()),  # a folder every worker sees, or a store's URL
         "seed": seed,
-        "dvae_dir": str(Path(dvae_dir).resolve()) if dvae_dir is not None else None,
+        "dvae_dir": str(as_path(dvae_dir).resolve()) if dvae_dir is not None else None,
     }
     if tracker is not None:
         tracker.log_input_dataset(token_dataset(dataset_dir), "training")
@@ -337,7 +335,8 @@ def run(cfg: PriorConfig, dataset_dir: Path, out_dir: Path, seed: int, tracker: 
             "prior", train_worker, loop_config, cfg, out_dir,
             score_attribute="val_loss" if cfg.val_fraction > 0 else None, ray_address=ray_address, tracker=tracker,
             cpu_worker_env=SHARDED_CPU_WORKER_ENV if cfg.parallel == "fsdp" else None,
-            reads={"the token dataset": Path(dataset_dir)},
+            reads={"the token dataset": as_path(dataset_dir),
+                   **({"the dVAE": as_path(dvae_dir)} if dvae_dir is not None else {})},
         )
     checkpoint_dir = export(state, out_dir / "checkpoint", model_cfg,
                             meta={**metrics, "step": state["step"], "dvae_hash": manifest["dvae_hash"],

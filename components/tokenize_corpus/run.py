@@ -38,7 +38,7 @@ from ..images import psnr, to_float, to_uint8
 from ..lineage import curated_corpus
 from ..parallel import require_shared
 from ..shards import read_shard, shard_paths
-from ..storage import StorePath, as_path, file_sha256, write_json
+from ..storage import StorePath, as_path, file_sha256, open_binary, write_json
 from ..text.tokenizer import TextTokenizer
 from ..token_parquet import MANIFEST, part_metadata, write_part
 from ..tracking import Tracker
@@ -54,7 +54,7 @@ DECODE_CHECK_ORACLE_TOLERANCE = 0.2
 
 @dataclass(frozen=True)
 class TokenizedCorpus:
-    dataset_dir: Path
+    dataset_dir: Path | StorePath
     manifest: dict
     rows: int
 
@@ -65,7 +65,7 @@ class TokenizedCorpus:
         return {"rows": self.rows}
 
     @property
-    def manifest_path(self) -> Path:
+    def manifest_path(self) -> Path | StorePath:
         return self.dataset_dir / MANIFEST
 
 
@@ -156,12 +156,13 @@ class ImageEncoder:
         return batch
 
 
-def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, text_len: int,
-        batch_size: int = 256, bpe_dropout: float = 0.0, ray_address: str | None = None,
-        tracker: Tracker | None = None) -> TokenizedCorpus:
-    """Tokenize the curated shards of `curated_dir` into `out_dir` (resuming at shard granularity); `tracker`
-    records the curated corpus as the run's input."""
-    out_dir = Path(out_dir)
+def run(curated_dir: str | Path | StorePath, dvae_dir: str | Path | StorePath, tokenizer_path: str | Path | StorePath,
+        out_dir: str | Path | StorePath, text_len: int, batch_size: int = 256, bpe_dropout: float = 0.0,
+        ray_address: str | None = None, tracker: Tracker | None = None) -> TokenizedCorpus:
+    """Tokenize the curated shards of `curated_dir` into `out_dir`, a folder or an object store's URL (the
+    driver puts each part whole, the manifest last), resuming at shard granularity; `tracker` records the
+    curated corpus as the run's input."""
+    out_dir = as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_dvae(dvae_dir)
     tokenizer = TextTokenizer.load(tokenizer_path, text_len)
@@ -179,14 +180,16 @@ def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, 
         raise FileNotFoundError(f"no curated shards (*.tar) in {curated_dir}")
     if tracker is not None:
         tracker.log_input_dataset(curated_corpus(curated_dir), "training")
-    pending = [shard for shard in shards if not _reusable(out_dir / f"{shard.stem}.parquet", metadata)]
+    written = {part.name for part in out_dir.glob("*.parquet")}  # listed once: on a store, one listing
+    pending = [shard for shard in shards if not _reusable(out_dir / f"{shard.stem}.parquet", written, metadata)]
     if pending:
         _tokenize(pending, out_dir, metadata, as_path(dvae_dir), as_path(tokenizer_path), text_len,
                   model.cfg.image_size, batch_size, bpe_dropout, ray_address)
     parts, total = [], 0
     for shard in shards:
         part = out_dir / f"{shard.stem}.parquet"
-        rows = pq.read_metadata(part).num_rows
+        with open_binary(part) as file:
+            rows = pq.read_metadata(file).num_rows
         parts.append({"file": part.name, "rows": rows, "skipped": int(part_metadata(part).get("skipped", 0)),
                       "sha256": file_sha256(part), "source_shard": shard.name})
         total += rows
@@ -199,11 +202,11 @@ def run(curated_dir: Path, dvae_dir: Path, tokenizer_path: Path, out_dir: Path, 
     return TokenizedCorpus(dataset_dir=out_dir, manifest=manifest, rows=total)
 
 
-def _reusable(part: Path, metadata: dict[str, str]) -> bool:
-    return part.exists() and all(part_metadata(part).get(k) == metadata[k] for k in REUSE_KEYS)
+def _reusable(part: Path | StorePath, written: set[str], metadata: dict[str, str]) -> bool:
+    return part.name in written and all(part_metadata(part).get(k) == metadata[k] for k in REUSE_KEYS)
 
 
-def _tokenize(pending: list[Path | StorePath], out_dir: Path, metadata: dict[str, str], dvae_dir: Path | StorePath,
+def _tokenize(pending: list[Path | StorePath], out_dir: Path | StorePath, metadata: dict[str, str], dvae_dir: Path | StorePath,
               tokenizer_path: Path | StorePath, text_len: int, image_size: int, batch_size: int, bpe_dropout: float,
               ray_address: str | None) -> None:
     """Run the Ray Data pipeline over `pending` shards, writing each part as it completes."""
@@ -283,7 +286,7 @@ class ProgressLine:
                   f"{self.rows / max(now - self.started, 1e-9):.0f} rows/s", flush=True)
 
 
-def _write_shard_part(chunks: list[dict[str, np.ndarray]], part: Path, metadata: dict[str, str], grid: int) -> None:
+def _write_shard_part(chunks: list[dict[str, np.ndarray]], part: Path | StorePath, metadata: dict[str, str], grid: int) -> None:
     """Write one shard's rows in shard order; undecodable images are left out and counted (`skipped`)."""
     columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
     order = np.argsort(columns["index"], kind="stable")
@@ -295,7 +298,7 @@ def _write_shard_part(chunks: list[dict[str, np.ndarray]], part: Path, metadata:
 
 
 @torch.no_grad()
-def decode_check(model, dataset_dir: Path, parts: list[dict[str, Any]], curated_dir: Path | StorePath,
+def decode_check(model, dataset_dir: Path | StorePath, parts: list[dict[str, Any]], curated_dir: Path | StorePath,
                  reported: dict[str, Any], rows: int = DECODE_CHECK_ROWS, seed: int = 0) -> dict[str, Any]:
     """Decode the stored tokens of a seeded sample of rows and compare them with their original images.
 
@@ -313,7 +316,8 @@ def decode_check(model, dataset_dir: Path, parts: list[dict[str, Any]], curated_
     originals, tokens, specs = [], [], []
     for index in sorted(chosen):
         part = candidates[index]
-        table = pq.read_table(dataset_dir / part["file"], columns=["key", "image_tokens"])
+        with open_binary(dataset_dir / part["file"]) as file:
+            table = pq.read_table(file, columns=["key", "image_tokens"])
         picks = np.sort(generator.choice(table.num_rows, size=min(table.num_rows, rows // len(chosen) or 1),
                                          replace=False))
         keys = [table.column("key")[int(i)].as_py() for i in picks]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..shards import fitted_pixels, read_captions, read_images, shard_paths
+from ..storage import StorePath, as_path
 
 IN_MEMORY_MAX_BYTES = 1 << 30  # 'auto' decodes a corpus of up to this many bytes of pixels into memory
 IMAGE_BUFFER_ROWS = 1024  # images in a rank's shuffle buffer (at 256 px, 200 MB besides a shard read ahead)
@@ -27,9 +28,9 @@ class ImageShards:
     `tokenize` (CLIP's tokenizer: captions -> (n, context) integer tokens) adds the tokens of each
     row's caption."""
 
-    def __init__(self, shards_dir: str | Path, image_size: int,
+    def __init__(self, shards_dir: str | Path | StorePath, image_size: int,
                  tokenize: Callable[[list[str]], torch.Tensor | np.ndarray] | None = None) -> None:
-        self.dataset_dir = Path(shards_dir)
+        self.dataset_dir = as_path(shards_dir)
         self.paths = shard_paths(shards_dir)
         if not self.paths:
             raise FileNotFoundError(f"no curated shards (*.tar) in {shards_dir}")

@@ -35,6 +35,7 @@ import torch
 from ..cluster import connect
 from ..config import RayTrainConfig
 from ..parallel import require_shared
+from ..storage import StorePath
 from ..tracking import Tracker
 from . import sharded
 from .loop import SHARDED_KEY, LogHook, progress_logger, rng_state, seed_everything, set_threads
@@ -53,7 +54,7 @@ def train_on_ray(
     ray_address: str | None = None,
     tracker: Tracker | None = None,
     cpu_worker_env: dict[str, str] | None = None,
-    reads: dict[str, Path] | None = None,
+    reads: dict[str, Path | StorePath] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Run `worker_fn(loop_config)` on `cfg.num_workers` workers; (training state kept, its metrics).
 

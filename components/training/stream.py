@@ -19,13 +19,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..storage import StorePath
 from ..token_parquet import TokenParquet, as_row_indices
 
 
 class RowGroups(Protocol):
     """A dataset read a row group at a time (rows [group_start[g], group_start[g + 1]) are group g's)."""
 
-    dataset_dir: Path
+    dataset_dir: Path | StorePath
     group_start: np.ndarray
     num_rows: int
 
@@ -103,7 +104,7 @@ class StreamedBatches:
 
     def __init__(
         self,
-        dataset: RowGroups | str | Path,
+        dataset: RowGroups | str | Path | StorePath,
         per_rank_batch: int,
         seed: int,
         rank: int = 0,
@@ -117,7 +118,7 @@ class StreamedBatches:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if per_rank_batch < 1 or buffer_rows < 0:
             raise ValueError(f"per_rank_batch must be >= 1 and buffer_rows >= 0, got {per_rank_batch}, {buffer_rows}")
-        self.dataset = TokenParquet(dataset) if isinstance(dataset, (str, Path)) else dataset
+        self.dataset = TokenParquet(dataset) if isinstance(dataset, (str, Path, StorePath)) else dataset
         self.per_rank_batch, self.buffer_rows, self.prefetch = per_rank_batch, buffer_rows, prefetch
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = torch.device(device) if device is not None else None

@@ -145,10 +145,16 @@ def test_the_decode_check_reads_the_shapes_back_as_the_dvae_stage_did(inputs, tm
 def test_curated_shards_on_an_object_store_are_tokenized_where_they_lie(inputs, tmp_path, monkeypatch):
     """The curated shards, the dVAE and the text tokenizer on S3 (moto's server), given as their URLs: read by the
     Ray Data tasks and the encoder there, the decode check's shards too; the same parts, byte for byte (the same
-    hashes of the dVAE's weights and the tokenizer in their metadata), as from local files."""
+    hashes of the dVAE's weights and the tokenizer in their metadata), as from local files. Written into a URL: the
+    same parts put on the store, the manifest last; a run that died before its last part and manifest resumes there,
+    the parts it wrote not put again; the prior's and the dVAE's readers read the dataset and the shards there."""
     import fsspec
     import ray
     from local_processes import S3Endpoint
+
+    from dalle_pipeline.components.prior.train import captions_of
+    from dalle_pipeline.components.token_parquet import TokenParquet
+    from dalle_pipeline.components.training.image_shards import ImageShards
 
     curated, dvae_dir, tokenizer_path, _ = inputs
     here = run(curated, dvae_dir, tokenizer_path, tmp_path / "here", text_len=24)
@@ -161,12 +167,32 @@ def test_curated_shards_on_an_object_store_are_tokenized_where_they_lie(inputs, 
         fs.put(str(curated), f"{s3.bucket}/curated", recursive=True)
         fs.put(str(dvae_dir), f"{s3.bucket}/dvae", recursive=True)
         fs.put_file(str(tokenizer_path), f"{s3.bucket}/tokenizer.json")
-        there = run(f"s3://{s3.bucket}/curated", f"s3://{s3.bucket}/dvae", f"s3://{s3.bucket}/tokenizer.json",
-                    tmp_path / "there", text_len=24)
+        inputs_there = (f"s3://{s3.bucket}/curated", f"s3://{s3.bucket}/dvae", f"s3://{s3.bucket}/tokenizer.json")
+        there = run(*inputs_there, tmp_path / "there", text_len=24)
+        on_store = run(*inputs_there, f"s3://{s3.bucket}/tokens", text_len=24)
+        assert str(on_store.dataset_dir) == f"s3://{s3.bucket}/tokens"
+        tokens = f"{s3.bucket}/tokens"
+        assert sorted(name.rsplit("/", 1)[1] for name in fs.ls(tokens)) == ["00000.parquet", "00001.parquet", MANIFEST]
+        assert fs.cat_file(f"{tokens}/00000.parquet") == (tmp_path / "here" / "00000.parquet").read_bytes()
+        first_put = fs.info(f"{tokens}/00000.parquet")["LastModified"]
+        fs.rm_file(f"{tokens}/00001.parquet")  # as if the run died after its first part
+        fs.rm_file(f"{tokens}/{MANIFEST}")
+        resumed = run(*inputs_there, f"s3://{s3.bucket}/tokens", text_len=24)
+        assert fs.info(f"{tokens}/00000.parquet")["LastModified"] == first_put and fs.isfile(f"{tokens}/{MANIFEST}")
+        rows = np.arange(0, 96, 7)
+        read_there = TokenParquet(f"s3://{s3.bucket}/tokens").read_rows(rows)
+        captions_there = captions_of(TokenParquet(f"s3://{s3.bucket}/tokens"), rows)  # the prior's previews
+        shards_there = ImageShards(f"s3://{s3.bucket}/curated", 32)
+        pixels_there = shards_there.read_group(1, np.arange(5))
     finally:
         ray.shutdown()
         s3.stop()
-    assert there.rows == here.rows == 96
+    assert there.rows == here.rows == on_store.rows == resumed.rows == 96
     assert [(part["file"], part["rows"], part["sha256"], part["source_shard"]) for part in there.manifest["parts"]] \
-        == [(part["file"], part["rows"], part["sha256"], part["source_shard"]) for part in here.manifest["parts"]]
-    assert there.manifest["decode_check"] == here.manifest["decode_check"]
+        == [(part["file"], part["rows"], part["sha256"], part["source_shard"]) for part in here.manifest["parts"]] \
+        == [(part["file"], part["rows"], part["sha256"], part["source_shard"]) for part in resumed.manifest["parts"]]
+    assert there.manifest["decode_check"] == here.manifest["decode_check"] == resumed.manifest["decode_check"]
+    assert all(torch.equal(a, b) for a, b in zip(read_there, TokenParquet(tmp_path / "here").read_rows(rows)))
+    assert captions_there == captions_of(TokenParquet(tmp_path / "here"), rows) and len(set(captions_there)) > 1
+    assert shards_there.num_rows == 96 and np.array_equal(pixels_there[0],
+                                                          ImageShards(curated, 32).read_group(1, np.arange(5))[0])

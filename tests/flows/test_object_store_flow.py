@@ -1,6 +1,6 @@
 """The micro flow with its root on an object store (`DALLE_HOME=s3://...`): S3 is moto's standalone server on
 loopback, MLflow a tracking server whose artifacts go to the same bucket. The run writes nothing outside its
-temporary cache but the filter's, which is built on the store; a fresh cache reuses every stage from the store,
+temporary cache but the filter's and the tokenization's, which are built on the store and read there; a fresh cache reuses every stage from the store,
 and a filter forced to run there reads the download folder on the store where it lies; `generate` loads the
 champion from there; a folder source on the store is ingested from its copy in the cache."""
 
@@ -106,6 +106,16 @@ def test_a_run_rooted_on_s3_writes_only_its_cache_reuses_stages_from_the_store_a
         assert any(key.startswith("dalle/mlartifacts/") and key.endswith("/MLmodel") for key in keys), keys[-50:]
         assert not any(key.startswith("mlflow-default/") for key in s3.keys())  # the run's artifacts: under the root
         assert list(work.iterdir()) == [] and not Path("s3:").exists()  # nothing written where the run started
+        # the curated corpus and the token dataset are built on the store and read there by every stage after them:
+        # no curated shard and no token part ever in the cache
+        output = first.stdout + first.stderr
+        for stage, argument in (("dvae", "curated_dir"), ("clip", "curated_dir"), ("tokenize-corpus", "curated_dir"),
+                                ("prior", "dataset_dir")):
+            assert f"{stage}: reads {argument} where it lies on the store, s3://{s3.bucket}/dalle/stages/" in output
+        assert "tokenize-corpus: building in place on the store, s3://" in output
+        cached = [p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+        assert not [name for name in cached if name.startswith(("stages/filter/", "stages/tokenize-corpus/"))
+                    and name.endswith((".tar", ".parquet"))], cached
         client = MlflowClient(tracking_uri)
         parent = client.get_run(run_id)
         assert parent.data.tags["stages_root"] == f"s3://{s3.bucket}/dalle/stages"
