@@ -24,7 +24,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 from PIL import Image
 
-from .storage import StorePath, as_path, atomic_output, open_binary
+from .storage import StorePath, as_path, atomic_output, is_object_store, open_binary
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 TEXT_EXTENSIONS = ("txt", "json")
@@ -174,12 +174,31 @@ class TarMember:
     size: int
 
     def read(self) -> bytes:
-        with open_binary(self.path) as file:
+        if is_object_store(self.path):  # a task reads a tar's members in order: one open file, its read-ahead kept
+            file = _opened_on_store(self.path)
             file.seek(self.offset)
             content = file.read(self.size)
+        else:
+            with open(self.path, "rb") as file:
+                file.seek(self.offset)
+                content = file.read(self.size)
         if len(content) != self.size:
             raise OSError(f"{self.path}: the member at byte {self.offset} is cut short (the tar changed)")
         return content
+
+
+_open_on_store: tuple[str, BinaryIO] | None = None  # this process's: the tar on a store whose members it reads
+
+
+def _opened_on_store(url: str) -> BinaryIO:
+    """`url` opened on its store, the file kept open for the next member (`storage.READ_BLOCK` read ahead: a
+    shard's members read in order cost a request per block, not one per member)."""
+    global _open_on_store
+    if _open_on_store is None or _open_on_store[0] != url:
+        if _open_on_store is not None:
+            _open_on_store[1].close()
+        _open_on_store = (url, open_binary(url))
+    return _open_on_store[1]
 
 
 def tar_entries(path: str | Path, wanted: Callable[[str], bool] | None = None

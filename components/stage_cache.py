@@ -55,8 +55,9 @@ import numpy as np
 from pydantic import BaseModel, TypeAdapter
 
 from .stage_code import code_version
-from .storage import (StorePath, SummedDigest, atomic_path, copy_from_store, file_sha256, modified_ns, object_store,
-                      remove_tree, walked_files, write_bytes, write_json)
+from .storage import (StorePath, SummedDigest, atomic_path, copy_from_store, file_sha256, is_object_store, modified_ns,
+                      object_store, remove_tree, store_listing_digest, url_protocol, walked_files, write_bytes,
+                      write_json)
 
 RECORD = "_stage.json"
 STAGES_PLACEHOLDER = "${DALLE_STAGES}"  # the stages root in a record published to an object store
@@ -142,6 +143,9 @@ class StageCache:
             record = self._finished_record(self.root / stage / folder)
             return f"<{stage}@{record['key'] if record else folder}>"
 
+        if (is_object_store(text) and url_protocol(text) not in ("http", "https")
+                and not (self.remote and f"{text}/".startswith(f"{self.remote}/"))):
+            return f"{text}#listing={store_listing_digest(text, 'a stage input')}"  # a source read on the store
         replaced = re.sub(rf"{root}/([^/]+)/([^/]+)", finished, text)
         if replaced == text and text.startswith("/") and Path(text).is_file():
             stat = Path(text).stat()

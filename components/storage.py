@@ -12,6 +12,7 @@ writes in place (the filter) puts each of its files whole (`atomic_output`), its
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -152,11 +153,12 @@ def copy_from_store(fs, path: str, target: Path) -> Path:
 
 class StorePath:
     """A file or folder on an object store, named by its URL, with the part of `pathlib.Path` that the stages
-    use (`/`, name, stem, suffix, parent, with_suffix, glob, is_file, is_dir, stat, open, read_bytes, unlink,
-    mkdir): code written for local paths reads from the store where the objects lie, and writes there through
-    `atomic_output` (an object put whole). A path found by `glob` keeps the listing's size and modification
-    time, so `stat` asks the store nothing. It holds no file system: a Ray task on any node opens the store
-    where it runs, with that node's configuration. In a pydantic model or a stage's record it is its URL."""
+    use (`/`, name, stem, suffix, parent, with_suffix, glob, rglob, relative_to, is_file, is_dir, stat, open,
+    read_bytes, unlink, mkdir): code written for local paths reads from the store where the objects lie, and
+    writes there through `atomic_output` (an object put whole). A path found by `glob` keeps the listing's size
+    and modification time, so `stat` asks the store nothing. It holds no file system: a Ray task on any node
+    opens the store where it runs, with that node's configuration. In a pydantic model or a stage's record it is
+    its URL."""
 
     def __init__(self, url: str, info: dict[str, Any] | None = None) -> None:
         self.url = str(url).rstrip("/")
@@ -209,6 +211,18 @@ class StorePath:
         found = fs.glob(f"{path}/{pattern}", detail=True)
         protocol = self.url.partition("://")[0]
         return sorted(StorePath(f"{protocol}://{name}", info) for name, info in found.items())
+
+    def rglob(self, pattern: str) -> list[StorePath]:
+        """The objects at any depth below this folder whose names `pattern` matches (one recursive listing), sorted."""
+        fs, path = self._store
+        protocol = self.url.partition("://")[0]
+        return sorted(StorePath(f"{protocol}://{name}", info) for name, info in fs.find(path, detail=True).items()
+                      if fnmatch.fnmatchcase(name.rsplit("/", 1)[-1], pattern))
+
+    def relative_to(self, folder: StorePath) -> PurePosixPath:
+        if not self.url.startswith(f"{folder.url}/"):
+            raise ValueError(f"{self.url} is not below {folder.url}")
+        return PurePosixPath(self.url[len(folder.url) + 1:])
 
     def is_file(self) -> bool:
         fs, path = self._store
@@ -350,6 +364,18 @@ def write_bytes(path: str | Path | StorePath, data: bytes) -> Path | StorePath:
 
 def write_json(path: str | Path | StorePath, obj: Any) -> Path | StorePath:
     return write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def store_listing_digest(url: str, what: str) -> str:
+    """A digest of what lies at the object store `url` by relative path, size and modification time, as
+    `stage_cache.folder_listing_digest` of a local folder: one listing, no object read."""
+    fs, path = existing(url, what)
+    listing = {"": fs.info(path)} if fs.isfile(path) else \
+        {found[len(path) + 1:]: info for found, info in fs.find(path, detail=True).items()}
+    digest = SummedDigest()
+    for relative, info in listing.items():
+        digest.add(f"{relative}\0{info['size']}\0{modified_ns(info)}\0".encode())
+    return digest.hexdigest()
 
 
 def walked_files(folder: Path) -> Iterator[tuple[str, os.stat_result]]:

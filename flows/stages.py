@@ -28,6 +28,7 @@ from dalle_pipeline.components.config import PipelineConfig
 from dalle_pipeline.components.evaluate.evaluation_set import EvaluationSet
 from dalle_pipeline.components.parallel import cluster_nodes
 from dalle_pipeline.components.stage_cache import OUTPUT_DIR, TRACKER, StageCache, StageRecord, bind_call, result_type
+from dalle_pipeline.components.storage import is_object_store
 from dalle_pipeline.components.tracking import Tracker, stage_run
 from dalle_pipeline.flows.concurrency import training_slot
 from dalle_pipeline.flows.stage_names import COMPUTE_STAGES, EVERY_STAGE, STAGES, TRAINING_STAGES
@@ -251,7 +252,9 @@ def ingest(cfg: PipelineConfig, stages: Stages) -> StageRecord[DownloadResult]:
     """A local source (folder, webdataset, Parquet with images, COCO) into the download stage's layout."""
     from dalle_pipeline.components.sources import run
 
-    data = cfg.data.model_copy(update={"source": str(Path(cfg.data.source).expanduser().resolve())})
+    source = cfg.data.source  # a URL: a source on an object store, read there
+    data = cfg.data.model_copy(update={"source": source if is_object_store(source)
+                                       else str(Path(source).expanduser().resolve())})
     # one folder per source location and settings: a folder that grows ingests only its new files
     record = stages.run(run, data, cfg.download_settings(), image_size=cfg.corpus.image_size, accumulates=True,
                         on_ray=True, writes_in_place=True)

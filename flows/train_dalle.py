@@ -25,7 +25,7 @@ from dalle_pipeline.components.evaluate.evaluation_set import (EvaluationSet, ho
                                                                shapes_evaluation_set)
 from dalle_pipeline.components.overrides import PipelineOverrides
 from dalle_pipeline.components.shards import HOLDOUT_DIR
-from dalle_pipeline.components.sources.kinds import check_source, source_kind
+from dalle_pipeline.components.sources.kinds import check_source, source_kind, store_kind
 from dalle_pipeline.components.stage_cache import StageCache, StageRecord
 from dalle_pipeline.components.storage import RunRoot, is_object_store, mirror, run_root
 from dalle_pipeline.components.tracking import Tracker, default_root, default_tracking_uri
@@ -124,12 +124,16 @@ def log_config(run: PipelineRun) -> None:
 
 def curate(run: PipelineRun) -> list[StageRecord]:
     """corpus -> download (the shapes corpus), download (your URL list) or ingest (your local source) -> filter.
-    A source on an object store is read from its mirror in the root's local cache (`storage.mirror`)."""
+    A source on an object store is read there in place where it is webdataset shards or Parquet with images
+    (`sources.kinds.store_kind`), else from its mirror in the root's local cache (`storage.mirror`)."""
     cfg, stages = run.cfg, run.stages
     if not cfg.shapes_corpus and is_object_store(cfg.data.source):
-        local = mirror(cfg.data.source, run.root.local / "sources", "data.source")
-        print(f"data.source {cfg.data.source}: read from its copy in {local}")
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(local)})})
+        if (in_place := store_kind(cfg.data)) is not None:
+            print(f"data.source {cfg.data.source}: {in_place}, read where it lies on the store")
+        else:
+            local = mirror(cfg.data.source, run.root.local / "sources", "data.source")
+            print(f"data.source {cfg.data.source}: read from its copy in {local}")
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(local)})})
     records = []
     kind = "shapes" if cfg.shapes_corpus else source_kind(cfg.data)
     if kind == "shapes":

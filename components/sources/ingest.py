@@ -58,13 +58,14 @@ class Fitted:
 
 
 def run(data: DataConfig, cfg: DownloadConfig, out_dir: str | Path | StorePath, image_size: int) -> DownloadResult:
-    """Add the items of the local source `data.source` that no batch of `out_dir` holds, as a new batch.
-    `out_dir` may be on an object store (a URL): every task puts its shard's files there."""
+    """Add the items of the source `data.source` that no batch of `out_dir` holds, as a new batch. The source
+    may be webdataset shards or Parquet with images on an object store (`kinds.store_kind`), read there by each
+    task; `out_dir` may be on an object store (a URL): every task puts its shard's files there."""
     kind = source_kind(data)
     out_dir = as_path(out_dir).resolve()
     settings = {"source_kind": kind, **batch_settings(cfg, image_size)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    require_shared({"data.source": Path(data.source)}, writes=out_dir)  # every node's tasks read and write them
+    require_shared({"data.source": as_path(data.source)}, writes=out_dir)  # every node's tasks read and write them
     with exclusive(out_dir, "ingest"):
         batches = finished_batches(out_dir)
         check_same_settings(batches, settings)

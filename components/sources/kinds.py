@@ -33,13 +33,14 @@ from .. import columns
 from ..config import DataConfig
 from ..download.url_list import INPUT_FORMATS, is_list_file, skipped
 from ..shards import TarMember, tar_entries
-from ..storage import existing, is_object_store, local_path
+from ..storage import StorePath, as_path, existing, is_object_store, local_path, open_binary
 from .captions_file import CAPTION_FILES, CaptionsFile, read_captions_file
 from .listing import hidden, walk_folder
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 CAPTION_SUFFIXES = (".txt", ".json")
 LOCAL_KINDS = ("folder", "webdataset", "parquet", "coco")
+STORE_KINDS = ("webdataset", "parquet")  # read on an object store where they lie; the others from a local copy
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,15 @@ class Item:
 
 def source_kind(data: DataConfig) -> str:
     """`data.format`, or the kind recognised from `data.source`; a path that is none of them raises
-    ValueError saying what was found there (FileNotFoundError when nothing is)."""
+    ValueError saying what was found there (FileNotFoundError when nothing is). A source on an object store
+    is one of the kinds read there in place (`store_kind`), or refused: the flow reads it from a local copy."""
+    if is_object_store(data.source):
+        kind = store_kind(data)
+        if kind is None:
+            raise ValueError(f"data.source {data.source}: on an object store, {' and '.join(STORE_KINDS)} sources "
+                             "are read where they lie; read this one from a local copy (`storage.mirror`, as the flow "
+                             "does)")
+        return kind
     path = local_path(data.source, "data.source")
     if not path.exists():
         raise FileNotFoundError(f"data.source {path} does not exist")
@@ -67,6 +76,31 @@ def source_kind(data: DataConfig) -> str:
     if kind == "coco" and not path.is_file():
         raise ValueError(f"data.source {path}: format {kind!r} needs a file, not a folder")
     return kind
+
+
+def store_kind(data: DataConfig) -> str | None:
+    """The kind of the source on an object store `data.source` when it is one read there in place
+    (STORE_KINDS: a `.tar` shard or a folder with `.tar` shards at its top, a `.parquet` file with images or a
+    folder whose first top-level `.parquet` has them; or `data.format` naming one), else None: listing a
+    folder of millions of images to tell its kind would cost what copying it does."""
+    if data.format != "auto":
+        return data.format if data.format in STORE_KINDS else None
+    fs, path = existing(data.source, "data.source")
+    root = StorePath(data.source)
+    if fs.isfile(path):
+        files = [root]
+    else:
+        names = sorted(info["name"].rsplit("/", 1)[-1] for info in fs.ls(path, detail=True) if info["type"] == "file")
+        files = [root / name for name in names if not hidden(name)]
+    if any(file.suffix.lower() == ".tar" for file in files):
+        return "webdataset"
+    first_parquet = next((file for file in files if file.suffix.lower() == ".parquet"), None)
+    if first_parquet is not None:
+        with open_binary(first_parquet) as file:
+            schema = pq.read_schema(file)
+        if data.image_col in schema.names and _is_image_column(schema.field(data.image_col).type):
+            return "parquet"
+    return None
 
 
 def check_source(data: DataConfig) -> None:
@@ -114,7 +148,8 @@ def _recognise(path: Path, data: DataConfig) -> str:
 
 
 def _parquet_kind(path: Path, data: DataConfig) -> str:
-    schema = pq.read_schema(path)
+    with open_binary(path) as file:
+        schema = pq.read_schema(file)
     if data.image_col in schema.names and _is_image_column(schema.field(data.image_col).type):
         return "parquet"
     if data.url_col in schema.names:
@@ -146,8 +181,8 @@ def _hidden(path: Path, root: Path) -> bool:
 
 
 def items(kind: str, data: DataConfig) -> Iterator[Item]:
-    """Every item of a local source, in a stable order."""
-    root = Path(data.source).expanduser().resolve()
+    """Every item of a source (local, or on an object store: `store_kind`), in a stable order."""
+    root = as_path(data.source) if is_object_store(data.source) else Path(data.source).expanduser().resolve()
     readers = {"folder": _folder_items, "webdataset": _webdataset_items, "parquet": _parquet_items,
                "coco": _coco_items}
     if kind not in readers:
@@ -212,7 +247,7 @@ def _sidecar_caption(image: Path, caption_key: str) -> str | None:
     return None
 
 
-def _webdataset_items(root: Path, data: DataConfig) -> Iterator[Item]:
+def _webdataset_items(root: Path | StorePath, data: DataConfig) -> Iterator[Item]:
     tars = [root] if root.is_file() else sorted(root.rglob("*.tar"))
     for tar in tars:
         name = tar.name if root.is_file() else tar.relative_to(root).as_posix()
@@ -260,25 +295,31 @@ def _webdataset_item(item_id: str, parts: dict[str, bytes | TarMember], caption_
                 problem=None if isinstance(caption, str) else "missing_caption", meta=source_meta)
 
 
-def _parquet_items(root: Path, data: DataConfig) -> Iterator[Item]:
+def _parquet_items(root: Path | StorePath, data: DataConfig) -> Iterator[Item]:
     files = [root] if root.is_file() else sorted(root.rglob("*.parquet"))
     for path in files:
         name = path.name if root.is_file() else path.relative_to(root).as_posix()
-        parquet = pq.ParquetFile(path)
-        names = parquet.schema_arrow.names
-        if data.image_col not in names:
-            raise ValueError(f"{path}: no column {data.image_col!r} (data.image_col); columns are {names}")
-        caption_col = columns.pick(names, data.caption_col, "caption", path,
-                                   columns.string_columns(parquet.schema_arrow))
-        row = 0  # the captions read here, a row group at a time; an image by the task that fits it
-        for row_group in range(parquet.num_row_groups):
-            captions = parquet.read_row_group(row_group, columns=[caption_col]).column(0).to_pylist()
-            for index, caption in enumerate(captions):
-                caption = caption if isinstance(caption, str) else None
-                image = ParquetImage(str(path), row_group, index, data.image_col)
-                yield Item(f"{name}#{row}", caption, image.read,
-                           problem=None if caption is not None else "missing_caption")
-                row += 1
+        with open_binary(path) as file:
+            yield from _parquet_file_items(path, name, pq.ParquetFile(file), data)
+
+
+def _parquet_file_items(path: Path | StorePath, name: str, parquet: pq.ParquetFile, data: DataConfig
+                        ) -> Iterator[Item]:
+    """The items of one Parquet file with images (opened: `parquet`, named `name` in the source)."""
+    names = parquet.schema_arrow.names
+    if data.image_col not in names:
+        raise ValueError(f"{path}: no column {data.image_col!r} (data.image_col); columns are {names}")
+    caption_col = columns.pick(names, data.caption_col, "caption", path,
+                               columns.string_columns(parquet.schema_arrow))
+    row = 0  # the captions read here, a row group at a time; an image by the task that fits it
+    for row_group in range(parquet.num_row_groups):
+        captions = parquet.read_row_group(row_group, columns=[caption_col]).column(0).to_pylist()
+        for index, caption in enumerate(captions):
+            caption = caption if isinstance(caption, str) else None
+            image = ParquetImage(str(path), row_group, index, data.image_col)
+            yield Item(f"{name}#{row}", caption, image.read,
+                       problem=None if caption is not None else "missing_caption")
+            row += 1
 
 
 @dataclass(frozen=True)
@@ -307,8 +348,9 @@ class _RowCursor:
 
     def __init__(self, where: tuple[str, int, str]) -> None:
         path, row_group, column = self.where = where
-        self.batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_READ_ROWS, row_groups=[row_group],
-                                                         columns=[column])
+        self.file = open_binary(path)  # on a store too: kept open while the cursor reads on
+        self.batches = pq.ParquetFile(self.file).iter_batches(batch_size=PARQUET_READ_ROWS, row_groups=[row_group],
+                                                              columns=[column])
         self.start, self.rows = 0, None
 
     def cell(self, row: int) -> object:
@@ -330,6 +372,8 @@ def _parquet_cell(image: ParquetImage) -> object:
     global _cursor
     where = (image.path, image.row_group, image.column)
     if _cursor is None or _cursor.where != where or image.row < _cursor.start:
+        if _cursor is not None:
+            _cursor.file.close()
         _cursor = _RowCursor(where)
     try:
         return _cursor.cell(image.row)

@@ -496,3 +496,64 @@ def test_ingest_writes_its_batches_on_the_store_marker_last(tmp_path, s3):
         (2, 12, ["batch-00000", "batch-00001"])
     assert [key for key in s3.keys("ingested/batch-00001/")] == \
         [f"ingested/batch-00001/{name}" for name in ("00000.parquet", "00000.tar", "00000_stats.json", "_SUCCESS")]
+
+
+def test_webdataset_and_parquet_sources_on_the_store_are_ingested_where_they_lie(tmp_path, s3):
+    """Webdataset shards and a Parquet file with images on S3, given as their URLs: recognised there (a folder of
+    pictures is not: the flow reads it from a local copy), their captions listed and each image read by the task
+    that fits it, on the store (a tar's members through one open file); the same shards, byte for byte, as from a
+    local copy of the same files. The stage key of such a source follows its listing: a shard added changes it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dalle_pipeline.components.config import DataConfig, DownloadConfig
+    from dalle_pipeline.components.shards import Sample, write_shard
+    from dalle_pipeline.components.sources import run as ingest
+    from dalle_pipeline.components.sources.kinds import source_kind, store_kind
+    from dalle_pipeline.components.storage import StorePath
+
+    def png(index: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    local = tmp_path / "local"
+    for shard in range(2):
+        write_shard(local / "shards" / f"part-{shard}.tar",
+                    [Sample(f"{shard}{index:03d}", png(10 * shard + index), "png", f"picture {shard} {index}", {})
+                     for index in range(6)])
+    (local / "table").mkdir()
+    pq.write_table(pa.table({"image": [png(100 + index) for index in range(7)],
+                             "text": [f"row {index}" for index in range(7)]}), local / "table" / "images.parquet",
+                   row_group_size=3)
+    (local / "pictures").mkdir()
+    (local / "pictures" / "a.png").write_bytes(png(0))
+    (local / "pictures" / "a.txt").write_text("a picture")
+    fs = fsspec.filesystem("s3")
+    fs.put(str(local), f"{s3.bucket}/sources", recursive=True)
+    url = f"s3://{s3.bucket}/sources"
+    cfg = DownloadConfig(samples_per_shard=4)
+
+    assert store_kind(DataConfig(source=f"{url}/shards")) == "webdataset"
+    assert store_kind(DataConfig(source=f"{url}/shards/part-0.tar")) == "webdataset"
+    assert store_kind(DataConfig(source=f"{url}/table")) == "parquet"
+    assert store_kind(DataConfig(source=f"{url}/pictures")) is None
+    with pytest.raises(ValueError, match="read this one from a local copy"):
+        source_kind(DataConfig(source=f"{url}/pictures"))
+    for kind, count in (("shards", 12), ("table", 7)):
+        here = ingest(DataConfig(source=str(local / kind)), cfg, tmp_path / f"{kind}-here", 32)
+        there = ingest(DataConfig(source=f"{url}/{kind}"), cfg, tmp_path / f"{kind}-there", 32)
+        assert there.successes == here.successes == count
+        for tar in sorted((tmp_path / f"{kind}-here" / "batch-00000").glob("*.tar")):
+            assert (tmp_path / f"{kind}-there" / "batch-00000" / tar.name).read_bytes() == tar.read_bytes()
+        ids = [pq.read_table(path, columns=["url"]).column("url").to_pylist()
+               for path in sorted((tmp_path / f"{kind}-there" / "batch-00000").glob("*.parquet"))]
+        assert sum(ids, [])[:2] == (["part-0.tar/0000", "part-0.tar/0001"] if kind == "shards"
+                                    else ["images.parquet#0", "images.parquet#1"])
+
+    cache = StageCache(tmp_path / "stages")
+    source = DataConfig(source=f"{url}/shards")
+    before = cache.stage_value(source)
+    assert before == cache.stage_value(source) and "#listing=" in before["source"]
+    write_shard(StorePath(f"{url}/shards/part-2.tar"), [Sample("2000", png(50), "png", "one more", {})])
+    assert cache.stage_value(source) != before

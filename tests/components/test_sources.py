@@ -448,12 +448,15 @@ def test_shards_hold_jpegs_from_256_px_and_pngs_below_unless_told(tmp_path):
 
 
 def test_a_url_where_a_path_is_asked_for_is_refused_naming_its_protocol(tmp_path, monkeypatch):
-    """data.source=gs://... used to become a local folder named `gs:`; a source on object storage is refused,
-    file:// read. (DALLE_HOME may be an object store: tests/components/test_object_store.py.)"""
+    """data.source=gs://... used to become a local folder named `gs:`; a source on an object store is read there
+    (webdataset shards, Parquet with images: tests/components/test_object_store.py), but one whose fsspec package is
+    missing is refused naming it, as is an unknown protocol; file:// read."""
     from dalle_pipeline.components.tracking import default_root
 
     monkeypatch.setenv("DALLE_HOME", (tmp_path / "home").as_uri())
     assert default_root().local == tmp_path / "home"
-    with pytest.raises(ValueError, match=r"data.source 'gs://b/photos': the gs:// protocol"):
+    with pytest.raises(ValueError, match=r"data.source 'gs://b/photos': .*gcsfs"):
         source_kind(DataConfig(source="gs://b/photos"))
+    with pytest.raises(ValueError, match=r"data.source 'nope://b/photos': unknown protocol nope://"):
+        source_kind(DataConfig(source="nope://b/photos"))
     assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:")

@@ -181,6 +181,22 @@ def test_a_run_rooted_on_s3_writes_only_its_cache_reuses_stages_from_the_store_a
         assert "ingest: building in place on the store, s3://" in output, output[-3000:]
         assert "filter: building in place on the store, s3://" in output
         assert "ingested 85 images (5 items new)" in output
+
+        # webdataset shards on the store: ingested where they lie, nothing of them copied into the cache
+        from dalle_pipeline.components.shards import Sample, write_shard
+
+        rows = pq.read_table(corpus.url_list).to_pylist()
+        for shard in range(2):
+            tar = tmp_path / "shards" / f"{shard:05d}.tar"
+            write_shard(tar, [Sample(f"{shard}{index:04d}", (corpus.images_dir / Path(row["url"]).name).read_bytes(),
+                                     "png", row["caption"], {}) for index, row in enumerate(rows[shard::2])])
+            s3.client().put_object(Bucket=s3.bucket, Key=f"shards/{tar.name}", Body=tar.read_bytes())
+        shards, _ = train({**env, "DALLE_CACHE": str(tmp_path / "cache-4")}, work, "--data",
+                          f"s3://{s3.bucket}/shards", *FAST)
+        output = shards.stdout + shards.stderr
+        assert f"data.source s3://{s3.bucket}/shards: webdataset, read where it lies on the store" in output
+        assert "ingested 80 images (80 items new)" in output, output[-3000:]
+        assert not (tmp_path / "cache-4" / "sources").exists() and list(work.iterdir()) == []
     finally:
         server.terminate()
         server.wait(timeout=30)
