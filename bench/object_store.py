@@ -1,4 +1,5 @@
-"""What a filter on an object-store root costs, read and written in place or through the local cache (#29).
+"""What a filter on an object-store root costs, read and written in place or through the local cache (#29);
+with `--stage ingest`, what ingesting a webdataset source on the store costs, read in place or mirrored.
 
 For each size N (default 2k and 8k samples, 4x apart) the benchmark lays out a download folder of N
 synthetic captioned 256 px JPEGs (bench/scale.py's corpus: 1,000 a shard, each with img2dataset's per-URL
@@ -12,6 +13,11 @@ then filters it, each mode in a fresh child process, no Ray:
   16 MiB ranges and each output put whole, nothing written to local disk.
 
     python bench/object_store.py --sizes 2000 8000 --out bench/results/object-store.json
+
+`--stage ingest`: the source is the corpus's webdataset shards on S3 (1,000 samples a shard), ingested into a
+local folder (256 px, JPEG kept) either from a mirror fetched whole first (`fetched`: how the flow reads a source
+on the store of another kind) or from the store where it lies (`in-place`: each image read by the task that
+fits it, a tar's members through one open file); the local disk counted is the mirror's, the output left out.
 
 Prints one JSON object: per mode and size the seconds, the child's peak anonymous memory (RssAnon sampled)
 and VmHWM, the bytes it left on local disk, and what it kept and dropped (the same in both modes, checked);
@@ -65,6 +71,30 @@ def download_folder(size: int, work: Path) -> Path:
     return batch.parent
 
 
+def measure_ingest(mode: str, source_url: str, size: int) -> dict:
+    import fsspec
+
+    from dalle_pipeline.components.config import DataConfig, DownloadConfig
+    from dalle_pipeline.components.sources import run as ingest
+    from dalle_pipeline.components.storage import copy_from_store
+
+    sampler = AnonymousPeak()
+    local, out = (Path(tempfile.mkdtemp(prefix=f"dalle-bench-ingest-{name}-")) for name in ("mirror", "out"))
+    started = time.perf_counter()
+    source = source_url
+    if mode == "fetched":
+        fs, path = fsspec.core.url_to_fs(source_url)
+        source = str(copy_from_store(fs, path, local / "shards"))
+    result = ingest(DataConfig(source=source), DownloadConfig(), out / "ingested", 256)
+    seconds = time.perf_counter() - started
+    on_disk = sum(path.stat().st_size for path in local.rglob("*") if path.is_file())
+    shutil.rmtree(local)
+    shutil.rmtree(out)
+    return {"seconds": seconds, "samples": size, "samples_per_second": size / seconds,
+            "kept": result.successes, "dropped": result.failures, "local_disk_bytes": on_disk,
+            "peak_anonymous_mb": sampler.stop(), "peak_rss_mb": peak_rss_mb()}
+
+
 def measure(mode: str, source_url: str, out_url: str, size: int) -> dict:
     import fsspec
 
@@ -97,13 +127,16 @@ def measure(mode: str, source_url: str, out_url: str, size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2_000, 8_000])
+    parser.add_argument("--stage", choices=("filter", "ingest"), default="filter")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dalle-bench-object-store")
     parser.add_argument("--out")
-    parser.add_argument("--child", nargs=4, metavar=("MODE", "SOURCE", "OUT", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, metavar=("STAGE", "MODE", "SOURCE", "OUT", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(*args.child[:3], int(args.child[3]))))
+        stage, mode, source, out, size = args.child
+        print(json.dumps(measure_ingest(mode, source, int(size)) if stage == "ingest"
+                         else measure(mode, source, out, int(size))))
         return
 
     import fsspec
@@ -115,10 +148,18 @@ def main() -> None:
     try:
         fs, _ = fsspec.core.url_to_fs(f"s3://{s3.bucket}")
         for size in args.sizes:
-            fs.put(str(download_folder(size, args.work)), f"{s3.bucket}/download-{size}", recursive=True)
+            if args.stage == "ingest":
+                import scale
+
+                shards, _ = scale.corpus(size, scale.parse_args(["--sizes", str(size)]))
+                fs.put(str(shards), f"{s3.bucket}/source-{size}", recursive=True)
+                source = f"s3://{s3.bucket}/source-{size}"
+            else:
+                fs.put(str(download_folder(size, args.work)), f"{s3.bucket}/download-{size}", recursive=True)
+                source = f"s3://{s3.bucket}/download-{size}"
             for mode in args.modes:
-                measured = child_result(__file__, mode, f"s3://{s3.bucket}/download-{size}",
-                                        f"s3://{s3.bucket}/curated-{size}-{mode}", str(size))
+                measured = child_result(__file__, args.stage, mode, source, f"s3://{s3.bucket}/curated-{size}-{mode}",
+                                        str(size))
                 runs[mode][size] = measured
                 print(f"{mode} {size}: {measured}", file=sys.stderr)
             verdicts = {json.dumps([runs[mode][size]["kept"], runs[mode][size]["dropped"]]) for mode in args.modes}
@@ -126,7 +167,7 @@ def main() -> None:
                 raise SystemExit(f"the modes filtered {size} samples differently: {verdicts}")
     finally:
         s3.stop()
-    emit_runs("object_store", runs, "samples", args.out)
+    emit_runs("object_store" if args.stage == "filter" else "object_store_ingest", runs, "samples", args.out)
 
 
 if __name__ == "__main__":
