@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from ..config import DownloadConfig
 from ..parallel import ray_session, require_shared
 from ..sorted_runs import ExactIndex
-from ..storage import StorePath, as_path, open_binary, url_folder
+from ..storage import StorePath, as_path, atomic_output, open_binary, remove_tree, url_folder, write_bytes
 from .fetch import FetchPolicy, reason_code
 from .url_list import check as check_url_list
 from .url_list import read_blocks
@@ -78,8 +78,8 @@ class DownloadResult:
                 f"{self.failures_by_reason}")
 
 
-def run(cfg: DownloadConfig, url_list: str | Path, out_dir: str | Path, image_size: int, url_col: str = "url",
-        caption_col: str = "caption") -> DownloadResult:
+def run(cfg: DownloadConfig, url_list: str | Path, out_dir: str | Path | StorePath, image_size: int,
+        url_col: str = "url", caption_col: str = "caption") -> DownloadResult:
     """Download the URLs of `url_list` (a file, or a folder of them) that no batch of `out_dir` attempted,
     resized to `image_size`, in batches of at most `cfg.batch_urls`.
 
@@ -87,14 +87,16 @@ def run(cfg: DownloadConfig, url_list: str | Path, out_dir: str | Path, image_si
     strings: `url_list.check`); a bad list raises ValueError naming the file, column and row. It is then
     read again a block at a time (`new_batches`), so the driver never holds the list. A URL that fails to
     download is not an error: it is counted in `failures_by_reason` under its reason code (see
-    `fetch.REASONS`), a scheme we do not fetch (ftp://, or file:// unless allowed) included.
+    `fetch.REASONS`), a scheme we do not fetch (ftp://, or file:// unless allowed) included. `out_dir` may be
+    on an object store (a URL): img2dataset's processes or tasks put each shard there.
     """
-    url_list, out_dir = Path(url_list).resolve(), Path(out_dir).resolve()
+    url_list, out_dir = Path(url_list).resolve(), as_path(out_dir).resolve()
     check_url_list(url_list, url_col, caption_col)
     settings = {"url_col": url_col, "caption_col": caption_col, **batch_settings(cfg, image_size)}
     out_dir.mkdir(parents=True, exist_ok=True)
     if distributor_of(cfg) == "ray":  # img2dataset's shards are written by tasks on every node
-        require_shared({"the URL list": url_list}, writes=out_dir)
+        # (into a store, they read img2dataset's shards of the list from there: the list is read here alone)
+        require_shared({} if isinstance(out_dir, StorePath) else {"the URL list": url_list}, writes=out_dir)
     new_urls = 0
     with exclusive(out_dir, "download"):
         batches = finished_batches(out_dir)
@@ -139,17 +141,20 @@ def batch_shards(batch: Path | StorePath) -> list[tuple[Path | StorePath, Path |
     return [(tar, listed.get(f"{tar.stem}.parquet")) for name, tar in sorted(listed.items()) if name.endswith(".tar")]
 
 
-def _download_batch(cfg: DownloadConfig, rows: pa.Table, batch: Path, image_size: int, settings: dict, url_col: str,
-                    caption_col: str) -> None:
-    staging = batch.with_name(f".{batch.name}.partial")
+def _download_batch(cfg: DownloadConfig, rows: pa.Table, batch: Path | StorePath, image_size: int, settings: dict,
+                    url_col: str, caption_col: str) -> None:
+    """img2dataset downloads `rows` into a staging folder renamed into `batch` when whole; on an object store,
+    which cannot rename, into the batch's own folder, finished when its `_SUCCESS` is written, last (as ingest)."""
+    staging = batch if isinstance(batch, StorePath) else batch.with_name(f".{batch.name}.partial")
     request = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + _table_digest(rows)).hexdigest()
     if _read_marker(staging, "_REQUEST") != request:
-        shutil.rmtree(staging, ignore_errors=True)  # another request's leftovers: start afresh
+        remove_tree(staging)  # another request's leftovers: start afresh
     staging.mkdir(parents=True, exist_ok=True)
     batch_list = staging / BATCH_URL_LIST
     if not batch_list.is_file():
-        pq.write_table(rows, batch_list)
-    (staging / "_REQUEST").write_text(request)
+        with atomic_output(batch_list) as path:
+            pq.write_table(rows, path)
+    write_bytes(staging / "_REQUEST", request.encode())
 
     arguments = _img2dataset_arguments(cfg, rows, batch_list, staging, image_size, url_col, caption_col)
     _call_img2dataset(arguments, _fetch_policy(cfg), ray_address=_session_address(arguments["distributor"]))
@@ -162,8 +167,10 @@ def _download_batch(cfg: DownloadConfig, rows: pa.Table, batch: Path, image_size
             "run again to resume the missing ones"
         )
     (staging / "_REQUEST").unlink()
-    (staging / SUCCESS_MARKER).write_text(json.dumps({"settings": settings, "urls": rows.num_rows}, sort_keys=True))
-    os.replace(staging, batch)
+    write_bytes(staging / SUCCESS_MARKER, json.dumps({"settings": settings, "urls": rows.num_rows}, sort_keys=True
+                                                     ).encode())
+    if staging != batch:
+        os.replace(staging, batch)
 
 
 def _unattempted(table: pa.Table, url_col: str, attempted: ExactIndex) -> pa.Table:
@@ -277,7 +284,7 @@ def exclusive(out_dir: Path | StorePath, what: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _read_marker(folder: Path, marker: str) -> str | None:
+def _read_marker(folder: Path | StorePath, marker: str) -> str | None:
     path = folder / marker
     return path.read_text() if path.is_file() else None
 
@@ -314,7 +321,8 @@ def _fetch_policy(cfg: DownloadConfig) -> FetchPolicy:
                        allow_file_urls=bool(cfg.allow_file_urls))
 
 
-def _img2dataset_arguments(cfg: DownloadConfig, rows: pa.Table, batch_list: Path, output_folder: Path,
+def _img2dataset_arguments(cfg: DownloadConfig, rows: pa.Table, batch_list: Path | StorePath,
+                           output_folder: Path | StorePath,
                            image_size: int, url_col: str, caption_col: str) -> dict[str, Any]:
     extra_columns = [name for name in rows.column_names if name not in (url_col, caption_col)]
     return dict(

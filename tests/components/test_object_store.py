@@ -557,3 +557,41 @@ def test_webdataset_and_parquet_sources_on_the_store_are_ingested_where_they_lie
     assert before == cache.stage_value(source) and "#listing=" in before["source"]
     write_shard(StorePath(f"{url}/shards/part-2.tar"), [Sample("2000", png(50), "png", "one more", {})])
     assert cache.stage_value(source) != before
+
+
+def test_a_url_list_downloads_into_the_store_marker_last(tmp_path, s3):
+    """img2dataset's processes put each shard into the batch's own folder on S3, `_SUCCESS` last (no staging
+    folder: a store cannot rename one); the same samples as a local download; a longer list adds a batch of its
+    new rows alone; an unfinished batch of another request is cleared."""
+    import pyarrow.parquet as pq
+
+    from dalle_pipeline.components.config import CorpusConfig, DownloadConfig
+    from dalle_pipeline.components.corpus.shapes import run as generate_corpus
+    from dalle_pipeline.components.download import finished_batches, run as download
+    from dalle_pipeline.components.shards import read_shard, shard_paths
+
+    corpus = generate_corpus(CorpusConfig(num_images=30, max_shapes=2, seed=3), tmp_path / "corpus")
+    rows = pq.read_table(corpus.url_list)
+    pq.write_table(rows.slice(0, 20), tmp_path / "first.parquet")
+    cfg, url = DownloadConfig(allow_file_urls=True, processes_count=1, thread_count=4, samples_per_shard=8), \
+        f"s3://{s3.bucket}/downloaded"
+    here = download(cfg, tmp_path / "first.parquet", tmp_path / "here", 32)
+    there = download(cfg, tmp_path / "first.parquet", url, 32)
+    assert (there.successes, there.new_urls, str(there.shards_dir)) == (here.successes, here.new_urls, url) == \
+        (20, 20, url)
+    stored = s3.keys("downloaded/")
+    assert [key for key in stored if key.endswith(".tar")] == [f"downloaded/batch-00000/{shard:05d}.tar"
+                                                               for shard in range(3)]
+    assert not any(".partial" in key or "_tmp" in key or key.endswith("_REQUEST") for key in stored), stored
+
+    def samples(shards) -> dict:
+        return {sample.meta["url"]: (sample.caption, sample.image_bytes) for tar in shards for sample in read_shard(tar)}
+
+    assert samples(shard_paths(f"{url}/batch-00000")) == samples(shard_paths(tmp_path / "here" / "batch-00000"))
+
+    s3.client().put_object(Bucket=s3.bucket, Key="downloaded/batch-00001/_REQUEST", Body=b"another")
+    s3.client().put_object(Bucket=s3.bucket, Key="downloaded/batch-00001/00003.tar", Body=b"stale")
+    grown = download(cfg, corpus.url_list, url, 32)
+    assert (grown.new_urls, grown.successes, [batch.name for batch in finished_batches(url)]) == \
+        (10, 30, ["batch-00000", "batch-00001"])
+    assert "downloaded/batch-00001/00003.tar" not in s3.keys("downloaded/")
