@@ -65,7 +65,8 @@ STAGES_PLACEHOLDER = "${DALLE_STAGES}"  # the stages root in a record published 
 # and the copies of the files of theirs that the flow reads itself
 STORED_RECORDS, READ_COPIES = "stage-records", "read-copies"
 PUBLISHED = "published"  # and what of each stage folder is on the store as this cache holds it
-OUTPUT_DIR, TRACKER = "out_dir", "tracker"  # the parameters a stage's runner fills in
+# the parameters a stage's runner fills in: its folder, its MLflow run, where its training checkpoints go on a store
+OUTPUT_DIR, TRACKER, CHECKPOINT_STORE = "out_dir", "tracker", "checkpoint_store"
 
 Outputs = TypeVar("Outputs")
 
@@ -205,6 +206,13 @@ class StageCache:
         None (no store, or a path outside the stages)."""
         match = re.match(rf"{re.escape(str(self.root))}/([^/]+)/([^/]+)(/|$)", str(path)) if self.remote else None
         return None if match is None else self.root / match.group(1) / match.group(2)
+
+    def checkpoint_store(self, folder: Path) -> StorePath | None:
+        """On an object-store root, where the training stage building `folder` keeps its Ray Train checkpoints: its
+        folder's place on the store, `ray/` in it (every node reaches it; a build killed on one machine resumes
+        there on any other). Publishing the finished stage removes them, as files its local folder lacks. None
+        under a local root (the checkpoints stay in the stage's folder)."""
+        return StorePath(f"{self._url(folder)}/ray") if self.remote else None
 
     def _url(self, path: str | Path) -> str:
         """The store's URL of a path under the cache's stages."""
@@ -403,11 +411,12 @@ def _build_of(record: Mapping[str, Any]) -> list[str]:
 
 def bind_call(function: Callable, args: tuple, kwargs: Mapping[str, Any]) -> inspect.BoundArguments:
     """`function(*args, **kwargs)` bound to its signature with its defaults, less the runner's
-    parameters (out_dir, tracker), which the runner fills in."""
+    parameters (out_dir, tracker, checkpoint_store), which the runner fills in."""
     signature = inspect.signature(function)
     if OUTPUT_DIR not in signature.parameters:
         raise TypeError(f"{function.__module__}.{function.__qualname__} takes no {OUTPUT_DIR!r}: it is no stage")
-    partial = inspect.Signature([p for name, p in signature.parameters.items() if name not in (OUTPUT_DIR, TRACKER)])
+    partial = inspect.Signature([p for name, p in signature.parameters.items()
+                                 if name not in (OUTPUT_DIR, TRACKER, CHECKPOINT_STORE)])
     bound = partial.bind(*args, **kwargs)
     bound.apply_defaults()
     return bound

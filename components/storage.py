@@ -366,6 +366,15 @@ def write_json(path: str | Path | StorePath, obj: Any) -> Path | StorePath:
     return write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def arrow_filesystem(url: str, what: str) -> tuple[Any, str]:
+    """The object store of `url` as a pyarrow file system (fsspec's, wrapped: the same configuration as every
+    other read and write) and the path in it, for what takes one (Ray Train's checkpoint storage)."""
+    import pyarrow.fs
+
+    fs, path = object_store(url, what)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path.rstrip("/")
+
+
 def store_listing_digest(url: str, what: str) -> str:
     """A digest of what lies at the object store `url` by relative path, size and modification time, as
     `stage_cache.folder_listing_digest` of a local folder: one listing, no object read."""

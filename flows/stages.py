@@ -27,8 +27,9 @@ from prefect.cache_policies import NO_CACHE
 from dalle_pipeline.components.config import PipelineConfig
 from dalle_pipeline.components.evaluate.evaluation_set import EvaluationSet
 from dalle_pipeline.components.parallel import cluster_nodes
-from dalle_pipeline.components.stage_cache import OUTPUT_DIR, TRACKER, StageCache, StageRecord, bind_call, result_type
-from dalle_pipeline.components.storage import is_object_store
+from dalle_pipeline.components.stage_cache import (CHECKPOINT_STORE, OUTPUT_DIR, TRACKER, StageCache, StageRecord,
+                                                  bind_call, result_type)
+from dalle_pipeline.components.storage import is_object_store, remove_tree
 from dalle_pipeline.components.tracking import Tracker, stage_run
 from dalle_pipeline.flows.concurrency import training_slot
 from dalle_pipeline.flows.stage_names import COMPUTE_STAGES, EVERY_STAGE, STAGES, TRAINING_STAGES
@@ -122,6 +123,12 @@ class Stages:
             call = dict(arguments, **{OUTPUT_DIR: out_dir})
             if TRACKER in inspect.signature(function).parameters:
                 call[TRACKER] = tracker
+            if CHECKPOINT_STORE in inspect.signature(function).parameters:
+                call[CHECKPOINT_STORE] = checkpoints = self.cache.checkpoint_store(folder)
+                if checkpoints is not None:
+                    if forced:  # from scratch here too
+                        remove_tree(checkpoints)
+                    print(f"{name}: keeps its training checkpoints on the store, {checkpoints}")
             with self._slot(name, tracker), stage_progress(name, tracker):
                 result = function(**call)
             if on_store:
@@ -242,7 +249,7 @@ def download(cfg: PipelineConfig, url_list: str, stages: Stages) -> StageRecord[
     # one folder per URL list location and settings: a list that grows downloads only its new rows
     record = stages.run(run, cfg.download_settings(), url_list, image_size=cfg.corpus.image_size,
                         url_col=cfg.data.url_col, caption_col=cfg.data.caption_col, accumulates=True,
-                        on_ray=cfg.download.distributor != "multiprocessing")
+                        on_ray=cfg.download.distributor != "multiprocessing", writes_in_place=True)
     print(record.outputs.describe("downloaded"))
     return record
 

@@ -11,6 +11,7 @@ follows the live encoder), else the last: those encode the corpus and decode sam
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,7 +232,8 @@ def train_worker(config: dict[str, Any]) -> None:
     batches = data.from_step(worker.start_step * cfg.optim.grad_accum_steps)
     tracker = worker.tracker
 
-    out_dir = Path(config["out_dir"])
+    # (with the checkpoints on a store, the grids are this worker's scratch, logged to the stage's run)
+    out_dir = Path(config["out_dir"] or tempfile.mkdtemp(prefix="dalle-dvae-grids-"))
     shown = corpus.images[:8]
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
@@ -274,12 +276,14 @@ def log_inputs(curated_dir: Path | StorePath, tracker: Tracker | None) -> None:
 
 def run(cfg: DVAEConfig, curated_dir: Path | StorePath, out_dir: Path, image_size: int, seed: int,
         shapes: CorpusConfig | None = None, tracker: Tracker | None = None,
-        ray_address: str | None = None) -> DVAEResult:
+        ray_address: str | None = None, checkpoint_store: StorePath | None = None) -> DVAEResult:
     """Train on Ray Train (resuming a run killed earlier in `out_dir`), then save its weights (the EMA's, where kept).
 
     `shapes`: the shapes corpus's settings when the images are that corpus; the oracle then reads
     held-out scenes back from the reconstructions (`reconstruction_oracle`), and the stage fails
-    below `cfg.recon_oracle_floor`, after saving, so the weights can be looked at.
+    below `cfg.recon_oracle_floor`, after saving, so the weights can be looked at. `checkpoint_store`: Ray
+    Train's checkpoints there, on an object store (`train_on_ray`); rank 0's grids along the way then go to the
+    stage's MLflow run alone, the workers writing nothing into `out_dir`.
     """
     out_dir = Path(out_dir).resolve()
     if not shard_paths(curated_dir):  # fail here, not in every worker and its restarts
@@ -305,13 +309,16 @@ def run(cfg: DVAEConfig, curated_dir: Path | StorePath, out_dir: Path, image_siz
         "curated_dir": str(as_path(curated_dir).resolve()),  # a folder every worker sees, or a store's URL
         "image_size": image_size,
         "seed": seed,
-        "out_dir": str(out_dir),
+        "out_dir": None if checkpoint_store else str(out_dir),  # where rank 0 keeps its grids along the way
     }
     log_inputs(curated_dir, tracker)
     with monitor_system(tracker):
         state, train_metrics = ray_train.train_on_ray("dvae", train_worker, loop_config, cfg, out_dir,
                                                       ray_address=ray_address, tracker=tracker,
-                                                      reads={"the curated shards": as_path(curated_dir)})
+                                                      reads={"the curated shards": as_path(curated_dir),
+                                                             **({"dvae.init_from": as_path(cfg.init_from)}
+                                                                if cfg.init_from else {})},
+                                                      checkpoint_store=checkpoint_store)
     final_model = build(model_cfg)
     final_model.load_state_dict(tokenizer_weights(state["ema"] if state.get("ema") is not None else state["model"]))
     result = measure_and_save(final_model.eval(), cfg, curated_dir, out_dir, image_size, shapes, tracker,

@@ -309,11 +309,14 @@ def export(state: dict[str, Any], directory: Path, model_cfg: PriorModelConfig, 
 
 
 def run(cfg: PriorConfig, dataset_dir: Path | StorePath, out_dir: Path, seed: int, tracker: Tracker | None = None,
-        ray_address: str | None = None, dvae_dir: Path | StorePath | None = None) -> PriorResult:
+        ray_address: str | None = None, dvae_dir: Path | StorePath | None = None,
+        checkpoint_store: StorePath | None = None) -> PriorResult:
     """Train on Ray Train (resuming a run killed earlier in `out_dir`), then save the kept weights.
 
     `dvae_dir`: the dVAE that tokenized the dataset; with it (and a `tracker`), rank 0 draws
     `cfg.preview_prompts` held-out captions at every checkpoint into the run's image view (`Preview`).
+    `checkpoint_store`: Ray Train's checkpoints there, on an object store (`train_on_ray`), but for a model
+    sharded with FSDP, whose ranks write their shards straight into a local or shared storage (`report_sharded`).
     """
     out_dir = Path(out_dir).resolve()
     manifest = TokenParquet(dataset_dir).manifest  # fail here, not in a worker, if the dataset is incomplete
@@ -336,7 +339,9 @@ def run(cfg: PriorConfig, dataset_dir: Path | StorePath, out_dir: Path, seed: in
             score_attribute="val_loss" if cfg.val_fraction > 0 else None, ray_address=ray_address, tracker=tracker,
             cpu_worker_env=SHARDED_CPU_WORKER_ENV if cfg.parallel == "fsdp" else None,
             reads={"the token dataset": as_path(dataset_dir),
-                   **({"the dVAE": as_path(dvae_dir)} if dvae_dir is not None else {})},
+                   **({"the dVAE": as_path(dvae_dir)} if dvae_dir is not None else {}),
+                   **({"prior.init_from": as_path(cfg.init_from)} if cfg.init_from else {})},
+            checkpoint_store=checkpoint_store if cfg.parallel != "fsdp" else None,
         )
     checkpoint_dir = export(state, out_dir / "checkpoint", model_cfg,
                             meta={**metrics, "step": state["step"], "dvae_hash": manifest["dvae_hash"],

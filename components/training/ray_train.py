@@ -35,7 +35,7 @@ import torch
 from ..cluster import connect
 from ..config import RayTrainConfig
 from ..parallel import require_shared
-from ..storage import StorePath
+from ..storage import StorePath, arrow_filesystem
 from ..tracking import Tracker
 from . import sharded
 from .loop import SHARDED_KEY, LogHook, progress_logger, rng_state, seed_everything, set_threads
@@ -55,6 +55,7 @@ def train_on_ray(
     tracker: Tracker | None = None,
     cpu_worker_env: dict[str, str] | None = None,
     reads: dict[str, Path | StorePath] | None = None,
+    checkpoint_store: StorePath | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Run `worker_fn(loop_config)` on `cfg.num_workers` workers; (training state kept, its metrics).
 
@@ -62,7 +63,9 @@ def train_on_ray(
     the latest; the metrics are the ones reported with that checkpoint, so they describe its weights
     (a run that overfit keeps an early step and that step's validation loss, not the last report's). `loop_config` gains `threads_per_worker` and `tracker` (what rebuilds `tracker` on
     rank 0: `rank_zero_tracker`); it must be plain data (it is pickled). `cpu_worker_env`: environment
-    variables of the workers where they train on CPUs.
+    variables of the workers where they train on CPUs. `checkpoint_store`: Ray Train's storage on an object
+    store (the workers upload each checkpoint there, a restarted run downloads it), not `out_dir/ray`: the
+    workers then write nothing that `out_dir` must share with them.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -70,7 +73,10 @@ def train_on_ray(
     import ray
 
     connect(ray_address)
-    require_shared(reads or {}, writes=Path(out_dir))  # the workers read `reads`, keep checkpoints under out_dir
+    # the workers read `reads`, keep checkpoints under out_dir (or on the store)
+    require_shared(reads or {}, writes=None if checkpoint_store else Path(out_dir))
+    filesystem, storage_path = (arrow_filesystem(str(checkpoint_store), "the training checkpoints") if checkpoint_store
+                                else (None, str(Path(out_dir).resolve() / "ray")))
     use_gpu, threads_per_worker = worker_shares([node["Resources"] for node in ray.nodes() if node.get("Alive")],
                                                 cfg.num_workers, cfg.device)
     trainer = TorchTrainer(
@@ -84,7 +90,8 @@ def train_on_ray(
                                      resources_per_worker={"CPU": threads_per_worker}),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(out_dir).resolve() / "ray"),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute=score_attribute,
@@ -101,7 +108,7 @@ def train_on_ray(
     if result.checkpoint is None:
         raise RuntimeError(f"{name} training reported no checkpoint (error: {result.error})")
     kept, reported = kept_checkpoint(result, score_attribute)
-    with kept.as_directory() as directory:  # Ray's storage is local: the folder itself, which stays
+    with kept.as_directory() as directory:  # a local storage's folder itself; from a store, a copy
         state = read_state(Path(directory))
     metrics = {k: float(v) for k, v in reported.items() if isinstance(v, (int, float))}
     return state, metrics
@@ -195,7 +202,7 @@ def resume_state(rank: int, world_size: int) -> dict[str, Any] | None:
     latest = ray.train.get_checkpoint()
     if latest is None:
         return None
-    with latest.as_directory() as directory:  # Ray's storage is local: the folder itself, which stays
+    with latest.as_directory() as directory:  # a local storage's folder itself; from a store, a copy
         state = read_state(Path(directory))
     rngs = state.get("rng")
     state["rng"] = rngs[rank] if isinstance(rngs, list) and len(rngs) == world_size else None

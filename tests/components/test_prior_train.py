@@ -334,3 +334,43 @@ def test_validation_runs_in_training_batches_whatever_the_number_of_validation_r
         assert seen == [4, 4, 4, 4, 4, 3]
         whole = validation_loss(text, lengths, image, cfg, batch_size=23)(model)
     assert batched == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.slow  # Ray Train twice, its storage on moto's S3
+def test_checkpoints_on_an_object_store_are_resumed_from_by_a_run_elsewhere(tmp_path, monkeypatch, capfd):
+    """With `checkpoint_store` on S3 (moto's server), Ray Train keeps the prior's checkpoints there, nothing under
+    the stage's local folder but the exported weights; the same run launched again from another folder (another
+    machine, the first one's disk gone) resumes from the store's latest checkpoint."""
+    import ray
+    from local_processes import S3Endpoint
+
+    from dalle_pipeline.components.cluster import disconnect
+    from dalle_pipeline.components.prior.model import load
+    from dalle_pipeline.components.prior.train import run
+    from dalle_pipeline.components.storage import StorePath
+
+    dataset = write_learnable_dataset(tmp_path / "tokens")
+    cfg = PriorConfig(layers=1, d_model=16, heads=2, num_workers=1, caption_dropout=0.0, checkpoint_every=10,
+                      val_fraction=0.0)
+    cfg.optim.steps, cfg.optim.batch_size, cfg.optim.log_every = 20, 16, 10
+    disconnect()
+    s3 = S3Endpoint()
+    try:
+        for name, value in s3.env.items():
+            monkeypatch.setenv(name, value)  # before Ray starts: its workers reach the store so
+        store = StorePath(f"s3://{s3.bucket}/stages/prior/abc/ray")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+        first = run(cfg, dataset, tmp_path / "here", seed=0, checkpoint_store=store)
+        states = [key for key in s3.keys("stages/prior/abc/ray/") if key.endswith("/train_state.pt")]
+        assert states, s3.keys("stages/prior/abc/ray/")
+        assert not (tmp_path / "here" / "ray").exists() and (tmp_path / "here" / "checkpoint").is_dir()
+        capfd.readouterr()
+        again = run(cfg, dataset, tmp_path / "elsewhere", seed=0, checkpoint_store=store)
+        out, err = capfd.readouterr()
+    finally:
+        ray.shutdown()
+        s3.stop()
+    assert "[prior] resuming from the checkpoint of step 20" in out + err
+    assert first.step == again.step == 20
+    first_weights, again_weights = load(first.checkpoint_dir).state_dict(), load(again.checkpoint_dir).state_dict()
+    assert all(np.array_equal(first_weights[name].numpy(), again_weights[name].numpy()) for name in first_weights)

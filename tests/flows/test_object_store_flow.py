@@ -113,8 +113,15 @@ def test_a_run_rooted_on_s3_writes_only_its_cache_reuses_stages_from_the_store_a
                                 ("prior", "dataset_dir")):
             assert f"{stage}: reads {argument} where it lies on the store, s3://{s3.bucket}/dalle/stages/" in output
         assert "tokenize-corpus: building in place on the store, s3://" in output
+        assert "download: building in place on the store, s3://" in output
+        # the trainers' Ray Train checkpoints on the store (every node reaches them), gone once the stage is published
+        for stage in ("dvae", "prior"):
+            assert f"{stage}: keeps its training checkpoints on the store, s3://{s3.bucket}/dalle/stages/{stage}/" \
+                in output
+        assert not [key for key in keys if "/ray/" in key] and not list((tmp_path / "cache").glob("stages/*/*/ray"))
         cached = [p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").rglob("*") if p.is_file()]
-        assert not [name for name in cached if name.startswith(("stages/filter/", "stages/tokenize-corpus/"))
+        assert not [name for name in cached if name.startswith(("stages/download/", "stages/filter/",
+                                                                "stages/tokenize-corpus/"))
                     and name.endswith((".tar", ".parquet"))], cached
         client = MlflowClient(tracking_uri)
         parent = client.get_run(run_id)
