@@ -175,13 +175,10 @@ class TarMember:
 
     def read(self) -> bytes:
         if is_object_store(self.path):  # a task reads a tar's members in order: one open file, its read-ahead kept
-            file = _opened_on_store(self.path)
-            file.seek(self.offset)
-            content = file.read(self.size)
+            content = _read_at(_opened_on_store(self.path), self.offset, self.size)
         else:
             with open(self.path, "rb") as file:
-                file.seek(self.offset)
-                content = file.read(self.size)
+                content = _read_at(file, self.offset, self.size)
         if len(content) != self.size:
             raise OSError(f"{self.path}: the member at byte {self.offset} is cut short (the tar changed)")
         return content
@@ -192,13 +189,26 @@ _open_on_store: tuple[str, BinaryIO] | None = None  # this process's: the tar on
 
 def _opened_on_store(url: str) -> BinaryIO:
     """`url` opened on its store, the file kept open for the next member (`storage.READ_BLOCK` read ahead: a
-    shard's members read in order cost a request per block, not one per member)."""
+    shard's members read in order cost a request per block, not one per member) until `release_store_files`."""
     global _open_on_store
     if _open_on_store is None or _open_on_store[0] != url:
-        if _open_on_store is not None:
-            _open_on_store[1].close()
+        release_store_files()
         _open_on_store = (url, open_binary(url))
     return _open_on_store[1]
+
+
+def release_store_files() -> None:
+    """Close the tar `TarMember.read` keeps open on a store: a task that read members calls this when done, so no
+    block it read ahead outlives it (an object put again later would be read from that stale block)."""
+    global _open_on_store
+    if _open_on_store is not None:
+        _open_on_store[1].close()
+        _open_on_store = None
+
+
+def _read_at(file: BinaryIO, offset: int, size: int) -> bytes:
+    file.seek(offset)
+    return file.read(size)
 
 
 def tar_entries(path: str | Path, wanted: Callable[[str], bool] | None = None

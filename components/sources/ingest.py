@@ -40,10 +40,10 @@ from ..download.run import (BATCH_PREFIX, SUCCESS_MARKER, DownloadResult, attemp
                             check_same_settings, encode_quality, exclusive, finished_batches, id_digests,
                             next_batch_number, summarise)
 from ..parallel import ordered_map, require_shared, worker_node
-from ..shards import Sample, write_shard
+from ..shards import Sample, release_store_files, write_shard
 from ..sorted_runs import ExactIndex
 from ..storage import StorePath, as_path, atomic_output, open_binary, remove_tree, write_bytes, write_json
-from .kinds import Item, items, source_kind
+from .kinds import Item, items, release_parquet_cursor, source_kind
 
 ITEM_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("status", pa.string()),
                          ("error_message", pa.string()), ("caption", pa.string())])
@@ -160,9 +160,13 @@ class ShardOfItems:
 def ingest_shard(job: ShardOfItems) -> str:
     """Write one shard (tar, per-item parquet, then its stats: the shard is done); the node it ran on."""
     rows, samples = [], []
-    for index, item in enumerate(job.items):
+    try:
+        read = [_read(item, job.cfg, job.image_size) for item in job.items]
+    finally:  # nothing this task opened outlives it: a file put again later is read afresh
+        release_store_files()
+        release_parquet_cursor()
+    for index, (item, (reason, fitted)) in enumerate(zip(job.items, read)):
         key = f"{job.shard:05d}{index:0{job.digits}d}"
-        reason, fitted = _read(item, job.cfg, job.image_size)
         rows.append({"key": key, "url": item.item_id, "status": "success" if reason is None else "failed_to_download",
                      "error_message": reason, "caption": item.caption})
         if fitted is not None:

@@ -367,18 +367,25 @@ class _RowCursor:
 _cursor: _RowCursor | None = None  # this process's
 
 
+def release_parquet_cursor() -> None:
+    """Close this process's Parquet cursor (a task that read images calls this when done)."""
+    global _cursor
+    if _cursor is not None:
+        _cursor.file.close()
+        _cursor = None
+
+
 def _parquet_cell(image: ParquetImage) -> object:
     """The cell of `image`, through this process's cursor (a new one for another row group, or a row behind it)."""
     global _cursor
     where = (image.path, image.row_group, image.column)
     if _cursor is None or _cursor.where != where or image.row < _cursor.start:
-        if _cursor is not None:
-            _cursor.file.close()
+        release_parquet_cursor()
         _cursor = _RowCursor(where)
     try:
         return _cursor.cell(image.row)
     except OSError:
-        _cursor = None
+        release_parquet_cursor()
         raise
 
 

@@ -551,6 +551,17 @@ def test_webdataset_and_parquet_sources_on_the_store_are_ingested_where_they_lie
         assert sum(ids, [])[:2] == (["part-0.tar/0000", "part-0.tar/0001"] if kind == "shards"
                                     else ["images.parquet#0", "images.parquet#1"])
 
+    # a shard ingested, put again with other pictures (the same names and sizes) and ingested anew in this process:
+    # the new pictures, none from a block the last ingest read ahead (each task closes what it opened)
+    ingest(DataConfig(source=f"{url}/shards/part-1.tar"), cfg, tmp_path / "once", 32)
+    write_shard(local / "shards" / "part-1.tar", [Sample(f"1{index:03d}", png(60 + index), "png",
+                                                         f"picture 1 {index}", {}) for index in range(6)])
+    fs.put_file(str(local / "shards" / "part-1.tar"), f"{s3.bucket}/sources/shards/part-1.tar")
+    ingest(DataConfig(source=f"{url}/shards/part-1.tar"), cfg, tmp_path / "anew", 32)
+    ingest(DataConfig(source=str(local / "shards" / "part-1.tar")), cfg, tmp_path / "anew-here", 32)
+    for tar in sorted((tmp_path / "anew-here" / "batch-00000").glob("*.tar")):
+        assert (tmp_path / "anew" / "batch-00000" / tar.name).read_bytes() == tar.read_bytes()
+
     cache = StageCache(tmp_path / "stages")
     source = DataConfig(source=f"{url}/shards")
     before = cache.stage_value(source)
