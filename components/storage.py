@@ -125,14 +125,21 @@ def mirror(url: str, into: Path, what: str) -> Path:
     return copy_from_store(fs, path, into / url_folder(url) / (path.rsplit("/", 1)[-1] or "source"))
 
 
+def store_listing(fs, path: str) -> dict[str, dict[str, Any]]:
+    """The listing entry of each file at `path` of the store `fs`, by path relative to it: the file itself (as
+    ""), or every file below the folder there (one recursive listing)."""
+    if fs.isfile(path):
+        return {"": fs.info(path)}
+    return {found[len(path) + 1:]: info for found, info in fs.find(path, detail=True).items()}
+
+
 def copy_from_store(fs, path: str, target: Path) -> Path:
     """`target` made a copy of the file or folder at `path` of the store `fs`, and returned. A file the copy
     lacks, or holds at another size or modification time, is fetched (through a temporary name, so a copy cut
     short is never taken for whole) and given the store's modification time, so copies on any machine list
     alike (a stage keyed by the listing is reused); one gone from the store is removed from the copy."""
-    single = fs.isfile(path)
-    listing = {"": fs.info(path)} if single else \
-        {found[len(path) + 1:]: info for found, info in fs.find(path, detail=True).items()}
+    listing = store_listing(fs, path)
+    single = "" in listing
     wanted = set()
     for relative, info in sorted(listing.items()):
         local = target / relative if relative else target
@@ -379,10 +386,8 @@ def store_listing_digest(url: str, what: str) -> str:
     """A digest of what lies at the object store `url` by relative path, size and modification time, as
     `stage_cache.folder_listing_digest` of a local folder: one listing, no object read."""
     fs, path = existing(url, what)
-    listing = {"": fs.info(path)} if fs.isfile(path) else \
-        {found[len(path) + 1:]: info for found, info in fs.find(path, detail=True).items()}
     digest = SummedDigest()
-    for relative, info in listing.items():
+    for relative, info in store_listing(fs, path).items():
         digest.add(f"{relative}\0{info['size']}\0{modified_ns(info)}\0".encode())
     return digest.hexdigest()
 

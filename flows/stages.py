@@ -121,9 +121,10 @@ class Stages:
                     print(f"{name}: reads {argument} where it lies on the store, {value}")
             self.cache.fetch_inputs(self.cache.stage_value(arguments, content=False))  # the rest only the store holds
             call = dict(arguments, **{OUTPUT_DIR: out_dir})
-            if TRACKER in inspect.signature(function).parameters:
+            parameters = inspect.signature(function).parameters
+            if TRACKER in parameters:
                 call[TRACKER] = tracker
-            if CHECKPOINT_STORE in inspect.signature(function).parameters:
+            if CHECKPOINT_STORE in parameters:
                 call[CHECKPOINT_STORE] = checkpoints = self.cache.checkpoint_store(folder)
                 if checkpoints is not None:
                     if forced:  # from scratch here too

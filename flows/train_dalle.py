@@ -127,6 +127,7 @@ def curate(run: PipelineRun) -> list[StageRecord]:
     A source on an object store is read there in place where it is webdataset shards or Parquet with images
     (`sources.kinds.store_kind`), else from its mirror in the root's local cache (`storage.mirror`)."""
     cfg, stages = run.cfg, run.stages
+    in_place = None  # the kind of a source read on the store where it lies
     if not cfg.shapes_corpus and is_object_store(cfg.data.source):
         if (in_place := store_kind(cfg.data)) is not None:
             print(f"data.source {cfg.data.source}: {in_place}, read where it lies on the store")
@@ -135,7 +136,7 @@ def curate(run: PipelineRun) -> list[StageRecord]:
             print(f"data.source {cfg.data.source}: read from its copy in {local}")
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(local)})})
     records = []
-    kind = "shapes" if cfg.shapes_corpus else source_kind(cfg.data)
+    kind = "shapes" if cfg.shapes_corpus else in_place or source_kind(cfg.data)
     if kind == "shapes":
         records.append(make_corpus(cfg, stages))
         records.append(download(cfg, records[-1].outputs.url_list, stages))

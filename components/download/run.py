@@ -145,7 +145,7 @@ def _download_batch(cfg: DownloadConfig, rows: pa.Table, batch: Path | StorePath
                     url_col: str, caption_col: str) -> None:
     """img2dataset downloads `rows` into a staging folder renamed into `batch` when whole; on an object store,
     which cannot rename, into the batch's own folder, finished when its `_SUCCESS` is written, last (as ingest)."""
-    staging = batch if isinstance(batch, StorePath) else batch.with_name(f".{batch.name}.partial")
+    staging = staging_folder(batch)
     request = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + _table_digest(rows)).hexdigest()
     if _read_marker(staging, "_REQUEST") != request:
         remove_tree(staging)  # another request's leftovers: start afresh
@@ -171,6 +171,12 @@ def _download_batch(cfg: DownloadConfig, rows: pa.Table, batch: Path | StorePath
                                                      ).encode())
     if staging != batch:
         os.replace(staging, batch)
+
+
+def staging_folder(batch: Path | StorePath) -> Path | StorePath:
+    """Where a batch is built: a hidden folder beside it, renamed onto it when whole; on an object store, which
+    cannot rename, the batch's own folder, finished when its `_SUCCESS` is written, last."""
+    return batch if isinstance(batch, StorePath) else batch.with_name(f".{batch.name}.partial")
 
 
 def _unattempted(table: pa.Table, url_col: str, attempted: ExactIndex) -> pa.Table:

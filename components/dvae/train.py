@@ -232,8 +232,10 @@ def train_worker(config: dict[str, Any]) -> None:
     batches = data.from_step(worker.start_step * cfg.optim.grad_accum_steps)
     tracker = worker.tracker
 
-    # (with the checkpoints on a store, the grids are this worker's scratch, logged to the stage's run)
-    out_dir = Path(config["out_dir"] or tempfile.mkdtemp(prefix="dalle-dvae-grids-"))
+    # (with the checkpoints on a store, the grids are this worker's scratch, logged to the stage's run, removed
+    # when the worker function returns)
+    scratch = None if config["out_dir"] else tempfile.TemporaryDirectory(prefix="dalle-dvae-grids-")
+    out_dir = Path(config["out_dir"] or scratch.name)
     shown = corpus.images[:8]
 
     def on_log(step: int, metrics: dict[str, float]) -> None:

@@ -38,7 +38,7 @@ from ..images import as_rgb, resized
 from ..download.fetch import damaged_image_reason
 from ..download.run import (BATCH_PREFIX, SUCCESS_MARKER, DownloadResult, attempted_index, batch_settings,
                             check_same_settings, encode_quality, exclusive, finished_batches, id_digests,
-                            next_batch_number, summarise)
+                            next_batch_number, staging_folder, summarise)
 from ..parallel import ordered_map, require_shared, worker_node
 from ..shards import Sample, release_store_files, write_shard
 from ..sorted_runs import ExactIndex
@@ -105,7 +105,7 @@ def _ingest_batch(new_items: Iterable[Item], batch: Path | StorePath, cfg: Downl
     renamed into `batch` when all are done (on an object store, which cannot rename, the batch's own folder,
     finished when its `_SUCCESS` is written, last). A shard finished before a crash is kept when it holds the
     same items (its parquet's ids), so an ingest resumes where it stopped."""
-    staging = batch if isinstance(batch, StorePath) else batch.with_name(f".{batch.name}.partial")
+    staging = staging_folder(batch)
     recorded = staging / "_SETTINGS"
     wanted = json.dumps(settings, sort_keys=True)
     if not recorded.is_file() or recorded.read_text() != wanted:
